@@ -1,0 +1,37 @@
+# `make demo` and `make test` set everything up on a fresh machine: a virtual environment with the
+# package, PyTorch (TORCH, default the 2.13.0 wheel), and Debian's Fashion-MNIST when running as root.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+FMNIST ?= /usr/share/datasets/fashion-mnist
+PY := $(VENV)/bin/python
+
+.PHONY: demo test data env clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ] || [ -f $(FMNIST)/train-images-idx3-ubyte ]; then \
+		echo "Fashion-MNIST: $(FMNIST)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or put the four IDX files in a folder and pass data.root=FOLDER"; \
+		exit 1; \
+	fi
+
+demo: env data
+	$(VENV)/bin/sprintdit demo
+
+test: env
+	-@$(MAKE) --no-print-directory data
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -1,0 +1,202 @@
+"""Typed run configuration: dataclasses, YAML files, dotted `key=value` overrides, validation.
+
+A run config has the sections `model`, `objective`, `data`, `train`, `sample` and a list of `stages`
+(e.g. masked pre-training then full-token fine-tuning). Unknown keys and wrong types are rejected with
+the offending key and the closest valid one; the resolved config is saved with every run.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import UserError
+from .masking import MASK_TYPES
+from .models.sit import ModelConfig
+from .objective import ObjectiveConfig
+from .sampling import SampleConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATASETS = ("fashion_mnist", "image_folder")
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist | image_folder
+    root: str = "/usr/share/datasets/fashion-mnist"  # IDX files, or one folder per class
+    split: str = "train"  # fashion_mnist: train | test
+    resolution: int = 32  # fashion_mnist pads 28 -> 32; image_folder resizes and centre-crops
+    num_workers: int = 0  # data-loading processes (image_folder)
+
+
+@dataclass
+class OptimConfig:
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class StageConfig:
+    name: str = "pretrain"
+    steps: int = 1000
+    lr: float = 1e-4
+    warmup_steps: int = 0  # linear warm-up from warmup_start * lr at the stage's start
+    warmup_start: float = 0.01
+    mask_ratio: float = 0.75  # fraction of tokens the middle blocks drop; 0 = full tokens
+    mask_type: str = "structured"  # structured (g x g groups, k kept, random offset) | random
+    batch_size: Optional[int] = None  # default: train.batch_size
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # images per optimizer step (all accumulation micro-batches together)
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (with loss scaling)
+    compile: bool = False
+    compile_mode: str = "default"  # passed to torch.compile: default | reduce-overhead | max-autotune | ...
+    compile_fullgraph: bool = False
+    grad_checkpointing: bool = False
+    ema_decay: float = 0.9999
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+    log_every: int = 50
+    ckpt_every: int = 1000  # also at every stage end
+    sample_every: int = 1000  # sample grid from the EMA model; 0 disables
+    keep_last: int = 3  # checkpoints kept (the newest K)
+    grid_rows: int = 10  # sample grid: one row per class (spread over the classes if there are more)
+    grid_columns: int = 10  # samples per row (seeds 0, 1, ...)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def _valid_keys(cls, prefix: str = "") -> list[str]:
+    out = []
+    for f in fields(cls):
+        key = prefix + f.name
+        out.append(key)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if is_dataclass(default):
+            out += _valid_keys(type(default), key + ".")
+        if f.name == "stages":
+            out += _valid_keys(StageConfig, "stages.N.")
+    return out
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> UserError:
+    key = re.sub(r"\[(\d+)\]", r".\1", getattr(err, "full_key", None) or "")
+    msg = str(err).splitlines()[0]
+    if "not in" in msg or "Key" in msg and "not" in msg:
+        generic = ".".join("N" if part.isdigit() else part for part in key.split("."))
+        close = difflib.get_close_matches(generic, _valid_keys(RunConfig), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return UserError(f"unknown config key '{key}' in {source}{hint}")
+    return UserError(f"bad value for config key '{key}' in {source}: {msg}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults <- YAML file <- `a.b=value` overrides, type-checked, as a RunConfig."""
+    base = OmegaConf.structured(RunConfig)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            layers.append((OmegaConf.load(path), str(path)))
+        except Exception as err:  # YAML syntax errors come in several types
+            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    cfg = base
+    for layer, source in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _explain(err, source) from None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like key=value (e.g. train.batch_size=32)")
+        _check_list_indices(cfg, key)
+        try:
+            OmegaConf.update(cfg, key, yaml.safe_load(text) if text else "", merge=True)
+        except OmegaConfBaseException as err:
+            raise _explain(err, f"override {item!r}") from None
+        except (yaml.YAMLError, IndexError, TypeError, ValueError) as err:
+            raise UserError(f"override {item!r} cannot be applied: {str(err).splitlines()[0]}") from None
+    try:
+        run = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise _explain(err, "config") from None
+    validate(run)
+    return run
+
+
+def _check_list_indices(cfg, key: str) -> None:
+    """Reject `stages.3.x` when there are fewer stages (OmegaConf would try to create the entry)."""
+    node, path = cfg, []
+    for part in key.split("."):
+        if OmegaConf.is_list(node):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"config key '{key}': '{'.'.join(path)}' has {len(node)} entries (indices 0..{len(node) - 1})")
+            node = node[int(part)]
+        elif OmegaConf.is_dict(node) and part in node:
+            node = node[part]
+        else:
+            return  # unknown keys are reported by OmegaConf with a suggestion
+        path.append(part)
+
+
+def validate(cfg: RunConfig) -> None:
+    t = cfg.train
+    if t.precision not in PRECISIONS:
+        raise UserError(f"train.precision is {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if cfg.data.name not in DATASETS:
+        raise UserError(f"data.name is {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
+    if t.grad_accum < 1 or t.keep_last < 1 or t.log_every < 1 or t.ckpt_every < 1 or t.sample_every < 0:
+        raise UserError("train.grad_accum, keep_last, log_every and ckpt_every must be >= 1 (sample_every >= 0)")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not cfg.stages:
+        raise UserError("the config needs at least one entry under 'stages'")
+    for i, s in enumerate(cfg.stages):
+        batch = s.batch_size or t.batch_size
+        if s.steps < 1 or s.lr <= 0 or s.warmup_steps < 0:
+            raise UserError(f"stages.{i} ({s.name}): steps must be >= 1, lr > 0, warmup_steps >= 0")
+        if batch % t.grad_accum:
+            raise UserError(f"stages.{i} ({s.name}): batch size {batch} is not divisible by train.grad_accum {t.grad_accum}")
+        if s.mask_type not in MASK_TYPES:
+            raise UserError(f"stages.{i}.mask_type is {s.mask_type!r}; choose one of {', '.join(MASK_TYPES)}")
+    names = [s.name for s in cfg.stages]
+    if len(set(names)) != len(names):
+        raise UserError(f"stage names must be unique, got {names}")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_text(text: str, source: str) -> RunConfig:
+    """A RunConfig from saved YAML (a run's config.yaml or a checkpoint's metadata)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
+        run = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
+    validate(run)
+    return run

@@ -1,0 +1,37 @@
+"""Image tensors to files: PNG grids for people, npz batches in the ADM layout for evaluators."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounding as the ADM sample scripts do."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(x: torch.Tensor, path: str | Path, columns: int, pad: int = 2) -> Path:
+    """Save images (N, C, H, W) in [-1, 1] as one PNG, `columns` images per row."""
+    from PIL import Image
+
+    images = to_uint8(x)  # (N, H, W, C)
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    return path
+
+
+def save_npz(x: torch.Tensor, labels: list[int], path: str | Path) -> Path:
+    """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int64 labels."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, to_uint8(x), np.asarray(labels, dtype=np.int64))
+    return path

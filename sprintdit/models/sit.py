@@ -1,0 +1,381 @@
+"""SiT / DiT backbone with the SPRINT sparse-dense residual fusion, in one file.
+
+    x (B, C, H, W) -> patchify/embed -> encoder blocks (all tokens) -> h_dense
+                   -> [drop tokens] -> middle blocks (kept tokens) -> restore, MASK at dropped -> h_sparse
+                   -> fuse: Linear_{2D->D}(concat[h_sparse, h_dense])        ("concat_linear")
+                   -> decoder blocks (all tokens) -> final adaLN layer -> unpatchify -> (B, C_out, H, W)
+
+All blocks live in one `blocks` list (a dense SiT's layout); the encoder / middle / decoder split is a
+pair of depths. With fusion "none" and no mask the network is exactly a dense SiT. The network knows
+nothing about noise schedules or guidance: see `sprintdit.objective` and `sprintdit.sampling`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import UserError
+from ..masking import TokenMask, gather_tokens, restore_tokens
+
+# (hidden size, depth, heads). S/B/L/XL are the published DiT/SiT sizes; Ti and Nano are CPU-sized.
+SIZES = {"XL": (1152, 28, 16), "L": (1024, 24, 16), "B": (768, 12, 12), "S": (384, 12, 6), "Ti": (192, 8, 3), "Nano": (64, 4, 2)}
+PATCH_SIZES = (2, 4, 8)
+PRESETS = {
+    f"SiT-{name}/{p}": dict(hidden_size=d, depth=depth, num_heads=heads, patch_size=p)
+    for name, (d, depth, heads) in SIZES.items()
+    for p in PATCH_SIZES
+}
+FUSIONS = ("concat_linear", "none")
+POS_EMBEDS = ("rope", "sincos")
+MLPS = ("gelu", "swiglu")
+TIMESTEP_FREQ_DIM = 256  # sinusoidal timestep features fed to the timestep MLP
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None  # e.g. "SiT-XL/2": fills hidden_size, depth, num_heads, patch_size left unset
+    input_size: Optional[List[int]] = None  # [H, W] of the model input (pixels or latents); default: the data's
+    in_channels: Optional[int] = None  # default: the data's
+    num_classes: Optional[int] = None  # default: the data's; the label num_classes is the null (unconditional) class
+    patch_size: Optional[int] = None
+    hidden_size: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    mlp: str = "gelu"  # gelu (tanh approximation) | swiglu
+    pos_embed: str = "rope"  # rope (2D, every block) | sincos (fixed 2D absolute, added once)
+    rope_theta: float = 10000.0
+    qk_norm: bool = True  # per-head RMSNorm on q and k
+    learn_sigma: bool = False  # doubles the output channels (DiT); flow matching uses the first half
+    norm_eps: float = 1e-6
+    init_std: float = 0.02  # normal init of the timestep MLP and label table
+    encoder_depth: int = 2  # dense shallow blocks; middle depth = depth - encoder_depth - decoder_depth
+    decoder_depth: int = 2
+    fusion: str = "concat_linear"  # concat_linear (SPRINT) | none (naive token dropping)
+    path_drop_prob: float = 0.1  # per-sample probability of replacing the sparse path by MASK in training
+    mask_token_std: float = 0.02  # the fixed (untrained) MASK token is drawn from N(0, std^2)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size
+
+    @property
+    def middle_depth(self) -> int:
+        return self.depth - self.encoder_depth - self.decoder_depth
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Fill unset sizes from the preset and check every value; returns a new, complete config."""
+    if cfg.preset is not None:
+        if cfg.preset not in PRESETS:
+            raise UserError(f"unknown model preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+        cfg = replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None})
+    missing = [f.name for f in fields(cfg) if f.name != "preset" and getattr(cfg, f.name) is None]
+    if missing:
+        raise UserError(f"model config needs {', '.join('model.' + m for m in missing)} (or a model.preset)")
+    for name, value, choices in (("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("fusion", cfg.fusion, FUSIONS)):
+        if value not in choices:
+            raise UserError(f"model.{name} is {value!r}; choose one of {', '.join(choices)}")
+    if len(cfg.input_size) != 2 or any(s % cfg.patch_size for s in cfg.input_size):
+        raise UserError(f"model.input_size {list(cfg.input_size)} must be [H, W], both divisible by patch size {cfg.patch_size}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise UserError(f"model.hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+    if cfg.pos_embed == "rope" and (cfg.hidden_size // cfg.num_heads) % 4:
+        raise UserError(f"2D RoPE needs a head dim divisible by 4, got {cfg.hidden_size // cfg.num_heads}")
+    if cfg.pos_embed == "sincos" and cfg.hidden_size % 4:
+        raise UserError(f"2D sin-cos positions need hidden_size divisible by 4, got {cfg.hidden_size}")
+    if min(cfg.encoder_depth, cfg.decoder_depth) < 0 or cfg.middle_depth < 0:
+        raise UserError(f"encoder_depth {cfg.encoder_depth} + decoder_depth {cfg.decoder_depth} exceed depth {cfg.depth}")
+    if not 0.0 <= cfg.path_drop_prob < 1.0:
+        raise UserError(f"model.path_drop_prob must be in [0, 1), got {cfg.path_drop_prob}")
+    if cfg.fusion == "none" and cfg.path_drop_prob > 0:
+        raise UserError("model.path_drop_prob needs a dense path to fall back on: set it to 0 with fusion 'none'")
+    return replace(cfg, input_size=[int(s) for s in cfg.input_size])
+
+
+# ----------------------------------------------------------------------------------- positions
+
+
+def rope_tables(grid: tuple[int, int], head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of 2D RoPE angles, each (N, head_dim), tokens in raster order (n = row * W + col).
+
+    m = head_dim / 2 channels per axis; frequencies theta^(-j/m), j = 0, 2, ..., m-2, each used for an
+    adjacent channel pair. First half of the head dim rotates by row, second half by column.
+    """
+    m = head_dim // 2
+    freqs = theta ** (-torch.arange(0, m, 2, dtype=torch.float64) / m)  # (m/2,)
+    freqs = freqs.repeat_interleave(2)  # (m,)
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, N, dh); cos/sin: (N, dh) or (B, 1, N, dh). Rotates adjacent channel pairs."""
+    pairs = x.unflatten(-1, (-1, 2))  # (B, heads, N, dh/2, 2)
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """Fixed 2D sin-cos absolute embedding (N, dim): first half encodes the row, second half the column."""
+
+    def axis(pos: torch.Tensor, d: int) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        out = pos.reshape(-1, 1).double() * omega  # (N, d/2)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    return torch.cat([axis(rows, dim // 2), axis(cols, dim // 2)], dim=1).float()
+
+
+# ----------------------------------------------------------------------------------- layers
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, C*p*p), features in (channel, p_row, p_col) order, tokens row-major."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N, C*p*p) -> (B, C, H, W); inverse of `patchify`."""
+    b, _, f = x.shape
+    c = f // (p * p)
+    x = x.reshape(b, grid[0], grid[1], c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
+    return x.reshape(b, c, grid[0] * p, grid[1] * p)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_channels: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(in_channels * patch_size**2, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(patchify(x, self.patch_size))  # (B, N, D)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, freq_dim: int = TIMESTEP_FREQ_DIM):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs  # (B, half)
+        features = torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype)
+        return self.mlp(features)  # (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, index num_classes, for the null (unconditional) label."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads = cfg.num_heads
+        head_dim = cfg.hidden_size // cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.q_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, dh)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:  # two input projections; 2/3 of the width keeps the parameter count of the GELU MLP
+            hidden = 2 * hidden // 3
+        self.fc1 = nn.Linear(cfg.hidden_size, 2 * hidden if self.swiglu else hidden)
+        self.fc2 = nn.Linear(hidden, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.swiglu:
+            gate, value = h.chunk(2, dim=-1)
+            return self.fc2(F.silu(gate) * value)
+        return self.fc2(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    """adaLN-Zero transformer block: c modulates shift/scale/gate of attention and MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, D)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope)
+        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
+        self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ----------------------------------------------------------------------------------- network
+
+
+class SiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg = resolve_model_config(cfg)
+        self.config = cfg
+        self.grad_checkpointing = False  # recompute block activations in backward (set by the trainer)
+        d = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.fusion = nn.Linear(2 * d, d) if cfg.fusion == "concat_linear" else None
+        self.final_layer = FinalLayer(cfg)
+        self.register_buffer("mask_token", torch.randn(1, 1, d) * cfg.mask_token_std)  # fixed, never trained
+        if cfg.pos_embed == "rope":
+            cos, sin = rope_tables(cfg.grid, d // cfg.num_heads, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (N, dh)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.register_buffer("pos_embed", sincos_2d(cfg.grid, d).unsqueeze(0), persistent=False)  # (1, N, D)
+        self.initialize_weights()
+
+    # The three stages are views of `blocks`, so the weights layout is a dense SiT's.
+    @property
+    def encoder(self) -> nn.ModuleList:
+        return self.blocks[: self.config.encoder_depth]
+
+    @property
+    def middle(self) -> nn.ModuleList:
+        return self.blocks[self.config.encoder_depth : self.config.depth - self.config.decoder_depth]
+
+    @property
+    def decoder(self) -> nn.ModuleList:
+        return self.blocks[self.config.depth - self.config.decoder_depth :]
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def initialize_weights(self) -> None:
+        """xavier-uniform linears with zero bias (the fusion too); adaLN modulations and the output zeroed."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.config.init_std)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=self.config.init_std)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, rope) -> torch.Tensor:
+        for block in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, rope, use_reentrant=False)
+            else:
+                x = block(x, c, rope)
+        return x
+
+    def sparse_path(self, h: torch.Tensor, c: torch.Tensor, mask: TokenMask | None, rows: int) -> torch.Tensor:
+        """Middle blocks on the kept tokens of the first `rows` samples; (rows, N, D) with MASK at dropped."""
+        h, c = h[:rows], c[:rows]  # (rows, N, D), (rows, D)
+        rope = (self.rope_cos, self.rope_sin) if self.config.pos_embed == "rope" else None
+        if mask is not None:
+            ids_keep = mask.ids_keep[:rows]  # (rows, K)
+            h = gather_tokens(h, ids_keep)  # (rows, K, D)
+            if rope is not None:  # the kept tokens keep the angles of their true positions
+                rope = tuple(gather_tokens(table.expand(rows, -1, -1), ids_keep).unsqueeze(1) for table in rope)
+        h = self.run_blocks(self.middle, h, c, rope)
+        if mask is not None:
+            h = restore_tokens(h, TokenMask(ids_keep, mask.ids_restore[:rows], mask.dropped[:rows]), self.mask_token[0, 0])
+        return h
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        mask: TokenMask | None = None,
+        path_drop: torch.Tensor | None = None,
+        middle_rows: int | None = None,
+    ) -> torch.Tensor:
+        """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) labels (num_classes = null) -> (B, C_out, H, W).
+
+        mask: tokens the middle blocks see (None: all). path_drop: (B,) bool, samples whose sparse path
+        is replaced by MASK tokens before fusion. middle_rows: only the first `middle_rows` samples run
+        the middle blocks, the rest take the path-dropped branch (Path-Drop Guidance's cheap pass).
+        """
+        cfg = self.config
+        b = x.shape[0]
+        rows = b if middle_rows is None else middle_rows
+        if (rows < b or path_drop is not None) and self.fusion is None:
+            raise UserError("path drop / Path-Drop Guidance needs fusion 'concat_linear' (fusion 'none' has no dense path)")
+        rope = (self.rope_cos, self.rope_sin) if cfg.pos_embed == "rope" else None
+        h = self.x_embedder(x)  # (B, N, D)
+        if cfg.pos_embed == "sincos":
+            h = h + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        h = self.run_blocks(self.encoder, h, c, rope)  # (B, N, D) dense path
+        sparse = self.sparse_path(h, c, mask, rows) if rows > 0 else h[:0]  # (rows, N, D)
+        if rows < b:
+            sparse = torch.cat([sparse, self.mask_token.to(h.dtype).expand(b - rows, *h.shape[1:])])  # (B, N, D)
+        if path_drop is not None:
+            sparse = torch.where(path_drop[:, None, None], self.mask_token.to(sparse.dtype), sparse)
+        h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, h], dim=-1))  # (B, N, D)
+        h = self.run_blocks(self.decoder, h, c, rope)
+        return unpatchify(self.final_layer(h, c), cfg.patch_size, cfg.grid)  # (B, C_out, H, W)

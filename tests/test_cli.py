@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sprintdit.cli import main
+
+TINY = ["model.preset=SiT-Nano/4", "train.batch_size=4", "train.log_every=1", "train.sample_every=2",
+        "stages=[{name: pre, steps: 1, mask_ratio: 0.75}, {name: ft, steps: 1, mask_ratio: 0}]", "sample.steps=2"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_then_sample_end_to_end(fmnist_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}", *TINY)
+    assert code == 0 and "latest checkpoint" in out
+    assert (run / "config.yaml").is_file() and (run / "samples" / "step_00000002.png").is_file()
+    code, out, _ = run_cli(capsys, "sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--labels", "0-2",
+                           "--per-label", "2", "--guidance", "cfg", "--scale", "1.5", "--steps", "2", "--no-progress")
+    assert code == 0
+    npz = np.load(tmp_path / "s" / "cfg_euler2_s1.5.npz")
+    assert npz["arr_0"].shape == (6, 32, 32, 1) and npz["arr_0"].dtype == np.uint8
+    assert npz["arr_1"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert (tmp_path / "s" / "cfg_euler2_s1.5.png").is_file()
+    # resuming a finished run is a no-op that still answers with the checkpoint
+    code, out, _ = run_cli(capsys, "train", "--out", str(run), "--no-progress")
+    assert code == 0 and "steps 2..2" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train", "--config", "fashion_mnist_sprint", "train.bach_size=3"], "did you mean 'train.batch_size'"),
+        (["train", "--config", "fashion_mnist_sprint", "stages.0.mask_ratio=0.3"], "not achievable"),
+        (["train", "--config", "fashion_mnist_sprint", "stages.0.mask_ratio=1.0"], "not achievable"),
+        (["train", "--config", "no_such_config"], "not found"),
+        (["train", "--config", "fashion_mnist_sprint", "data.root=/nonexistent"], "dataset-fashion-mnist"),
+        (["train"], "--config"),
+        (["sample", "--checkpoint", "/nonexistent/run"], "does not exist"),
+        (["sample", "--checkpoint", "FILE", "--labels", "x"], "corrupt"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(fmnist_dir, tmp_path, capsys, argv, message):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    argv = [str(bad) if a == "FILE" else a for a in argv]
+    if argv[0] == "train" and "--config" in argv and not any(a.startswith("data.root") for a in argv):
+        argv += [f"data.root={fmnist_dir}"]
+    argv += ["--out", str(tmp_path / "out")] if argv[0] == "train" else []
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_exit_code_from_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sprintdit", "sample", "--checkpoint", str(tmp_path / "none")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "demo"])
+def test_help_documents_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--out" in text and "--no-progress" in text

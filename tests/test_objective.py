@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from sprintdit.errors import UserError
+from sprintdit.objective import FlowMatching, ObjectiveConfig
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+def test_path_endpoints_and_velocity_is_time_derivative(path):
+    fm = FlowMatching(ObjectiveConfig(path=path), null_class=10)
+    x0, eps = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    ones = torch.ones(4, dtype=torch.float64)
+    torch.testing.assert_close(fm.interpolate(x0, eps, 0 * ones)[0], x0)
+    torch.testing.assert_close(fm.interpolate(x0, eps, ones)[0], eps)
+    t, h = torch.rand(4, dtype=torch.float64) * 0.8 + 0.1, 1e-6
+    numeric = (fm.interpolate(x0, eps, t + h)[0] - fm.interpolate(x0, eps, t - h)[0]) / (2 * h)
+    torch.testing.assert_close(fm.interpolate(x0, eps, t)[1], numeric, atol=1e-8, rtol=0)
+    x_t, v = fm.interpolate(x0, eps, t)
+    torch.testing.assert_close(fm.eps_from_velocity(x_t, v, t), eps)
+
+
+def test_logit_normal_and_uniform_timesteps():
+    g = torch.Generator().manual_seed(0)
+    t = FlowMatching(ObjectiveConfig(time_sampling="logit_normal"), 10).sample_t(20000, g)
+    assert 0 < t.min() and t.max() < 1
+    assert abs(t.median() - 0.5) < 0.02
+    logit = torch.log(t / (1 - t))
+    assert abs(logit.std() - 1.0) < 0.03  # sigma = exp(N(0, 1)), t = sigma / (1 + sigma)
+    u = FlowMatching(ObjectiveConfig(time_sampling="uniform"), 10).sample_t(20000, g)
+    assert abs(u.mean() - 0.5) < 0.01 and abs((u < 0.25).float().mean() - 0.25) < 0.01
+
+
+def test_label_dropout_uses_null_class_at_rate():
+    fm = FlowMatching(ObjectiveConfig(label_dropout=0.25), null_class=7)
+    y = fm.drop_labels(torch.zeros(20000, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert set(y.unique().tolist()) == {0, 7}
+    assert abs((y == 7).float().mean() - 0.25) < 0.015
+
+
+def test_loss_is_zero_for_the_exact_velocity():
+    """A 'network' returning eps - x0 for the drawn sample gives zero loss: the target is v = eps - x0."""
+    fm = FlowMatching(ObjectiveConfig(label_dropout=0.0), null_class=3)
+    x0 = torch.randn(5, 2, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    fm.sample_t(5, g)  # the loss draws t first, then eps
+    eps = torch.randn(x0.shape, generator=g)
+    g.set_state(state)
+    oracle = lambda x_t, tt, y: eps - x0  # noqa: E731
+    assert fm.loss(oracle, x0, torch.zeros(5, dtype=torch.long), g).item() == 0.0
+    assert fm.loss(lambda x_t, tt, y: 0 * x_t, x0, torch.zeros(5, dtype=torch.long), g).item() > 0.1
+
+
+@pytest.mark.parametrize("bad", [dict(path="vp"), dict(time_sampling="beta"), dict(label_dropout=1.0), dict(logit_std=0.0)])
+def test_bad_objective_configs_rejected(bad):
+    with pytest.raises(UserError):
+        ObjectiveConfig(**bad)

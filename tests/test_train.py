@@ -1,0 +1,154 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sprintdit import checkpoint as ckpt
+from sprintdit.config import load_config
+from sprintdit.errors import UserError
+from sprintdit.train import Trainer, stage_at, stage_lr
+
+
+def tiny_run(fmnist_dir, *extra):
+    """Two stages (masked, then dense) of a tiny SPRINT on the stand-in data."""
+    return load_config(None, [
+        f"data.root={fmnist_dir}", "model.preset=SiT-Nano/4", "model.hidden_size=32",
+        "train.batch_size=8", "train.grad_accum=2", "train.log_every=1", "train.ckpt_every=100", "train.sample_every=0",
+        "train.ema_decay=0.9", "train.keep_last=5",
+        "stages=[{name: pre, steps: 3, lr: 0.001, warmup_steps: 2, mask_ratio: 0.75}, {name: ft, steps: 3, lr: 0.0005, mask_ratio: 0.0}]",
+        *extra,
+    ])
+
+
+def weights(trainer):
+    return {**{f"m.{k}": v for k, v in trainer.model.state_dict().items()}, **{f"e.{k}": v for k, v in trainer.ema.state_dict().items()}}
+
+
+def test_resume_is_bitwise_exact(fmnist_dir, tmp_path):
+    straight = Trainer(tiny_run(fmnist_dir), tmp_path / "a", progress=False)
+    straight.fit()
+    # same run stopped after 2 steps (mid pre-training), then resumed by re-running on the folder
+    first = Trainer(tiny_run(fmnist_dir), tmp_path / "b", progress=False)
+    first.fit(stop_at=2)
+    assert first.step == 2
+    resumed = Trainer(tiny_run(fmnist_dir), tmp_path / "b", progress=False)
+    assert resumed.step == 2 and resumed.position == 16
+    resumed.fit()
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6  # one per step, none duplicated by the resume
+
+
+def test_training_reduces_loss_and_keeps_mask_token(fmnist_dir, tmp_path):
+    trainer = Trainer(tiny_run(fmnist_dir, "stages.0.steps=12", "stages.0.lr=0.003"), tmp_path / "r", progress=False)
+    mask_token = trainer.model.mask_token.clone()
+    fusion = trainer.model.fusion.weight.detach().clone()
+    trainer.fit()
+    import json
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert torch.equal(trainer.model.mask_token, mask_token)  # fixed, never trained
+    assert not torch.equal(trainer.model.fusion.weight, fusion)  # the fusion is trained
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps(fmnist_dir, tmp_path, precision):
+    trainer = Trainer(tiny_run(fmnist_dir, f"train.precision={precision}", "stages.1.steps=1"), tmp_path / precision, progress=False)
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.fit()
+    assert trainer.step == 4
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
+
+
+def test_compile_honours_its_options(fmnist_dir, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_compile(model, **kwargs):
+        seen.update(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = tiny_run(fmnist_dir, "train.compile=true", "train.compile_mode=max-autotune", "train.compile_fullgraph=true")
+    Trainer(cfg, tmp_path / "c", progress=False)
+    assert seen == {"mode": "max-autotune", "fullgraph": True, "dynamic": False}
+
+
+def test_stage_schedule():
+    cfg = load_config(None, ["stages=[{name: a, steps: 10, lr: 0.1, warmup_steps: 4, warmup_start: 0.0}, {name: b, steps: 5, lr: 0.2}]"])
+    assert stage_at(cfg.stages, 0) == (0, 0) and stage_at(cfg.stages, 9) == (0, 0) and stage_at(cfg.stages, 10) == (1, 10)
+    assert [stage_lr(cfg.stages[0], i) for i in (0, 2, 4, 9)] == [0.0, 0.05, 0.1, 0.1]
+
+
+def test_other_config_on_existing_run_is_refused(fmnist_dir, tmp_path):
+    Trainer(tiny_run(fmnist_dir), tmp_path / "r", progress=False)
+    with pytest.raises(UserError, match="another config"):
+        Trainer(tiny_run(fmnist_dir, "train.seed=1"), tmp_path / "r", progress=False)
+
+
+def test_kill_during_checkpoint_write_keeps_previous(fmnist_dir, tmp_path):
+    run = tmp_path / "r"
+    trainer = Trainer(tiny_run(fmnist_dir, "stages.1.steps=1"), run, progress=False)
+    trainer.fit()
+    good = ckpt.list_checkpoints(run)[-1]
+    # a real SIGKILL while the training state of a later checkpoint is being written
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from sprintdit import checkpoint as ckpt
+        def dying_save(obj, path):
+            open(path, "wb").write(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = dying_save
+        state = {{"w": torch.ones(3)}}
+        ckpt.save_checkpoint(ckpt.Path({str(run)!r}), 99, state, state, {{}}, "config: x", keep_last=5)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -9
+    assert list((run / "checkpoints").glob(".tmp_step_00000099_*"))  # the partial write exists, hidden
+    assert ckpt.list_checkpoints(run)[-1] == good
+    resumed = Trainer(None, run, progress=False)
+    assert resumed.step == 4
+    resumed.save()  # the next save clears what the killed writer left
+    assert not list((run / "checkpoints").glob(".tmp_step_*"))
+
+
+def test_keep_last_and_latest_by_step(fmnist_dir, tmp_path):
+    run = tmp_path / "r"
+    trainer = Trainer(tiny_run(fmnist_dir, "train.ckpt_every=1", "train.keep_last=2"), run, progress=False)
+    trainer.fit()
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000005", "step_00000006"]
+
+
+def test_checkpoint_weights_rebuild_the_model_alone(fmnist_dir, tmp_path):
+    run = tmp_path / "r"
+    trainer = Trainer(tiny_run(fmnist_dir, "stages.1.steps=1"), run, progress=False)
+    trainer.fit()
+    model, cfg = ckpt.load_model(run, use_ema=True)
+    assert cfg.model == trainer.cfg.model
+    for k, v in trainer.ema.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+    raw = load_file(str(ckpt.list_checkpoints(run)[-1] / "model.safetensors"))
+    assert torch.equal(raw["blocks.0.attn.qkv.weight"], trainer.model.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_checkpoint_is_a_clear_error(fmnist_dir, tmp_path, damage):
+    run = tmp_path / "r"
+    Trainer(tiny_run(fmnist_dir, "stages.1.steps=1"), run, progress=False).fit()
+    folder = ckpt.list_checkpoints(run)[-1]
+    for name in ("ema.safetensors", "state.pt"):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00" * 64)
+    with pytest.raises(UserError, match="corrupt"):
+        ckpt.load_model(run)
+    with pytest.raises(UserError, match="corrupt"):
+        ckpt.load_train_state(folder / "state.pt")
