@@ -45,6 +45,8 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
         if given is not None and (list(given) if key == "input_size" else given) != value:
             raise UserError(f"model.{key} is {given} but the data has {value}; leave it unset to follow the data")
     m = resolve_model_config(replace(m, **{k: v for k, v in from_data.items() if getattr(m, k) is None}))
+    if m.fusion == "none" and cfg.sample.guidance == "pdg":
+        raise UserError("sample.guidance 'pdg' needs model.fusion 'concat_linear'; use sample.guidance=cfg for fusion 'none'")
     for i, stage in enumerate(cfg.stages):
         try:
             check_mask_ratio(stage.mask_ratio, stage.mask_type, m.grid)
@@ -111,7 +113,8 @@ class Trainer:
         self.model = SiT(cfg.model).to(self.device)
         self.model.grad_checkpointing = t.grad_checkpointing
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = [(p, e) for p, e in zip(self.model.parameters(), self.ema.parameters()) if p.requires_grad]
+        self.params, self.ema_params = [p for p, _ in trainable], [e for _, e in trainable]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.stages[0].lr, betas=tuple(t.optim.betas), weight_decay=t.optim.weight_decay,
             eps=t.optim.eps, fused=self.device.type == "cuda",
@@ -195,7 +198,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            torch._foreach_lerp_(list(self.ema.parameters()), self.params, 1.0 - t.ema_decay)
+            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - t.ema_decay)
         return grad_norm
 
     def sample_grid(self) -> Path:

@@ -47,6 +47,30 @@ def test_resume_is_bitwise_exact(fmnist_dir, tmp_path):
     assert len(lines) == 6  # one per step, none duplicated by the resume
 
 
+def test_interrupt_saves_and_resume_is_exact(fmnist_dir, tmp_path, monkeypatch):
+    straight = Trainer(tiny_run(fmnist_dir), tmp_path / "a", progress=False)
+    straight.fit()
+    calls = {"n": 0}
+    real_step = Trainer.train_step
+
+    def interrupted_step(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # Ctrl-C in the middle of step 3's forward/backward
+            real_step(self, *args)
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    with pytest.raises(UserError, match="interrupted at step 2"):
+        Trainer(tiny_run(fmnist_dir), tmp_path / "b", progress=False).fit()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resumed = Trainer(tiny_run(fmnist_dir), tmp_path / "b", progress=False)
+    assert resumed.step == 2
+    resumed.fit()
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_training_reduces_loss_and_keeps_mask_token(fmnist_dir, tmp_path):
     trainer = Trainer(tiny_run(fmnist_dir, "stages.0.steps=12", "stages.0.lr=0.003"), tmp_path / "r", progress=False)
     mask_token = trainer.model.mask_token.clone()
