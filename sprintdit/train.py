@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -222,7 +223,8 @@ class Trainer:
         last = ckpt.list_checkpoints(self.run_dir)
         if self.step >= end:
             return last[-1] if last else self.save()
-        bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        interval = 0.5 if sys.stderr.isatty() else 30.0  # keep redirected logs (e.g. SLURM) short
+        bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=interval)
         stream, stream_stage, last = None, None, (last[-1] if last else None)
         loss_sum, loss_count, tick, tick_step = torch.zeros(()), 0, time.perf_counter(), self.step
         updating, snapshot = False, (self.step, self.generator.get_state())
