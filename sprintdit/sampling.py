@@ -102,7 +102,7 @@ def guided_velocity(model, y: torch.Tensor, cfg: SampleConfig, channels: int) ->
 
     PDG: the unconditional half takes the path-dropped branch (null label, middle blocks skipped).
     """
-    null = torch.full_like(y, model.config.num_classes)
+    null = torch.full_like(y, model.null_class)
     low, high = cfg.interval
 
     def v(x: torch.Tensor, t: float) -> torch.Tensor:
