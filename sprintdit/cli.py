@@ -81,6 +81,8 @@ def cmd_sample(args) -> int:
         labels = parse_ints(args.labels, "--labels")
     else:
         labels = list(range(cfg.model.num_classes))
+    if args.per_label < 1:
+        raise UserError(f"--per-label must be >= 1, got {args.per_label}")
     labels = [y for y in labels for _ in range(args.per_label)]
     seeds = parse_ints(args.seeds, "--seeds") if args.seeds else list(range(args.seed_start, args.seed_start + len(labels)))
     objective = FlowMatching(cfg.objective, null_class=cfg.model.num_classes)
@@ -103,6 +105,8 @@ def cmd_demo(args) -> int:
     from .sampling import SampleConfig, generate
     from .train import Trainer
 
+    if args.per_class < 1:
+        raise UserError(f"--per-class must be >= 1, got {args.per_class}")
     cfg = load_config(find_config(args.config), args.overrides)
     out = Path(args.out)
     tic = time.perf_counter()

@@ -44,12 +44,21 @@ def test_train_then_sample_end_to_end(fmnist_dir, tmp_path, capsys):
         (["train"], "--config"),
         (["sample", "--checkpoint", "/nonexistent/run"], "does not exist"),
         (["sample", "--checkpoint", "FILE", "--labels", "x"], "corrupt"),
+        (["sample", "--checkpoint", "RUN", "--labels", "x"], "--labels must be integers"),
+        (["sample", "--checkpoint", "RUN", "--labels", "12"], "labels must be in [0, 9]"),
+        (["sample", "--checkpoint", "RUN", "--per-label", "0"], "--per-label"),
+        (["sample", "--checkpoint", "RUN", "--seeds", "0-3"], "labels but 4 seeds"),
+        (["sample", "--checkpoint", "RUN", "--guidance", "cfg", "--interval", "0.5,0.2"], "interval"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(fmnist_dir, tmp_path, capsys, argv, message):
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"not a checkpoint")
-    argv = [str(bad) if a == "FILE" else a for a in argv]
+    if "RUN" in argv:  # a real tiny run to sample from
+        run = tmp_path / "run"
+        assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}", *TINY, "train.sample_every=0"]) == 0
+        capsys.readouterr()
+    argv = [str(bad) if a == "FILE" else str(tmp_path / "run") if a == "RUN" else a for a in argv]
     if argv[0] == "train" and "--config" in argv and not any(a.startswith("data.root") for a in argv):
         argv += [f"data.root={fmnist_dir}"]
     argv += ["--out", str(tmp_path / "out")] if argv[0] == "train" else []
