@@ -79,16 +79,17 @@ def total_steps(cfg: RunConfig) -> int:
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig | None) -> RunConfig:
-    """A new run folder gets the config; an existing one must hold the same config (then we resume)."""
+    """A new run folder gets the config; an existing one must hold the same config but for `sample` (then we resume)."""
     saved = run_dir / "config.yaml"
     if saved.is_file():
         old = from_yaml_text(saved.read_text(), str(saved))
-        if cfg is not None and to_yaml(old) != to_yaml(cfg):
+        if cfg is None:
+            return old
+        if to_yaml(replace(old, sample=cfg.sample)) != to_yaml(cfg):  # sampling settings may change on resume
             a, b = to_yaml(old).splitlines(), to_yaml(cfg).splitlines()
             diff = [f"{x.strip()} -> {y.strip()}" for x, y in zip(a, b) if x != y][:3]
             raise UserError(f"{run_dir} was started with another config ({'; '.join(diff)}); use a new --out or the same config")
-        return old
-    if cfg is None:
+    elif cfg is None:
         raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass --config to start a run")
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / ".config.yaml.tmp"

@@ -117,6 +117,8 @@ def test_other_config_on_existing_run_is_refused(fmnist_dir, tmp_path):
     Trainer(tiny_run(fmnist_dir), tmp_path / "r", progress=False)
     with pytest.raises(UserError, match="another config"):
         Trainer(tiny_run(fmnist_dir, "train.seed=1"), tmp_path / "r", progress=False)
+    resumed = Trainer(tiny_run(fmnist_dir, "sample.scale=5.0"), tmp_path / "r", progress=False)  # sampling may change
+    assert resumed.cfg.sample.scale == 5.0 and "scale: 5.0" in (tmp_path / "r" / "config.yaml").read_text()
 
 
 def test_kill_during_checkpoint_write_keeps_previous(fmnist_dir, tmp_path):
