@@ -2,11 +2,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import perturbed_model, tiny_config, tiny_inputs
 from sprintdit.errors import UserError
-from sprintdit.masking import gather_tokens, make_mask, random_mask
+from sprintdit.masking import make_mask, random_mask
 from sprintdit.models import PRESETS, ModelConfig, SiT, resolve_model_config
 from sprintdit.models.sit import patchify, unpatchify
 
