@@ -227,7 +227,7 @@ class Trainer:
         interval = 0.5 if sys.stderr.isatty() else 30.0  # keep redirected logs (e.g. SLURM) short
         bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=interval)
         stream, stream_stage, last = None, None, (last[-1] if last else None)
-        loss_sum, loss_count, tick, tick_step = torch.zeros(()), 0, time.perf_counter(), self.step
+        loss_sum, loss_count, tick, tick_step = torch.zeros((), device=self.device), 0, time.perf_counter(), self.step
         updating, snapshot = False, (self.step, self.generator.get_state())
         self.model.train()
         try:
@@ -248,7 +248,7 @@ class Trainer:
                 self.step += 1
                 self.position += batch
                 updating = False
-                loss_sum, loss_count = loss_sum + loss.float().cpu(), loss_count + 1
+                loss_sum, loss_count = loss_sum + loss.float(), loss_count + 1  # stays on the device: no sync per step
                 bar.update(1)
                 stage_end = self.step == start + stage.steps
                 if self.step % t.log_every == 0 or stage_end:
@@ -260,7 +260,7 @@ class Trainer:
                     }
                     self.log(record)
                     bar.set_postfix(stage=stage.name, loss=f"{record['loss']:.4f}", img_s=f"{rate * batch:.0f}")
-                    loss_sum, loss_count, tick, tick_step = torch.zeros(()), 0, time.perf_counter(), self.step
+                    loss_sum, loss_count, tick, tick_step = torch.zeros_like(loss_sum), 0, time.perf_counter(), self.step
                 if t.sample_every and (self.step % t.sample_every == 0 or self.step == end):
                     self.sample_grid()
                     self.model.train()
