@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": shlex.join(["python", "scripts/train_fmnist_classifier.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     record_path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"test accuracy {scores['test_accuracy']:.4f}, train-vs-test FID {scores['train_vs_test_fid']:.4f}, {seconds:.0f} s of training; wrote {args.out} and {record_path(args.out).name}")
+    print(f"test accuracy {scores['test_accuracy']:.4f}, train-vs-test FID {scores['train_vs_test_fid']:.4f}, {seconds:.0f} s of training")
+    print(f"wrote {args.out} and {record_path(args.out).name}")
 
 
 if __name__ == "__main__":

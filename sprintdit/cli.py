@@ -1,4 +1,4 @@
-"""Command line: `sprintdit train | sample | demo`. A thin layer over the library; user mistakes end in
+"""Command line: `sprintdit train | sample | evaluate | demo`. A thin layer over the library; user mistakes end in
 one `error: ...` line and exit code 2."""
 from __future__ import annotations
 
@@ -97,10 +97,74 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def eval_config(args, base):
+    """The eval section of a run (or the defaults) with the command line's choices on top."""
+    from dataclasses import replace
+
+    from .config import validate_eval
+
+    given = {k: getattr(args, k) for k in ("num_samples", "seed_start", "ref", "inception_weights", "dinov2_weights") if getattr(args, k) is not None}
+    if args.features is not None:
+        given["features"] = [f.strip() for f in args.features.split(",")]
+    if args.eval_batch_size is not None:
+        given["batch_size"] = args.eval_batch_size
+    cfg = replace(base, **given)
+    validate_eval(cfg)
+    return cfg
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    import torch
+
+    from .config import DataConfig, EvalConfig
+    from .evaluate import Evaluator, batch_images, eval_labels_and_seeds, format_table, read_npz, to_uint8_nchw
+    from .train import pick_device
+
+    device = pick_device(args.device)
+    if (args.checkpoint is None) == (args.samples is None):
+        raise UserError("give either --checkpoint RUN (generate, then score) or --samples SAMPLES.npz (score a batch)")
+    if args.samples is not None:
+        cfg = eval_config(args, EvalConfig())
+        images, labels = batch_images(read_npz(args.samples), args.samples)
+        data_root, out = args.data_root or DataConfig().root, Path(args.samples).with_suffix(".eval.json")
+        setting = {"samples": str(args.samples)}
+    else:
+        from .checkpoint import load_model, resolve_weights
+        from .objective import FlowMatching
+        from .sampling import generate
+
+        model, run = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+        cfg, scfg = eval_config(args, run.eval), sample_config(args, run.sample)
+        labels_list, seeds = eval_labels_and_seeds(cfg, run.model.num_classes)
+        objective = FlowMatching(run.objective, null_class=run.model.num_classes)
+        samples = generate(model, objective, labels_list, seeds, scfg, device, progress=not args.no_progress)
+        images, labels = to_uint8_nchw(samples), torch.tensor(labels_list)
+        folder = resolve_weights(args.checkpoint, not args.no_ema).parent
+        stem = f"eval_{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}_n{cfg.num_samples}"
+        out = folder / f"{stem}.json"
+        if args.save_samples:
+            from .images import save_npz
+
+            save_npz(samples, labels_list, folder / f"{stem}.npz")
+        data_root = args.data_root or (run.data.root if run.data.name == "fashion_mnist" else None)
+        setting = {"checkpoint": str(folder), "ema": not args.no_ema, "sample": vars(scfg), "seed_start": cfg.seed_start}
+    results = Evaluator(cfg, tuple(images.shape[1:]), device, data_root)(images, labels)
+    results["setting"] = setting
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results))
+    print(f"written: {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     import json
 
+    import torch
+
     from .config import load_config
+    from .evaluate import Evaluator, eval_labels_and_seeds, format_table, to_uint8_nchw
     from .images import save_grid
     from .sampling import SampleConfig, generate
     from .train import Trainer
@@ -111,27 +175,36 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     tic = time.perf_counter()
     trainer = Trainer(cfg, out, progress=not args.no_progress)
-    print(f"demo: training {cfg.model.preset} on {cfg.data.name} ({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in cfg.stages)}) on {trainer.device}")
+    run = trainer.cfg
+    classes = run.model.num_classes
+    if run.eval.num_samples < classes * args.per_class:
+        raise UserError(f"eval.num_samples {run.eval.num_samples} is below {classes} classes x --per-class {args.per_class}")
+    print(f"demo: training {run.model.preset} on {run.data.name} ({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in run.stages)}) on {trainer.device}")
     folder = trainer.fit()
-    train_s = time.perf_counter() - tic
-    labels = [c for c in range(trainer.cfg.model.num_classes) for _ in range(args.per_class)]
-    results = {"train_seconds": train_s}
+    results = {"train_seconds": time.perf_counter() - tic}
+    labels, seeds = eval_labels_and_seeds(run.eval, classes)
+    evaluator = None
     for guidance in ("pdg", "cfg"):
-        scfg = SampleConfig(**{**vars(trainer.cfg.sample), "guidance": guidance})
+        scfg = SampleConfig(**{**vars(run.sample), "guidance": guidance})
         tic = time.perf_counter()
-        images = generate(trainer.ema.eval(), trainer.objective, labels, list(range(len(labels))), scfg, trainer.device)
-        results[f"{guidance}_sample_seconds"] = time.perf_counter() - tic
-        results[f"{guidance}_grid"] = str(save_grid(images, out / f"demo_{guidance}.png", columns=args.per_class))
+        images = generate(trainer.ema.eval(), trainer.objective, labels, seeds, scfg, trainer.device)
+        seconds = time.perf_counter() - tic
+        rows = [i for c in range(classes) for i in range(c, classes * args.per_class, classes)]  # one row per class
+        grid = save_grid(images[rows], out / f"demo_{guidance}.png", columns=args.per_class)
+        quantised = to_uint8_nchw(images)
+        evaluator = evaluator or Evaluator(run.eval, tuple(quantised.shape[1:]), trainer.device, run.data.root if run.data.name == "fashion_mnist" else None)
+        scores = evaluator(quantised, torch.tensor(labels))
+        results[guidance] = {"sample_seconds": seconds, "grid": str(grid), "guidance_scale": scfg.scale, **scores}
+        print(f"{guidance.upper()} (scale {scfg.scale:g}, {scfg.sampler} {scfg.steps} steps): {len(labels)} samples in {seconds:.1f}s; grid {grid}")
+        print(format_table(scores))
     (out / "demo.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"demo done in {sum(v for k, v in results.items() if k.endswith('seconds')):.0f}s (training {train_s:.0f}s)")
-    print(f"  samples, one row per class: {results['pdg_grid']} (PDG, {results['pdg_sample_seconds']:.1f}s), "
-          f"{results['cfg_grid']} (CFG, {results['cfg_sample_seconds']:.1f}s)")
-    print(f"  checkpoints: {folder.parent}  metrics: {out / 'metrics.jsonl'}  training grids: {out / 'samples'}")
+    total = results["train_seconds"] + sum(results[g]["sample_seconds"] for g in ("pdg", "cfg"))
+    print(f"demo done in {total:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: {folder.parent}; results: {out / 'demo.json'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sprintdit", description="Token-sparse diffusion transformers (SPRINT): train, sample, demo.")
+    parser = argparse.ArgumentParser(prog="sprintdit", description="Token-sparse diffusion transformers (SPRINT): train, sample, evaluate, demo.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a run (all its stages); re-running on the same --out resumes exactly")
@@ -160,10 +233,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("demo", help="train SPRINT on Fashion-MNIST in both stages, then sample with PDG and CFG")
+    p = sub.add_parser("evaluate", help="FID, precision/recall, IS, class agreement (and sFID, FDD) of a checkpoint or a sample batch")
+    p.add_argument("--checkpoint", help="run folder, checkpoint folder or .safetensors file: generate --num-samples and score them")
+    p.add_argument("--samples", help="score an existing batch: npz in the ADM layout (uint8 NHWC arr_0, labels arr_1 optional)")
+    p.add_argument("--ref", help="reference npz: images (arr_0) and/or statistics (mu/sigma, mu_s/sigma_s); default for Fashion-MNIST: its test split")
+    p.add_argument("--num-samples", type=int, help="samples to generate (default: the run's eval.num_samples, 1000)")
+    p.add_argument("--seed-start", type=int, help="sample i uses seed SEED_START + i (default 0)")
+    p.add_argument("--features", help="feature networks, comma-separated: auto | fmnist | inception | dinov2 (default auto)")
+    p.add_argument("--inception-weights", help="InceptionV3 FID weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--dinov2-weights", help="DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth) for FDD")
+    p.add_argument("--data-root", help="Fashion-MNIST folder for the default reference (default: the run's data.root)")
+    p.add_argument("--eval-batch-size", type=int, help="images per feature-network forward")
+    p.add_argument("--save-samples", action="store_true", help="also write the generated batch as an ADM-layout npz")
+    p.add_argument("--sampler", choices=("euler", "heun", "sde"), help="default: the run's sample.sampler")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--guidance", choices=("none", "cfg", "pdg"), help="default: the run's sample.guidance")
+    p.add_argument("--scale", type=float, help="guidance scale (default: the run's sample.scale)")
+    p.add_argument("--interval", help="guide only for t in LOW,HIGH (t=1 is noise)")
+    p.add_argument("--batch-size", type=int, help="samples per sampling batch")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="train SPRINT on Fashion-MNIST in both stages, then sample and score with PDG and CFG")
     p.add_argument("--config", default=DEMO_CONFIG, help=f"demo config (default {DEMO_CONFIG})")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo); an existing one is resumed")
-    p.add_argument("--per-class", type=int, default=10, help="samples per class in the final grids (default 10)")
+    p.add_argument("--per-class", type=int, default=10, help="samples per class shown in the grids (default 10); all eval.num_samples are scored")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=cmd_demo)

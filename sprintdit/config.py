@@ -24,6 +24,7 @@ from .sampling import SampleConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATASETS = ("fashion_mnist", "image_folder")
+FEATURE_NETWORKS = ("auto", "fmnist", "inception", "dinov2")
 
 
 @dataclass
@@ -77,6 +78,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What `sprintdit evaluate` and the in-training evaluation measure; samples use the `sample` section."""
+
+    every: int = 0  # training: evaluate the EMA model every K steps (0: never)
+    num_samples: int = 1000  # labels cycle through the classes; sample i uses seed seed_start + i
+    seed_start: int = 0
+    features: List[str] = field(default_factory=lambda: ["auto"])  # auto | fmnist | inception | dinov2
+    ref: Optional[str] = None  # reference npz (ADM layout: images under arr_0 and/or statistics); default for fashion_mnist: its test split
+    inception_weights: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth (FID, sFID, IS, precision/recall)
+    dinov2_weights: Optional[str] = None  # dinov2_vitl14_pretrain.pth (FDD)
+    batch_size: int = 200  # images per feature-network forward
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -84,6 +99,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _valid_keys(cls, prefix: str = "") -> list[str]:
@@ -182,9 +198,17 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"stages.{i} ({s.name}): batch size {batch} is not divisible by train.grad_accum {t.grad_accum}")
         if s.mask_type not in MASK_TYPES:
             raise UserError(f"stages.{i}.mask_type is {s.mask_type!r}; choose one of {', '.join(MASK_TYPES)}")
+    validate_eval(cfg.eval)
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise UserError(f"stage names must be unique, got {names}")
+
+
+def validate_eval(e: EvalConfig) -> None:
+    if e.every < 0 or e.num_samples < 2 or e.batch_size < 1:
+        raise UserError("eval.every must be >= 0, eval.num_samples >= 2 (a covariance needs two samples), eval.batch_size >= 1")
+    if not e.features or any(f not in FEATURE_NETWORKS for f in e.features):
+        raise UserError(f"eval.features is {list(e.features)}; choose from {', '.join(FEATURE_NETWORKS)}")
 
 
 def to_yaml(cfg: RunConfig) -> str:

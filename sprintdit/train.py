@@ -20,6 +20,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig, StageConfig, from_yaml_text, to_yaml
 from .data import batches, build_dataset
 from .errors import UserError
+from .flops import train_flops
 from .images import save_grid
 from .masking import check_mask_ratio, make_mask
 from .models import SiT, resolve_model_config
@@ -79,13 +80,14 @@ def total_steps(cfg: RunConfig) -> int:
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig | None) -> RunConfig:
-    """A new run folder gets the config; an existing one must hold the same config but for `sample` (then we resume)."""
+    """A new run folder gets the config; an existing one must hold the same config but for `sample` and
+    `eval` (then we resume)."""
     saved = run_dir / "config.yaml"
     if saved.is_file():
         old = from_yaml_text(saved.read_text(), str(saved))
         if cfg is None:
             return old
-        if to_yaml(replace(old, sample=cfg.sample)) != to_yaml(cfg):  # sampling settings may change on resume
+        if to_yaml(replace(old, sample=cfg.sample, eval=cfg.eval)) != to_yaml(cfg):  # sampling and evaluation may change on resume
             a, b = to_yaml(old).splitlines(), to_yaml(cfg).splitlines()
             diff = [f"{x.strip()} -> {y.strip()}" for x, y in zip(a, b) if x != y][:3]
             raise UserError(f"{run_dir} was started with another config ({'; '.join(diff)}); use a new --out or the same config")
@@ -128,6 +130,7 @@ class Trainer:
             torch.compile(self.model, mode=t.compile_mode, fullgraph=t.compile_fullgraph, dynamic=False) if t.compile else self.model
         )
         self.step, self.position = 0, 0
+        self.evaluator = None  # built at the first evaluation (feature networks, reference statistics)
         self.config_yaml = to_yaml(cfg)
         latest = ckpt.list_checkpoints(self.run_dir)
         if latest:
@@ -211,6 +214,23 @@ class Trainer:
         images = generate(self.ema, self.objective, labels, list(range(len(labels))), self.cfg.sample, self.device)
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", columns=t.grid_columns)
 
+    def evaluate(self) -> dict:
+        """Metrics of eval.num_samples EMA samples (the `sample` settings), logged with the step and training FLOPs."""
+        from .evaluate import Evaluator, eval_labels_and_seeds, flatten, to_uint8_nchw
+
+        cfg = self.cfg
+        tic = time.perf_counter()
+        labels, seeds = eval_labels_and_seeds(cfg.eval, cfg.model.num_classes)
+        images = to_uint8_nchw(generate(self.ema, self.objective, labels, seeds, cfg.sample, self.device))
+        if self.evaluator is None:
+            data_root = cfg.data.root if cfg.data.name == "fashion_mnist" else None
+            self.evaluator = Evaluator(cfg.eval, tuple(images.shape[1:]), self.device, data_root)
+        results = self.evaluator(images, torch.tensor(labels))
+        record = {"step": self.step, "train_flops": train_flops(cfg, self.step), "eval_samples": len(labels), **flatten(results)}
+        record["eval_seconds"] = time.perf_counter() - tic
+        self.log(record)
+        return record
+
     def log(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -256,14 +276,18 @@ class Trainer:
                     record = {
                         "step": self.step, "stage": stage.name, "loss": loss_sum.item() / loss_count, "lr": lr,
                         "grad_norm": float(grad_norm), "steps_per_s": rate, "images_per_s": rate * batch,
-                        "mask_ratio": stage.mask_ratio,
+                        "mask_ratio": stage.mask_ratio, "train_flops": train_flops(cfg, self.step),
                     }
                     self.log(record)
                     bar.set_postfix(stage=stage.name, loss=f"{record['loss']:.4f}", img_s=f"{rate * batch:.0f}")
                     loss_sum, loss_count, tick, tick_step = torch.zeros_like(loss_sum), 0, time.perf_counter(), self.step
+                paused = time.perf_counter()
                 if t.sample_every and (self.step % t.sample_every == 0 or self.step == end):
                     self.sample_grid()
-                    self.model.train()
+                if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == end):
+                    self.evaluate()
+                self.model.train()
+                tick += time.perf_counter() - paused  # the step rate counts training time only
                 if self.step % t.ckpt_every == 0 or stage_end or self.step == end:
                     last = self.save()
         except KeyboardInterrupt:

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_idx
+
 from sprintdit.data import FashionMNIST, ImageFolder, batches, index_batches, read_idx
 from sprintdit.errors import UserError
 

@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import perturbed_model, tiny_config, tiny_inputs
+
 from sprintdit.errors import UserError
 from sprintdit.masking import make_mask, random_mask
 from sprintdit.models import PRESETS, ModelConfig, SiT, resolve_model_config

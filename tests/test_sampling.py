@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import perturbed_model, tiny_inputs
+
 from sprintdit.objective import FlowMatching, ObjectiveConfig
 from sprintdit.sampling import SampleConfig, SampleNoise, euler, euler_maruyama, generate, guided_velocity, heun
 

@@ -55,6 +55,7 @@ class ModelConfig:
     learn_sigma: bool = False  # doubles the output channels (DiT); flow matching uses the first half
     norm_eps: float = 1e-6
     init_std: float = 0.02  # normal init of the timestep MLP and label table
+    time_scale: float = 1.0  # t is multiplied by this before the sinusoidal embedding (SiT: 1; DiT-style: 1000)
     encoder_depth: int = 2  # dense shallow blocks; middle depth = depth - encoder_depth - decoder_depth
     decoder_depth: int = 2
     fusion: str = "concat_linear"  # concat_linear (SPRINT) | none (naive token dropping)
@@ -172,15 +173,16 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, dim: int, freq_dim: int = TIMESTEP_FREQ_DIM):
+    def __init__(self, dim: int, time_scale: float, freq_dim: int = TIMESTEP_FREQ_DIM):
         super().__init__()
         self.freq_dim = freq_dim
+        self.time_scale = time_scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs  # (B, half)
+        args = (t.float() * self.time_scale)[:, None] * freqs  # (B, half)
         features = torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype)
         return self.mlp(features)  # (B, D)
 
@@ -216,13 +218,17 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """MLP width; SwiGLU has two input projections, so 2/3 of the width keeps the GELU MLP's parameter count."""
+    hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+    return 2 * hidden // 3 if cfg.mlp == "swiglu" else hidden
+
+
 class Mlp(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+        hidden = mlp_hidden(cfg)
         self.swiglu = cfg.mlp == "swiglu"
-        if self.swiglu:  # two input projections; 2/3 of the width keeps the parameter count of the GELU MLP
-            hidden = 2 * hidden // 3
         self.fc1 = nn.Linear(cfg.hidden_size, 2 * hidden if self.swiglu else hidden)
         self.fc2 = nn.Linear(hidden, cfg.hidden_size)
 
@@ -276,7 +282,7 @@ class SiT(nn.Module):
         self.grad_checkpointing = False  # recompute block activations in backward (set by the trainer)
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, cfg.time_scale)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.fusion = nn.Linear(2 * d, d) if cfg.fusion == "concat_linear" else None

@@ -1,0 +1,292 @@
+"""Score a set of samples against a reference: features from a feature network, then the metrics.
+
+Feature networks (`eval.features`):
+    fmnist     the shipped Fashion-MNIST classifier (1x32x32): fid, precision, recall, density, coverage,
+               is (its logits' Inception-Score-style score), class_agreement (when labels are known)
+    inception  InceptionV3 in the FID form of the ADM / torch-fidelity evaluators, weights from a local file:
+               fid (pool3), sfid (7 x 17 x 17 mixed_6 features), is, precision, recall (k = 3)
+    dinov2     DINOv2 ViT-L/14 CLS features, weights from a local file: fdd
+    auto       fmnist for 1x32x32 images; otherwise inception, plus dinov2 when its weights are given
+
+Sample and reference batches use the ADM npz layout: uint8 images (N, H, W, C) under `arr_0`, labels
+under `arr_1` (optional). A reference may instead (or also) hold statistics: `mu`/`sigma` (pool3) and
+`mu_s`/`sigma_s` (spatial), as in ADM's reference batches, and `<network>_mu`/`<network>_sigma` for the
+other networks; statistics, where present, are used for the Frechet distances and the images for
+precision/recall. The Fashion-MNIST test split's features are computed once and cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .config import EvalConfig
+from .errors import UserError
+from .metrics import class_agreement, feature_stats, frechet_distance, inception_score, prdc
+from .metrics.fmnist_classifier import INPUT_SHAPE as FMNIST_SHAPE
+
+CACHE_ENV = "SPRINTDIT_CACHE"  # where reference features are cached (default ~/.cache/sprintdit)
+ADM_STAT_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # the inception keys of ADM reference batches
+
+
+# ----------------------------------------------------------------------------------- npz batches
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"npz file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable npz file ({str(err).splitlines()[0]})") from None
+
+
+def batch_images(arrays: dict[str, np.ndarray], source: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ADM layout -> images (N, C, H, W) uint8 and labels (N,) or None."""
+    images = arrays["arr_0"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise UserError(f"{source}: arr_0 must be uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
+    labels = arrays.get("arr_1")
+    if labels is not None and labels.shape != (len(images),):
+        raise UserError(f"{source}: arr_1 must hold one label per image, got shape {labels.shape} for {len(images)} images")
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), None if labels is None else torch.from_numpy(labels.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------- feature networks
+
+
+@dataclass
+class Features:
+    """What a feature network gives for a set of images: `main` (N, D) for the Frechet distance and
+    precision/recall, optional `spatial` (N, D') for sFID and `logits` (N, classes) for IS / agreement."""
+
+    main: torch.Tensor
+    spatial: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class FeatureNet(Protocol):
+    """A named feature network: images uint8 (N, C, H, W) -> Features."""
+
+    name: str
+
+    def __call__(self, images: torch.Tensor) -> Features: ...
+
+
+class FMNISTFeatures(FeatureNet):
+    name = "fmnist"
+
+    def __init__(self, device: torch.device, batch_size: int):
+        from .metrics import load_classifier
+
+        self.model = load_classifier(device=device)
+        self.batch_size = batch_size
+
+    def __call__(self, images: torch.Tensor) -> Features:
+        from .metrics import classify
+
+        features, logits = classify(self.model, images.float() / 127.5 - 1.0, self.batch_size)
+        return Features(features, logits=logits)
+
+
+class InceptionFeatures(FeatureNet):
+    name = "inception"
+
+    def __init__(self, weights: str | None, device: torch.device, batch_size: int):
+        from .metrics.inception import load_inception
+
+        self.model = load_inception(weights, device)
+        self.batch_size = batch_size
+
+    def __call__(self, images: torch.Tensor) -> Features:
+        from .metrics.inception import inception_features
+
+        out = inception_features(self.model, images, self.batch_size)
+        return Features(out["pool"], spatial=out["spatial"], logits=out["logits"])
+
+
+class DINOv2Features(FeatureNet):
+    name = "dinov2"
+
+    def __init__(self, weights: str | None, device: torch.device, batch_size: int):
+        from .metrics.dinov2 import load_dinov2
+
+        self.model = load_dinov2(weights, device=device)
+        self.batch_size = batch_size
+
+    def __call__(self, images: torch.Tensor) -> Features:
+        from .metrics.dinov2 import dinov2_features
+
+        return Features(dinov2_features(self.model, images, self.batch_size))
+
+
+def choose_networks(cfg: EvalConfig, image_shape: tuple[int, ...]) -> list[str]:
+    """The feature networks to run for images of shape (C, H, W)."""
+    if list(cfg.features) != ["auto"]:
+        return [f for f in dict.fromkeys(cfg.features) if f != "auto"]
+    if tuple(image_shape) == FMNIST_SHAPE:
+        return ["fmnist"]
+    return ["inception"] + (["dinov2"] if cfg.dinov2_weights else [])
+
+
+def build_networks(names: list[str], cfg: EvalConfig, device: torch.device) -> list[FeatureNet]:
+    builders = {
+        "fmnist": lambda: FMNISTFeatures(device, cfg.batch_size),
+        "inception": lambda: InceptionFeatures(cfg.inception_weights, device, cfg.batch_size),
+        "dinov2": lambda: DINOv2Features(cfg.dinov2_weights, device, cfg.batch_size),
+    }
+    return [builders[n]() for n in names]
+
+
+# ----------------------------------------------------------------------------------- references
+
+
+@dataclass
+class Reference:
+    """Per network: features (N, D) of reference images and/or Gaussian statistics (mu, sigma)."""
+
+    source: str
+    features: dict[str, Features] = field(default_factory=dict)
+    stats: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # network -> kind -> (mu, sigma)
+
+    def gaussian(self, network: str, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mu, sigma) of the reference for a network's `main` or `spatial` features, or None."""
+        if kind in self.stats.get(network, {}):
+            return self.stats[network][kind]
+        feats = self.features.get(network)
+        values = None if feats is None else (feats.main if kind == "main" else feats.spatial)
+        return None if values is None else feature_stats(values)
+
+
+def stat_keys(network: str, kind: str) -> tuple[str, str]:
+    if network == "inception":
+        return ADM_STAT_KEYS["pool" if kind == "main" else "spatial"]
+    return f"{network}_mu", f"{network}_sigma"
+
+
+def load_reference(path: str | Path, networks: list[FeatureNet]) -> Reference:
+    arrays = read_npz(path)
+    ref = Reference(source=str(path))
+    for net in networks:
+        for kind in ("main", "spatial"):
+            mu_key, sigma_key = stat_keys(net.name, kind)
+            if mu_key in arrays and sigma_key in arrays:
+                ref.stats.setdefault(net.name, {})[kind] = (arrays[mu_key], arrays[sigma_key])
+    if "arr_0" in arrays:
+        images, _ = batch_images(arrays, str(path))
+        for net in networks:
+            ref.features[net.name] = net(images)
+    missing = [n.name for n in networks if n.name not in ref.features and "main" not in ref.stats.get(n.name, {})]
+    if missing:
+        keys = ", ".join("/".join(stat_keys(n, "main")) for n in missing)
+        raise UserError(f"reference {path} has neither images (arr_0) nor statistics ({keys}) for {', '.join(missing)}")
+    return ref
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sprintdit")
+
+
+def fmnist_reference(root: str | Path, net: FMNISTFeatures) -> Reference:
+    """Classifier features of the Fashion-MNIST test split (32x32), cached per classifier and data."""
+    from .data import FashionMNIST
+    from .metrics.fmnist_classifier import WEIGHTS, read_record
+
+    data = FashionMNIST(root, split="test", resolution=FMNIST_SHAPE[1])
+    key = hashlib.sha256(read_record(WEIGHTS)["sha256"].encode() + data.images.numpy().tobytes()).hexdigest()[:16]
+    path = cache_dir() / f"fmnist_test_{key}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return Reference(f"Fashion-MNIST test split ({len(data)} images, cached)", {"fmnist": Features(torch.from_numpy(f["features"]))})
+    feats = net(data.images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, features=feats.main.numpy())
+    os.replace(tmp, path)
+    return Reference(f"Fashion-MNIST test split ({len(data)} images)", {"fmnist": Features(feats.main)})
+
+
+def default_reference(cfg: EvalConfig, networks: list[FeatureNet], data_root: str | None) -> Reference:
+    if cfg.ref is not None:
+        return load_reference(cfg.ref, networks)
+    if [n.name for n in networks] == ["fmnist"] and data_root is not None:
+        return fmnist_reference(data_root, networks[0])
+    raise UserError("give a reference batch: --ref REF.npz (ADM layout: images under arr_0 and/or mu/sigma statistics)")
+
+
+# ----------------------------------------------------------------------------------- metrics
+
+
+def score(features: Features, net: str, ref: Reference, labels: torch.Tensor | None) -> dict[str, float]:
+    """The metrics of one network's sample features against the reference."""
+    out: dict[str, float] = {}
+    frechet_name = "fdd" if net == "dinov2" else "fid"
+    for kind, name in (("main", frechet_name), ("spatial", "sfid")):
+        values = features.main if kind == "main" else features.spatial
+        target = ref.gaussian(net, kind)
+        if values is not None and target is not None:
+            out[name] = frechet_distance(*feature_stats(values), *target)
+    real = ref.features.get(net)
+    if real is not None and net != "dinov2":
+        quality = prdc(real.main, features.main)
+        out.update(precision=quality.precision, recall=quality.recall)
+        if net == "fmnist":
+            out.update(density=quality.density, coverage=quality.coverage)
+    if features.logits is not None:
+        out["is"] = inception_score(features.logits)
+        if labels is not None and net == "fmnist":
+            out["class_agreement"] = class_agreement(features.logits, labels)
+    return out
+
+
+class Evaluator:
+    """Feature networks and reference, built once for images of one shape; call it on sample sets."""
+
+    def __init__(self, cfg: EvalConfig, image_shape: tuple[int, ...], device: torch.device, data_root: str | None = None):
+        names = choose_networks(cfg, tuple(image_shape))
+        if "fmnist" in names and tuple(image_shape) != FMNIST_SHAPE:
+            raise UserError(f"the fmnist feature network scores 1x32x32 images, got {'x'.join(map(str, image_shape))}; use inception")
+        self.networks = build_networks(names, cfg, device)
+        self.ref = default_reference(cfg, self.networks, data_root)
+        self.image_shape = tuple(image_shape)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict:
+        """images (N, C, H, W) uint8 -> {"num_samples", "reference", "metrics": {network: {metric: value}}}."""
+        if len(images) < 2:
+            raise UserError(f"metrics need at least 2 samples, got {len(images)}")
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise UserError(f"samples are {tuple(images.shape[1:])} but the evaluator was built for {self.image_shape}")
+        metrics = {net.name: score(net(images), net.name, self.ref, labels) for net in self.networks}
+        return {"num_samples": len(images), "reference": self.ref.source, "metrics": metrics}
+
+
+def eval_labels_and_seeds(cfg: EvalConfig, num_classes: int) -> tuple[list[int], list[int]]:
+    """Labels cycle through the classes (balanced), sample i has seed seed_start + i."""
+    return [i % num_classes for i in range(cfg.num_samples)], [cfg.seed_start + i for i in range(cfg.num_samples)]
+
+
+def to_uint8_nchw(x: torch.Tensor) -> torch.Tensor:
+    """Samples (N, C, H, W) in [-1, 1] -> uint8, quantised exactly as saved images are."""
+    from .images import to_uint8
+
+    return torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).contiguous()
+
+
+def format_table(results: dict) -> str:
+    rows = [(net, metric, value) for net, metrics in results["metrics"].items() for metric, value in metrics.items()]
+    lines = [f"{results['num_samples']} samples vs {results['reference']}", f"{'features':<10} {'metric':<16} {'value':>10}"]
+    lines += [f"{net:<10} {metric:<16} {value:>10.4f}" for net, metric, value in rows]
+    return "\n".join(lines)
+
+
+def flatten(results: dict) -> dict[str, float]:
+    """{"fmnist/fid": ..., ...} for metric logs."""
+    return {f"{net}/{k}": v for net, metrics in results["metrics"].items() for k, v in metrics.items()}

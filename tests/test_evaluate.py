@@ -1,0 +1,166 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sprintdit.cli import main
+from sprintdit.config import EvalConfig
+from sprintdit.errors import UserError
+from sprintdit.evaluate import (
+    Evaluator,
+    Features,
+    Reference,
+    batch_images,
+    choose_networks,
+    fmnist_reference,
+    load_reference,
+    read_npz,
+    score,
+)
+from sprintdit.metrics import feature_stats, frechet_distance
+
+TINY = ["model.preset=SiT-Nano/8", "train.batch_size=4", "train.log_every=1", "train.sample_every=0",
+        "stages=[{name: pre, steps: 1, mask_ratio: 0.75}, {name: ft, steps: 1, mask_ratio: 0}]", "sample.steps=2"]
+
+
+class PixelFeatures:
+    """A stand-in feature network: the mean intensity of 4 image quadrants, in [0, 1]."""
+
+    name = "fmnist"
+
+    def __call__(self, images):
+        x = images.float() / 255
+        h, w = x.shape[-2] // 2, x.shape[-1] // 2
+        quads = [x[..., :h, :w], x[..., :h, w:], x[..., h:, :w], x[..., h:, w:]]
+        return Features(torch.stack([q.mean(dim=(1, 2, 3)) for q in quads], dim=1))
+
+
+def random_images(n, seed, channels=1, size=8):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+
+
+def test_npz_batches_in_the_adm_layout(tmp_path):
+    images = random_images(5, 0)
+    np.savez(tmp_path / "a.npz", images, np.arange(5))
+    x, y = batch_images(read_npz(tmp_path / "a.npz"), "a")
+    assert x.shape == (5, 1, 8, 8) and x.dtype == torch.uint8 and torch.equal(x[2, 0], torch.from_numpy(images[2, :, :, 0]))
+    assert y.tolist() == [0, 1, 2, 3, 4]
+    np.savez(tmp_path / "b.npz", images)
+    assert batch_images(read_npz(tmp_path / "b.npz"), "b")[1] is None  # labels are optional
+    for bad in (images.astype(np.float32), images[..., 0]):
+        np.savez(tmp_path / "c.npz", bad)
+        with pytest.raises(UserError, match="arr_0 must be uint8 images"):
+            batch_images(read_npz(tmp_path / "c.npz"), "c")
+    np.savez(tmp_path / "d.npz", images, np.arange(4))
+    with pytest.raises(UserError, match="one label per image"):
+        batch_images(read_npz(tmp_path / "d.npz"), "d")
+    (tmp_path / "e.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a readable npz"):
+        read_npz(tmp_path / "e.npz")
+
+
+def test_reference_statistics_take_precedence_over_its_images(tmp_path):
+    net, real = PixelFeatures(), random_images(200, 1)
+    feats = net(torch.from_numpy(real).permute(0, 3, 1, 2))
+    mu, sigma = feature_stats(feats.main)
+    np.savez(tmp_path / "images.npz", real)
+    np.savez(tmp_path / "stats.npz", fmnist_mu=mu + 1.0, fmnist_sigma=sigma)  # shifted by 1 in each of 4 dims
+    np.savez(tmp_path / "both.npz", real, fmnist_mu=mu + 1.0, fmnist_sigma=sigma)
+    from_images = score(feats, "fmnist", load_reference(tmp_path / "images.npz", [net]), None)
+    assert abs(from_images["fid"]) < 1e-9 and from_images["precision"] == 1.0 and from_images["recall"] == 1.0
+    from_stats = score(feats, "fmnist", load_reference(tmp_path / "stats.npz", [net]), None)
+    assert from_stats["fid"] == pytest.approx(4.0) and "precision" not in from_stats  # no images: no precision/recall
+    both = score(feats, "fmnist", load_reference(tmp_path / "both.npz", [net]), None)
+    assert both["fid"] == pytest.approx(4.0) and both["recall"] == 1.0
+    np.savez(tmp_path / "none.npz", other=np.zeros(3))
+    with pytest.raises(UserError, match="neither images"):
+        load_reference(tmp_path / "none.npz", [net])
+
+
+def test_adm_reference_keys_feed_inception_fid_and_sfid():
+    ref = Reference("adm", stats={"inception": {"main": (np.zeros(3), np.eye(3)), "spatial": (np.ones(2), np.eye(2))}})
+    feats = Features(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)) + 2, spatial=torch.ones(500, 2) * 3 + torch.randn(500, 2) * 1e-3)
+    out = score(feats, "inception", ref, None)
+    assert out["fid"] == pytest.approx(frechet_distance(*feature_stats(feats.main), np.zeros(3), np.eye(3)))
+    assert out["sfid"] == pytest.approx(8.0 + 2.0, rel=1e-2)  # |3 - 1|^2 in 2 dims, plus tr(I) with a ~0 covariance
+
+
+def test_auto_picks_the_network_by_image_shape():
+    assert choose_networks(EvalConfig(), (1, 32, 32)) == ["fmnist"]
+    assert choose_networks(EvalConfig(), (3, 256, 256)) == ["inception"]
+    assert choose_networks(EvalConfig(dinov2_weights="x.pth"), (3, 256, 256)) == ["inception", "dinov2"]
+    assert choose_networks(EvalConfig(features=["dinov2", "dinov2"]), (1, 32, 32)) == ["dinov2"]
+
+
+def test_fmnist_reference_is_cached(fmnist_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPRINTDIT_CACHE", str(tmp_path / "cache"))
+    evaluator = Evaluator(EvalConfig(), (1, 32, 32), torch.device("cpu"), str(fmnist_dir))
+    first = evaluator.ref.features["fmnist"].main
+    assert first.shape == (20, 256) and len(list((tmp_path / "cache").glob("fmnist_test_*.npz"))) == 1
+    again = fmnist_reference(fmnist_dir, evaluator.networks[0])
+    assert "cached" in again.source and torch.equal(again.features["fmnist"].main, first)
+    # the test split scored against itself: FID ~0, every sample agrees with its label only if classified so
+    from sprintdit.data import FashionMNIST
+
+    data = FashionMNIST(fmnist_dir, split="test")
+    results = evaluator(data.images, data.labels)["metrics"]["fmnist"]
+    assert abs(results["fid"]) < 1e-6 and results["precision"] == 1.0 and results["recall"] == 1.0
+    logits = evaluator.networks[0](data.images).logits
+    assert results["class_agreement"] == pytest.approx((logits.argmax(1) == data.labels).double().mean().item())
+
+
+def test_evaluate_checkpoint_then_its_samples_agree(fmnist_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPRINTDIT_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}", *TINY]) == 0
+    args = ["evaluate", "--checkpoint", str(run), "--num-samples", "12", "--guidance", "cfg", "--no-progress", "--save-samples"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fmnist" in out and "class_agreement" in out
+    written = run / "checkpoints" / "step_00000002" / "eval_cfg_euler2_s3_n12.json"
+    result = json.loads(written.read_text())
+    assert result["num_samples"] == 12 and 0.0 <= result["metrics"]["fmnist"]["class_agreement"] <= 1.0 and result["metrics"]["fmnist"]["fid"] > 0
+    batch = np.load(written.with_suffix(".npz"))
+    assert batch["arr_0"].shape == (12, 32, 32, 1) and batch["arr_1"].tolist() == [i % 10 for i in range(12)]
+    # the same images scored from the saved batch give the same numbers
+    assert main(["evaluate", "--samples", str(written.with_suffix(".npz")), "--data-root", str(fmnist_dir)]) == 0
+    again = json.loads(written.with_suffix(".eval.json").read_text())
+    assert again["metrics"]["fmnist"] == pytest.approx(result["metrics"]["fmnist"], rel=1e-5)
+
+
+def test_training_logs_metrics_with_flops(fmnist_dir, tmp_path, monkeypatch):
+    from sprintdit.flops import train_flops
+
+    monkeypatch.setenv("SPRINTDIT_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}",
+                 *TINY, "model.depth=6", "eval.every=1", "eval.num_samples=10"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "fmnist/fid" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    from sprintdit.config import from_yaml_text
+
+    cfg = from_yaml_text((run / "config.yaml").read_text(), "run")
+    assert [r["train_flops"] for r in evals] == [train_flops(cfg, 1), train_flops(cfg, 2)]
+    assert evals[1]["train_flops"] > 2 * evals[0]["train_flops"] > 0  # the second step is dense: dearer than the masked first
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["evaluate"], "either --checkpoint"),
+        (["evaluate", "--samples", "nowhere.npz"], "does not exist"),
+        (["evaluate", "--samples", "x.npz", "--checkpoint", "r"], "either --checkpoint"),
+    ],
+)
+def test_evaluate_bad_input_is_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_wrong_image_shape_for_the_classifier_is_refused_early(tmp_path, capsys):
+    np.savez(tmp_path / "rgb.npz", random_images(4, 0, channels=3))
+    assert main(["evaluate", "--samples", str(tmp_path / "rgb.npz"), "--features", "fmnist"]) == 2
+    assert "scores 1x32x32 images" in capsys.readouterr().err

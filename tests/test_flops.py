@@ -1,0 +1,47 @@
+import pytest
+import torch
+from conftest import tiny_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from sprintdit.config import RunConfig, StageConfig
+from sprintdit.flops import forward_flops, train_flops, train_step_flops
+from sprintdit.masking import make_mask
+from sprintdit.models import SiT
+
+
+def counted(model, *args, **kwargs) -> int:
+    """torch's own count; the math attention backend runs as counted matmuls on the CPU."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_forward_flops_match_torch_counter(mlp, learn_sigma):
+    model = SiT(tiny_config(mlp=mlp, learn_sigma=learn_sigma))
+    cfg, b = model.config, 4
+    x, t, y = torch.randn(b, cfg.in_channels, *cfg.input_size), torch.rand(b), torch.randint(0, cfg.num_classes, (b,))
+    assert counted(model, x, t, y) == forward_flops(cfg, b)
+    for ratio in (0.5, 0.75):
+        mask = make_mask(b, cfg.grid, ratio, "structured", torch.Generator().manual_seed(0))
+        assert counted(model, x, t, y, mask=mask) == forward_flops(cfg, b, ratio)
+    assert counted(model, x, t, y, middle_rows=1) == forward_flops(cfg, b, middle_rows=1)  # a PDG step
+
+
+def test_dense_sit_flops_without_fusion():
+    model = SiT(tiny_config(fusion="none", path_drop_prob=0.0))
+    cfg = model.config
+    x, t, y = torch.randn(2, cfg.in_channels, *cfg.input_size), torch.rand(2), torch.zeros(2, dtype=torch.long)
+    assert counted(model, x, t, y) == forward_flops(cfg, 2)
+
+
+def test_train_flops_sum_the_stages():
+    model_cfg = SiT(tiny_config()).config
+    run = RunConfig(model=model_cfg, stages=[StageConfig(name="a", steps=3, mask_ratio=0.75), StageConfig(name="b", steps=2, mask_ratio=0.0, batch_size=8)])
+    first, second = train_step_flops(run, 0), train_step_flops(run, 1)
+    assert first == 3 * forward_flops(model_cfg, run.train.batch_size, 0.75)
+    assert second == 3 * forward_flops(model_cfg, 8)
+    assert train_flops(run, 0) == 0 and train_flops(run, 2) == 2 * first
+    assert train_flops(run, 4) == 3 * first + second and train_flops(run, 99) == 3 * first + 2 * second
