@@ -103,7 +103,8 @@ def eval_config(args, base):
 
     from .config import validate_eval
 
-    given = {k: getattr(args, k) for k in ("num_samples", "seed_start", "ref", "inception_weights", "dinov2_weights") if getattr(args, k) is not None}
+    keys = ("num_samples", "seed_start", "ref", "inception_weights", "inception_resize", "dinov2_weights", "dinov2_model")
+    given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.features is not None:
         given["features"] = [f.strip() for f in args.features.split(",")]
     if args.eval_batch_size is not None:
@@ -164,7 +165,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from .config import load_config
-    from .evaluate import Evaluator, eval_labels_and_seeds, format_table, to_uint8_nchw
+    from .evaluate import Evaluator, eval_labels_and_seeds, to_uint8_nchw
     from .images import save_grid
     from .sampling import SampleConfig, generate
     from .train import Trainer
@@ -173,7 +174,7 @@ def cmd_demo(args) -> int:
         raise UserError(f"--per-class must be >= 1, got {args.per_class}")
     cfg = load_config(find_config(args.config), args.overrides)
     out = Path(args.out)
-    tic = time.perf_counter()
+    start = tic = time.perf_counter()
     trainer = Trainer(cfg, out, progress=not args.no_progress)
     run = trainer.cfg
     classes = run.model.num_classes
@@ -195,11 +196,19 @@ def cmd_demo(args) -> int:
         evaluator = evaluator or Evaluator(run.eval, tuple(quantised.shape[1:]), trainer.device, run.data.root if run.data.name == "fashion_mnist" else None)
         scores = evaluator(quantised, torch.tensor(labels))
         results[guidance] = {"sample_seconds": seconds, "grid": str(grid), "guidance_scale": scfg.scale, **scores}
-        print(f"{guidance.upper()} (scale {scfg.scale:g}, {scfg.sampler} {scfg.steps} steps): {len(labels)} samples in {seconds:.1f}s; grid {grid}")
-        print(format_table(scores))
+    shown = ("class_agreement", "fid", "precision", "recall", "is")
+    network = evaluator.networks[0].name
+    print(f"{len(labels)} samples per guidance ({run.sample.sampler}, {run.sample.steps} steps); {network} features vs {evaluator.ref.source}:")
+    print(f"{'guidance':<14}{'seconds':>9}" + "".join(f"{name:>17}" for name in shown))
+    for guidance in ("pdg", "cfg"):
+        r = results[guidance]
+        metrics = r["metrics"][network]
+        print(f"{guidance.upper() + ' scale ' + format(r['guidance_scale'], 'g'):<14}{r['sample_seconds']:>9.1f}"
+              + "".join(f"{metrics[name]:>17.4f}" if name in metrics else f"{'-':>17}" for name in shown))
+    print(f"grids (one row per class): {results['pdg']['grid']}, {results['cfg']['grid']}")
+    results["total_seconds"] = time.perf_counter() - start
+    print(f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: {folder.parent}; results: {out / 'demo.json'}")
     (out / "demo.json").write_text(json.dumps(results, indent=2) + "\n")
-    total = results["train_seconds"] + sum(results[g]["sample_seconds"] for g in ("pdg", "cfg"))
-    print(f"demo done in {total:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: {folder.parent}; results: {out / 'demo.json'}")
     return 0
 
 
@@ -241,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-start", type=int, help="sample i uses seed SEED_START + i (default 0)")
     p.add_argument("--features", help="feature networks, comma-separated: auto | fmnist | inception | dinov2 (default auto)")
     p.add_argument("--inception-weights", help="InceptionV3 FID weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--inception-resize", choices=("tf", "pytorch-fid"), help="tf (default): as the ADM evaluator and torch-fidelity; pytorch-fid: torch bilinear")
     p.add_argument("--dinov2-weights", help="DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth) for FDD")
+    p.add_argument("--dinov2-model", help="DINOv2 size of --dinov2-weights: ViT-S/14 | ViT-B/14 | ViT-L/14 (default) | ViT-g/14")
     p.add_argument("--data-root", help="Fashion-MNIST folder for the default reference (default: the run's data.root)")
     p.add_argument("--eval-batch-size", type=int, help="images per feature-network forward")
     p.add_argument("--save-samples", action="store_true", help="also write the generated batch as an ADM-layout npz")

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
 from .masking import MASK_TYPES
+from .metrics.inception import CONVENTIONS as INCEPTION_RESIZES
 from .models.sit import ModelConfig
 from .objective import ObjectiveConfig
 from .sampling import SampleConfig
@@ -25,6 +26,8 @@ from .sampling import SampleConfig
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATASETS = ("fashion_mnist", "image_folder")
 FEATURE_NETWORKS = ("auto", "fmnist", "inception", "dinov2")
+LR_DECAYS = ("constant", "cosine")
+
 
 
 @dataclass
@@ -51,6 +54,7 @@ class StageConfig:
     lr: float = 1e-4
     warmup_steps: int = 0  # linear warm-up from warmup_start * lr at the stage's start
     warmup_start: float = 0.01
+    decay: str = "constant"  # after warm-up: constant | cosine (to 0 at the stage's last step)
     mask_ratio: float = 0.75  # fraction of tokens the middle blocks drop; 0 = full tokens
     mask_type: str = "structured"  # structured (g x g groups, k kept, random offset) | random
     batch_size: Optional[int] = None  # default: train.batch_size
@@ -87,7 +91,9 @@ class EvalConfig:
     features: List[str] = field(default_factory=lambda: ["auto"])  # auto | fmnist | inception | dinov2
     ref: Optional[str] = None  # reference npz (ADM layout: images under arr_0 and/or statistics); default for fashion_mnist: its test split
     inception_weights: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth (FID, sFID, IS, precision/recall)
+    inception_resize: str = "tf"  # tf: the TF graph's resize and scaling, as the ADM evaluator (its reference batches); pytorch-fid
     dinov2_weights: Optional[str] = None  # dinov2_vitl14_pretrain.pth (FDD)
+    dinov2_model: str = "ViT-L/14"  # the DINOv2 size the weights are for (FDD is defined with ViT-L/14)
     batch_size: int = 200  # images per feature-network forward
 
 
@@ -196,6 +202,8 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"stages.{i} ({s.name}): steps must be >= 1, lr > 0, warmup_steps >= 0")
         if batch % t.grad_accum:
             raise UserError(f"stages.{i} ({s.name}): batch size {batch} is not divisible by train.grad_accum {t.grad_accum}")
+        if s.decay not in LR_DECAYS:
+            raise UserError(f"stages.{i}.decay is {s.decay!r}; choose one of {', '.join(LR_DECAYS)}")
         if s.mask_type not in MASK_TYPES:
             raise UserError(f"stages.{i}.mask_type is {s.mask_type!r}; choose one of {', '.join(MASK_TYPES)}")
     validate_eval(cfg.eval)
@@ -209,6 +217,8 @@ def validate_eval(e: EvalConfig) -> None:
         raise UserError("eval.every must be >= 0, eval.num_samples >= 2 (a covariance needs two samples), eval.batch_size >= 1")
     if not e.features or any(f not in FEATURE_NETWORKS for f in e.features):
         raise UserError(f"eval.features is {list(e.features)}; choose from {', '.join(FEATURE_NETWORKS)}")
+    if e.inception_resize not in INCEPTION_RESIZES:
+        raise UserError(f"eval.inception_resize is {e.inception_resize!r}; choose one of {', '.join(INCEPTION_RESIZES)}")
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -99,26 +99,26 @@ class FMNISTFeatures(FeatureNet):
 class InceptionFeatures(FeatureNet):
     name = "inception"
 
-    def __init__(self, weights: str | None, device: torch.device, batch_size: int):
+    def __init__(self, weights: str | None, device: torch.device, batch_size: int, resize: str):
         from .metrics.inception import load_inception
 
         self.model = load_inception(weights, device)
-        self.batch_size = batch_size
+        self.batch_size, self.resize = batch_size, resize
 
     def __call__(self, images: torch.Tensor) -> Features:
         from .metrics.inception import inception_features
 
-        out = inception_features(self.model, images, self.batch_size)
+        out = inception_features(self.model, images, self.batch_size, self.resize)
         return Features(out["pool"], spatial=out["spatial"], logits=out["logits"])
 
 
 class DINOv2Features(FeatureNet):
     name = "dinov2"
 
-    def __init__(self, weights: str | None, device: torch.device, batch_size: int):
+    def __init__(self, weights: str | None, preset: str, device: torch.device, batch_size: int):
         from .metrics.dinov2 import load_dinov2
 
-        self.model = load_dinov2(weights, device=device)
+        self.model = load_dinov2(weights, preset, device)
         self.batch_size = batch_size
 
     def __call__(self, images: torch.Tensor) -> Features:
@@ -139,8 +139,8 @@ def choose_networks(cfg: EvalConfig, image_shape: tuple[int, ...]) -> list[str]:
 def build_networks(names: list[str], cfg: EvalConfig, device: torch.device) -> list[FeatureNet]:
     builders = {
         "fmnist": lambda: FMNISTFeatures(device, cfg.batch_size),
-        "inception": lambda: InceptionFeatures(cfg.inception_weights, device, cfg.batch_size),
-        "dinov2": lambda: DINOv2Features(cfg.dinov2_weights, device, cfg.batch_size),
+        "inception": lambda: InceptionFeatures(cfg.inception_weights, device, cfg.batch_size, cfg.inception_resize),
+        "dinov2": lambda: DINOv2Features(cfg.dinov2_weights, cfg.dinov2_model, device, cfg.batch_size),
     }
     return [builders[n]() for n in names]
 
@@ -157,12 +157,15 @@ class Reference:
     stats: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # network -> kind -> (mu, sigma)
 
     def gaussian(self, network: str, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(mu, sigma) of the reference for a network's `main` or `spatial` features, or None."""
-        if kind in self.stats.get(network, {}):
-            return self.stats[network][kind]
-        feats = self.features.get(network)
-        values = None if feats is None else (feats.main if kind == "main" else feats.spatial)
-        return None if values is None else feature_stats(values)
+        """(mu, sigma) of the reference for a network's `main` or `spatial` features, or None; computed
+        from the features once, then kept."""
+        if kind not in self.stats.get(network, {}):
+            feats = self.features.get(network)
+            values = None if feats is None else (feats.main if kind == "main" else feats.spatial)
+            if values is None:
+                return None
+            self.stats.setdefault(network, {})[kind] = feature_stats(values)
+        return self.stats[network][kind]
 
 
 def stat_keys(network: str, kind: str) -> tuple[str, str]:
@@ -203,8 +206,12 @@ def fmnist_reference(root: str | Path, net: FMNISTFeatures) -> Reference:
     key = hashlib.sha256(read_record(WEIGHTS)["sha256"].encode() + data.images.numpy().tobytes()).hexdigest()[:16]
     path = cache_dir() / f"fmnist_test_{key}.npz"
     if path.is_file():
-        with np.load(path) as f:
-            return Reference(f"Fashion-MNIST test split ({len(data)} images, cached)", {"fmnist": Features(torch.from_numpy(f["features"]))})
+        try:
+            with np.load(path) as f:
+                cached = torch.from_numpy(f["features"])
+            return Reference(f"Fashion-MNIST test split ({len(data)} images, cached)", {"fmnist": Features(cached)})
+        except (OSError, ValueError, KeyError):
+            pass  # an unreadable cache is rebuilt below
     feats = net(data.images)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -68,11 +68,15 @@ def stage_at(stages: list[StageConfig], step: int) -> tuple[int, int]:
 
 
 def stage_lr(stage: StageConfig, step_in_stage: int) -> float:
-    """Linear warm-up from warmup_start * lr to lr over warmup_steps, then constant."""
-    if step_in_stage >= stage.warmup_steps:
+    """Linear warm-up from warmup_start * lr to lr over warmup_steps, then constant or a cosine decay that
+    reaches 0 after the stage's last step."""
+    if step_in_stage < stage.warmup_steps:
+        frac = step_in_stage / stage.warmup_steps
+        return stage.lr * (stage.warmup_start + (1 - stage.warmup_start) * frac)
+    if stage.decay == "constant":
         return stage.lr
-    frac = step_in_stage / stage.warmup_steps
-    return stage.lr * (stage.warmup_start + (1 - stage.warmup_start) * frac)
+    frac = (step_in_stage - stage.warmup_steps) / (stage.steps - stage.warmup_steps)
+    return stage.lr * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 def total_steps(cfg: RunConfig) -> int:

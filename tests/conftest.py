@@ -49,3 +49,17 @@ def tiny_inputs(model: SiT, batch: int = 3, seed: int = 1):
     t = torch.rand(batch, generator=g).to(dtype)
     y = torch.randint(0, cfg.num_classes + 1, (batch,), generator=g)
     return x, t, y
+
+
+def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter and BatchNorm statistic random (but activations kept of order one), in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_var"):
+                tensor.uniform_(0.5, 1.5)
+            elif name.endswith(("running_mean", "bias", "gamma", "token", "pos_embed")):
+                tensor.normal_(0, 0.1)
+            elif name.endswith("bn.weight"):
+                tensor.uniform_(0.5, 1.5)
+    return model.eval()

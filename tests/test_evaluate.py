@@ -114,7 +114,7 @@ def test_evaluate_checkpoint_then_its_samples_agree(fmnist_dir, tmp_path, monkey
     monkeypatch.setenv("SPRINTDIT_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}", *TINY]) == 0
-    args = ["evaluate", "--checkpoint", str(run), "--num-samples", "12", "--guidance", "cfg", "--no-progress", "--save-samples"]
+    args = ["evaluate", "--checkpoint", str(run), "--num-samples", "12", "--guidance", "cfg", "--scale", "3", "--no-progress", "--save-samples"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "fmnist" in out and "class_agreement" in out
@@ -164,3 +164,44 @@ def test_wrong_image_shape_for_the_classifier_is_refused_early(tmp_path, capsys)
     np.savez(tmp_path / "rgb.npz", random_images(4, 0, channels=3))
     assert main(["evaluate", "--samples", str(tmp_path / "rgb.npz"), "--features", "fmnist"]) == 2
     assert "scores 1x32x32 images" in capsys.readouterr().err
+
+
+def test_evaluate_rgb_batches_with_inception_and_dinov2(tmp_path, monkeypatch, capsys):
+    from conftest import randomised
+
+    from sprintdit.metrics import dinov2, inception
+
+    monkeypatch.setitem(dinov2.PRESETS, "ViT-tiny/14", dinov2.ViTConfig(dim=32, depth=1, heads=2, pretrain_grid=4))
+    torch.save(randomised(inception.InceptionV3FID()).state_dict(), tmp_path / "inception.pth")
+    torch.save(randomised(dinov2.DINOv2ViT(dinov2.PRESETS["ViT-tiny/14"])).state_dict(), tmp_path / "dinov2.pth")
+    samples, other = random_images(6, 0, channels=3, size=16), random_images(6, 1, channels=3, size=16)
+    np.savez(tmp_path / "samples.npz", samples)
+    np.savez(tmp_path / "same.npz", samples)
+    np.savez(tmp_path / "other.npz", np.concatenate([other, 255 - other]))
+    weights = ["--inception-weights", str(tmp_path / "inception.pth"), "--dinov2-weights", str(tmp_path / "dinov2.pth"), "--dinov2-model", "ViT-tiny/14"]
+    results = {}
+    for ref in ("same", "other"):
+        assert main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / f"{ref}.npz"), *weights]) == 0
+        results[ref] = json.loads((tmp_path / "samples.eval.json").read_text())["metrics"]
+    assert set(results["same"]["inception"]) == {"fid", "sfid", "precision", "recall", "is"} and set(results["same"]["dinov2"]) == {"fdd"}
+    for net, frechet in (("inception", "fid"), ("inception", "sfid"), ("dinov2", "fdd")):
+        assert abs(results["same"][net][frechet]) < 1e-6 * results["other"][net][frechet]  # a set against itself: 0
+    assert results["same"]["inception"]["precision"] == 1.0 and results["same"]["inception"]["is"] >= 1.0
+    # without weights: one line naming the option
+    capsys.readouterr()
+    assert main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "same.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "--inception-weights" in err and err.count("\n") == 1
+
+
+def test_demo_scores_both_guidances(fmnist_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPRINTDIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--no-progress", "--per-class", "2", f"data.root={fmnist_dir}", *TINY, "eval.num_samples=20"]) == 0
+    printed = capsys.readouterr().out
+    assert "class_agreement" in printed and "PDG scale" in printed and "CFG scale" in printed
+    results = json.loads((out / "demo.json").read_text())
+    for guidance in ("pdg", "cfg"):
+        assert results[guidance]["num_samples"] == 20 and 0 <= results[guidance]["metrics"]["fmnist"]["class_agreement"] <= 1
+        assert (out / f"demo_{guidance}.png").is_file()
+    assert main(["demo", "--out", str(tmp_path / "d2"), f"data.root={fmnist_dir}", *TINY, "eval.num_samples=10"]) == 2  # fewer than 10 x 10

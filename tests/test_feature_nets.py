@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import randomised
 from safetensors.torch import save_file
 
 from sprintdit.errors import UserError
@@ -37,20 +38,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter and BatchNorm statistic random (but activations kept of order one), in eval mode."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_var"):
-                tensor.uniform_(0.5, 1.5)
-            elif name.endswith(("running_mean", "bias", "gamma", "token", "pos_embed")):
-                tensor.normal_(0, 0.1)
-            elif name.endswith("bn.weight"):
-                tensor.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def images(n: int, channels: int = 3, size: tuple[int, int] = (32, 40), seed: int = 1) -> torch.Tensor:

@@ -1,6 +1,8 @@
+import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -111,6 +113,11 @@ def test_stage_schedule():
     cfg = load_config(None, ["stages=[{name: a, steps: 10, lr: 0.1, warmup_steps: 4, warmup_start: 0.0}, {name: b, steps: 5, lr: 0.2}]"])
     assert stage_at(cfg.stages, 0) == (0, 0) and stage_at(cfg.stages, 9) == (0, 0) and stage_at(cfg.stages, 10) == (1, 10)
     assert [stage_lr(cfg.stages[0], i) for i in (0, 2, 4, 9)] == [0.0, 0.05, 0.1, 0.1]
+    cosine = replace(cfg.stages[0], decay="cosine")  # 6 steps after warm-up: lr (1 + cos(pi k / 6)) / 2
+    assert [stage_lr(cosine, i) for i in (2, 4, 7)] == [0.05, 0.1, pytest.approx(0.05)]
+    assert stage_lr(cosine, 9) == pytest.approx(0.1 * (1 + math.cos(math.pi * 5 / 6)) / 2) and stage_lr(cosine, 9) > 0
+    with pytest.raises(UserError, match="decay"):
+        load_config(None, ["stages.0.decay=linear"])
 
 
 def test_other_config_on_existing_run_is_refused(fmnist_dir, tmp_path):

@@ -54,7 +54,8 @@ class ModelConfig:
     qk_norm: bool = True  # per-head RMSNorm on q and k
     learn_sigma: bool = False  # doubles the output channels (DiT); flow matching uses the first half
     norm_eps: float = 1e-6
-    init_std: float = 0.02  # normal init of the timestep MLP and label table
+    init_std: float = 0.02  # normal init of the timestep MLP
+    label_init_std: float = 0.02  # normal init of the label table (larger: class conditioning is learned sooner)
     time_scale: float = 1.0  # t is multiplied by this before the sinusoidal embedding (SiT: 1; DiT-style: 1000)
     encoder_depth: int = 2  # dense shallow blocks; middle depth = depth - encoder_depth - decoder_depth
     decoder_depth: int = 2
@@ -319,7 +320,7 @@ class SiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.config.init_std)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.config.label_init_std)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=self.config.init_std)
         for block in self.blocks:
