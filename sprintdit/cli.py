@@ -212,6 +212,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from .bench import BenchConfig, format_report, run_bench
+    from .train import pick_device
+
+    try:
+        ratios = [float(r) for r in args.mask_ratios.split(",")]
+    except ValueError:
+        raise UserError(f"--mask-ratios must be numbers like 0,0.5,0.75, got {args.mask_ratios!r}") from None
+    given = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None and k != "mask_ratios"}
+    cfg = BenchConfig(**given, mask_ratios=ratios)
+    report = run_bench(cfg, pick_device(args.device))
+    print(format_report(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sprintdit", description="Token-sparse diffusion transformers (SPRINT): train, sample, evaluate, demo.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +287,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="training-step and sampling speed per mask ratio: ms, img/s, model FLOPs, TFLOP/s, MFU, memory")
+    p.add_argument("--preset", default="SiT-XL/2", help="model preset (default SiT-XL/2)")
+    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--latent-factor", type=int, help="model input = resolution / factor (default 8, SD-VAE; 1: pixel space)")
+    p.add_argument("--channels", type=int, help="model input channels (default 4)")
+    p.add_argument("--num-classes", type=int, help="classes (default 1000)")
+    p.add_argument("--batch", type=int, default=64, help="samples per training step and per guided half (default 64)")
+    p.add_argument("--mask-ratios", default="0,0.5,0.75,0.875", help="comma-separated token-drop ratios of the middle blocks")
+    p.add_argument("--precision", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (static shapes)")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute block activations in backward")
+    p.add_argument("--sample-steps", type=int, help="steps of the timed PDG sampler run (default 25)")
+    p.add_argument("--warmup", type=int, help="untimed repeats first (default 5)")
+    p.add_argument("--repeats", type=int, help="timed repeats; the median is reported (default 20)")
+    p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: measured with a dense matmul)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out", help="write the report as JSON here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="train SPRINT on Fashion-MNIST in both stages, then sample and score with PDG and CFG")
     p.add_argument("--config", default=DEMO_CONFIG, help=f"demo config (default {DEMO_CONFIG})")

@@ -1,0 +1,198 @@
+"""`sprintdit bench`: training-step and sampling speed of a preset, per mask ratio, with model FLOPs and MFU.
+
+Times are medians over `repeats` after `warmup` untimed repeats: CUDA events on a GPU, wall clock (after a
+synchronize) elsewhere. FLOPs are analytic (`sprintdit.flops`); MFU divides achieved FLOP/s by a peak that
+is measured here as the best dense matmul rate of the device in the benchmark's precision, unless given.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from .errors import UserError
+from .flops import forward_flops
+from .masking import check_mask_ratio, make_mask
+from .models import SiT
+from .models.sit import ModelConfig
+from .objective import FlowMatching, ObjectiveConfig
+from .sampling import SampleConfig, euler, guided_velocity
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PEAK_MATMUL_SIZE = 4096  # square matmul used to measure the device's peak (CPU: PEAK_MATMUL_SIZE_CPU)
+PEAK_MATMUL_SIZE_CPU = 1024
+PEAK_REPEATS = 10
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "SiT-XL/2"
+    resolution: int = 256  # image side in pixels
+    latent_factor: int = 8  # the model sees resolution / latent_factor (SD-VAE: 8); 1 for pixel space
+    channels: int = 4  # model input channels (SD-VAE latents: 4)
+    num_classes: int = 1000
+    batch: int = 64
+    mask_ratios: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75, 0.875])
+    encoder_depth: int = 2
+    decoder_depth: int = 2
+    precision: str = "auto"  # autocast dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool = False
+    grad_checkpointing: bool = False
+    sample_steps: int = 25  # steps of the full sampler run
+    warmup: int = 5
+    repeats: int = 20
+    peak_tflops: float | None = None  # measured when not given
+    device: str = "auto"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            sync(device)
+            tic = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best observed rate of one square matmul (2 n^3 FLOPs) in `dtype`."""
+    n = PEAK_MATMUL_SIZE if device.type == "cuda" else PEAK_MATMUL_SIZE_CPU
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, device, warmup=2, repeats=PEAK_REPEATS)
+    return 2 * n**3 / seconds / 1e12
+
+
+def build_model(cfg: BenchConfig, device: torch.device) -> SiT:
+    side = cfg.resolution // cfg.latent_factor
+    if side * cfg.latent_factor != cfg.resolution:
+        raise UserError(f"--resolution {cfg.resolution} is not a multiple of the latent factor {cfg.latent_factor}")
+    mc = ModelConfig(preset=cfg.preset, input_size=[side, side], in_channels=cfg.channels, num_classes=cfg.num_classes,
+                     encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth)
+    model = SiT(mc).to(device)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    return model
+
+
+def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
+    """{"config", "device", "peak_tflops", "train": [per mask ratio], "sample": {...}}."""
+    if cfg.precision == "auto":
+        cfg = replace(cfg, precision="bf16" if device.type == "cuda" else "fp32")
+    if cfg.precision not in DTYPES:
+        raise UserError(f"--precision {cfg.precision!r}: choose auto or one of {', '.join(DTYPES)}")
+    if cfg.batch < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.sample_steps < 1:
+        raise UserError("--batch, --repeats and --sample-steps must be >= 1, --warmup >= 0")
+    model = build_model(cfg, device)
+    mc = model.config
+    for ratio in cfg.mask_ratios:
+        check_mask_ratio(ratio, "structured", mc.grid)
+    dtype = DTYPES[cfg.precision]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    peak = cfg.peak_tflops or measure_peak_tflops(device, dtype)
+    objective = FlowMatching(ObjectiveConfig(), null_class=mc.num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    forward = torch.compile(model, dynamic=False) if cfg.compile else model
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.batch, mc.in_channels, *mc.input_size, generator=g).to(device)
+    y = torch.randint(0, mc.num_classes, (cfg.batch,), generator=g).to(device)
+    train = []
+    for ratio in cfg.mask_ratios:
+        mask = make_mask(cfg.batch, mc.grid, ratio, "structured", g)
+        mask = None if mask is None else mask.to(device)
+
+        def step():
+            with autocast:
+                loss = objective.loss(forward, x, y, g, mask=mask)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = median_seconds(step, device, cfg.warmup, cfg.repeats)
+        flops = 3 * forward_flops(mc, cfg.batch, ratio)
+        train.append({
+            "mask_ratio": ratio, "step_ms": seconds * 1e3, "images_per_s": cfg.batch / seconds, "flops_per_step": flops,
+            "tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        })
+    dense = next((r for r in train if r["mask_ratio"] == 0.0), None)
+    for r in train:
+        r["speedup_vs_dense"] = dense["step_ms"] / r["step_ms"] if dense else None
+    return {"config": asdict(cfg), "device": device_name(device), "torch": torch.__version__, "peak_tflops": peak,
+            "train": train, "sample": bench_sampling(model, cfg, device, autocast)}
+
+
+@torch.no_grad()
+def bench_sampling(model: SiT, cfg: BenchConfig, device: torch.device, autocast) -> dict:
+    """Per-step time of one guided step (2B samples) with CFG and PDG, and images/s of a whole PDG run."""
+    model.eval()
+    mc = model.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(cfg.batch, mc.in_channels, *mc.input_size, generator=g).to(device)
+    y = torch.randint(0, mc.num_classes, (cfg.batch,), generator=g).to(device)
+    out = {}
+    for guidance in ("cfg", "pdg"):
+        v = guided_velocity(model, y, SampleConfig(guidance=guidance), mc.in_channels)
+
+        def guided_step():
+            with autocast:
+                v(x, 0.5)
+
+        seconds = median_seconds(guided_step, device, cfg.warmup, cfg.repeats)
+        rows = cfg.batch if guidance == "pdg" else None
+        flops = forward_flops(mc, 2 * cfg.batch, middle_rows=rows)
+        out[guidance] = {"step_ms": seconds * 1e3, "flops_per_step": flops}
+
+    v = guided_velocity(model, y, SampleConfig(guidance="pdg"), mc.in_channels)
+
+    def full_run():
+        with autocast:
+            euler(v, x, cfg.sample_steps)
+
+    seconds = median_seconds(full_run, device, warmup=1, repeats=max(1, cfg.repeats // 5))
+    out["pdg_speedup_vs_cfg"] = out["cfg"]["step_ms"] / out["pdg"]["step_ms"]
+    out["pdg_images_per_s"] = cfg.batch / seconds
+    out["pdg_sample_steps"] = cfg.sample_steps
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def format_report(report: dict) -> str:
+    c = report["config"]
+    lines = [f"{c['preset']} at {c['resolution']}px (model input {c['resolution'] // c['latent_factor']}), batch {c['batch']}, "
+             f"{c['precision']}{', compiled' if c['compile'] else ''} on {report['device']}, torch {report['torch']}; "
+             f"peak {report['peak_tflops']:.3g} TFLOP/s"]
+    lines.append(f"{'mask':>6}{'step ms':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'vs dense':>10}{'mem GiB':>9}")
+    for r in report["train"]:
+        speed = f"{r['speedup_vs_dense']:.2f}x" if r["speedup_vs_dense"] else "-"
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        lines.append(f"{r['mask_ratio']:>6g}{r['step_ms']:>10.1f}{r['images_per_s']:>10.1f}{r['tflops']:>10.2f}{r['mfu']:>8.1%}{speed:>10}{mem:>9}")
+    s = report["sample"]
+    lines.append(f"guided step (2 x {c['batch']}): CFG {s['cfg']['step_ms']:.1f} ms, PDG {s['pdg']['step_ms']:.1f} ms "
+                 f"({s['pdg_speedup_vs_cfg']:.2f}x); PDG sampler, {s['pdg_sample_steps']} steps: {s['pdg_images_per_s']:.1f} img/s")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from sprintdit.bench import BenchConfig, run_bench
+from sprintdit.cli import main
+from sprintdit.flops import forward_flops
+from sprintdit.models import SiT
+from sprintdit.models.sit import ModelConfig
+
+SMALL = ["--preset", "SiT-Nano/4", "--resolution", "32", "--latent-factor", "1", "--channels", "1", "--num-classes", "10",
+         "--batch", "4", "--warmup", "0", "--repeats", "2", "--sample-steps", "2", "--peak-tflops", "1.0"]
+
+
+def test_bench_reports_every_ratio_with_analytic_flops(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *SMALL, "--mask-ratios", "0,0.75", "--out", str(out)]) == 0
+    assert "PDG" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    model_cfg = SiT(ModelConfig(preset="SiT-Nano/4", input_size=[32, 32], in_channels=1, num_classes=10)).config
+    assert [r["mask_ratio"] for r in report["train"]] == [0.0, 0.75]
+    for r in report["train"]:
+        assert r["flops_per_step"] == 3 * forward_flops(model_cfg, 4, r["mask_ratio"])
+        assert r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(4 / (r["step_ms"] / 1e3))
+        assert r["mfu"] == pytest.approx(r["tflops"] / 1.0) and r["peak_memory_gib"] is None
+    assert report["train"][0]["speedup_vs_dense"] == 1.0
+    sample = report["sample"]
+    assert sample["pdg"]["flops_per_step"] == forward_flops(model_cfg, 8, middle_rows=4)
+    assert sample["pdg_speedup_vs_cfg"] == pytest.approx(sample["cfg"]["step_ms"] / sample["pdg"]["step_ms"])
+    assert report["config"]["precision"] == "fp32"  # auto on CPU
+
+
+def test_bench_measures_a_peak_when_none_is_given():
+    cfg = BenchConfig(preset="SiT-Nano/8", resolution=16, latent_factor=1, channels=1, num_classes=2, batch=2,
+                      mask_ratios=[0.0], warmup=0, repeats=1, sample_steps=1)
+    report = run_bench(cfg, __import__("torch").device("cpu"))
+    assert report["peak_tflops"] > 0 and 0 < report["train"][0]["mfu"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mask-ratios", "0,0.3"], "not achievable"),
+    (["--mask-ratios", "a"], "--mask-ratios"),
+    (["--resolution", "30"], "multiple of"),
+    (["--precision", "fp8"], "--precision"),
+])
+def test_bench_bad_input_is_one_line(argv, message, capsys):
+    args = SMALL.copy()
+    if "--resolution" in argv:
+        args[args.index("--resolution") + 1] = argv[1]
+        args[args.index("--latent-factor") + 1] = "4"
+        argv = []
+    assert main(["bench", *args, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
