@@ -120,15 +120,32 @@ def cmd_evaluate(args) -> int:
     import torch
 
     from .config import DataConfig, EvalConfig
-    from .evaluate import Evaluator, batch_images, eval_labels_and_seeds, format_table, read_npz, to_uint8_nchw
+    from .evaluate import (
+        Evaluator,
+        batch_images,
+        build_networks,
+        choose_networks,
+        eval_labels_and_seeds,
+        format_table,
+        read_npz,
+        to_uint8_nchw,
+        write_reference,
+    )
     from .train import pick_device
 
     device = pick_device(args.device)
     if (args.checkpoint is None) == (args.samples is None):
         raise UserError("give either --checkpoint RUN (generate, then score) or --samples SAMPLES.npz (score a batch)")
+    if args.write_ref is not None and args.samples is None:
+        raise UserError("--write-ref turns a batch of real images into a reference: give it with --samples REAL.npz")
     if args.samples is not None:
         cfg = eval_config(args, EvalConfig())
         images, labels = batch_images(read_npz(args.samples), args.samples)
+        if args.write_ref is not None:
+            names = choose_networks(cfg, tuple(images.shape[1:]))
+            written = write_reference(images, build_networks(names, cfg, device), args.write_ref)
+            print(f"reference batch of {len(images)} images with {', '.join(names)} statistics: {written}")
+            return 0
         data_root, out = args.data_root or DataConfig().root, Path(args.samples).with_suffix(".eval.json")
         setting = {"samples": str(args.samples)}
     else:
@@ -276,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dinov2-model", help="DINOv2 size of --dinov2-weights: ViT-S/14 | ViT-B/14 | ViT-L/14 (default) | ViT-g/14")
     p.add_argument("--data-root", help="Fashion-MNIST folder for the default reference (default: the run's data.root)")
     p.add_argument("--eval-batch-size", type=int, help="images per feature-network forward")
+    p.add_argument("--write-ref", help="with --samples REAL.npz: write a reference batch (the images and each network's statistics) here")
     p.add_argument("--save-samples", action="store_true", help="also write the generated batch as an ADM-layout npz")
     p.add_argument("--sampler", choices=("euler", "heun", "sde"), help="default: the run's sample.sampler")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")

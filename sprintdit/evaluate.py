@@ -193,6 +193,23 @@ def load_reference(path: str | Path, networks: list[FeatureNet]) -> Reference:
     return ref
 
 
+def write_reference(images: torch.Tensor, networks: list[FeatureNet], path: str | Path) -> Path:
+    """An ADM-style reference batch: images (N, C, H, W) uint8 under arr_0 and every network's statistics."""
+    arrays = {"arr_0": images.permute(0, 2, 3, 1).numpy()}
+    for net in networks:
+        feats = net(images)
+        for kind, values in (("main", feats.main), ("spatial", feats.spatial)):
+            if values is not None:
+                arrays.update(zip(stat_keys(net.name, kind), feature_stats(values)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sprintdit")
 

@@ -205,3 +205,21 @@ def test_demo_scores_both_guidances(fmnist_dir, tmp_path, monkeypatch, capsys):
         assert results[guidance]["num_samples"] == 20 and 0 <= results[guidance]["metrics"]["fmnist"]["class_agreement"] <= 1
         assert (out / f"demo_{guidance}.png").is_file()
     assert main(["demo", "--out", str(tmp_path / "d2"), f"data.root={fmnist_dir}", *TINY, "eval.num_samples=10"]) == 2  # fewer than 10 x 10
+
+
+def test_written_reference_scores_like_its_images(fmnist_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPRINTDIT_CACHE", str(tmp_path / "cache"))
+    from sprintdit.data import FashionMNIST
+
+    real = FashionMNIST(fmnist_dir, split="train").images  # (40, 1, 32, 32) uint8
+    np.savez(tmp_path / "real.npz", real[:30].permute(0, 2, 3, 1).numpy())
+    np.savez(tmp_path / "fake.npz", real[30:].permute(0, 2, 3, 1).numpy(), np.arange(10))
+    assert main(["evaluate", "--samples", str(tmp_path / "real.npz"), "--write-ref", str(tmp_path / "ref.npz")]) == 0
+    ref = read_npz(tmp_path / "ref.npz")
+    assert set(ref) == {"arr_0", "fmnist_mu", "fmnist_sigma"} and ref["fmnist_sigma"].shape == (256, 256)
+    scores = {}
+    for name in ("real", "ref"):
+        assert main(["evaluate", "--samples", str(tmp_path / "fake.npz"), "--ref", str(tmp_path / f"{name}.npz")]) == 0
+        scores[name] = json.loads((tmp_path / "fake.eval.json").read_text())["metrics"]["fmnist"]
+    assert scores["ref"] == pytest.approx(scores["real"], rel=1e-6)
+    assert main(["evaluate", "--checkpoint", "x", "--write-ref", "y.npz"]) == 2
