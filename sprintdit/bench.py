@@ -18,7 +18,7 @@ from .masking import check_mask_ratio, make_mask
 from .models import SiT
 from .models.sit import ModelConfig
 from .objective import FlowMatching, ObjectiveConfig
-from .sampling import SampleConfig, euler, guided_velocity
+from .sampling import SampleConfig, euler, guided_output
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK_MATMUL_SIZE = 4096  # square matmul used to measure the device's peak (CPU: PEAK_MATMUL_SIZE_CPU)
@@ -152,7 +152,7 @@ def bench_sampling(model: SiT, cfg: BenchConfig, device: torch.device, autocast)
     y = torch.randint(0, mc.num_classes, (cfg.batch,), generator=g).to(device)
     out = {}
     for guidance in ("cfg", "pdg"):
-        v = guided_velocity(model, y, SampleConfig(guidance=guidance), mc.in_channels)
+        v = guided_output(model, y, SampleConfig(guidance=guidance), mc.in_channels)
 
         def guided_step():
             with autocast:
@@ -163,7 +163,7 @@ def bench_sampling(model: SiT, cfg: BenchConfig, device: torch.device, autocast)
         flops = forward_flops(mc, 2 * cfg.batch, middle_rows=rows)
         out[guidance] = {"step_ms": seconds * 1e3, "flops_per_step": flops}
 
-    v = guided_velocity(model, y, SampleConfig(guidance="pdg"), mc.in_channels)
+    v = guided_output(model, y, SampleConfig(guidance="pdg"), mc.in_channels)
 
     def full_run():
         with autocast:

@@ -60,6 +60,26 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict
     return final
 
 
+def save_weights_folder(folder: Path, state: dict, config_yaml: str) -> Path:
+    """A checkpoint folder without training state (e.g. a sparsified or imported model): config.yaml and the
+    weights as both model.safetensors and ema.safetensors. Written atomically; `sample`, `evaluate` and
+    `train.init_from` accept it."""
+    folder = Path(folder)
+    if folder.exists():
+        raise UserError(f"{folder} already exists; choose a new --out")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp_{folder.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    meta = {"config": config_yaml, "step": "0", "format": "sprintdit"}
+    for name in FILES[:2]:
+        _fsync_write(tmp / name, lambda p: save_file(tensors, str(p), metadata=meta))
+    _fsync_write(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
+    os.rename(tmp, folder)
+    return folder
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoint folders of a run, oldest step first (chosen by step number, not by date or size)."""
     root = Path(run_dir) / "checkpoints"
@@ -112,11 +132,11 @@ def resolve_weights(target: str | Path, use_ema: bool = True) -> Path:
 
 def load_model(target: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
     """(model in eval mode, run config) rebuilt from a checkpoint alone."""
-    from .models import SiT
+    from .models import build_model
 
     path = resolve_weights(target, use_ema)
     state, cfg = load_weights(path)
-    model = SiT(cfg.model)
+    model = build_model(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{path} does not match its own config: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import UserError
@@ -70,7 +71,7 @@ def sample_config(args, base):
 def cmd_sample(args) -> int:
     from .checkpoint import load_model
     from .images import save_grid, save_npz
-    from .objective import FlowMatching
+    from .objective import build_objective
     from .sampling import generate
     from .train import pick_device
 
@@ -85,7 +86,7 @@ def cmd_sample(args) -> int:
         raise UserError(f"--per-label must be >= 1, got {args.per_label}")
     labels = [y for y in labels for _ in range(args.per_label)]
     seeds = parse_ints(args.seeds, "--seeds") if args.seeds else list(range(args.seed_start, args.seed_start + len(labels)))
-    objective = FlowMatching(cfg.objective, null_class=cfg.model.num_classes)
+    objective = build_objective(cfg.objective, cfg.model.num_classes, cfg.model.learn_sigma)
     tic = time.perf_counter()
     images = generate(model, objective, labels, seeds, scfg, device, progress=not args.no_progress)
     seconds = time.perf_counter() - tic
@@ -150,13 +151,13 @@ def cmd_evaluate(args) -> int:
         setting = {"samples": str(args.samples)}
     else:
         from .checkpoint import load_model, resolve_weights
-        from .objective import FlowMatching
+        from .objective import build_objective
         from .sampling import generate
 
         model, run = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
         cfg, scfg = eval_config(args, run.eval), sample_config(args, run.sample)
         labels_list, seeds = eval_labels_and_seeds(cfg, run.model.num_classes)
-        objective = FlowMatching(run.objective, null_class=run.model.num_classes)
+        objective = build_objective(run.objective, run.model.num_classes, run.model.learn_sigma)
         samples = generate(model, objective, labels_list, seeds, scfg, device, progress=not args.no_progress)
         images, labels = to_uint8_nchw(samples), torch.tensor(labels_list)
         folder = resolve_weights(args.checkpoint, not args.no_ema).parent
@@ -250,6 +251,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_sparsify(args) -> int:
+    from .checkpoint import load_weights, resolve_weights, save_weights_folder
+    from .config import to_yaml
+    from .density import SparseConfig
+    from .flops import forward_flops, mean_forward_flops
+    from .models import SparseDiT, resolve_model_config
+    from .models.sparsedit import sparsify_state_dict
+
+    path = resolve_weights(args.checkpoint, use_ema=not args.no_ema)
+    state, run = load_weights(path)
+    dense = run.model
+    if dense.arch != "sit" or dense.fusion != "none":
+        raise UserError(f"{path} is not a dense DiT/SiT (arch {dense.arch}, fusion {dense.fusion}); SparseDiT starts from a dense model")
+    layout = {k: getattr(args, k) for k in ("pool_depth", "modules", "sparse_depth", "dense_depth") if getattr(args, k) is not None}
+    sparse_cfg = resolve_model_config(replace(dense, arch="sparsedit", sparse=SparseConfig(grid=args.sparse_grid, **layout)))
+    sparse_state = sparsify_state_dict(state, sparse_cfg)
+    SparseDiT(sparse_cfg).load_state_dict(sparse_state)  # the mapping covers the whole network
+    sample = replace(run.sample, guidance="cfg") if run.sample.guidance == "pdg" else run.sample
+    out = save_weights_folder(Path(args.out), sparse_state, to_yaml(replace(run, model=sparse_cfg, sample=sample)))
+    ratio = mean_forward_flops(sparse_cfg, 1) / forward_flops(dense, 1)
+    print(f"SparseDiT from {path}: grid {sparse_cfg.sparse.grid} on {dense.grid[0]}x{dense.grid[1]} tokens, "
+          f"forward FLOPs {ratio:.1%} of dense (average over t); wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sprintdit", description="Token-sparse diffusion transformers (SPRINT): train, sample, evaluate, demo.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -324,6 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", help="write the report as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("sparsify", help="build a SparseDiT from a dense DiT/SiT checkpoint (fine-tune it with train.init_from)")
+    p.add_argument("--checkpoint", required=True, help="dense run folder, checkpoint folder or .safetensors file (fusion none)")
+    p.add_argument("--out", required=True, help="new checkpoint folder (config.yaml, model/ema.safetensors)")
+    p.add_argument("--sparse-grid", default="6:10", help="sparse grid schedule: constant 8, min:max (6:10, densest for the last quarter) or knots 1=6,0.5=8,0.2=10")
+    p.add_argument("--pool-depth", type=int, help="Poolingformer blocks at the bottom (default 2)")
+    p.add_argument("--modules", type=int, help="sparse-dense token modules (default 4)")
+    p.add_argument("--sparse-depth", type=int, help="sparse blocks per module after its merge block (default 3)")
+    p.add_argument("--dense-depth", type=int, help="dense blocks per module after its recover block (default 1)")
+    p.add_argument("--no-ema", action="store_true", help="start from the raw weights instead of the EMA")
+    p.set_defaults(func=cmd_sparsify)
 
     p = sub.add_parser("demo", help="train SPRINT on Fashion-MNIST in both stages, then sample and score with PDG and CFG")
     p.add_argument("--config", default=DEMO_CONFIG, help=f"demo config (default {DEMO_CONFIG})")

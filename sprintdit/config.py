@@ -79,6 +79,7 @@ class TrainConfig:
     grid_rows: int = 10  # sample grid: one row per class (spread over the classes if there are more)
     grid_columns: int = 10  # samples per row (seeds 0, 1, ...)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    init_from: Optional[str] = None  # start from these weights (run/checkpoint folder or .safetensors, e.g. from `sprintdit sparsify`); model and objective come from them
 
 
 @dataclass

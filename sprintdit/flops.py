@@ -1,4 +1,4 @@
-"""Analytic model FLOPs of the SiT/SPRINT network: matrix multiplies and attention, counted as 2 FLOPs per
+"""Analytic model FLOPs of the SiT/SPRINT and SparseDiT networks: matrix multiplies and attention, counted as 2 FLOPs per
 multiply-add (the convention of torch's FlopCounterMode and of MFU figures). Norms, activations, RoPE and
 gathers are left out; they are a few percent at most and do not run on the tensor cores.
 
@@ -7,6 +7,7 @@ A training step costs 3x its forward (the backward computes two products per for
 from __future__ import annotations
 
 from .config import RunConfig
+from .density import parse_schedule, side_at
 from .masking import num_kept_random
 from .models.sit import TIMESTEP_FREQ_DIM, ModelConfig, mlp_hidden
 
@@ -15,37 +16,79 @@ def linear(rows: int, fan_in: int, fan_out: int) -> int:
     return 2 * rows * fan_in * fan_out
 
 
-def block_flops(cfg: ModelConfig, batch: int, tokens: int) -> int:
-    """One adaLN-Zero block on (batch, tokens, D)."""
+def mlp_flops(cfg: ModelConfig, rows: int) -> int:
+    d, hidden = cfg.hidden_size, mlp_hidden(cfg)
+    return linear(rows, d, hidden) * (2 if cfg.mlp == "swiglu" else 1) + linear(rows, hidden, d)
+
+
+def block_flops(cfg: ModelConfig, batch: int, tokens: int, context: int | None = None) -> int:
+    """One adaLN-Zero block on (batch, tokens, D); with `context` tokens, cross-attention to them."""
     d, rows = cfg.hidden_size, batch * tokens
-    hidden = mlp_hidden(cfg)
-    mlp = linear(rows, d, hidden) * (2 if cfg.mlp == "swiglu" else 1) + linear(rows, hidden, d)
-    attention = 2 * (2 * batch * tokens * tokens * d)  # QK^T and AV
-    return linear(batch, d, 6 * d) + linear(rows, d, 3 * d) + attention + linear(rows, d, d) + mlp
+    keys = tokens if context is None else context
+    attention = 2 * (2 * batch * tokens * keys * d)  # QK^T and AV
+    qkv = linear(rows, d, d) + linear(batch * keys, d, 2 * d)
+    return linear(batch, d, 6 * d) + qkv + attention + linear(rows, d, d) + mlp_flops(cfg, rows)
 
 
-def forward_flops(cfg: ModelConfig, batch: int, mask_ratio: float = 0.0, middle_rows: int | None = None) -> int:
-    """One forward of `batch` samples; the middle blocks see the kept tokens of `middle_rows` samples
-    (default all: training; fewer: the cheap half of a Path-Drop Guidance step)."""
+def pooling_block_flops(cfg: ModelConfig, batch: int, tokens: int) -> int:
+    """A Poolingformer block: V and the output projection act on one mean token per sample."""
+    d = cfg.hidden_size
+    return linear(batch, d, 6 * d) + 2 * linear(batch, d, d) + mlp_flops(cfg, batch * tokens)
+
+
+def sparsedit_body_flops(cfg: ModelConfig, batch: int, side: int) -> int:
+    """SparseDiT's blocks (and recover fusions) with a side x side sparse grid."""
+    sp, n, d = cfg.sparse, cfg.grid[0] * cfg.grid[1], cfg.hidden_size
+    m = side * side
+    module = (
+        block_flops(cfg, batch, m, context=n)  # merge: sparse queries, dense keys/values
+        + sp.sparse_depth * block_flops(cfg, batch, m)
+        + 2 * linear(batch * n, d, d)  # recover fusion W1, W2
+        + block_flops(cfg, batch, n, context=m)  # recover: dense queries, sparse keys/values
+        + sp.dense_depth * block_flops(cfg, batch, n)
+    )
+    top = cfg.depth - sp.pool_depth - sp.modules * sp.module_depth
+    return sp.pool_depth * pooling_block_flops(cfg, batch, n) + sp.modules * module + top * block_flops(cfg, batch, n)
+
+
+def forward_flops(cfg: ModelConfig, batch: int, mask_ratio: float = 0.0, middle_rows: int | None = None, side: int | None = None) -> int:
+    """One forward of `batch` samples. SiT: the middle blocks see the kept tokens of `middle_rows` samples
+    (default all: training; fewer: the cheap half of a Path-Drop Guidance step). SparseDiT: with a
+    side x side sparse grid."""
     n, d = cfg.grid[0] * cfg.grid[1], cfg.hidden_size
     rows = batch if middle_rows is None else middle_rows
     patch_features = cfg.in_channels * cfg.patch_size**2
     total = linear(batch * n, patch_features, d)  # patch embedding
     total += linear(batch, TIMESTEP_FREQ_DIM, d) + linear(batch, d, d)  # timestep MLP
-    total += (cfg.encoder_depth + cfg.decoder_depth) * block_flops(cfg, batch, n)
-    if rows:
-        total += cfg.middle_depth * block_flops(cfg, rows, num_kept_random(mask_ratio, n))  # = N k / g^2 for structured masks
-    if cfg.fusion == "concat_linear":
-        total += linear(batch * n, 2 * d, d)
+    if cfg.arch == "sparsedit":
+        if side is None:
+            raise ValueError("SparseDiT FLOPs need the sparse grid side")
+        total += sparsedit_body_flops(cfg, batch, side)
+    else:
+        total += (cfg.encoder_depth + cfg.decoder_depth) * block_flops(cfg, batch, n)
+        if rows:
+            total += cfg.middle_depth * block_flops(cfg, rows, num_kept_random(mask_ratio, n))  # = N k / g^2 for structured masks
+        if cfg.fusion == "concat_linear":
+            total += linear(batch * n, 2 * d, d)
     total += linear(batch, d, 2 * d) + linear(batch * n, d, patch_features * (cfg.out_channels // cfg.in_channels))
     return total
 
 
+def mean_forward_flops(cfg: ModelConfig, batch: int, mask_ratio: float = 0.0, levels: int = 1000) -> float:
+    """forward_flops averaged over noise levels uniform in (0, 1): SparseDiT's grid follows t; SiT's does not."""
+    if cfg.arch != "sparsedit":
+        return forward_flops(cfg, batch, mask_ratio)
+    schedule, n = parse_schedule(cfg.sparse.grid), cfg.grid[0] * cfg.grid[1]
+    sides = [side_at(schedule, (i + 0.5) / levels, n) for i in range(levels)]
+    return sum(forward_flops(cfg, batch, side=s) * sides.count(s) for s in set(sides)) / levels
+
+
 def train_step_flops(cfg: RunConfig, stage_index: int) -> int:
-    """Model FLOPs of one optimizer step (forward + backward over every micro-batch) in a stage."""
+    """Model FLOPs of one optimizer step (forward + backward over every micro-batch) in a stage; for SparseDiT,
+    whose grid follows each sample's t, the average over uniform t."""
     stage = cfg.stages[stage_index]
     batch = stage.batch_size or cfg.train.batch_size
-    return 3 * cfg.train.grad_accum * forward_flops(cfg.model, batch, stage.mask_ratio)
+    return round(3 * cfg.train.grad_accum * mean_forward_flops(cfg.model, batch, stage.mask_ratio))
 
 
 def train_flops(cfg: RunConfig, step: int) -> int:

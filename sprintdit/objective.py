@@ -1,7 +1,14 @@
-"""Flow matching, kept apart from the network: paths, timestep sampling, label dropout and the loss.
+"""Training objectives, kept apart from the network: flow matching (SiT/SPRINT) and DDPM (DiT, SparseDiT).
 
-Convention (SiT/REPA): x_t = alpha(t) x0 + sigma(t) eps with t = 0 data and t = 1 noise; the network
-predicts the velocity v = alpha'(t) x0 + sigma'(t) eps.
+Flow matching (SiT/REPA convention): x_t = alpha(t) x0 + sigma(t) eps with t = 0 data and t = 1 noise; the
+network predicts the velocity v = alpha'(t) x0 + sigma'(t) eps.
+
+DDPM (DiT's): T steps of linear betas, x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps, the network predicts
+eps and, with learned sigma, a value in [-1, 1] interpolating the log-variance between the posterior's and
+beta_k (improved DDPM); loss = MSE(eps) + the variational bound with the mean frozen (the "hybrid" loss).
+
+Whatever the objective, the network sees the noise level t = k / T in [0, 1] (1 = noise); a DiT-style
+network multiplies it by model.time_scale = T, so its embedding sees the integer step k exactly.
 """
 from __future__ import annotations
 
@@ -12,19 +19,28 @@ import torch
 
 from .errors import UserError
 
+KINDS = ("flow", "ddpm")
 PATHS = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
 @dataclass
 class ObjectiveConfig:
+    kind: str = "flow"  # flow (flow matching, velocity) | ddpm (epsilon + learned sigma, DiT)
     path: str = "linear"  # linear: x_t = (1-t) x0 + t eps | cosine: cos(pi t/2) x0 + sin(pi t/2) eps
     time_sampling: str = "logit_normal"  # uniform | logit_normal (the SPRINT release's "lognormal")
     logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2))
     logit_std: float = 1.0
     label_dropout: float = 0.1  # probability of training on the null label (enables guidance)
+    num_timesteps: int = 1000  # ddpm: diffusion steps T
+    beta_start: float = 1e-4  # ddpm: linear betas from beta_start to beta_end
+    beta_end: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UserError(f"objective.kind is {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.num_timesteps < 2 or not 0.0 < self.beta_start <= self.beta_end < 1.0:
+            raise UserError("objective: ddpm needs num_timesteps >= 2 and 0 < beta_start <= beta_end < 1")
         if self.path not in PATHS:
             raise UserError(f"objective.path is {self.path!r}; choose one of {', '.join(PATHS)}")
         if self.time_sampling not in TIME_SAMPLINGS:
@@ -84,3 +100,133 @@ class FlowMatching:
         x_t, target = self.interpolate(x0, eps, t)
         pred = model(x_t, t, self.drop_labels(y, generator), **model_kwargs)[:, : x0.shape[1]]
         return (pred.float() - target.float()).pow(2).mean()
+
+
+def linear_betas(cfg: ObjectiveConfig) -> torch.Tensor:
+    return torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_timesteps, dtype=torch.float64)
+
+
+def spaced_steps(num_timesteps: int, steps: int) -> list[int]:
+    """`steps` of the T training steps, evenly spaced and including 0 and T - 1 (DiT's respacing of one section)."""
+    if not 1 <= steps <= num_timesteps:
+        raise UserError(f"DDPM sampling steps must be in [1, {num_timesteps}], got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    stride = (num_timesteps - 1) / (steps - 1)
+    return [round(i * stride) for i in range(steps)]
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, bins: int = 256) -> torch.Tensor:
+    """log P(x) of data in [-1, 1] quantised to `bins` levels under N(mean, e^(2 log_scale)), elementwise;
+    the edge bins extend to +-infinity."""
+    half_bin = 1.0 / (bins - 1)
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = torch.special.ndtr(inv_std * (x - mean + half_bin))
+    cdf_minus = torch.special.ndtr(inv_std * (x - mean - half_bin))
+    tiny = torch.finfo(torch.float32).tiny
+    log_probs = torch.log((cdf_plus - cdf_minus).clamp(min=tiny))
+    log_probs = torch.where(x < -1 + half_bin, torch.log(cdf_plus.clamp(min=tiny)), log_probs)
+    return torch.where(x > 1 - half_bin, torch.log((1 - cdf_minus).clamp(min=tiny)), log_probs)
+
+
+class DiffusionProcess:
+    """Closed-form quantities of a discrete Gaussian diffusion with the given betas (float64, (K,) each).
+
+    `steps` maps each of the K indices to the training step the network is told (k of T): the full process
+    has steps 0..T-1; a respaced one (fewer sampling steps) keeps the cumulative alphas of its steps.
+    """
+
+    def __init__(self, betas: torch.Tensor, steps: list[int], num_timesteps: int):
+        self.steps, self.num_timesteps = steps, num_timesteps
+        self.betas = betas
+        self.abar = torch.cumprod(1 - betas, dim=0)
+        self.abar_prev = torch.cat([torch.ones(1, dtype=betas.dtype), self.abar[:-1]])
+        self.posterior_var = betas * (1 - self.abar_prev) / (1 - self.abar)
+        # log of the posterior variance, its first (zero) entry replaced by the second
+        self.posterior_logvar = torch.log(torch.cat([self.posterior_var[1:2], self.posterior_var[1:]]))
+        self.coef_x0 = betas * self.abar_prev.sqrt() / (1 - self.abar)
+        self.coef_xt = (1 - self.abar_prev) * (1 - betas).sqrt() / (1 - self.abar)
+
+    @classmethod
+    def respaced(cls, full: "DiffusionProcess", steps: list[int]) -> "DiffusionProcess":
+        abar = full.abar[steps]
+        prev = torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
+        return cls(1 - abar / prev, steps, full.num_timesteps)
+
+    def take(self, table: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return _expand(table[index.cpu()].to(like.device), like)
+
+    def noise_level(self, index: torch.Tensor) -> torch.Tensor:
+        """What the network is told: the training step k / T (float64, so k * T / T is exact)."""
+        return torch.tensor(self.steps, dtype=torch.float64)[index.cpu()] / self.num_timesteps
+
+    def q_sample(self, x0: torch.Tensor, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.take(self.abar.sqrt(), index, x0) * x0 + self.take((1 - self.abar).sqrt(), index, x0) * eps
+
+    def x0_from_eps(self, x: torch.Tensor, eps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.take(self.abar.rsqrt(), index, x) * x - self.take((1 / self.abar - 1).sqrt(), index, x) * eps
+
+    def posterior(self, x0: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of q(x_{k-1} | x_k, x0)."""
+        mean = self.take(self.coef_x0, index, x) * x0 + self.take(self.coef_xt, index, x) * x
+        return mean, self.take(self.posterior_logvar, index, x)
+
+    def model_logvar(self, v: torch.Tensor | None, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Learned: interpolate between the posterior's log-variance and log beta by (v + 1) / 2; fixed: the posterior's."""
+        low = self.take(self.posterior_logvar, index, like)
+        if v is None:
+            return low.expand_as(like)
+        frac = (v + 1) / 2
+        return frac * self.take(torch.log(self.betas), index, like) + (1 - frac) * low
+
+
+class DDPM:
+    """DiT's DDPM objective: epsilon prediction, optional learned sigma, hybrid loss."""
+
+    def __init__(self, cfg: ObjectiveConfig, null_class: int, learn_sigma: bool):
+        self.cfg, self.null_class, self.learn_sigma = cfg, null_class, learn_sigma
+        self.process = DiffusionProcess(linear_betas(cfg), list(range(cfg.num_timesteps)), cfg.num_timesteps)
+
+    def drop_labels(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        drop = torch.rand(y.shape[0], generator=generator) < self.cfg.label_dropout
+        return torch.where(drop.to(y.device), torch.full_like(y, self.null_class), y)
+
+    def split(self, out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Network output -> (eps, variance value v or None)."""
+        return out[:, :channels], (out[:, channels : 2 * channels] if self.learn_sigma else None)
+
+    def vb_bits(self, eps: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The variational-bound term per sample, in bits per dimension, with the predicted mean frozen."""
+        p = self.process
+        mean, logvar = p.posterior(p.x0_from_eps(x_t, eps.detach(), index), x_t, index)
+        logvar = p.model_logvar(v, index, x_t)
+        true_mean, true_logvar = p.posterior(x0, x_t, index)
+        kl = normal_kl(true_mean, true_logvar, mean, logvar).flatten(1).mean(1) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
+        return torch.where(index.to(x0.device) == 0, nll, kl)
+
+    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, **model_kwargs) -> torch.Tensor:
+        """MSE on eps (+ the variational bound when sigma is learned). Randomness comes from `generator` (CPU)."""
+        b, channels = x0.shape[0], x0.shape[1]
+        index = torch.randint(0, self.cfg.num_timesteps, (b,), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        x_t = self.process.q_sample(x0, eps, index)
+        t = self.process.noise_level(index).to(x0.device)
+        out = model(x_t, t, self.drop_labels(y, generator), **model_kwargs).float()
+        pred, v = self.split(out, channels)
+        mse = (pred - eps.float()).pow(2).flatten(1).mean(1)
+        if v is None:
+            return mse.mean()
+        return (mse + self.vb_bits(pred, v, x0.float(), x_t.float(), index)).mean()
+
+
+def build_objective(cfg: ObjectiveConfig, null_class: int, learn_sigma: bool):
+    """The objective `cfg.kind` names."""
+    if cfg.kind == "ddpm":
+        return DDPM(cfg, null_class, learn_sigma)
+    return FlowMatching(cfg, null_class)

@@ -1,8 +1,10 @@
-"""Samplers (Euler / Heun ODE, Euler-Maruyama SDE), guidance (CFG, Path-Drop Guidance) and per-sample seeds.
+"""Samplers, guidance (CFG, Path-Drop Guidance) and per-sample seeds.
 
-Samplers integrate a velocity function v(x, t) from t = 1 (noise) to t = 0 (data) and know nothing
-about networks; `guided_velocity` turns a network into such a function. Every sample draws its noise from
-its own generator, seeded by its own seed, so an image depends only on its seed and label.
+Flow matching: Euler / Heun ODE and Euler-Maruyama SDE integrate a velocity function v(x, t) from t = 1
+(noise) to t = 0 (data). DDPM: ancestral sampling and DDIM (eta 0) over `steps` evenly respaced steps.
+Samplers know nothing about networks; `guided_output` turns a network into a function of (x, t). Every
+sample draws its noise from its own generator, seeded by its own seed, so an image depends only on its
+seed and label.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from typing import Callable, List
 import torch
 
 from .errors import UserError
-from .objective import FlowMatching
+from .objective import DDPM, DiffusionProcess, FlowMatching, spaced_steps
 
-SAMPLERS = ("euler", "heun", "sde")
+FLOW_SAMPLERS = ("euler", "heun", "sde")
+DDPM_SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = FLOW_SAMPLERS + DDPM_SAMPLERS
 GUIDANCES = ("none", "cfg", "pdg")
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -22,10 +26,10 @@ VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 @dataclass
 class SampleConfig:
-    sampler: str = "euler"  # euler | heun (ODE) | sde (Euler-Maruyama, SiT's)
+    sampler: str = "euler"  # flow: euler | heun (ODE) | sde (Euler-Maruyama, SiT's); ddpm objective: ddpm | ddim
     steps: int = 50
     guidance: str = "pdg"  # none | cfg (classifier-free) | pdg (Path-Drop Guidance)
-    scale: float = 2.0  # v = v_uncond + scale (v_cond - v_uncond)
+    scale: float = 2.0  # v = v_uncond + scale (v_cond - v_uncond) (DDPM: on eps)
     interval: List[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [low, high]
     sde_last_t: float = 0.04  # the SDE's noisy steps end here; a last deterministic step reaches t = 0
     batch_size: int = 64
@@ -97,10 +101,28 @@ def euler_maruyama(
     return x
 
 
-def guided_velocity(model, y: torch.Tensor, cfg: SampleConfig, channels: int) -> VelocityFn:
-    """v(x, t) of `model` for labels y with the configured guidance; one forward of 2B when guiding.
+def ddpm_loop(out: VelocityFn, x: torch.Tensor, objective: DDPM, steps: int, noise: SampleNoise, ddim: bool) -> torch.Tensor:
+    """Ancestral DDPM (learned or posterior variance) or deterministic DDIM over `steps` respaced steps."""
+    process = DiffusionProcess.respaced(objective.process, spaced_steps(objective.cfg.num_timesteps, steps))
+    for i in reversed(range(len(process.steps))):
+        index = torch.full((x.shape[0],), i)
+        eps, v = objective.split(out(x, float(process.noise_level(index[:1]))).float(), x.shape[1])
+        x0 = process.x0_from_eps(x, eps, index)
+        if ddim:
+            abar_prev = process.take(process.abar_prev, index, x)
+            x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+        else:
+            mean, _ = process.posterior(x0, x, index)
+            x = mean + (torch.exp(0.5 * process.model_logvar(v, index, x)) * noise.randn(tuple(x.shape[1:])) if i > 0 else 0)
+    return x
 
-    PDG: the unconditional half takes the path-dropped branch (null label, middle blocks skipped).
+
+def guided_output(model, y: torch.Tensor, cfg: SampleConfig, channels: int) -> VelocityFn:
+    """out(x, t) of `model` for labels y with the configured guidance; one forward of 2B when guiding.
+
+    The first `channels` output channels (velocity or eps) are guided; any others (a learned variance)
+    come from the conditional half. PDG: the unconditional half takes the path-dropped branch (null label,
+    middle blocks skipped).
     """
     null = torch.full_like(y, model.null_class)
     low, high = cfg.interval
@@ -108,21 +130,22 @@ def guided_velocity(model, y: torch.Tensor, cfg: SampleConfig, channels: int) ->
     def v(x: torch.Tensor, t: float) -> torch.Tensor:
         b = x.shape[0]
         if cfg.guidance == "none" or not low <= t <= high:
-            return model(x, torch.full((b,), t, device=x.device), y)[:, :channels]
+            return model(x, torch.full((b,), t, device=x.device, dtype=torch.float64), y)
         x2 = torch.cat([x, x])  # (2B, C, H, W)
-        t2 = torch.full((2 * b,), t, device=x.device)
-        middle_rows = b if cfg.guidance == "pdg" else None
-        out = model(x2, t2, torch.cat([y, null]), middle_rows=middle_rows)[:, :channels]
+        t2 = torch.full((2 * b,), t, device=x.device, dtype=torch.float64)
+        kwargs = {"middle_rows": b} if cfg.guidance == "pdg" else {}
+        out = model(x2, t2, torch.cat([y, null]), **kwargs)
         out = out.to(torch.promote_types(out.dtype, torch.float32))  # combine in at least fp32
         cond, uncond = out[:b], out[b:]
-        return (uncond + cfg.scale * (cond - uncond)).to(x.dtype)
+        guided = uncond[:, :channels] + cfg.scale * (cond[:, :channels] - uncond[:, :channels])
+        return torch.cat([guided, cond[:, channels:]], dim=1).to(x.dtype)
 
     return v
 
 
 @torch.no_grad()
 def generate(
-    model, objective: FlowMatching, labels: list[int], seeds: list[int], cfg: SampleConfig, device, progress: bool = False
+    model, objective: FlowMatching | DDPM, labels: list[int], seeds: list[int], cfg: SampleConfig, device, progress: bool = False
 ) -> torch.Tensor:
     """Samples (N, C, H, W) in the model's data space for the given labels and per-sample seeds."""
     if len(labels) != len(seeds):
@@ -133,6 +156,10 @@ def generate(
         raise UserError(f"labels must be in [0, {mc.num_classes - 1}], got {bad[:5]}")
     if cfg.guidance == "pdg" and model.fusion is None:
         raise UserError("Path-Drop Guidance needs fusion 'concat_linear'; use guidance cfg or none")
+    ddpm = isinstance(objective, DDPM)
+    if (cfg.sampler in DDPM_SAMPLERS) != ddpm:
+        choices = DDPM_SAMPLERS if ddpm else FLOW_SAMPLERS
+        raise UserError(f"sampler {cfg.sampler!r} does not fit this {'DDPM' if ddpm else 'flow-matching'} model; choose one of {', '.join(choices)}")
     out = []
     chunks = range(0, len(labels), cfg.batch_size)
     if progress:
@@ -143,8 +170,14 @@ def generate(
         y = torch.tensor(labels[start : start + cfg.batch_size], device=device)
         noise = SampleNoise(seeds[start : start + cfg.batch_size], device)
         x = noise.randn((mc.in_channels, *mc.input_size))
-        v = guided_velocity(model, y, cfg, mc.in_channels)
-        if cfg.sampler == "euler":
+        out_fn = guided_output(model, y, cfg, mc.in_channels)
+
+        def v(x: torch.Tensor, t: float) -> torch.Tensor:
+            return out_fn(x, t)[:, : mc.in_channels]
+
+        if ddpm:
+            x = ddpm_loop(out_fn, x, objective, cfg.steps, noise, ddim=cfg.sampler == "ddim")
+        elif cfg.sampler == "euler":
             x = euler(v, x, cfg.steps)
         elif cfg.sampler == "heun":
             x = heun(v, x, cfg.steps)

@@ -23,9 +23,9 @@ from .errors import UserError
 from .flops import train_flops
 from .images import save_grid
 from .masking import check_mask_ratio, make_mask
-from .models import SiT, resolve_model_config
-from .objective import FlowMatching
-from .sampling import generate
+from .models import ModelConfig, build_model, resolve_model_config
+from .objective import ObjectiveConfig, build_objective
+from .sampling import DDPM_SAMPLERS, generate
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,12 +49,26 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
     m = resolve_model_config(replace(m, **{k: v for k, v in from_data.items() if getattr(m, k) is None}))
     if m.fusion == "none" and cfg.sample.guidance == "pdg":
         raise UserError("sample.guidance 'pdg' needs model.fusion 'concat_linear'; use sample.guidance=cfg for fusion 'none'")
+    if (cfg.sample.sampler in DDPM_SAMPLERS) != (cfg.objective.kind == "ddpm"):
+        raise UserError(f"sample.sampler {cfg.sample.sampler!r} does not fit objective.kind {cfg.objective.kind!r} (ddpm: ddpm | ddim; flow: euler | heun | sde)")
     for i, stage in enumerate(cfg.stages):
+        if m.arch == "sparsedit" and stage.mask_ratio > 0:
+            raise UserError(f"stages.{i} ({stage.name}): SparseDiT picks its tokens itself (model.sparse.grid); set mask_ratio 0")
         try:
             check_mask_ratio(stage.mask_ratio, stage.mask_type, m.grid)
         except UserError as err:
             raise UserError(f"stages.{i} ({stage.name}): {err}") from None
     return replace(cfg, model=m)
+
+
+def apply_init_from(cfg: RunConfig) -> RunConfig:
+    """With train.init_from: the config with that checkpoint's model and objective."""
+    if cfg.train.init_from is None:
+        return cfg
+    if cfg.model != ModelConfig() or cfg.objective != ObjectiveConfig():
+        raise UserError("model and objective come from train.init_from: remove the model and objective sections (and overrides)")
+    _, source = ckpt.load_weights(ckpt.resolve_weights(cfg.train.init_from, use_ema=True))
+    return replace(cfg, model=source.model, objective=source.objective)
 
 
 def stage_at(stages: list[StageConfig], step: int) -> tuple[int, int]:
@@ -113,12 +127,13 @@ class Trainer:
             dataset = build_dataset(cfg.data)
         else:
             dataset = build_dataset(cfg.data)
+            cfg = apply_init_from(cfg)
             cfg = prepare_run_dir(self.run_dir, resolve_run_config(cfg, dataset))
         self.cfg, self.dataset = cfg, dataset
         t = cfg.train
         self.device = pick_device(t.device)
         torch.manual_seed(t.seed)  # the model's initial weights
-        self.model = SiT(cfg.model).to(self.device)
+        self.model = build_model(cfg.model).to(self.device)
         self.model.grad_checkpointing = t.grad_checkpointing
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         trainable = [(p, e) for p, e in zip(self.model.parameters(), self.ema.parameters()) if p.requires_grad]
@@ -129,7 +144,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         self.generator = torch.Generator().manual_seed(t.seed)
-        self.objective = FlowMatching(cfg.objective, null_class=cfg.model.num_classes)
+        self.objective = build_objective(cfg.objective, cfg.model.num_classes, cfg.model.learn_sigma)
         self.forward = (
             torch.compile(self.model, mode=t.compile_mode, fullgraph=t.compile_fullgraph, dynamic=False) if t.compile else self.model
         )
@@ -139,6 +154,10 @@ class Trainer:
         latest = ckpt.list_checkpoints(self.run_dir)
         if latest:
             self.load(latest[-1])
+        elif t.init_from is not None:  # a fresh run starts from these weights (the EMA too)
+            state, _ = ckpt.load_weights(ckpt.resolve_weights(t.init_from, use_ema=True))
+            for module in (self.model, self.ema):
+                module.load_state_dict(state)
 
     # ------------------------------------------------------------------ state
 

@@ -5,7 +5,7 @@ import torch
 from conftest import perturbed_model, tiny_inputs
 
 from sprintdit.objective import FlowMatching, ObjectiveConfig
-from sprintdit.sampling import SampleConfig, SampleNoise, euler, euler_maruyama, generate, guided_velocity, heun
+from sprintdit.sampling import SampleConfig, SampleNoise, euler, euler_maruyama, generate, guided_output, heun
 
 MU, SIGMA = 1.5, 0.5  # data distribution N(MU, SIGMA^2)
 
@@ -42,7 +42,7 @@ def test_cfg_scale_one_equals_conditional_model():
     model = perturbed_model()
     x, t, y = tiny_inputs(model)
     y = y.clamp(max=model.config.num_classes - 1)
-    v = guided_velocity(model, y, SampleConfig(guidance="cfg", scale=1.0), channels=2)
+    v = guided_output(model, y, SampleConfig(guidance="cfg", scale=1.0), channels=2)
     expected = model(x, torch.full((3,), 0.4, dtype=x.dtype), y)
     torch.testing.assert_close(v(x, 0.4), expected, rtol=0, atol=1e-6)
 
@@ -54,7 +54,7 @@ def test_pdg_velocity_is_guidance_with_the_path_dropped_branch():
     tt = torch.full((3,), 0.6, dtype=x.dtype)
     cond = model(x, tt, y)
     uncond = model(x, tt, torch.full_like(y, model.null_class), path_drop=torch.ones(3, dtype=torch.bool))
-    v = guided_velocity(model, y, SampleConfig(guidance="pdg", scale=3.0), channels=2)(x, 0.6)
+    v = guided_output(model, y, SampleConfig(guidance="pdg", scale=3.0), channels=2)(x, 0.6)[:, :2]
     torch.testing.assert_close(v, uncond + 3.0 * (cond - uncond), rtol=0, atol=1e-6)
 
 
@@ -62,7 +62,7 @@ def test_guidance_interval_leaves_other_steps_conditional():
     model = perturbed_model()
     x, _, _ = tiny_inputs(model)
     y = torch.tensor([0, 1, 4])
-    v = guided_velocity(model, y, SampleConfig(guidance="cfg", scale=4.0, interval=[0.0, 0.5]), channels=2)
+    v = guided_output(model, y, SampleConfig(guidance="cfg", scale=4.0, interval=[0.0, 0.5]), channels=2)
     torch.testing.assert_close(v(x, 0.8), model(x, torch.full((3,), 0.8, dtype=x.dtype), y), rtol=0, atol=0)
     assert not torch.allclose(v(x, 0.3), model(x, torch.full((3,), 0.3, dtype=x.dtype), y))
 

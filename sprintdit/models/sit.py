@@ -12,7 +12,7 @@ nothing about noise schedules or guidance: see `sprintdit.objective` and `sprint
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import List, Optional
 
 import torch
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..density import SparseConfig, check_schedule, parse_schedule
 from ..errors import UserError
 from ..masking import TokenMask, gather_tokens, restore_tokens
 
@@ -31,6 +32,7 @@ PRESETS = {
     for name, (d, depth, heads) in SIZES.items()
     for p in PATCH_SIZES
 }
+ARCHS = ("sit", "sparsedit")
 FUSIONS = ("concat_linear", "none")
 POS_EMBEDS = ("rope", "sincos")
 MLPS = ("gelu", "swiglu")
@@ -39,6 +41,7 @@ TIMESTEP_FREQ_DIM = 256  # sinusoidal timestep features fed to the timestep MLP
 
 @dataclass
 class ModelConfig:
+    arch: str = "sit"  # sit (dense / SPRINT) | sparsedit (SparseDiT; see model.sparse and sprintdit.models.sparsedit)
     preset: Optional[str] = None  # e.g. "SiT-XL/2": fills hidden_size, depth, num_heads, patch_size left unset
     input_size: Optional[List[int]] = None  # [H, W] of the model input (pixels or latents); default: the data's
     in_channels: Optional[int] = None  # default: the data's
@@ -62,6 +65,7 @@ class ModelConfig:
     fusion: str = "concat_linear"  # concat_linear (SPRINT) | none (naive token dropping)
     path_drop_prob: float = 0.1  # per-sample probability of replacing the sparse path by MASK in training
     mask_token_std: float = 0.02  # the fixed (untrained) MASK token is drawn from N(0, std^2)
+    sparse: SparseConfig = field(default_factory=SparseConfig)  # arch sparsedit only
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -85,7 +89,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     missing = [f.name for f in fields(cfg) if f.name != "preset" and getattr(cfg, f.name) is None]
     if missing:
         raise UserError(f"model config needs {', '.join('model.' + m for m in missing)} (or a model.preset)")
-    for name, value, choices in (("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("fusion", cfg.fusion, FUSIONS)):
+    for name, value, choices in (("arch", cfg.arch, ARCHS), ("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("fusion", cfg.fusion, FUSIONS)):
         if value not in choices:
             raise UserError(f"model.{name} is {value!r}; choose one of {', '.join(choices)}")
     if len(cfg.input_size) != 2 or any(s % cfg.patch_size for s in cfg.input_size):
@@ -102,23 +106,42 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise UserError(f"model.path_drop_prob must be in [0, 1), got {cfg.path_drop_prob}")
     if cfg.fusion == "none" and cfg.path_drop_prob > 0:
         raise UserError("model.path_drop_prob needs a dense path to fall back on: set it to 0 with fusion 'none'")
+    if cfg.arch == "sparsedit":
+        check_sparsedit(cfg)
     return replace(cfg, input_size=[int(s) for s in cfg.input_size])
+
+
+def check_sparsedit(cfg: ModelConfig) -> None:
+    sp = cfg.sparse
+    if cfg.fusion != "none" or cfg.path_drop_prob > 0:
+        raise UserError("model.arch 'sparsedit' has no SPRINT fusion: set model.fusion=none and model.path_drop_prob=0")
+    if min(sp.pool_depth, sp.sparse_depth, sp.dense_depth) < 0 or sp.modules < 1:
+        raise UserError("model.sparse needs modules >= 1 and pool_depth, sparse_depth, dense_depth >= 0")
+    if sp.pool_depth + sp.modules * sp.module_depth > cfg.depth:
+        raise UserError(
+            f"model.sparse: {sp.pool_depth} Poolingformer blocks + {sp.modules} modules x {sp.module_depth} blocks exceed depth {cfg.depth}"
+        )
+    check_schedule(parse_schedule(sp.grid), cfg.grid)
 
 
 # ----------------------------------------------------------------------------------- positions
 
 
 def rope_tables(grid: tuple[int, int], head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of 2D RoPE angles, each (N, head_dim), tokens in raster order (n = row * W + col).
+    """cos, sin of 2D RoPE angles, each (N, head_dim), tokens in raster order (n = row * W + col)."""
+    return rope_at(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), head_dim, theta)
 
-    m = head_dim / 2 channels per axis; frequencies theta^(-j/m), j = 0, 2, ..., m-2, each used for an
-    adjacent channel pair. First half of the head dim rotates by row, second half by column.
+
+def rope_at(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (len(rows) * len(cols), head_dim) of 2D RoPE for the grid of row x column positions (may be
+    fractional, e.g. pooled-cell centres). m = head_dim / 2 channels per axis; frequencies theta^(-j/m),
+    j = 0, 2, ..., m-2, each used for an adjacent channel pair. First half rotates by row, second by column.
     """
     m = head_dim // 2
     freqs = theta ** (-torch.arange(0, m, 2, dtype=torch.float64) / m)  # (m/2,)
     freqs = freqs.repeat_interleave(2)  # (m,)
-    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-    angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim)
+    r, c = torch.meshgrid(rows.double(), cols.double(), indexing="ij")
+    angles = torch.cat([r.reshape(-1, 1) * freqs, c.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -183,7 +206,8 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (t.float() * self.time_scale)[:, None] * freqs  # (B, half)
+        scaled = (t.double() * self.time_scale).float()  # in float64 first: t = k / 1000 (float64) gives exactly k
+        args = scaled[:, None] * freqs  # (B, half)
         features = torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype)
         return self.mlp(features)  # (B, D)
 
@@ -209,12 +233,20 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, context: torch.Tensor | None = None, context_rope=None) -> torch.Tensor:
+        """Self-attention over x (B, N, D); with `context` (B, M, D), cross-attention: queries from x, keys and
+        values from the context (the q rows and the k, v rows of the same qkv weights). rope: (cos, sin) or None."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, dh)
+        if context is None:
+            q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, dh)
+            context_rope = rope
+        else:
+            q = F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]).view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, dh)
+            kv = F.linear(context, self.qkv.weight[d:], self.qkv.bias[d:])  # (B, M, 2D)
+            k, v = kv.view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x (B, h, M, dh)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope), apply_rope(k, *context_rope)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, dh)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -253,9 +285,13 @@ class Block(nn.Module):
         self.mlp = Mlp(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope, context: torch.Tensor | None = None, context_rope=None) -> torch.Tensor:
+        """x (B, N, D), c (B, D). With `context` (B, M, D) the attention is cross-attention to it (SparseDiT's
+        merge and recover blocks); the context goes through the same norm and modulation as x."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, D)
-        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope)
+        if context is not None:
+            context = modulate(self.norm1(context), shift_a, scale_a)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, context, context_rope)
         return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
@@ -275,7 +311,10 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------- network
 
 
-class SiT(nn.Module):
+class Backbone(nn.Module):
+    """What every network here shares: patch, timestep and label embedders, positions, the final adaLN layer,
+    the block-stack runner and the initialisation. Subclasses build their blocks in `build_body`."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg = resolve_model_config(cfg)
@@ -285,10 +324,8 @@ class SiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, cfg.time_scale)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.fusion = nn.Linear(2 * d, d) if cfg.fusion == "concat_linear" else None
+        self.build_body(cfg)
         self.final_layer = FinalLayer(cfg)
-        self.register_buffer("mask_token", torch.randn(1, 1, d) * cfg.mask_token_std)  # fixed, never trained
         if cfg.pos_embed == "rope":
             cos, sin = rope_tables(cfg.grid, d // cfg.num_heads, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)  # (N, dh)
@@ -297,25 +334,19 @@ class SiT(nn.Module):
             self.register_buffer("pos_embed", sincos_2d(cfg.grid, d).unsqueeze(0), persistent=False)  # (1, N, D)
         self.initialize_weights()
 
-    # The three stages are views of `blocks`, so the weights layout is a dense SiT's.
-    @property
-    def encoder(self) -> nn.ModuleList:
-        return self.blocks[: self.config.encoder_depth]
-
-    @property
-    def middle(self) -> nn.ModuleList:
-        return self.blocks[self.config.encoder_depth : self.config.depth - self.config.decoder_depth]
-
-    @property
-    def decoder(self) -> nn.ModuleList:
-        return self.blocks[self.config.depth - self.config.decoder_depth :]
+    def build_body(self, cfg: ModelConfig) -> None:
+        raise NotImplementedError
 
     @property
     def null_class(self) -> int:
         return self.config.num_classes
 
+    @property
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.rope_cos, self.rope_sin) if self.config.pos_embed == "rope" else None
+
     def initialize_weights(self) -> None:
-        """xavier-uniform linears with zero bias (the fusion too); adaLN modulations and the output zeroed."""
+        """xavier-uniform linears with zero bias; adaLN modulations and the output zeroed."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -330,18 +361,50 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, rope) -> torch.Tensor:
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, rope, **context) -> torch.Tensor:
         for block in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, rope, use_reentrant=False)
+                x = checkpoint(block, x, c, rope, use_reentrant=False, **context)
             else:
-                x = block(x, c, rope)
+                x = block(x, c, rope, **context)
         return x
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens (B, N, D) with absolute positions if any, and the conditioning c (B, D)."""
+        h = self.x_embedder(x)  # (B, N, D)
+        if self.config.pos_embed == "sincos":
+            h = h + self.pos_embed
+        return h, self.t_embedder(t) + self.y_embedder(y)
+
+    def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) tokens -> (B, C_out, H, W)."""
+        return unpatchify(self.final_layer(h, c), self.config.patch_size, self.config.grid)
+
+
+class SiT(Backbone):
+    def build_body(self, cfg: ModelConfig) -> None:
+        d = cfg.hidden_size
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.fusion = nn.Linear(2 * d, d) if cfg.fusion == "concat_linear" else None
+        self.register_buffer("mask_token", torch.randn(1, 1, d) * cfg.mask_token_std)  # fixed, never trained
+
+    # The three stages are views of `blocks`, so the weights layout is a dense SiT's.
+    @property
+    def encoder(self) -> nn.ModuleList:
+        return self.blocks[: self.config.encoder_depth]
+
+    @property
+    def middle(self) -> nn.ModuleList:
+        return self.blocks[self.config.encoder_depth : self.config.depth - self.config.decoder_depth]
+
+    @property
+    def decoder(self) -> nn.ModuleList:
+        return self.blocks[self.config.depth - self.config.decoder_depth :]
 
     def sparse_path(self, h: torch.Tensor, c: torch.Tensor, mask: TokenMask | None, rows: int) -> torch.Tensor:
         """Middle blocks on the kept tokens of the first `rows` samples; (rows, N, D) with MASK at dropped."""
         h, c = h[:rows], c[:rows]  # (rows, N, D), (rows, D)
-        rope = (self.rope_cos, self.rope_sin) if self.config.pos_embed == "rope" else None
+        rope = self.rope
         if mask is not None:
             ids_keep = mask.ids_keep[:rows]  # (rows, K)
             h = gather_tokens(h, ids_keep)  # (rows, K, D)
@@ -367,16 +430,12 @@ class SiT(nn.Module):
         is replaced by MASK tokens before fusion. middle_rows: only the first `middle_rows` samples run
         the middle blocks, the rest take the path-dropped branch (Path-Drop Guidance's cheap pass).
         """
-        cfg = self.config
         b = x.shape[0]
         rows = b if middle_rows is None else middle_rows
         if (rows < b or path_drop is not None) and self.fusion is None:
             raise UserError("path drop / Path-Drop Guidance needs fusion 'concat_linear' (fusion 'none' has no dense path)")
-        rope = (self.rope_cos, self.rope_sin) if cfg.pos_embed == "rope" else None
-        h = self.x_embedder(x)  # (B, N, D)
-        if cfg.pos_embed == "sincos":
-            h = h + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        rope = self.rope
+        h, c = self.embed(x, t, y)  # (B, N, D), (B, D)
         h = self.run_blocks(self.encoder, h, c, rope)  # (B, N, D) dense path
         sparse = self.sparse_path(h, c, mask, rows) if rows > 0 else h[:0]  # (rows, N, D)
         if rows < b:
@@ -385,4 +444,4 @@ class SiT(nn.Module):
             sparse = torch.where(path_drop[:, None, None], self.mask_token.to(sparse.dtype), sparse)
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, h], dim=-1))  # (B, N, D)
         h = self.run_blocks(self.decoder, h, c, rope)
-        return unpatchify(self.final_layer(h, c), cfg.patch_size, cfg.grid)  # (B, C_out, H, W)
+        return self.head(h, c)  # (B, C_out, H, W)

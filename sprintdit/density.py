@@ -1,0 +1,114 @@
+"""SparseDiT's token density: how large the sparse token grid is at each noise level (pure functions).
+
+A schedule is written as text, the form `model.sparse.grid` and `sprintdit sparsify --sparse-grid` take:
+
+    "8"                 constant: an 8 x 8 sparse grid at every noise level
+    "6:10"              the paper's timestep-adaptive schedule from grid 6 (at pure noise) to grid 10,
+                        which is held for the last quarter of sampling (t <= 1/4)
+    "1=6,0.5=8,0.2=10"  knots t=grid; the pruning rate r is linear in t between knots, flat outside
+
+t is the noise level in [0, 1] (1 = pure noise; DDPM step k of T is t = k / T). With N dense tokens a grid s
+keeps M = s^2 tokens, pruning r = 1 - M / N. The paper's rule for t in [1/4, 1] is
+r(t) = (4 - 4t)/3 r_min + (4t - 1)/3 r_max, so "a:b" is the knots {1: a, 1/4: b}. Rates between knots are
+rounded to the achievable grid whose r is closest.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+DENSEST_FRACTION = 0.25  # "a:b" holds the densest grid for t below this (the last quarter of sampling)
+
+
+@dataclass
+class SparseConfig:
+    """SparseDiT's layout (used with model.arch 'sparsedit'); the top dense depth is what the rest leaves."""
+
+    grid: str = "6:10"  # sparse grid schedule: constant "8", "min:max", or knots "1=6,0.5=8,0.2=10"
+    pool_depth: int = 2  # Poolingformer blocks at the bottom (all tokens, attention = mean of V)
+    modules: int = 4  # sparse-dense token modules (SDTM)
+    sparse_depth: int = 3  # per module: ordinary blocks on the sparse tokens (after the merge block)
+    dense_depth: int = 1  # per module: ordinary blocks on all tokens (after the recover block)
+
+    @property
+    def module_depth(self) -> int:
+        return 1 + self.sparse_depth + 1 + self.dense_depth  # merge, sparse, recover, dense
+
+
+@dataclass(frozen=True)
+class DensitySchedule:
+    knots: tuple[tuple[float, int], ...]  # (t, grid side) sorted by t
+
+    @property
+    def sides(self) -> tuple[int, int]:
+        """(smallest, largest) grid side the schedule reaches."""
+        grids = [g for _, g in self.knots]
+        return min(grids), max(grids)
+
+
+def parse_schedule(text: str) -> DensitySchedule:
+    """The schedule a `model.sparse.grid` string describes (see the module docstring)."""
+    text = str(text).strip()
+    try:
+        if "=" in text:
+            pairs = [item.split("=") for item in text.split(",")]
+            knots = tuple(sorted((float(t), int(g)) for t, g in pairs))
+        elif ":" in text:
+            coarse, fine = (int(v) for v in text.split(":"))
+            knots = ((DENSEST_FRACTION, fine), (1.0, coarse))
+        else:
+            knots = ((1.0, int(text)),)
+    except ValueError:
+        raise UserError(f"sparse grid schedule {text!r} is not '8', 'min:max' (e.g. 6:10) or knots 't=grid,...' (e.g. 1=6,0.5=8,0.2=10)") from None
+    if any(g < 1 for _, g in knots) or any(not 0.0 <= t <= 1.0 for t, _ in knots):
+        raise UserError(f"sparse grid schedule {text!r}: grid sides must be >= 1 and knot times in [0, 1]")
+    if len({t for t, _ in knots}) != len(knots):
+        raise UserError(f"sparse grid schedule {text!r} gives two grids for the same t")
+    return DensitySchedule(knots)
+
+
+def check_schedule(schedule: DensitySchedule, dense_grid: tuple[int, int]) -> None:
+    if schedule.sides[1] > min(dense_grid):
+        raise UserError(f"sparse grid {schedule.sides[1]} exceeds the {dense_grid[0]}x{dense_grid[1]} token grid")
+
+
+def pruning_rate(side: int, dense_tokens: int) -> float:
+    return 1.0 - side * side / dense_tokens
+
+
+def rate_at(schedule: DensitySchedule, t: float, dense_tokens: int) -> float:
+    """Pruning rate r at noise level t: linear in t between knots, flat outside them."""
+    (t0, g0), rest = schedule.knots[0], schedule.knots[1:]
+    if t <= t0 or not rest:
+        return pruning_rate(g0 if t <= t0 else schedule.knots[-1][1], dense_tokens)
+    for (ta, ga), (tb, gb) in zip(schedule.knots, rest):
+        if t <= tb:
+            w = (t - ta) / (tb - ta)
+            return (1 - w) * pruning_rate(ga, dense_tokens) + w * pruning_rate(gb, dense_tokens)
+    return pruning_rate(schedule.knots[-1][1], dense_tokens)
+
+
+def side_at(schedule: DensitySchedule, t: float, dense_tokens: int) -> int:
+    """The grid side whose pruning rate is closest to r(t) (ties: the denser grid), within the schedule's range."""
+    kept = (1.0 - rate_at(schedule, t, dense_tokens)) * dense_tokens
+    lo, hi = schedule.sides
+    return min(range(lo, hi + 1), key=lambda s: (abs(s * s - kept), -s))
+
+
+def sides_for(schedule: DensitySchedule, t: torch.Tensor, dense_tokens: int) -> list[int]:
+    """Grid side per sample for noise levels t (B,)."""
+    return [side_at(schedule, v, dense_tokens) for v in t.detach().double().cpu().tolist()]
+
+
+def pooled_centres(side: int, size: int) -> torch.Tensor:
+    """Centre of each of `side` adaptive-pooling cells over `size` positions, in dense-grid units (side,).
+
+    Cell i covers [floor(i size / side), ceil((i + 1) size / side)); when side == size this is 0, 1, ...
+    """
+    starts = [math.floor(i * size / side) for i in range(side)]
+    ends = [math.ceil((i + 1) * size / side) for i in range(side)]
+    return torch.tensor([(a + b - 1) / 2 for a, b in zip(starts, ends)], dtype=torch.float64)

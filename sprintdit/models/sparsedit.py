@@ -1,0 +1,182 @@
+"""SparseDiT: a DiT/SiT whose middle runs on a small pooled token grid, built from a pretrained dense model.
+
+    x -> embed -> Poolingformer blocks (all tokens; attention = token mean of V)
+      -> modules x [ s = adaptive-avg-pool(h) to a side x side grid             (B, side^2, D)
+                     merge:   s attends to h (cross-attention), MLP
+                     sparse:  ordinary blocks on s
+                     recover: m = W1 nearest-upsample(s) + W2 h (W1 = 0, W2 = I at init); m attends to s, MLP
+                     dense:   ordinary blocks on m ]
+      -> top dense blocks -> final layer
+
+Blocks keep the dense model's indices (block i inherits the pretrained block i), so `sparsify_state_dict`
+is a rename plus: Poolingformers keep only the V rows of qkv, and each recover block gets W1/W2.
+The grid side follows the noise level t of each sample through `model.sparse.grid` (`sprintdit.density`).
+Samples of one batch with different sides run the modules in groups, one per side (the "gating" of the
+paper assigns t sub-intervals to data-parallel ranks instead; grouping gives the same result on one device).
+With RoPE, pooled tokens take the centre of their pooling cell as (fractional) position.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..density import parse_schedule, pooled_centres, sides_for
+from ..errors import UserError
+from .sit import Backbone, Block, ModelConfig, rope_at
+
+
+class PoolingAttention(nn.Module):
+    """Attention replaced by global average pooling of V: proj(mean_n V x_n), the same for every token.
+
+    The mean is taken before V (V is affine, so mean(V x) = V mean(x)): O(N D) instead of an N x N matrix.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, *positions_unused) -> torch.Tensor:  # (B, N, D) -> (B, 1, D)
+        return self.proj(self.v(x.mean(dim=1, keepdim=True)))  # (B, 1, D), broadcast over tokens
+
+
+class PoolingBlock(Block):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.attn = PoolingAttention(cfg.hidden_size)
+
+
+class Recover(nn.Module):
+    """merged = W1 up(sparse) + W2 dense; W1 = 0 and W2 = I at init, so the dense path starts as identity."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, dim)
+        self.w2 = nn.Linear(dim, dim)
+
+    def reset(self) -> None:
+        nn.init.zeros_(self.w1.weight)
+        nn.init.eye_(self.w2.weight)
+        nn.init.zeros_(self.w1.bias)
+        nn.init.zeros_(self.w2.bias)
+
+    def forward(self, up: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return self.w1(up) + self.w2(dense)
+
+
+def pool_tokens(h: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
+    """(B, H*W, D) -> (B, side*side, D): adaptive average pooling of the token grid."""
+    img = h.transpose(1, 2).unflatten(2, grid)  # (B, D, H, W)
+    return F.adaptive_avg_pool2d(img, side).flatten(2).transpose(1, 2)
+
+
+def upsample_tokens(s: torch.Tensor, side: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, side*side, D) -> (B, H*W, D): nearest-neighbour upsampling of the sparse grid."""
+    img = s.transpose(1, 2).unflatten(2, (side, side))  # (B, D, side, side)
+    return F.interpolate(img, size=grid, mode="nearest-exact").flatten(2).transpose(1, 2)
+
+
+class SparseDiT(Backbone):
+    def build_body(self, cfg: ModelConfig) -> None:
+        sp = cfg.sparse
+        self.schedule = parse_schedule(sp.grid)
+        kinds = self.block_kinds(cfg)
+        self.blocks = nn.ModuleList(PoolingBlock(cfg) if kind == "pool" else Block(cfg) for kind in kinds)
+        self.recovers = nn.ModuleList(Recover(cfg.hidden_size) for _ in range(sp.modules))
+
+    @staticmethod
+    def block_kinds(cfg: ModelConfig) -> list[str]:
+        """The role of every block index: pool, merge, sparse, recover, dense (in modules) or top."""
+        sp = cfg.sparse
+        module = ["merge"] + ["sparse"] * sp.sparse_depth + ["recover"] + ["dense"] * sp.dense_depth
+        kinds = ["pool"] * sp.pool_depth + module * sp.modules
+        return kinds + ["top"] * (cfg.depth - len(kinds))
+
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        for recover in self.recovers:
+            recover.reset()
+
+    @property
+    def fusion(self) -> None:  # no SPRINT dense path: Path-Drop Guidance does not apply
+        return None
+
+    def sparse_rope(self, side: int, device: torch.device):
+        if self.config.pos_embed != "rope":
+            return None
+        (h, w), cfg = self.config.grid, self.config
+        cos, sin = rope_at(pooled_centres(side, h), pooled_centres(side, w), cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        return cos.to(device), sin.to(device)
+
+    def modules_at(self, h: torch.Tensor, c: torch.Tensor, side: int) -> torch.Tensor:
+        """The sparse-dense token modules on (B, N, D) tokens that all use a side x side sparse grid."""
+        sp, grid = self.config.sparse, self.config.grid
+        dense_rope, sparse_rope = self.rope, self.sparse_rope(side, h.device)
+        for m, recover in enumerate(self.recovers):
+            start = sp.pool_depth + m * sp.module_depth
+            merge, *sparse, recover_block = self.blocks[start : start + sp.sparse_depth + 2]
+            dense = self.blocks[start + sp.sparse_depth + 2 : start + sp.module_depth]
+            s = pool_tokens(h, grid, side)  # (B, side^2, D)
+            s = self.run_blocks([merge], s, c, sparse_rope, context=h, context_rope=dense_rope)
+            s = self.run_blocks(sparse, s, c, sparse_rope)
+            m = recover(upsample_tokens(s, side, grid), h)  # (B, N, D)
+            h = self.run_blocks([recover_block], m, c, dense_rope, context=s, context_rope=sparse_rope)
+            h = self.run_blocks(dense, h, c, dense_rope)
+        return h
+
+    def sides(self, t: torch.Tensor) -> list[int]:
+        """Sparse grid side per sample at noise levels t (B,)."""
+        grid = self.config.grid
+        return sides_for(self.schedule, t, grid[0] * grid[1])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, side: int | None = None, **sprint_only) -> torch.Tensor:
+        """x: (B, C, H, W), t: (B,) noise level in [0, 1], y: (B,) labels -> (B, C_out, H, W).
+
+        side: one sparse grid side for the whole batch (default: each sample's from the density schedule).
+        """
+        if any(v is not None for v in sprint_only.values()):
+            raise UserError(f"SparseDiT takes no {', '.join(k for k, v in sprint_only.items() if v is not None)} (SPRINT masks / path drop)")
+        cfg = self.config
+        h, c = self.embed(x, t, y)  # (B, N, D), (B, D)
+        h = self.run_blocks(self.blocks[: cfg.sparse.pool_depth], h, c, None)
+        sides = [side] * x.shape[0] if side is not None else self.sides(t)
+        if len(set(sides)) == 1:
+            h = self.modules_at(h, c, sides[0])
+        else:  # one group per grid side
+            out = torch.empty_like(h)
+            for s in sorted(set(sides)):
+                rows = torch.tensor([i for i, v in enumerate(sides) if v == s], device=h.device)
+                out[rows] = self.modules_at(h[rows], c[rows], s)
+            h = out
+        top = cfg.sparse.pool_depth + cfg.sparse.modules * cfg.sparse.module_depth
+        h = self.run_blocks(self.blocks[top:], h, c, self.rope)
+        return self.head(h, c)  # (B, C_out, H, W)
+
+
+def sparsify_state_dict(dense: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A dense SiT/DiT state dict (our layout) -> SparseDiT's for `cfg` (arch sparsedit, same sizes).
+
+    Block i inherits block i. Poolingformers keep the V rows of qkv (and drop q/k norms); recover fusions
+    start at W1 = 0, W2 = I. Nothing else changes.
+    """
+    d = cfg.hidden_size
+    kinds = SparseDiT.block_kinds(cfg)
+    out = {}
+    for key, value in dense.items():
+        if key == "mask_token" or key.startswith("fusion."):
+            continue  # SPRINT-only parts (a dense model has no fusion; the MASK buffer is unused)
+        parts = key.split(".")
+        if parts[0] == "blocks" and kinds[int(parts[1])] == "pool" and parts[2] == "attn":
+            if parts[3] == "qkv":
+                out[".".join(parts[:3] + ["v", parts[4]])] = value[2 * d :].clone()
+            elif parts[3] == "proj":
+                out[key] = value
+            continue  # q_norm / k_norm: Poolingformers have no queries or keys
+        out[key] = value
+    for m in range(cfg.sparse.modules):
+        out[f"recovers.{m}.w1.weight"] = torch.zeros(d, d)
+        out[f"recovers.{m}.w1.bias"] = torch.zeros(d)
+        out[f"recovers.{m}.w2.weight"] = torch.eye(d)
+        out[f"recovers.{m}.w2.bias"] = torch.zeros(d)
+    return out

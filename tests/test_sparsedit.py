@@ -1,0 +1,155 @@
+import pytest
+import torch
+from conftest import tiny_config
+from test_flops import counted
+
+from sprintdit.density import SparseConfig, parse_schedule, pooled_centres, side_at
+from sprintdit.errors import UserError
+from sprintdit.flops import forward_flops
+from sprintdit.models import SiT, SparseDiT, resolve_model_config
+from sprintdit.models.sparsedit import PoolingAttention, Recover, pool_tokens, sparsify_state_dict, upsample_tokens
+from sprintdit.models.sit import modulate
+
+LAYOUT = SparseConfig(grid="2:4", pool_depth=1, modules=2, sparse_depth=1, dense_depth=0)  # 1 + 2 x 3 blocks, 1 top
+
+
+def dense_and_sparse(pos_embed="rope", grid="2:4", seed=0):
+    """A dense model with every weight random and the SparseDiT sparsified from it (float64)."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(input_size=[32, 32], depth=8, fusion="none", path_drop_prob=0.0, pos_embed=pos_embed)  # 8 x 8 tokens
+    dense = SiT(cfg).double().eval()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    sparse_cfg = resolve_model_config(tiny_config(**{**vars(dense.config), "arch": "sparsedit", "sparse": SparseConfig(**{**vars(LAYOUT), "grid": grid})}))
+    sparse = SparseDiT(sparse_cfg).double().eval()
+    sparse.load_state_dict(sparsify_state_dict(dense.state_dict(), sparse_cfg))
+    return dense, sparse
+
+
+def inputs(model, batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x = torch.randn(batch, cfg.in_channels, *cfg.input_size, generator=g, dtype=torch.float64)
+    return x, torch.rand(batch, generator=g, dtype=torch.float64), torch.randint(0, cfg.num_classes + 1, (batch,), generator=g)
+
+
+def test_poolingformer_equals_uniform_attention():
+    torch.manual_seed(0)
+    attn = PoolingAttention(8).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    uniform = torch.full((5, 5), 1 / 5, dtype=torch.float64)  # every token attends equally to every token
+    expected = attn.proj(uniform @ attn.v(x))  # (2, 5, 8)
+    torch.testing.assert_close(attn(x).expand_as(expected), expected)
+
+
+def test_recover_fusion_starts_as_identity_on_the_dense_path():
+    recover = Recover(6)
+    recover.reset()
+    up, dense = torch.randn(2, 9, 6), torch.randn(2, 9, 6)
+    torch.testing.assert_close(recover(up, dense), dense, rtol=0, atol=0)
+
+
+def test_sparsify_maps_every_block_to_the_same_depth():
+    dense, sparse = dense_and_sparse()
+    d, ds, ss = dense.config.hidden_size, dense.state_dict(), sparse.state_dict()
+    assert torch.equal(ss["blocks.0.attn.v.weight"], ds["blocks.0.attn.qkv.weight"][2 * d :])  # block 0: Poolingformer
+    assert "blocks.0.attn.q_norm.weight" not in ss
+    for key in ("blocks.1.attn.qkv.weight", "blocks.4.mlp.fc1.bias", "blocks.7.adaLN_modulation.1.weight", "final_layer.linear.weight"):
+        assert torch.equal(ss[key], ds[key])
+    assert SparseDiT.block_kinds(sparse.config) == ["pool", "merge", "sparse", "recover", "merge", "sparse", "recover", "top"]
+
+
+@pytest.mark.parametrize("pos_embed", ["rope", "sincos"])
+def test_full_grid_with_w1_identity_equals_the_plain_blocks(pos_embed):
+    """At sparse grid = dense grid, pooling and upsampling are identities; with W1 = I, W2 = 0 the merge and
+    recover cross-attentions become self-attention, so SparseDiT is the dense model with Poolingformers below."""
+    dense, sparse = dense_and_sparse(pos_embed, grid="8")
+    with torch.no_grad():
+        for recover in sparse.recovers:
+            recover.w1.weight.copy_(torch.eye(recover.w1.weight.shape[0]))
+            recover.w2.weight.zero_()
+    x, t, y = inputs(dense)
+    h, c = dense.embed(x, t, y)
+    h = sparse.blocks[0](h, c, None)
+    expected = dense.head(dense.run_blocks(dense.blocks[1:], h, c, dense.rope), c)
+    torch.testing.assert_close(sparse(x, t, y), expected)
+
+
+def test_mixed_noise_levels_in_a_batch_equal_one_sample_at_a_time():
+    _, sparse = dense_and_sparse()
+    x, _, y = inputs(sparse, batch=4)
+    t = torch.tensor([0.05, 0.5, 0.95, 0.3], dtype=torch.float64)
+    assert len(set(sparse.sides(t))) == 3
+    together = sparse(x, t, y)
+    for i in range(4):
+        torch.testing.assert_close(together[i : i + 1], sparse(x[i : i + 1], t[i : i + 1], y[i : i + 1]))
+    assert not torch.allclose(sparse(x, t, y, side=2), sparse(x, t, y, side=4))
+
+
+def test_pooling_and_upsampling_of_the_token_grid():
+    h = torch.arange(16.0).reshape(1, 16, 1)  # 4 x 4 grid, value = raster index
+    pooled = pool_tokens(h, (4, 4), 2)
+    torch.testing.assert_close(pooled.flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
+    up = upsample_tokens(pooled, 2, (4, 4)).reshape(4, 4)
+    assert torch.equal(up[:2, :2], torch.full((2, 2), 2.5)) and torch.equal(up[2:, 2:], torch.full((2, 2), 12.5))
+    torch.testing.assert_close(pooled_centres(2, 4), torch.tensor([0.5, 2.5], dtype=torch.float64))
+    torch.testing.assert_close(pooled_centres(4, 4), torch.arange(4.0, dtype=torch.float64))
+
+
+def test_paper_schedule_values():
+    """6:10 on a 16 x 16 grid (the paper's 256px r in [0.61, 0.86])."""
+    s, n = parse_schedule("6:10"), 256
+    assert side_at(s, 1.0, n) == 6  # pure noise: the most pruning
+    assert [side_at(s, t, n) for t in (0.0, 0.1, 0.25)] == [10, 10, 10]  # the last quarter of sampling is densest
+    # halfway through [1/4, 1]: r = (r_min + r_max) / 2 keeps (100 + 36) / 2 = 68 tokens -> the 8 x 8 grid (64)
+    assert side_at(s, 0.625, n) == 8
+    sides = [side_at(s, t / 100, n) for t in range(101)]
+    assert sides == sorted(sides, reverse=True)  # fewer tokens as noise grows
+    assert {side_at(parse_schedule("8"), t, n) for t in (0.0, 0.5, 1.0)} == {8}
+    knots = parse_schedule("1=6,0.5=8,0.2=10")
+    assert [side_at(knots, t, n) for t in (1.0, 0.5, 0.2, 0.0)] == [6, 8, 10, 10]
+
+
+@pytest.mark.parametrize("text", ["6-10", "0:4", "1=6,1=8", "2=4", "a"])
+def test_bad_schedules_are_one_line_errors(text):
+    with pytest.raises(UserError):
+        parse_schedule(text)
+
+
+def test_layout_and_grid_are_checked():
+    base = tiny_config(input_size=[32, 32], depth=8, fusion="none", path_drop_prob=0.0, arch="sparsedit")
+    with pytest.raises(UserError, match="exceed depth"):
+        resolve_model_config(tiny_config(**{**vars(base), "sparse": SparseConfig(modules=3, pool_depth=1, sparse_depth=1, dense_depth=0)}))
+    with pytest.raises(UserError, match="exceeds"):
+        resolve_model_config(tiny_config(**{**vars(base), "sparse": SparseConfig(**{**vars(LAYOUT), "grid": "4:9"})}))
+    with pytest.raises(UserError, match="fusion"):
+        resolve_model_config(tiny_config(**{**vars(base), "fusion": "concat_linear", "sparse": LAYOUT}))
+
+
+@pytest.mark.parametrize("side", [2, 3, 4, 8])
+def test_flops_at_each_grid_match_torch_counter(side):
+    _, sparse = dense_and_sparse()
+    x, t, y = inputs(sparse, batch=2)
+    assert counted(sparse, x, t, y, side=side) == forward_flops(sparse.config, 2, side=side)
+    dense_flops = forward_flops(resolve_model_config(tiny_config(input_size=[32, 32], depth=8, fusion="none", path_drop_prob=0.0)), 2)
+    assert forward_flops(sparse.config, 2, side=side) < dense_flops  # even at the full grid: the Poolingformer has no N x N attention
+
+
+def test_merge_block_cross_attention_by_hand():
+    """Merge block: queries from the sparse tokens, keys and values from the dense context, both normed and
+    modulated alike, q from the q rows of qkv and k, v from the k, v rows; then the MLP."""
+    _, sparse = dense_and_sparse()
+    block, d = sparse.blocks[1], sparse.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    tokens, context, c = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((1, 4, d), (1, 64, d), (1, d)))
+    shift, scale, gate, shift_m, scale_m, gate_m = block.adaLN_modulation(c).chunk(6, dim=-1)
+    a, b = modulate(block.norm1(tokens), shift, scale), modulate(block.norm1(context), shift, scale)
+    heads, w, bias = block.attn.heads, block.attn.qkv.weight, block.attn.qkv.bias
+    q = block.attn.q_norm((a @ w[:d].T + bias[:d]).view(1, 4, heads, -1).transpose(1, 2))
+    k = block.attn.k_norm((b @ w[d : 2 * d].T + bias[d : 2 * d]).view(1, 64, heads, -1).transpose(1, 2))
+    v = (b @ w[2 * d :].T + bias[2 * d :]).view(1, 64, heads, -1).transpose(1, 2)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / (d // heads) ** 0.5, dim=-1) @ v  # (1, heads, 4, dh)
+    x = tokens + gate.unsqueeze(1) * block.attn.proj(attn.transpose(1, 2).reshape(1, 4, d))
+    expected = x + gate_m.unsqueeze(1) * block.mlp(modulate(block.norm2(x), shift_m, scale_m))
+    torch.testing.assert_close(block(tokens, c, None, context=context), expected)
