@@ -89,18 +89,18 @@ def test_ancestral_ddpm_on_gaussian_data_has_the_predicted_variance(learned):
     """x <- a_k x + sigma_k z per step; the variance recursion gives the final variance. A learned variance
     output of -1 means the posterior's variance, so it must give the same samples as the fixed one."""
     obj = DDPM(ObjectiveConfig(kind="ddpm"), 10, learn_sigma=learned)
-    steps, n = spaced_steps(1000, 100), 20000
+    steps, n = spaced_steps(1000, 50), 20000
     x = BatchNoise(n, 1).randn((1, 1, 1))
-    out = ddpm_loop(gaussian_eps(obj, -1.0 if learned else None), x, obj, 100, BatchNoise(n, 2), ddim=False)
+    out = ddpm_loop(gaussian_eps(obj, -1.0 if learned else None), x, obj, 50, BatchNoise(n, 2), ddim=False)
     process = DiffusionProcess.respaced(obj.process, steps)
     var = 1.0
-    for i in reversed(range(100)):
+    for i in reversed(range(50)):
         a = obj.process.abar[steps[i]]
         x0_gain = a.sqrt() * DATA_STD**2 / (a * DATA_STD**2 + 1 - a)
         gain = process.coef_x0[i] * x0_gain + process.coef_xt[i]
         var = gain**2 * var + (process.posterior_var[i] if i > 0 else 0.0)
     assert abs(out.var().item() - float(var)) < 0.03 * float(var)  # 20000 samples: ~1% standard error
-    assert abs(float(var) ** 0.5 - DATA_STD) < 0.04  # 100 steps with the posterior variance: 0.468 vs 0.5
+    assert abs(float(var) ** 0.5 - DATA_STD) < 0.07  # 50 steps with the posterior variance: 0.443 vs 0.5
 
 
 def test_build_objective_picks_the_kind():
