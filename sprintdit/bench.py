@@ -1,4 +1,5 @@
-"""`sprintdit bench`: training-step and sampling speed of a preset, per mask ratio, with model FLOPs and MFU.
+"""`sprintdit bench`: training-step and sampling speed of a preset, per mask ratio, with model FLOPs and MFU;
+with sparse grids, SparseDiT's sampling speed and FLOPs against its dense source at the same settings.
 
 Times are medians over `repeats` after `warmup` untimed repeats: CUDA events on a GPU, wall clock (after a
 synchronize) elsewhere. FLOPs are analytic (`sprintdit.flops`); MFU divides achieved FLOP/s by a peak that
@@ -12,13 +13,15 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from .density import SparseConfig, parse_schedule, side_at
 from .errors import UserError
 from .flops import forward_flops
 from .masking import check_mask_ratio, make_mask
-from .models import SiT
+from .models import SiT, SparseDiT, resolve_model_config
 from .models.sit import ModelConfig
+from .models.sparsedit import sparsify_state_dict
 from .objective import FlowMatching, ObjectiveConfig
-from .sampling import SampleConfig, euler, guided_output
+from .sampling import SampleConfig, euler, guided_output, time_grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK_MATMUL_SIZE = 4096  # square matmul used to measure the device's peak (CPU: PEAK_MATMUL_SIZE_CPU)
@@ -44,6 +47,8 @@ class BenchConfig:
     warmup: int = 5
     repeats: int = 20
     peak_tflops: float | None = None  # measured when not given
+    sparse_grids: list[str] = field(default_factory=list)  # SparseDiT schedules to compare with the dense model, e.g. ["6:10", "8"]
+    sparse_layout: list[int] = field(default_factory=lambda: [2, 4, 3, 1])  # Poolingformers, modules, sparse and dense blocks per module
     device: str = "auto"
 
 
@@ -138,8 +143,11 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
     dense = next((r for r in train if r["mask_ratio"] == 0.0), None)
     for r in train:
         r["speedup_vs_dense"] = dense["step_ms"] / r["step_ms"] if dense else None
-    return {"config": asdict(cfg), "device": device_name(device), "torch": torch.__version__, "peak_tflops": peak,
-            "train": train, "sample": bench_sampling(model, cfg, device, autocast)}
+    report = {"config": asdict(cfg), "device": device_name(device), "torch": torch.__version__, "peak_tflops": peak,
+              "train": train, "sample": bench_sampling(model, cfg, device, autocast)}
+    if cfg.sparse_grids:
+        report["sparsedit"] = bench_sparsedit(model, cfg, device, autocast)
+    return report
 
 
 @torch.no_grad()
@@ -176,6 +184,54 @@ def bench_sampling(model: SiT, cfg: BenchConfig, device: torch.device, autocast)
     return out
 
 
+def sparsedit_configs(mc: ModelConfig, cfg: BenchConfig) -> tuple[ModelConfig, list[ModelConfig]]:
+    """The dense source (the preset without SPRINT's fusion) and one SparseDiT per schedule."""
+    if len(cfg.sparse_layout) != 4:
+        raise UserError(f"--sparse-layout needs 4 numbers (Poolingformers, modules, sparse, dense), got {cfg.sparse_layout}")
+    dense = resolve_model_config(replace(mc, fusion="none", path_drop_prob=0.0))
+    layout = dict(zip(("pool_depth", "modules", "sparse_depth", "dense_depth"), cfg.sparse_layout))
+    return dense, [resolve_model_config(replace(dense, arch="sparsedit", sparse=SparseConfig(grid=g, **layout))) for g in cfg.sparse_grids]
+
+
+def sampling_flops(mc: ModelConfig, batch: int, steps: int) -> int:
+    """Model FLOPs of a CFG-guided Euler run (2 x batch per step), the grid following each step's t."""
+    ts, n = time_grid(steps)[:-1], mc.grid[0] * mc.grid[1]
+    if mc.arch != "sparsedit":
+        return steps * forward_flops(mc, 2 * batch)
+    schedule = parse_schedule(mc.sparse.grid)
+    return sum(forward_flops(mc, 2 * batch, side=side_at(schedule, t, n)) for t in ts)
+
+
+@torch.no_grad()
+def bench_sparsedit(model: SiT, cfg: BenchConfig, device: torch.device, autocast) -> list[dict]:
+    """Images/s and FLOPs of a CFG-guided Euler run: the dense model, then each SparseDiT built from it."""
+    dense_cfg, sparse_cfgs = sparsedit_configs(model.config, cfg)
+    dense = SiT(dense_cfg).to(device).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(cfg.batch, dense_cfg.in_channels, *dense_cfg.input_size, generator=g).to(device)
+    y = torch.randint(0, dense_cfg.num_classes, (cfg.batch,), generator=g).to(device)
+    rows = []
+    for mc in [dense_cfg, *sparse_cfgs]:
+        net = dense
+        if mc.arch == "sparsedit":
+            net = SparseDiT(mc).to(device).eval()
+            net.load_state_dict(sparsify_state_dict(dense.state_dict(), mc))
+        v = guided_output(net, y, SampleConfig(guidance="cfg"), mc.in_channels)
+
+        def full_run():
+            with autocast:
+                euler(v, x, cfg.sample_steps)
+
+        seconds = median_seconds(full_run, device, warmup=1, repeats=max(1, cfg.repeats // 5))
+        flops = sampling_flops(mc, cfg.batch, cfg.sample_steps)
+        rows.append({"grid": mc.sparse.grid if mc.arch == "sparsedit" else "dense", "images_per_s": cfg.batch / seconds,
+                     "gflops_per_image": flops / cfg.batch / 1e9})
+    for r in rows:
+        r["speedup_vs_dense"] = r["images_per_s"] / rows[0]["images_per_s"]
+        r["flops_vs_dense"] = r["gflops_per_image"] / rows[0]["gflops_per_image"]
+    return rows
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -195,4 +251,9 @@ def format_report(report: dict) -> str:
     s = report["sample"]
     lines.append(f"guided step (2 x {c['batch']}): CFG {s['cfg']['step_ms']:.1f} ms, PDG {s['pdg']['step_ms']:.1f} ms "
                  f"({s['pdg_speedup_vs_cfg']:.2f}x); PDG sampler, {s['pdg_sample_steps']} steps: {s['pdg_images_per_s']:.1f} img/s")
+    if "sparsedit" in report:
+        lines.append(f"SparseDiT vs its dense source, CFG Euler {c['sample_steps']} steps, layout {c['sparse_layout']}:")
+        lines.append(f"{'grid':>8}{'img/s':>10}{'vs dense':>10}{'GFLOP/img':>11}{'FLOPs':>8}")
+        for r in report["sparsedit"]:
+            lines.append(f"{r['grid']:>8}{r['images_per_s']:>10.2f}{r['speedup_vs_dense']:>9.2f}x{r['gflops_per_image']:>11.3g}{r['flops_vs_dense']:>8.1%}")
     return "\n".join(lines)

@@ -240,8 +240,14 @@ def cmd_bench(args) -> int:
         ratios = [float(r) for r in args.mask_ratios.split(",")]
     except ValueError:
         raise UserError(f"--mask-ratios must be numbers like 0,0.5,0.75, got {args.mask_ratios!r}") from None
-    given = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None and k != "mask_ratios"}
-    cfg = BenchConfig(**given, mask_ratios=ratios)
+    try:
+        layout = [int(v) for v in args.sparse_layout.split(",")]
+    except ValueError:
+        raise UserError(f"--sparse-layout must be 4 integers like 2,4,3,1, got {args.sparse_layout!r}") from None
+    grids = args.sparse_grids.split() if args.sparse_grids else []
+    lists = ("mask_ratios", "sparse_grids", "sparse_layout")
+    given = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None and k not in lists}
+    cfg = BenchConfig(**given, mask_ratios=ratios, sparse_grids=grids, sparse_layout=layout)
     report = run_bench(cfg, pick_device(args.device))
     print(format_report(report))
     if args.out:
@@ -347,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed repeats first (default 5)")
     p.add_argument("--repeats", type=int, help="timed repeats; the median is reported (default 20)")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: measured with a dense matmul)")
+    p.add_argument("--sparse-grids", help="also compare SparseDiT with these grid schedules, separated by spaces, e.g. '6:10 8 1=6,0.2=10'")
+    p.add_argument("--sparse-layout", default="2,4,3,1", help="SparseDiT layout: Poolingformers,modules,sparse blocks,dense blocks per module (default 2,4,3,1)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", help="write the report as JSON here")
     p.set_defaults(func=cmd_bench)

@@ -52,3 +52,14 @@ def test_bench_bad_input_is_one_line(argv, message, capsys):
     assert main(["bench", *args, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_bench_compares_sparsedit_with_its_dense_source(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", *SMALL, "--mask-ratios", "0", "--sparse-grids", "2:4 8", "--sparse-layout", "1,1,1,0", "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["sparsedit"]
+    assert [r["grid"] for r in rows] == ["dense", "2:4", "8"]
+    dense_cfg = SiT(ModelConfig(preset="SiT-Nano/4", input_size=[32, 32], in_channels=1, num_classes=10, fusion="none", path_drop_prob=0.0)).config
+    assert rows[0]["gflops_per_image"] * 4 * 1e9 == pytest.approx(2 * forward_flops(dense_cfg, 2 * 4))  # 2 CFG steps of 2 x 4
+    assert rows[1]["flops_vs_dense"] < rows[2]["flops_vs_dense"] < 1.0 and rows[0]["speedup_vs_dense"] == 1.0

@@ -7,8 +7,8 @@ from sprintdit.density import SparseConfig, parse_schedule, pooled_centres, side
 from sprintdit.errors import UserError
 from sprintdit.flops import forward_flops
 from sprintdit.models import SiT, SparseDiT, resolve_model_config
-from sprintdit.models.sparsedit import PoolingAttention, Recover, pool_tokens, sparsify_state_dict, upsample_tokens
 from sprintdit.models.sit import modulate
+from sprintdit.models.sparsedit import PoolingAttention, Recover, pool_tokens, sparsify_state_dict, upsample_tokens
 
 LAYOUT = SparseConfig(grid="2:4", pool_depth=1, modules=2, sparse_depth=1, dense_depth=0)  # 1 + 2 x 3 blocks, 1 top
 
