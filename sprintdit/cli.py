@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import UserError
+from .sampling import SAMPLERS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEMO_CONFIG = "fashion_mnist_sprint"
@@ -265,6 +266,8 @@ def cmd_sparsify(args) -> int:
     from .models import SparseDiT, resolve_model_config
     from .models.sparsedit import sparsify_state_dict
 
+    if Path(args.out).exists():
+        raise UserError(f"{args.out} already exists; choose a new --out")
     path = resolve_weights(args.checkpoint, use_ema=not args.no_ema)
     state, run = load_weights(path)
     dense = run.model
@@ -301,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-label", type=int, default=1, help="samples per label (default 1); the grid has one row per label")
     p.add_argument("--seeds", help="one seed per sample, e.g. 0-99 (default: consecutive from --seed-start)")
     p.add_argument("--seed-start", type=int, default=0, help="first seed when --seeds is not given (default 0)")
-    p.add_argument("--sampler", choices=("euler", "heun", "sde"), help="default: the run's sample.sampler")
+    p.add_argument("--sampler", choices=SAMPLERS, help="flow: euler | heun | sde; ddpm objective: ddpm | ddim (default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--guidance", choices=("none", "cfg", "pdg"), help="pdg: Path-Drop Guidance; cfg: classifier-free")
     p.add_argument("--scale", type=float, help="guidance scale (default: the run's sample.scale)")
@@ -327,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, help="images per feature-network forward")
     p.add_argument("--write-ref", help="with --samples REAL.npz: write a reference batch (the images and each network's statistics) here")
     p.add_argument("--save-samples", action="store_true", help="also write the generated batch as an ADM-layout npz")
-    p.add_argument("--sampler", choices=("euler", "heun", "sde"), help="default: the run's sample.sampler")
+    p.add_argument("--sampler", choices=SAMPLERS, help="flow: euler | heun | sde; ddpm objective: ddpm | ddim (default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--guidance", choices=("none", "cfg", "pdg"), help="default: the run's sample.guidance")
     p.add_argument("--scale", type=float, help="guidance scale (default: the run's sample.scale)")

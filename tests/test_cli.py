@@ -3,8 +3,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from sprintdit.cli import main
+from sprintdit.cli import build_parser, main
 
 TINY = ["model.preset=SiT-Nano/4", "train.batch_size=4", "train.log_every=1", "train.sample_every=2",
         "stages=[{name: pre, steps: 1, mask_ratio: 0.75}, {name: ft, steps: 1, mask_ratio: 0}]", "sample.steps=2"]
@@ -74,11 +75,13 @@ def test_exit_code_from_a_real_process(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "evaluate", "bench", "demo"])
-def test_help_documents_every_option(command, capsys):
-    from sprintdit.cli import build_parser
+def subcommands() -> dict:
+    return next(a for a in build_parser()._actions if a.dest == "command").choices
 
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+
+@pytest.mark.parametrize("command", list(subcommands()))
+def test_help_documents_every_option(command, capsys):
+    sub = subcommands()[command]
     undocumented = [a.dest for a in sub._actions if not a.help]
     assert not undocumented
     with pytest.raises(SystemExit) as exit_info:
@@ -86,3 +89,44 @@ def test_help_documents_every_option(command, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert all(a.option_strings[-1] in text for a in sub._actions if a.option_strings)
+
+
+DENSE = ["model.preset=SiT-Nano/4", "model.fusion=none", "model.path_drop_prob=0", "train.batch_size=4", "train.log_every=1",
+         "train.sample_every=0", "stages=[{name: dense, steps: 2, mask_ratio: 0}]", "sample.steps=2", "sample.guidance=cfg"]
+
+
+def test_sparsify_finetune_sample_end_to_end(fmnist_dir, tmp_path, capsys):
+    dense, init, tuned = tmp_path / "dense", tmp_path / "init", tmp_path / "tuned"
+    assert run_cli(capsys, "train", "--config", "fashion_mnist_dense", "--out", str(dense), "--no-progress", f"data.root={fmnist_dir}", *DENSE)[0] == 0
+    code, out, _ = run_cli(capsys, "sparsify", "--checkpoint", str(dense), "--out", str(init), "--sparse-grid", "2:4",
+                           "--pool-depth", "1", "--modules", "1", "--sparse-depth", "1", "--dense-depth", "0")
+    assert code == 0 and "of dense" in out
+    code, out, _ = run_cli(capsys, "train", "--config", "fashion_mnist_sparsedit", "--out", str(tuned), "--no-progress",
+                           f"data.root={fmnist_dir}", f"train.init_from={init}", "train.batch_size=4", "stages.0.steps=2", "sample.steps=2")
+    assert code == 0
+    from sprintdit.checkpoint import load_model
+
+    model, cfg = load_model(tuned)
+    assert cfg.model.arch == "sparsedit" and cfg.model.sparse.grid == "2:4" and type(model).__name__ == "SparseDiT"
+    start, _ = load_model(init)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))  # it trained
+    code, _, _ = run_cli(capsys, "sample", "--checkpoint", str(tuned), "--out", str(tmp_path / "s"), "--labels", "0-1", "--steps", "2", "--no-progress")
+    assert code == 0 and np.load(tmp_path / "s" / "cfg_euler2_s4.npz")["arr_0"].shape == (2, 32, 32, 1)
+    # a model section beside init_from, an existing --out: one line each
+    code, _, err = run_cli(capsys, "train", "--config", "fashion_mnist_sparsedit", "--out", str(tmp_path / "x"), f"train.init_from={init}", "model.depth=3")
+    assert code == 2 and "come from train.init_from" in err
+    code, _, err = run_cli(capsys, "sparsify", "--checkpoint", str(dense), "--out", str(init))
+    assert code == 2 and "already exists" in err
+
+
+def test_ddpm_objective_trains_and_samples(fmnist_dir, tmp_path, capsys):
+    run = tmp_path / "ddpm"
+    code, _, _ = run_cli(capsys, "train", "--config", "fashion_mnist_dense", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}",
+                         *DENSE, "objective.kind=ddpm", "model.learn_sigma=true", "model.time_scale=1000", "sample.sampler=ddpm")
+    assert code == 0
+    for sampler in ("ddpm", "ddim"):
+        code, _, _ = run_cli(capsys, "sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--labels", "3", "--sampler", sampler,
+                             "--steps", "3", "--no-progress")
+        assert code == 0 and (tmp_path / "s" / f"cfg_{sampler}3_s4.npz").is_file()
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--sampler", "euler", "--no-progress")
+    assert code == 2 and "does not fit" in err
