@@ -12,12 +12,14 @@ import torch
 
 from .errors import UserError
 
+KINDS = ("flow", "ddpm")
 PATHS = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
 @dataclass
 class ObjectiveConfig:
+    kind: str = "flow"  # flow (matching, velocity) | ddpm (DiT's: epsilon prediction, integer timesteps)
     path: str = "linear"  # linear: x_t = (1-t) x0 + t eps | cosine: cos(pi t/2) x0 + sin(pi t/2) eps
     time_sampling: str = "logit_normal"  # uniform | logit_normal (the SPRINT release's "lognormal")
     logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2))
@@ -25,6 +27,8 @@ class ObjectiveConfig:
     label_dropout: float = 0.1  # probability of training on the null label (enables guidance)
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UserError(f"objective.kind is {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.path not in PATHS:
             raise UserError(f"objective.path is {self.path!r}; choose one of {', '.join(PATHS)}")
         if self.time_sampling not in TIME_SAMPLINGS:
@@ -41,6 +45,8 @@ def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class FlowMatching:
     def __init__(self, cfg: ObjectiveConfig, null_class: int):
+        if cfg.kind != "flow":
+            raise UserError(f"objective.kind {cfg.kind!r} is not flow matching; this version trains and samples flow runs only")
         self.cfg = cfg
         self.null_class = null_class
 

@@ -130,7 +130,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos absolute embedding (N, dim): first half encodes the row, second half the column."""
+    """Fixed 2D sin-cos absolute embedding (N, dim), tokens in raster order (DiT's table).
+
+    First half of the channels encodes the column, second half the row; each half is [sin, cos] of
+    pos * w_i with w_i = 10000^(-i / (dim/4)), i < dim/4.
+    """
 
     def axis(pos: torch.Tensor, d: int) -> torch.Tensor:
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
@@ -138,7 +142,7 @@ def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
         return torch.cat([out.sin(), out.cos()], dim=1)
 
     rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-    return torch.cat([axis(rows, dim // 2), axis(cols, dim // 2)], dim=1).float()
+    return torch.cat([axis(cols, dim // 2), axis(rows, dim // 2)], dim=1).float()
 
 
 # ----------------------------------------------------------------------------------- layers
