@@ -177,6 +177,11 @@ class PatchEmbed(nn.Module):
         return self.proj(patchify(x, self.patch_size))  # (B, N, D)
 
 
+def timestep_frequencies(half: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(half,) frequencies of the sinusoidal timestep features: exp(-ln(10000) i / half), in float32 (as DiT)."""
+    return torch.exp(-math.log(10000) * torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, time_scale: float, freq_dim: int = TIMESTEP_FREQ_DIM):
         super().__init__()
@@ -185,9 +190,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (t.float() * self.time_scale)[:, None] * freqs  # (B, half)
+        args = (t.float() * self.time_scale)[:, None] * timestep_frequencies(self.freq_dim // 2, t.device)  # (B, half)
         features = torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype)
         return self.mlp(features)  # (B, D)
 
