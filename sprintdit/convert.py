@@ -25,7 +25,7 @@ import argparse
 import math
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -47,7 +47,7 @@ SAFE_PICKLE_TYPES = [argparse.Namespace]
 SPRINT_STAGES = ("encoder_blocks", "middle_blocks", "decoder_blocks")
 SPRINT_PATCH_SIZE = 2  # the release hard-codes patch size 2
 SPRINT_PATH_DROP = 0.1  # the release's path-drop probability (a training setting, not in the weights)
-DROPPED = {"dit": ("pos_embed",), "sit": ("pos_embed",), "sprint": ("projectors.",)}
+DROPPED = {"dit": (), "sit": (), "sprint": ("projectors.",)}  # key prefixes with no counterpart (pos_embed: checked, then dropped)
 POS_EMBED_ATOL = 1e-5  # released tables are float32 copies of a float64 computation
 MASK_TOKEN_SEED = 0  # dense sources have no MASK token: ours is drawn as in training, reproducibly
 DENSE_GUIDANCE_SCALE = 1.5  # DiT's and SiT's FID setting (classifier-free guidance)
@@ -121,9 +121,10 @@ def state_dicts(obj: object, path: Path) -> tuple[dict, dict]:
     if not entries:
         state = strip_wrappers(obj, path)
         return state, state
-    model = strip_wrappers(entries.get("model", entries.get("ema")), path)
-    ema = strip_wrappers(entries["ema"], path) if "ema" in entries else model
-    return model, ema
+    model_raw = entries.get("model", entries.get("ema"))
+    ema_raw = entries.get("ema", model_raw)
+    model = strip_wrappers(model_raw, path)
+    return model, model if ema_raw is model_raw else strip_wrappers(ema_raw, path)
 
 
 # ----------------------------------------------------------------------------------- architecture
@@ -182,7 +183,7 @@ def input_grid(state: dict, opts: ConvertOptions, patch: int) -> list[int]:
     return [side * patch, side * patch]
 
 
-def head_count(state: dict, opts: ConvertOptions, hidden: int, first_block: str, notes: list[str]) -> int:
+def head_count(state: dict, opts: ConvertOptions, preset: Optional[str], hidden: int, first_block: str, notes: list[str]) -> int:
     """From the per-head q_norm weight when there is one, else --num-heads, the preset, or the size of that width."""
     if f"{first_block}attn.q_norm.weight" in state:
         head_dim = state[f"{first_block}attn.q_norm.weight"].shape[0]
@@ -191,8 +192,8 @@ def head_count(state: dict, opts: ConvertOptions, hidden: int, first_block: str,
         return hidden // head_dim
     if opts.num_heads is not None:
         return opts.num_heads
-    if opts.preset is not None:
-        return PRESETS[opts.preset]["num_heads"]
+    if preset is not None:
+        return PRESETS[preset]["num_heads"]
     by_width = {d: (name, heads) for name, (d, _, heads) in SIZES.items()}
     if hidden not in by_width:
         raise UserError(f"width {hidden} is no preset size's: give --num-heads (the head count is not stored in the weights)")
@@ -213,7 +214,7 @@ def canonical_preset(name: Optional[str]) -> Optional[str]:
 
 def infer_model_config(state: dict, opts: ConvertOptions, notes: list[str]) -> ModelConfig:
     """Our model config for the tensors of a source checkpoint (sizes from shapes, conventions from the source)."""
-    opts.preset = canonical_preset(opts.preset)
+    preset = canonical_preset(opts.preset)
     hidden, patch, channels = patch_geometry(state, opts)
     prefixes = stage_prefixes(state, opts.source)
     if not prefixes:
@@ -223,17 +224,15 @@ def infer_model_config(state: dict, opts: ConvertOptions, notes: list[str]) -> M
     if out_rows not in (patch * patch * channels, 2 * patch * patch * channels):
         raise UserError(f"final_layer.linear.weight has {out_rows} rows; patch {patch} and {channels} channels need {patch * patch * channels} or twice that")
     sizes = dict(hidden_size=hidden, depth=len(prefixes), patch_size=patch)
-    if opts.preset is not None:
-        wrong = {k: v for k, v in PRESETS[opts.preset].items() if k in sizes and sizes[k] != v}
-        if wrong:
-            raise UserError(f"the tensors give {sizes}, not preset {opts.preset}'s {PRESETS[opts.preset]}")
+    if preset is not None and any(sizes[k] != PRESETS[preset][k] for k in sizes):
+        raise UserError(f"the tensors give {sizes}, not preset {preset}'s {PRESETS[preset]}")
     fusion = "concat_linear" if "renoise_linear.weight" in state else "none"
     cfg = ModelConfig(
         **sizes,
         input_size=input_grid(state, opts, patch),
         in_channels=channels,
         num_classes=tensor(state, "y_embedder.embedding_table.weight", 2, opts.source).shape[0] - 1,  # + the null row
-        num_heads=head_count(state, opts, hidden, first, notes),
+        num_heads=head_count(state, opts, preset, hidden, first, notes),
         mlp_ratio=tensor(state, f"{first}mlp.fc1.weight", 2, opts.source).shape[0] / hidden,
         mlp="gelu",
         pos_embed="rope" if opts.source == "sprint" else "sincos",
@@ -246,8 +245,8 @@ def infer_model_config(state: dict, opts: ConvertOptions, notes: list[str]) -> M
         path_drop_prob=SPRINT_PATH_DROP if fusion == "concat_linear" else 0.0,
     )
     cfg = resolve_model_config(cfg)
-    cfg.preset = next((name for name, p in PRESETS.items() if p == {k: getattr(cfg, k) for k in p}), None)
-    return cfg
+    matching = next((name for name, p in PRESETS.items() if p == {k: getattr(cfg, k) for k in p}), None)
+    return replace(cfg, preset=matching)  # names the sizes; every size is set explicitly
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -261,11 +260,38 @@ def key_map(cfg: ModelConfig, source: str, prefixes: list[str]) -> dict[str, str
     return renamed
 
 
-def rename(key: str, mapping: dict[str, str]) -> str:
+def rename(key: str, mapping: dict[str, str], inverse: bool = False) -> str:
     for new, old in mapping.items():
-        if key.startswith(old):
-            return new + key[len(old):]
+        src, dst = (new, old) if inverse else (old, new)
+        if key.startswith(src):
+            return dst + key[len(src):]
     return key
+
+
+def source_shapes(cfg: ModelConfig, source: str, mapping: dict[str, str]) -> dict[str, torch.Size]:
+    """Every key (source naming) and shape a source checkpoint of this architecture has, bar DROPPED ones."""
+    with torch.device("meta"):
+        ours = SiT(cfg).state_dict()
+    shapes = {rename(k, mapping, inverse=True): v.shape for k, v in ours.items()}
+    if source != "sprint":  # Conv2d patch embedding, fixed positions, no MASK token
+        d, p = cfg.hidden_size, cfg.patch_size
+        shapes["x_embedder.proj.weight"] = torch.Size([d, cfg.in_channels, p, p])
+        shapes["pos_embed"] = torch.Size([1, cfg.grid[0] * cfg.grid[1], d])
+        del shapes["mask_token"]
+    return shapes
+
+
+def check_layout(state: dict, cfg: ModelConfig, source: str, mapping: dict[str, str]) -> None:
+    """Every source key known and present with the shape this architecture needs: nothing dropped silently."""
+    expected = source_shapes(cfg, source, mapping)
+    for key in state:
+        if key not in expected and not key.startswith(DROPPED[source]):
+            raise UserError(f"unexpected '{key}' in a {source} checkpoint (no counterpart in our network)")
+    for key, shape in expected.items():
+        if key not in state:
+            raise UserError(f"the {source} checkpoint lacks '{key}' (shape {list(shape)} for this model)")
+        if state[key].shape != shape:
+            raise UserError(f"'{key}' has shape {list(state[key].shape)}; this model needs {list(shape)} there")
 
 
 def dit_final_rows(w: torch.Tensor, patch: int) -> torch.Tensor:
@@ -275,10 +301,7 @@ def dit_final_rows(w: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def check_pos_embed(pos: torch.Tensor, cfg: ModelConfig) -> None:
-    table = sincos_2d(cfg.grid, cfg.hidden_size)  # (N, D)
-    if pos.shape[1:] != table.shape:
-        raise UserError(f"pos_embed has shape {list(pos.shape)}, expected [1, {table.shape[0]}, {table.shape[1]}] for a {cfg.grid[0]}x{cfg.grid[1]} grid")
-    diff = (pos[0].double() - table.double()).abs().max().item()
+    diff = (pos[0].double() - sincos_2d(cfg.grid, cfg.hidden_size).double()).abs().max().item()
     if diff > POS_EMBED_ATOL:
         raise UserError(f"pos_embed is not the fixed 2D sin-cos table of a {cfg.grid[0]}x{cfg.grid[1]} grid (max difference {diff:.3g}); was it trained?")
 
@@ -294,8 +317,7 @@ def fold_sit_time(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     w = timestep_frequencies(half).double()  # (half,)
     first = state["t_embedder.mlp.0.weight"].double()  # (D, 2 * half): [cos features, sin features]
     w_cos, w_sin = first[:, :half], first[:, half:]
-    folded = torch.cat([w_cos * w.cos() + w_sin * w.sin(), w_cos * w.sin() - w_sin * w.cos()], dim=1)
-    out["t_embedder.mlp.0.weight"] = folded.float()
+    out["t_embedder.mlp.0.weight"] = torch.cat([w_cos * w.cos() + w_sin * w.sin(), w_cos * w.sin() - w_sin * w.cos()], dim=1).float()
     velocity_rows = cfg.in_channels * cfg.patch_size**2  # our order (c, p_row, p_col): channels < C first
     for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
         sign = torch.ones(state[name].shape[0])
@@ -305,44 +327,20 @@ def fold_sit_time(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
 
 
 def convert_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str, notes: list[str]) -> dict[str, torch.Tensor]:
-    """Source tensors -> our state dict (float32), checked key by key and shape by shape against our network."""
-    prefixes = stage_prefixes(state, source)
-    mapping = key_map(cfg, source, prefixes)
-    dropped = sorted(k for k in state if k.startswith(DROPPED[source]))
-    if source == "sprint" and dropped:
+    """Source tensors -> our state dict (float32); the layout is checked first, so every step below is exact."""
+    mapping = key_map(cfg, source, stage_prefixes(state, source))
+    check_layout(state, cfg, source, mapping)
+    dropped = [k for k in state if k.startswith(DROPPED[source])]
+    if dropped:
         notes.append(f"dropped the REPA projection head ({len(dropped)} tensors under projectors.): our network has none")
     out = {rename(k, mapping): v.float() for k, v in state.items() if k not in dropped}
     if source != "sprint":
-        check_pos_embed(state["pos_embed"], cfg)
-        out["x_embedder.proj.weight"] = out["x_embedder.proj.weight"].flatten(1)  # (D, C, p, p) -> (D, C*p*p)
+        check_pos_embed(out.pop("pos_embed"), cfg)
+        out["x_embedder.proj.weight"] = out["x_embedder.proj.weight"].flatten(1)  # (D, C, p, p) -> (D, C*p*p), same order
         for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
             out[name] = dit_final_rows(out[name], cfg.patch_size)
         out["mask_token"] = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(MASK_TOKEN_SEED)) * cfg.mask_token_std
-    if source == "sit":
-        out = fold_sit_time(out, cfg)
-    check_against_model(out, state, cfg, source, mapping)
-    return out
-
-
-def check_against_model(out: dict, state: dict, cfg: ModelConfig, source: str, mapping: dict[str, str]) -> None:
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in SiT(cfg).state_dict().items()}
-    for key in out:
-        if key not in expected:
-            raise UserError(f"unexpected '{rename_back(key, mapping)}' in a {source} checkpoint (no counterpart in the {source} layout this model has)")
-    for key, shape in expected.items():
-        if key not in out:
-            raise UserError(f"the {source} checkpoint lacks '{rename_back(key, mapping)}' (shape {list(shape)} for this model)")
-        if out[key].shape != shape:
-            src = rename_back(key, mapping)
-            raise UserError(f"'{src}' has shape {list(state[src].shape)}; this model needs {list(shape)} there")
-
-
-def rename_back(key: str, mapping: dict[str, str]) -> str:
-    for new, old in mapping.items():
-        if key.startswith(new):
-            return old + key[len(new):]
-    return key
+    return fold_sit_time(out, cfg) if source == "sit" else out
 
 
 def convert(path: Path, opts: ConvertOptions) -> Converted:

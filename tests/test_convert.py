@@ -342,6 +342,9 @@ def test_cli_converts_a_dit_training_checkpoint(tmp_path, capsys):
             torch.testing.assert_close(model.double()(x, t, y), dit_reference(sd, x, t, y), rtol=0, atol=1e-5)
     code, _, err = run_cli(capsys, "convert", "--from", "dit", "--checkpoint", path, "--out", run)
     assert code == 2 and "not empty" in err
+    # no DDPM sampler yet: refused in one line rather than integrating epsilon as a velocity
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", run, "--out", tmp_path / "s", "--no-progress")
+    assert code == 2 and "'ddpm'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_converted_sit_samples(tmp_path, capsys):
