@@ -174,8 +174,9 @@ def input_grid(state: dict, opts: ConvertOptions, patch: int) -> list[int]:
         return list(opts.input_size)
     tokens = tensor(state, "pos_embed", 3, opts.source).shape[1]
     if opts.input_size is not None:
-        if math.prod(s // patch for s in opts.input_size) != tokens:
-            raise UserError(f"pos_embed has {tokens} positions but --input-size {opts.input_size} at patch {patch} gives another count")
+        given = math.prod(s // patch for s in opts.input_size)
+        if given != tokens:
+            raise UserError(f"pos_embed has {tokens} positions but --input-size {opts.input_size} at patch {patch} gives {given}")
         return list(opts.input_size)
     side = math.isqrt(tokens)
     if side * side != tokens:
