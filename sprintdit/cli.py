@@ -1,4 +1,4 @@
-"""Command line: `sprintdit train | sample | evaluate | bench | demo | convert`. A thin layer over the library; user mistakes end in
+"""Command line: `sprintdit train | sample | evaluate | demo`. A thin layer over the library; user mistakes end in
 one `error: ...` line and exit code 2."""
 from __future__ import annotations
 
@@ -267,7 +267,7 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sprintdit", description="Token-sparse diffusion transformers (SPRINT): train, sample, evaluate, bench, demo, convert.")
+    parser = argparse.ArgumentParser(prog="sprintdit", description="Token-sparse diffusion transformers (SPRINT): train, sample, evaluate, demo.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a run (all its stages); re-running on the same --out resumes exactly")
