@@ -60,10 +60,10 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict
     return final
 
 
-def save_weights_folder(folder: Path, state: dict, config_yaml: str) -> Path:
-    """A checkpoint folder without training state (e.g. a sparsified or imported model): config.yaml and the
-    weights as both model.safetensors and ema.safetensors. Written atomically; `sample`, `evaluate` and
-    `train.init_from` accept it."""
+def save_weights_folder(folder: Path, model_state: dict, ema_state: dict, config_yaml: str) -> Path:
+    """A checkpoint folder without training state (a sparsified or imported model): config.yaml,
+    model.safetensors and ema.safetensors. Written atomically; `sample`, `evaluate` and `train.init_from`
+    accept it."""
     folder = Path(folder)
     if folder.exists():
         raise UserError(f"{folder} already exists; choose a new --out")
@@ -71,10 +71,10 @@ def save_weights_folder(folder: Path, state: dict, config_yaml: str) -> Path:
     tmp = folder.parent / f".tmp_{folder.name}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     meta = {"config": config_yaml, "step": "0", "format": "sprintdit"}
-    for name in FILES[:2]:
-        _fsync_write(tmp / name, lambda p: save_file(tensors, str(p), metadata=meta))
+    for name, state in zip(FILES[:2], (model_state, ema_state)):
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        _fsync_write(tmp / name, lambda p, t=tensors: save_file(t, str(p), metadata=meta))
     _fsync_write(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
     os.rename(tmp, folder)
     return folder

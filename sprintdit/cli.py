@@ -278,10 +278,26 @@ def cmd_sparsify(args) -> int:
     sparse_state = sparsify_state_dict(state, sparse_cfg)
     SparseDiT(sparse_cfg).load_state_dict(sparse_state)  # the mapping covers the whole network
     sample = replace(run.sample, guidance="cfg") if run.sample.guidance == "pdg" else run.sample
-    out = save_weights_folder(Path(args.out), sparse_state, to_yaml(replace(run, model=sparse_cfg, sample=sample)))
+    out = save_weights_folder(Path(args.out), sparse_state, sparse_state, to_yaml(replace(run, model=sparse_cfg, sample=sample)))
     ratio = mean_forward_flops(sparse_cfg, 1) / forward_flops(dense, 1)
     print(f"SparseDiT from {path}: grid {sparse_cfg.sparse.grid} on {dense.grid[0]}x{dense.grid[1]} tokens, "
           f"forward FLOPs {ratio:.1%} of dense (average over t); wrote {out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import ConvertOptions, convert, describe, write_run
+
+    size = parse_ints(args.input_size, "--input-size") if args.input_size else None
+    if size is not None and len(size) not in (1, 2):
+        raise UserError(f"--input-size must be N or H,W, got {args.input_size!r}")
+    square = size is not None and len(size) == 1
+    opts = ConvertOptions(args.source, size * 2 if square else size, args.patch_size, args.num_heads, args.preset)
+    converted = convert(Path(args.checkpoint), opts)
+    for note in converted.notes:
+        print(f"note: {note}")
+    folder = write_run(Path(args.out), converted, args.source)
+    print(f"converted {describe(converted, args.source)} from {args.checkpoint} -> {folder}")
     return 0
 
 
@@ -380,6 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="import a released SPRINT, SiT or DiT checkpoint as a run folder that sample and evaluate accept")
+    p.add_argument("--from", dest="source", required=True, choices=("sprint", "sit", "dit"),
+                   help="sprint: the SPRINT release; sit: willisma/SiT (linear path, velocity); dit: facebookresearch/DiT")
+    p.add_argument("--checkpoint", required=True, help=".safetensors, or .pt/.pth read with weights_only: a state dict or a training dict (model, ema)")
+    p.add_argument("--out", required=True, help="new run folder: config.yaml and checkpoints/step_00000000/{model,ema}.safetensors")
+    p.add_argument("--input-size", help="model input N or H,W (latents: image side / 8); default from DiT/SiT pos_embed; required for sprint")
+    p.add_argument("--patch-size", type=int, help="sprint only (its patch embedding is a Linear): default 2, the release's")
+    p.add_argument("--num-heads", type=int, help="attention heads when the weights cannot tell (no q_norm): default from --preset or the preset size of that width (e.g. 1152: 16)")
+    p.add_argument("--preset", help="e.g. DiT-XL/2 or SiT-XL/2: the sizes are checked against the tensors and give the head count")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

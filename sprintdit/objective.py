@@ -57,6 +57,8 @@ def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class FlowMatching:
     def __init__(self, cfg: ObjectiveConfig, null_class: int):
+        if cfg.kind != "flow":
+            raise UserError(f"objective.kind {cfg.kind!r} is not flow matching; this version trains and samples flow runs only")
         self.cfg = cfg
         self.null_class = null_class
 

@@ -153,7 +153,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos absolute embedding (N, dim): first half encodes the row, second half the column."""
+    """Fixed 2D sin-cos absolute embedding (N, dim), tokens in raster order (DiT's table).
+
+    First half of the channels encodes the column, second half the row; each half is [sin, cos] of
+    pos * w_i with w_i = 10000^(-i / (dim/4)), i < dim/4.
+    """
 
     def axis(pos: torch.Tensor, d: int) -> torch.Tensor:
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
@@ -161,7 +165,7 @@ def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
         return torch.cat([out.sin(), out.cos()], dim=1)
 
     rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-    return torch.cat([axis(rows, dim // 2), axis(cols, dim // 2)], dim=1).float()
+    return torch.cat([axis(cols, dim // 2), axis(rows, dim // 2)], dim=1).float()
 
 
 # ----------------------------------------------------------------------------------- layers
@@ -196,6 +200,11 @@ class PatchEmbed(nn.Module):
         return self.proj(patchify(x, self.patch_size))  # (B, N, D)
 
 
+def timestep_frequencies(half: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(half,) frequencies of the sinusoidal timestep features: exp(-ln(10000) i / half), in float32 (as DiT)."""
+    return torch.exp(-math.log(10000) * torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, time_scale: float, freq_dim: int = TIMESTEP_FREQ_DIM):
         super().__init__()
@@ -204,10 +213,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         scaled = (t.double() * self.time_scale).float()  # in float64 first: t = k / 1000 (float64) gives exactly k
-        args = scaled[:, None] * freqs  # (B, half)
+        args = scaled[:, None] * timestep_frequencies(self.freq_dim // 2, t.device)  # (B, half)
         features = torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype)
         return self.mlp(features)  # (B, D)
 

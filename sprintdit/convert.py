@@ -1,0 +1,393 @@
+"""Import released checkpoints as sprintdit run folders: the SPRINT release, willisma/SiT, facebookresearch/DiT.
+
+    sprintdit convert --from dit --checkpoint DiT-XL-2-256x256.pt --out runs/dit-xl-2
+    -> OUT/config.yaml, OUT/model.safetensors, OUT/ema.safetensors (a checkpoint folder, no training state)
+
+Reading never unpickles arbitrary objects: safetensors, or torch.load(weights_only=True) with one extra
+allowed type, argparse.Namespace (the DiT / SiT / SPRINT training scripts save their `args` as one).
+The architecture is inferred from the tensors; every source key is either mapped or dropped by name
+(DiT/SiT `pos_embed`, SPRINT `projectors.*`), and the result must match our network key by key and shape.
+
+Weight changes per source (the converted model computes what the released network computes):
+  dit     Conv2d patch weight (D, C, p, p) -> Linear (D, C*p*p), the same numbers; pos_embed checked against
+          our sin-cos table and dropped; final linear rows reordered from DiT's un-patchify order
+          (p_row, p_col, c) to ours (c, p_row, p_col). Dense model, DDPM objective; DiT embeds the integer
+          step k, ours t = k / T times model.time_scale = T.
+  sit     as dit, then SiT's time direction folded into the weights. SiT: x_s = s x0 + (1-s) eps (s = 1 is
+          data), prediction u = x0 - eps; ours: x_t = (1-t) x0 + t eps, v = eps - x0, so v(x, t) = -u(x, 1-t):
+          the velocity rows of the final linear are negated, and the timestep MLP's first layer absorbs the
+          fixed map [cos(t w), sin(t w)] -> [cos((1-t) w), sin((1-t) w)] (per frequency w). Flow objective.
+  sprint  {encoder,middle,decoder}_blocks.i -> blocks.j in that order, renoise_linear -> fusion; all other
+          tensors as they are (same patch order, RoPE, t = 1 is noise). projectors.* (REPA head) dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .checkpoint import save_weights_folder
+from .config import DataConfig, RunConfig, to_yaml
+from .errors import UserError
+from .models.sit import PRESETS, SIZES, TIMESTEP_FREQ_DIM, ModelConfig, SiT, resolve_model_config, sincos_2d, timestep_frequencies
+from .objective import ObjectiveConfig
+from .sampling import SampleConfig
+
+SOURCES = ("sprint", "sit", "dit")
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
+TRAINING_ENTRIES = ("model", "ema")  # a training checkpoint's weights; "opt", "args", "steps" are ignored
+SAFE_PICKLE_TYPES = [argparse.Namespace]
+SPRINT_STAGES = ("encoder_blocks", "middle_blocks", "decoder_blocks")
+SPRINT_PATCH_SIZE = 2  # the release hard-codes patch size 2
+SPRINT_PATH_DROP = 0.1  # the release's path-drop probability (a training setting, not in the weights)
+DROPPED = {"dit": (), "sit": (), "sprint": ("projectors.",)}  # key prefixes with no counterpart (pos_embed: checked, then dropped)
+POS_EMBED_ATOL = 1e-5  # released tables are float32 copies of a float64 computation
+MASK_TOKEN_SEED = 0  # dense sources have no MASK token: ours is drawn as in training, reproducibly
+DENSE_GUIDANCE_SCALE = 1.5  # DiT's and SiT's FID setting (classifier-free guidance)
+DDPM_STEPS = 1000  # DiT's training steps T (objective.num_timesteps)
+DIT_SAMPLING_STEPS = 250  # DiT's respaced DDPM sampling
+
+
+@dataclass
+class ConvertOptions:
+    source: str  # sprint | sit | dit
+    input_size: Optional[list[int]] = None  # [H, W] of the model input; DiT/SiT: default from pos_embed
+    patch_size: Optional[int] = None  # SPRINT stores a Linear patch embedding: default SPRINT_PATCH_SIZE
+    num_heads: Optional[int] = None  # default: from q_norm (SPRINT), the preset, or the preset size of that width
+    preset: Optional[str] = None  # e.g. DiT-XL/2 or SiT-XL/2: sizes checked against the tensors
+
+
+@dataclass
+class Converted:
+    model: ModelConfig
+    weights: dict[str, torch.Tensor]  # "model" entry (or the plain state dict)
+    ema: dict[str, torch.Tensor]  # "ema" entry (or the plain state dict)
+    notes: list[str]
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def read_checkpoint(path: Path) -> object:
+    """The file's top-level object, read without unpickling anything but tensors, containers and Namespaces."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UserError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    try:
+        with torch.serialization.safe_globals(SAFE_PICKLE_TYPES):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        what = found.group(1) if found else "objects other than tensors"
+        raise UserError(
+            f"refusing to unpickle {path}: it holds {what}; where you trust the file, re-save its weights alone "
+            "(torch.save(ckpt['ema'], 'ema.pt'), or safetensors) and convert that"
+        ) from None
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise UserError(f"{path} is not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
+
+
+def strip_wrappers(state: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Keys without `_orig_mod.` / `module.` prefixes; every value must be a tensor."""
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: '{key}' is a {type(value).__name__}, not a tensor (expected a state dict)")
+        name = key
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in out:
+            raise UserError(f"{path}: '{key}' and another key both name '{name}' once wrapper prefixes are removed")
+        out[name] = value
+    return out
+
+
+def state_dicts(obj: object, path: Path) -> tuple[dict, dict]:
+    """(model, EMA) state dicts: a training checkpoint's entries (either one standing in for a missing
+    other), or a plain state dict twice."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict or a training checkpoint")
+    entries = {k: obj[k] for k in TRAINING_ENTRIES if isinstance(obj.get(k), dict)}
+    if not entries:
+        state = strip_wrappers(obj, path)
+        return state, state
+    model_raw = entries.get("model", entries.get("ema"))
+    ema_raw = entries.get("ema", model_raw)
+    model = strip_wrappers(model_raw, path)
+    return model, model if ema_raw is model_raw else strip_wrappers(ema_raw, path)
+
+
+# ----------------------------------------------------------------------------------- architecture
+
+
+def tensor(state: dict, key: str, ndim: int, source: str) -> torch.Tensor:
+    if key not in state:
+        raise UserError(f"not a {source} checkpoint: it has no '{key}' (first keys: {', '.join(list(state)[:3])})")
+    if state[key].dim() != ndim:
+        raise UserError(f"'{key}' has shape {list(state[key].shape)}; a {source} checkpoint has a {ndim}-d tensor there")
+    return state[key]
+
+
+def block_count(state: dict, prefix: str) -> int:
+    """Number of blocks `prefix.{i}.*`, checking the indices run 0..n-1."""
+    found = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    if found != set(range(len(found))):
+        raise UserError(f"'{prefix}' block indices are not 0..{len(found) - 1}: {sorted(found)[:8]}")
+    return len(found)
+
+
+def stage_prefixes(state: dict, source: str) -> list[str]:
+    """Source prefixes of our blocks 0..depth-1, in order."""
+    if source != "sprint":
+        return [f"blocks.{i}." for i in range(block_count(state, "blocks"))]
+    return [f"{stage}.{i}." for stage in SPRINT_STAGES for i in range(block_count(state, stage))]
+
+
+def patch_geometry(state: dict, opts: ConvertOptions) -> tuple[int, int, int]:
+    """(hidden size, patch size, input channels) from the patch embedding."""
+    if opts.source == "sprint":  # Linear on C*p*p patch features
+        hidden, features = tensor(state, "x_embedder.proj.weight", 2, opts.source).shape
+        p = opts.patch_size or SPRINT_PATCH_SIZE
+        if features % (p * p):
+            raise UserError(f"x_embedder.proj.weight has {features} patch features, not a multiple of patch size {p} squared")
+        return hidden, p, features // (p * p)
+    hidden, channels, p, q = tensor(state, "x_embedder.proj.weight", 4, opts.source).shape  # Conv2d
+    if p != q or opts.patch_size not in (None, p):
+        raise UserError(f"x_embedder.proj.weight has shape {[hidden, channels, p, q]}: patch {p}x{q}, not {opts.patch_size or 'square'}")
+    return hidden, p, channels
+
+
+def input_grid(state: dict, opts: ConvertOptions, patch: int) -> list[int]:
+    if opts.source == "sprint" and opts.input_size is None:
+        raise UserError("the SPRINT release stores no positions: give --input-size (32 for 256px SD-VAE latents, 64 for 512px)")
+    if opts.source == "sprint":
+        return list(opts.input_size)
+    tokens = tensor(state, "pos_embed", 3, opts.source).shape[1]
+    if opts.input_size is not None:
+        given = math.prod(s // patch for s in opts.input_size)
+        if given != tokens:
+            raise UserError(f"pos_embed has {tokens} positions but --input-size {opts.input_size} at patch {patch} gives {given}")
+        return list(opts.input_size)
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise UserError(f"pos_embed has {tokens} positions, not a square grid: give --input-size H,W")
+    return [side * patch, side * patch]
+
+
+def head_count(state: dict, opts: ConvertOptions, preset: Optional[str], hidden: int, first_block: str, notes: list[str]) -> int:
+    """From the per-head q_norm weight when there is one, else --num-heads, the preset, or the size of that width."""
+    if f"{first_block}attn.q_norm.weight" in state:
+        head_dim = state[f"{first_block}attn.q_norm.weight"].shape[0]
+        if hidden % head_dim or opts.num_heads not in (None, hidden // head_dim):
+            raise UserError(f"'{first_block}attn.q_norm.weight' gives head dim {head_dim}, which does not fit width {hidden} / {opts.num_heads} heads")
+        return hidden // head_dim
+    if opts.num_heads is not None:
+        return opts.num_heads
+    if preset is not None:
+        return PRESETS[preset]["num_heads"]
+    by_width = {d: (name, heads) for name, (d, _, heads) in SIZES.items()}
+    if hidden not in by_width:
+        raise UserError(f"width {hidden} is no preset size's: give --num-heads (the head count is not stored in the weights)")
+    name, heads = by_width[hidden]
+    notes.append(f"{heads} heads assumed (size {name} has width {hidden}); give --num-heads if the run used another")
+    return heads
+
+
+def canonical_preset(name: Optional[str]) -> Optional[str]:
+    """`DiT-XL/2` and `SiT-XL/2` name the same sizes; ours are called SiT-*."""
+    if name is None:
+        return None
+    preset = "SiT-" + name.split("-", 1)[1] if name.startswith("DiT-") else name
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)} (or DiT-*)")
+    return preset
+
+
+def infer_model_config(state: dict, opts: ConvertOptions, notes: list[str]) -> ModelConfig:
+    """Our model config for the tensors of a source checkpoint (sizes from shapes, conventions from the source)."""
+    preset = canonical_preset(opts.preset)
+    hidden, patch, channels = patch_geometry(state, opts)
+    prefixes = stage_prefixes(state, opts.source)
+    if not prefixes:
+        raise UserError(f"not a {opts.source} checkpoint: it has no transformer blocks")
+    first = prefixes[0]
+    out_rows = tensor(state, "final_layer.linear.weight", 2, opts.source).shape[0]
+    if out_rows not in (patch * patch * channels, 2 * patch * patch * channels):
+        raise UserError(f"final_layer.linear.weight has {out_rows} rows; patch {patch} and {channels} channels need {patch * patch * channels} or twice that")
+    sizes = dict(hidden_size=hidden, depth=len(prefixes), patch_size=patch)
+    if preset is not None and any(sizes[k] != PRESETS[preset][k] for k in sizes):
+        raise UserError(f"the tensors give {sizes}, not preset {preset}'s {PRESETS[preset]}")
+    fusion = "concat_linear" if "renoise_linear.weight" in state else "none"
+    cfg = ModelConfig(
+        **sizes,
+        input_size=input_grid(state, opts, patch),
+        in_channels=channels,
+        num_classes=tensor(state, "y_embedder.embedding_table.weight", 2, opts.source).shape[0] - 1,  # + the null row
+        num_heads=head_count(state, opts, preset, hidden, first, notes),
+        mlp_ratio=tensor(state, f"{first}mlp.fc1.weight", 2, opts.source).shape[0] / hidden,
+        mlp="gelu",
+        pos_embed="rope" if opts.source == "sprint" else "sincos",
+        qk_norm=f"{first}attn.q_norm.weight" in state,
+        learn_sigma=out_rows == 2 * patch * patch * channels,
+        time_scale=float(DDPM_STEPS) if opts.source == "dit" else 1.0,
+        encoder_depth=block_count(state, SPRINT_STAGES[0]) if opts.source == "sprint" else 0,
+        decoder_depth=block_count(state, SPRINT_STAGES[2]) if opts.source == "sprint" else 0,
+        fusion=fusion,
+        path_drop_prob=SPRINT_PATH_DROP if fusion == "concat_linear" else 0.0,
+    )
+    cfg = resolve_model_config(cfg)
+    matching = next((name for name, p in PRESETS.items() if p == {k: getattr(cfg, k) for k in p}), None)
+    return replace(cfg, preset=matching)  # names the sizes; every size is set explicitly
+
+
+# ----------------------------------------------------------------------------------- weights
+
+
+def key_map(cfg: ModelConfig, source: str, prefixes: list[str]) -> dict[str, str]:
+    """Our key prefix -> the source's, for the renamed parts (blocks, fusion)."""
+    renamed = {f"blocks.{i}.": prefix for i, prefix in enumerate(prefixes)}
+    if source == "sprint" and cfg.fusion == "concat_linear":
+        renamed["fusion."] = "renoise_linear."
+    return renamed
+
+
+def rename(key: str, mapping: dict[str, str], inverse: bool = False) -> str:
+    for new, old in mapping.items():
+        src, dst = (new, old) if inverse else (old, new)
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return key
+
+
+def source_shapes(cfg: ModelConfig, source: str, mapping: dict[str, str]) -> dict[str, torch.Size]:
+    """Every key (source naming) and shape a source checkpoint of this architecture has, bar DROPPED ones."""
+    with torch.device("meta"):
+        ours = SiT(cfg).state_dict()
+    shapes = {rename(k, mapping, inverse=True): v.shape for k, v in ours.items()}
+    if source != "sprint":  # Conv2d patch embedding, fixed positions, no MASK token
+        d, p = cfg.hidden_size, cfg.patch_size
+        shapes["x_embedder.proj.weight"] = torch.Size([d, cfg.in_channels, p, p])
+        shapes["pos_embed"] = torch.Size([1, cfg.grid[0] * cfg.grid[1], d])
+        del shapes["mask_token"]
+    return shapes
+
+
+def check_layout(state: dict, cfg: ModelConfig, source: str, mapping: dict[str, str]) -> None:
+    """Every source key known and present with the shape this architecture needs: nothing dropped silently."""
+    expected = source_shapes(cfg, source, mapping)
+    for key in state:
+        if key not in expected and not key.startswith(DROPPED[source]):
+            raise UserError(f"unexpected '{key}' in a {source} checkpoint (no counterpart in our network)")
+    for key, shape in expected.items():
+        if key not in state:
+            raise UserError(f"the {source} checkpoint lacks '{key}' (shape {list(shape)} for this model)")
+        if state[key].shape != shape:
+            raise UserError(f"'{key}' has shape {list(state[key].shape)}; this model needs {list(shape)} there")
+
+
+def dit_final_rows(w: torch.Tensor, patch: int) -> torch.Tensor:
+    """Rows (or bias entries) in DiT's un-patchify order (p_row, p_col, c) -> ours (c, p_row, p_col)."""
+    rest = w.shape[1:]
+    return w.reshape(patch, patch, -1, *rest).movedim(2, 0).reshape(-1, *rest)
+
+
+def check_pos_embed(pos: torch.Tensor, cfg: ModelConfig) -> None:
+    diff = (pos[0].double() - sincos_2d(cfg.grid, cfg.hidden_size).double()).abs().max().item()
+    if diff > POS_EMBED_ATOL:
+        raise UserError(f"pos_embed is not the fixed 2D sin-cos table of a {cfg.grid[0]}x{cfg.grid[1]} grid (max difference {diff:.3g}); was it trained?")
+
+
+def fold_sit_time(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Weights whose output at t is minus SiT's at 1 - t on the velocity channels (see the module docstring).
+
+    cos((1-t)w) = cos(w) cos(tw) + sin(w) sin(tw) and sin((1-t)w) = sin(w) cos(tw) - cos(w) sin(tw), so the
+    first timestep layer W = [W_cos, W_sin] becomes [W_cos cos(w) + W_sin sin(w), W_cos sin(w) - W_sin cos(w)].
+    """
+    out = dict(state)
+    half = TIMESTEP_FREQ_DIM // 2
+    w = timestep_frequencies(half).double()  # (half,)
+    first = state["t_embedder.mlp.0.weight"].double()  # (D, 2 * half): [cos features, sin features]
+    w_cos, w_sin = first[:, :half], first[:, half:]
+    out["t_embedder.mlp.0.weight"] = torch.cat([w_cos * w.cos() + w_sin * w.sin(), w_cos * w.sin() - w_sin * w.cos()], dim=1).float()
+    velocity_rows = cfg.in_channels * cfg.patch_size**2  # our order (c, p_row, p_col): channels < C first
+    for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        sign = torch.ones(state[name].shape[0])
+        sign[:velocity_rows] = -1
+        out[name] = state[name] * sign.reshape(-1, *([1] * (state[name].dim() - 1)))
+    return out
+
+
+def convert_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str, notes: list[str]) -> dict[str, torch.Tensor]:
+    """Source tensors -> our state dict (float32); the layout is checked first, so every step below is exact."""
+    mapping = key_map(cfg, source, stage_prefixes(state, source))
+    check_layout(state, cfg, source, mapping)
+    dropped = [k for k in state if k.startswith(DROPPED[source])]
+    if dropped:
+        notes.append(f"dropped the REPA projection head ({len(dropped)} tensors under projectors.): our network has none")
+    out = {rename(k, mapping): v.float() for k, v in state.items() if k not in dropped}
+    if source != "sprint":
+        check_pos_embed(out.pop("pos_embed"), cfg)
+        out["x_embedder.proj.weight"] = out["x_embedder.proj.weight"].flatten(1)  # (D, C, p, p) -> (D, C*p*p), same order
+        for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
+            out[name] = dit_final_rows(out[name], cfg.patch_size)
+        out["mask_token"] = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(MASK_TOKEN_SEED)) * cfg.mask_token_std
+    return fold_sit_time(out, cfg) if source == "sit" else out
+
+
+def convert(path: Path, opts: ConvertOptions) -> Converted:
+    """Read a released checkpoint and convert its model (and EMA) weights; nothing is written."""
+    if opts.source not in SOURCES:
+        raise UserError(f"unknown source {opts.source!r}; choose one of {', '.join(SOURCES)}")
+    model_state, ema_state = state_dicts(read_checkpoint(path), path)
+    notes: list[str] = []
+    cfg = infer_model_config(ema_state, opts, notes)
+    ema = convert_weights(ema_state, cfg, opts.source, notes)
+    model = ema if model_state is ema_state else convert_weights(model_state, cfg, opts.source, [])
+    return Converted(cfg, model, ema, notes)
+
+
+# ----------------------------------------------------------------------------------- run folder
+
+
+def run_config(model: ModelConfig, source: str) -> RunConfig:
+    """A run config for converted weights: the source's objective and a guidance the network supports."""
+    objective = {
+        "dit": ObjectiveConfig(kind="ddpm"),
+        "sit": ObjectiveConfig(time_sampling="uniform"),  # SiT trains on uniform t
+        "sprint": ObjectiveConfig(),  # the release's logit-normal ("lognormal") t
+    }[source]
+    sample = SampleConfig() if model.fusion == "concat_linear" else SampleConfig(guidance="cfg", scale=DENSE_GUIDANCE_SCALE)
+    if source == "dit":
+        sample = replace(sample, sampler="ddpm", steps=DIT_SAMPLING_STEPS)
+    data = DataConfig(name="image_folder", root="")  # converted weights come without their data
+    return RunConfig(model=model, objective=objective, data=data, sample=sample)
+
+
+def write_run(out: Path, converted: Converted, source: str) -> Path:
+    """A checkpoint folder (config.yaml, model/ema.safetensors) for sampling, evaluation, `sparsify` and
+    `train.init_from`; it holds no training state to resume."""
+    return save_weights_folder(Path(out), converted.weights, converted.ema, to_yaml(run_config(converted.model, source)))
+
+
+def describe(converted: Converted, source: str) -> str:
+    """One line: preset-like name, sizes, parameter count."""
+    m = converted.model
+    name = (m.preset or "custom").replace("SiT-", "DiT-") if source == "dit" else m.preset or "custom"
+    params = sum(v.numel() for k, v in converted.ema.items() if k != "mask_token")
+    split = f", blocks {m.encoder_depth}/{m.middle_depth}/{m.decoder_depth}" if m.fusion == "concat_linear" else ""
+    sigma = ", learned sigma" if m.learn_sigma else ""
+    return (f"{source} {name} (width {m.hidden_size}, depth {m.depth}, {m.num_heads} heads, patch {m.patch_size}, "
+            f"input {m.in_channels}x{m.input_size[0]}x{m.input_size[1]}, {m.num_classes} classes{sigma}{split}), {params / 1e6:.2f}M params")
