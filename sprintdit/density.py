@@ -33,6 +33,7 @@ class SparseConfig:
     modules: int = 4  # sparse-dense token modules (SDTM)
     sparse_depth: int = 3  # per module: ordinary blocks on the sparse tokens (after the merge block)
     dense_depth: int = 1  # per module: ordinary blocks on all tokens (after the recover block)
+    readd_pos: bool = False  # add the sin-cos positions again to pooled tokens and to recovered tokens (sincos models)
 
     @property
     def module_depth(self) -> int:

@@ -153,3 +153,17 @@ def test_merge_block_cross_attention_by_hand():
     x = tokens + gate.unsqueeze(1) * block.attn.proj(attn.transpose(1, 2).reshape(1, 4, d))
     expected = x + gate_m.unsqueeze(1) * block.mlp(modulate(block.norm2(x), shift_m, scale_m))
     torch.testing.assert_close(block(tokens, c, None, context=context), expected)
+
+
+def test_readd_pos_adds_the_cell_centre_positions():
+    """With positions re-added and the full grid, pooled tokens get the dense table once more: the model changes,
+    and the sparse positions at side == grid are exactly the dense table."""
+    dense, plain = dense_and_sparse("sincos", grid="8")
+    readd_cfg = resolve_model_config(tiny_config(**{**vars(plain.config), "sparse": SparseConfig(**{**vars(plain.config.sparse), "readd_pos": True})}))
+    readd = SparseDiT(readd_cfg).double().eval()
+    readd.load_state_dict(plain.state_dict())
+    x, t, y = inputs(dense)
+    torch.testing.assert_close(readd.sparse_pos(8, x), readd.pos_embed.double())
+    assert not torch.allclose(readd(x, t, y), plain(x, t, y))
+    with pytest.raises(UserError, match="readd_pos"):
+        resolve_model_config(tiny_config(**{**vars(readd_cfg), "pos_embed": "rope"}))

@@ -117,6 +117,8 @@ def check_sparsedit(cfg: ModelConfig) -> None:
         raise UserError("model.arch 'sparsedit' has no SPRINT fusion: set model.fusion=none and model.path_drop_prob=0")
     if min(sp.pool_depth, sp.sparse_depth, sp.dense_depth) < 0 or sp.modules < 1:
         raise UserError("model.sparse needs modules >= 1 and pool_depth, sparse_depth, dense_depth >= 0")
+    if sp.readd_pos and cfg.pos_embed != "sincos":
+        raise UserError("model.sparse.readd_pos re-adds sin-cos positions: it needs model.pos_embed sincos (RoPE is applied in every block)")
     if sp.pool_depth + sp.modules * sp.module_depth > cfg.depth:
         raise UserError(
             f"model.sparse: {sp.pool_depth} Poolingformer blocks + {sp.modules} modules x {sp.module_depth} blocks exceed depth {cfg.depth}"
@@ -153,7 +155,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos absolute embedding (N, dim), tokens in raster order (DiT's table).
+    """Fixed 2D sin-cos absolute embedding (N, dim), tokens in raster order (DiT's table)."""
+    return sincos_at(torch.arange(grid[0]), torch.arange(grid[1]), dim)
+
+
+def sincos_at(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """(len(rows) * len(cols), dim) sin-cos embedding of the grid of row x column positions (may be fractional).
 
     First half of the channels encodes the column, second half the row; each half is [sin, cos] of
     pos * w_i with w_i = 10000^(-i / (dim/4)), i < dim/4.
@@ -164,8 +171,8 @@ def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
         out = pos.reshape(-1, 1).double() * omega  # (N, d/2)
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-    return torch.cat([axis(cols, dim // 2), axis(rows, dim // 2)], dim=1).float()
+    r, c = torch.meshgrid(rows.double(), cols.double(), indexing="ij")
+    return torch.cat([axis(c, dim // 2), axis(r, dim // 2)], dim=1).float()
 
 
 # ----------------------------------------------------------------------------------- layers

@@ -13,7 +13,9 @@ is a rename plus: Poolingformers keep only the V rows of qkv, and each recover b
 The grid side follows the noise level t of each sample through `model.sparse.grid` (`sprintdit.density`).
 Samples of one batch with different sides run the modules in groups, one per side (the "gating" of the
 paper assigns t sub-intervals to data-parallel ranks instead; grouping gives the same result on one device).
-With RoPE, pooled tokens take the centre of their pooling cell as (fractional) position.
+With RoPE, pooled tokens take the centre of their pooling cell as (fractional) position; with sin-cos
+positions, `model.sparse.readd_pos` adds them again to the pooled tokens (at the cell centres) and to the
+recovered dense tokens (the release adds them at the input only, the default here).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torch import nn
 
 from ..density import parse_schedule, pooled_centres, sides_for
 from ..errors import UserError
-from .sit import Backbone, Block, ModelConfig, rope_at
+from .sit import Backbone, Block, ModelConfig, rope_at, sincos_at
 
 
 class PoolingAttention(nn.Module):
@@ -109,6 +111,13 @@ class SparseDiT(Backbone):
         cos, sin = rope_at(pooled_centres(side, h), pooled_centres(side, w), cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
         return cos.to(device), sin.to(device)
 
+    def sparse_pos(self, side: int, like: torch.Tensor) -> torch.Tensor | float:
+        """Sin-cos positions of the pooled cells' centres (1, side^2, D) when re-adding positions, else 0."""
+        if not self.config.sparse.readd_pos:
+            return 0.0
+        (h, w), d = self.config.grid, self.config.hidden_size
+        return sincos_at(pooled_centres(side, h), pooled_centres(side, w), d).to(like).unsqueeze(0)
+
     def modules_at(self, h: torch.Tensor, c: torch.Tensor, side: int) -> torch.Tensor:
         """The sparse-dense token modules on (B, N, D) tokens that all use a side x side sparse grid."""
         sp, grid = self.config.sparse, self.config.grid
@@ -117,10 +126,12 @@ class SparseDiT(Backbone):
             start = sp.pool_depth + m * sp.module_depth
             merge, *sparse, recover_block = self.blocks[start : start + sp.sparse_depth + 2]
             dense = self.blocks[start + sp.sparse_depth + 2 : start + sp.module_depth]
-            s = pool_tokens(h, grid, side)  # (B, side^2, D)
+            s = pool_tokens(h, grid, side) + self.sparse_pos(side, h)  # (B, side^2, D)
             s = self.run_blocks([merge], s, c, sparse_rope, context=h, context_rope=dense_rope)
             s = self.run_blocks(sparse, s, c, sparse_rope)
             m = recover(upsample_tokens(s, side, grid), h)  # (B, N, D)
+            if sp.readd_pos:
+                m = m + self.pos_embed
             h = self.run_blocks([recover_block], m, c, dense_rope, context=s, context_rope=sparse_rope)
             h = self.run_blocks(dense, h, c, dense_rope)
         return h
