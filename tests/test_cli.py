@@ -74,7 +74,7 @@ def test_exit_code_from_a_real_process(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "evaluate", "bench", "demo"])
+@pytest.mark.parametrize("command", ["prepare", "train", "sample", "evaluate", "bench", "demo"])
 def test_help_documents_every_option(command, capsys):
     from sprintdit.cli import build_parser
 
