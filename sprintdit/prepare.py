@@ -75,7 +75,7 @@ def adm_center_crop(img, resolution: int):
 
 
 def read_image(path: Path, resolution: int) -> torch.Tensor:
-    """(3, R, R) uint8, RGB, ADM-cropped; raises OSError / ValueError for files PIL cannot decode."""
+    """(3, R, R) uint8, RGB, ADM-cropped; raises (e.g. OSError) for files PIL cannot decode."""
     from PIL import Image
 
     with Image.open(path) as img:
@@ -142,6 +142,8 @@ def complete_shard(shard: Path, settings: dict, fingerprint: str) -> dict | None
 
 def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, bar) -> tuple[dict, list]:
     """Tensors of one shard and the images skipped as unreadable ([{path, reason}])."""
+    from PIL import Image
+
     from .vae import encode
 
     parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "labels": [], "dinov2": []}
@@ -152,8 +154,8 @@ def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig
             try:
                 images.append(read_image(path, cfg.resolution))
                 labels.append(label)
-            except (OSError, ValueError) as err:
-                skipped.append({"path": str(path), "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"})
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:  # what PIL raises for bad files
+                skipped.append({"path": str(path), "reason": f"{type(err).__name__}: {err}".splitlines()[0]})
         bar.update(len(files[start : start + cfg.batch_size]))
         if not images:
             continue
