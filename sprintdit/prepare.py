@@ -192,6 +192,8 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     classes, files = scan_class_folders(root)
     rank, world = rank_world()
     device = pick_prepare_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # this rank's GPU (NCCL's barrier uses the current device)
     vae = load_vae(cfg.vae, device)
     factor = downsample_factor(vae)
     if cfg.resolution % (factor * cfg.patch_size):

@@ -106,6 +106,18 @@ def test_resume_reencodes_only_the_missing_shard(image_tree, vae_dir, tmp_path):
     assert (out / "manifest.json").read_text() == manifest  # the same bytes re-encoded
 
 
+def test_ranks_encode_interleaved_shards_and_rank0_writes_the_manifest(image_tree, vae_dir, tmp_path, monkeypatch):
+    import sprintdit.prepare as prep
+
+    out = tmp_path / "latents"
+    monkeypatch.setattr(prep, "rank_world", lambda: (1, 2))
+    second = prepare(tiny_prepare(image_tree, vae_dir, out))
+    assert second.encoded == [1, 3] and second.manifest is None and not (out / "manifest.json").exists()
+    monkeypatch.setattr(prep, "rank_world", lambda: (0, 2))
+    first = prepare(tiny_prepare(image_tree, vae_dir, out))
+    assert first.encoded == [0, 2] and json.loads(first.manifest.read_text())["count"] == 6
+
+
 def test_resume_with_other_settings_is_refused(image_tree, vae_dir, tmp_path):
     out = tmp_path / "latents"
     prepare(tiny_prepare(image_tree, vae_dir, out))
