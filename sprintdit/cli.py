@@ -1,8 +1,10 @@
-"""Command line: `sprintdit train | sample | evaluate | demo`. A thin layer over the library; user mistakes end in
+"""Command line: `sprintdit prepare | train | sample | evaluate | bench | demo`. A thin layer over the library; user mistakes end in
 one `error: ...` line and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 from dataclasses import replace
@@ -37,6 +39,43 @@ def parse_ints(text: str, what: str) -> list[int]:
     except ValueError:
         raise UserError(f"{what} must be integers like 0,3,5 or 0-9, got {text!r}") from None
     return out
+
+
+def cmd_prepare(args) -> int:
+    from .prepare import FeatureEncoder, PrepareConfig, prepare
+
+    cfg = PrepareConfig(images=args.images, out=args.out, vae=args.vae, resolution=args.resolution, shard_size=args.shard_size,
+                        batch_size=args.batch_size, patch_size=args.patch_size, device=args.device, progress=not args.no_progress)
+    features = None
+    if args.dinov2_weights is not None:
+        from .metrics.dinov2 import load_dinov2
+
+        features = FeatureEncoder(load_dinov2(args.dinov2_weights, args.dinov2_model), args.dinov2_model, args.dinov2_weights)
+    with distributed_from_env():
+        result = prepare(cfg, features)
+    if result.manifest is not None:
+        import json
+
+        manifest = json.loads(result.manifest.read_text())
+        print(f"{manifest['count']} images in {len(manifest['shards'])} shards (encoded {len(result.encoded)}, kept {len(result.kept)}); "
+              f"{len(manifest['skipped'])} unreadable images skipped; manifest: {result.manifest}")
+    return 0
+
+
+@contextlib.contextmanager
+def distributed_from_env():
+    """Under torchrun (WORLD_SIZE > 1), a process group for the command's duration; otherwise nothing."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def cmd_train(args) -> int:
@@ -75,6 +114,7 @@ def cmd_sample(args) -> int:
     from .objective import build_objective
     from .sampling import generate
     from .train import pick_device
+    from .vae import pixel_decoder
 
     device = pick_device(args.device)
     model, cfg = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
@@ -89,7 +129,7 @@ def cmd_sample(args) -> int:
     seeds = parse_ints(args.seeds, "--seeds") if args.seeds else list(range(args.seed_start, args.seed_start + len(labels)))
     objective = build_objective(cfg.objective, cfg.model.num_classes, cfg.model.learn_sigma)
     tic = time.perf_counter()
-    images = generate(model, objective, labels, seeds, scfg, device, progress=not args.no_progress)
+    images = pixel_decoder(cfg.data, device)(generate(model, objective, labels, seeds, scfg, device, progress=not args.no_progress))
     seconds = time.perf_counter() - tic
     out = Path(args.out)
     stem = f"{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}"
@@ -154,12 +194,13 @@ def cmd_evaluate(args) -> int:
         from .checkpoint import load_model, resolve_weights
         from .objective import build_objective
         from .sampling import generate
+        from .vae import pixel_decoder
 
         model, run = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
         cfg, scfg = eval_config(args, run.eval), sample_config(args, run.sample)
         labels_list, seeds = eval_labels_and_seeds(cfg, run.model.num_classes)
         objective = build_objective(run.objective, run.model.num_classes, run.model.learn_sigma)
-        samples = generate(model, objective, labels_list, seeds, scfg, device, progress=not args.no_progress)
+        samples = pixel_decoder(run.data, device)(generate(model, objective, labels_list, seeds, scfg, device, progress=not args.no_progress))
         images, labels = to_uint8_nchw(samples), torch.tensor(labels_list)
         folder = resolve_weights(args.checkpoint, not args.no_ema).parent
         stem = f"eval_{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}_n{cfg.num_samples}"
@@ -304,6 +345,20 @@ def cmd_convert(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sprintdit", description="Token-sparse diffusion transformers (SPRINT): train, sample, evaluate, demo.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="encode a class-per-folder image tree into sharded VAE latents (resumable; shards across torchrun ranks)")
+    p.add_argument("--images", required=True, help="image tree, one sub-folder per class (ImageNet train layout)")
+    p.add_argument("--out", required=True, help="latent folder: shard_*.safetensors, their .json sidecars and manifest.json; re-run to resume")
+    p.add_argument("--vae", required=True, help="local AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema: config.json + weights)")
+    p.add_argument("--resolution", type=int, default=256, help="image side after ADM's centre crop (default 256)")
+    p.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward (default 32)")
+    p.add_argument("--dinov2-weights", help="DINOv2 weights (e.g. dinov2_vitb14_pretrain.pth): also store its patch tokens for REPA")
+    p.add_argument("--dinov2-model", default="ViT-B/14", help="DINOv2 size of --dinov2-weights: ViT-S/14 | ViT-B/14 (default, REPA's) | ViT-L/14 | ViT-g/14")
+    p.add_argument("--patch-size", type=int, default=2, help="patch size of the model to be trained: DINOv2 tokens form a (latent side / patch) grid (default 2)")
+    p.add_argument("--device", default="auto", help="auto (this rank's GPU if present) | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a run (all its stages); re-running on the same --out resumes exactly")
     p.add_argument("--config", help="YAML config file, or the name of one in configs/ (e.g. fashion_mnist_sprint)")

@@ -24,7 +24,7 @@ from .objective import ObjectiveConfig
 from .sampling import SampleConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-DATASETS = ("fashion_mnist", "image_folder")
+DATASETS = ("fashion_mnist", "image_folder", "latents")
 FEATURE_NETWORKS = ("auto", "fmnist", "inception", "dinov2")
 LR_DECAYS = ("constant", "cosine")
 
@@ -32,11 +32,12 @@ LR_DECAYS = ("constant", "cosine")
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | image_folder
-    root: str = "/usr/share/datasets/fashion-mnist"  # IDX files, or one folder per class
+    name: str = "fashion_mnist"  # fashion_mnist | image_folder | latents (written by `sprintdit prepare`)
+    root: str = "/usr/share/datasets/fashion-mnist"  # IDX files, one folder per class, or a latent folder
     split: str = "train"  # fashion_mnist: train | test
-    resolution: int = 32  # fashion_mnist pads 28 -> 32; image_folder resizes and centre-crops
-    num_workers: int = 0  # data-loading processes (image_folder)
+    resolution: int = 32  # pixels: fashion_mnist pads 28 -> 32; image_folder resizes and centre-crops; latents: as prepared
+    num_workers: int = 0  # data-loading processes (image_folder, latents)
+    vae: Optional[str] = None  # latents: the VAE folder that decodes samples (default: the one in the manifest)
 
 
 @dataclass
@@ -191,6 +192,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.precision is {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if cfg.data.name not in DATASETS:
         raise UserError(f"data.name is {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
+    if cfg.data.vae is not None and cfg.data.name != "latents":
+        raise UserError(f"data.vae is for data.name latents, not {cfg.data.name}")
     if t.grad_accum < 1 or t.keep_last < 1 or t.log_every < 1 or t.ckpt_every < 1 or t.sample_every < 0:
         raise UserError("train.grad_accum, keep_last, log_every and ckpt_every must be >= 1 (sample_every >= 0)")
     if not 0.0 <= t.ema_decay < 1.0:

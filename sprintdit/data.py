@@ -1,15 +1,18 @@
 """Datasets behind one interface, and the deterministic, resumable batch order the trainer draws from.
 
 A dataset has `num_classes`, `channels`, `resolution` (H, W), `len()` and `load(indices) -> (x, y)` with
-x float in [-1, 1] of shape (B, C, H, W) and y int64 labels. The order of samples is a fresh permutation
+x float in [-1, 1] of shape (B, C, H, W) and y int64 labels. The latent dataset returns a `Batch` (a tuple
+that also carries the posterior std and optional REPA features): the trainer draws the posterior sample
+x + std * noise from its own checkpointed generator. The order of samples is a fresh permutation
 per epoch, seeded by (seed, epoch), so a position (samples consumed) is all that resume needs.
 """
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -79,6 +82,29 @@ class FashionMNIST:
         return self.images[indices].float() / 127.5 - 1.0, self.labels[indices]
 
 
+class Batch(NamedTuple):
+    x: torch.Tensor  # (B, C, H, W): the data, or for latents the scaled posterior mean
+    y: torch.Tensor  # (B,) int64 labels
+    std: Optional[torch.Tensor] = None  # (B, C, H, W) scaled posterior std: training uses x + std * noise
+    features: Optional[torch.Tensor] = None  # (B, T, D) REPA targets (DINOv2 patch tokens)
+
+
+def scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted sub-folder names) and (image path, label) pairs, sorted within each class."""
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise UserError(f"no images found under {root} (expected one sub-folder of images per class)")
+    return classes, files
+
+
 class ImageFolder:
     """Class-per-folder images (root/CLASS/*.png ...), labels by sorted folder name; RGB, resized
     so the short side is `resolution`, then centre-cropped to a square."""
@@ -86,18 +112,7 @@ class ImageFolder:
     channels = 3
 
     def __init__(self, root: str | Path, resolution: int):
-        root = Path(root)
-        if not root.is_dir():
-            raise UserError(f"image folder {root} does not exist")
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        self.files = [
-            (path, label)
-            for label, name in enumerate(self.classes)
-            for path in sorted((root / name).rglob("*"))
-            if path.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not self.files:
-            raise UserError(f"no images found under {root} (expected one sub-folder of images per class)")
+        self.classes, self.files = scan_class_folders(Path(root))
         self.num_classes = len(self.classes)
         self.resolution = (resolution, resolution)
 
@@ -122,10 +137,74 @@ class ImageFolder:
         return images.float() / 127.5 - 1.0, labels
 
 
-def build_dataset(cfg) -> FashionMNIST | ImageFolder:
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
+HEADER_BYTES = 8  # a safetensors file starts with its JSON header's length, little-endian uint64
+
+
+def memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only memory map (random access without loading the file)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(HEADER_BYTES), "little")
+        header = json.loads(f.read(size))
+    start = HEADER_BYTES + size
+    return {
+        name: np.memmap(path, dtype=SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=start + info["data_offsets"][0], shape=tuple(info["shape"]))
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+
+
+class LatentDataset:
+    """Latents written by `sprintdit prepare` (see sprintdit.prepare): every shard's sha256 is checked at open;
+    `load` returns a `Batch` of the scaled posterior mean and std (and DINOv2 features if stored)."""
+
+    def __init__(self, root: str | Path, resolution: int):
+        from .prepare import FORMAT, MANIFEST, sha256_file
+
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise UserError(f"no {MANIFEST} in {root}: run `sprintdit prepare --images IMAGES --out {root} --vae VAE` first")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise UserError(f"{path} is not a {FORMAT} manifest")
+        if manifest["resolution"] != resolution:
+            raise UserError(f"data.resolution is {resolution} but {root} was prepared at {manifest['resolution']}")
+        shards = []
+        for shard in manifest["shards"]:
+            if not (root / shard["file"]).is_file() or sha256_file(root / shard["file"]) != shard["sha256"]:
+                raise UserError(f"latent shard {root / shard['file']} is missing or corrupt (sha256 differs from {MANIFEST}); re-run the same `sprintdit prepare`")
+            shards.append(memmap_safetensors(root / shard["file"]))
+        self.shards = shards
+        self.starts = np.cumsum([0] + [s["count"] for s in manifest["shards"]])  # first global index of each shard
+        self.scale = float(manifest["vae"]["scaling_factor"])
+        self.vae_path = manifest["vae"]["path"]
+        self.classes = list(manifest["classes"])
+        self.num_classes = len(self.classes)
+        self.channels = manifest["latent_shape"][0]
+        self.resolution = tuple(manifest["latent_shape"][1:])
+        dinov2 = manifest["dinov2"]
+        self.feature_shape = None if dinov2 is None else (dinov2["tokens"], dinov2["dim"])  # (T, D) per sample
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _gather(self, key: str, indices: np.ndarray) -> torch.Tensor:
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
+        return torch.from_numpy(np.stack([self.shards[s][key][i - self.starts[s]] for s, i in zip(shard, indices)]))
+
+    def load(self, indices: torch.Tensor) -> Batch:
+        ids = indices.numpy()
+        features = self._gather("dinov2", ids).float() if self.feature_shape is not None else None
+        return Batch(self._gather("mean", ids) * self.scale, self._gather("labels", ids), self._gather("std", ids) * self.scale, features)
+
+
+def build_dataset(cfg) -> FashionMNIST | ImageFolder | LatentDataset:
     """The dataset a DataConfig names."""
     if cfg.name == "fashion_mnist":
         return FashionMNIST(cfg.root, cfg.split, cfg.resolution)
+    if cfg.name == "latents":
+        return LatentDataset(cfg.root, cfg.resolution)
     return ImageFolder(cfg.root, cfg.resolution)
 
 
@@ -158,10 +237,17 @@ class _BatchDataset(torch.utils.data.Dataset):
         return self.dataset.load(indices)
 
 
-def batches(dataset, batch: int, seed: int, position: int, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches in the stream order; with workers, batches are loaded ahead in other processes."""
+def batches(dataset, batch: int, seed: int, position: int, num_workers: int = 0) -> Iterator[Batch]:
+    """Batches in the stream order; with workers, batches are loaded ahead in other processes."""
     order = index_batches(len(dataset), batch, seed, position)
     if num_workers == 0:
-        return (dataset.load(ids) for ids in order)
+        return (Batch(*dataset.load(ids)) for ids in order)
     loader = torch.utils.data.DataLoader(_BatchDataset(dataset), sampler=order, batch_size=None, num_workers=num_workers)
-    return iter(loader)
+    return (Batch(*b) for b in loader)
+
+
+def posterior_sample(batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    """The training input: x itself, or for latents a fresh posterior sample x + std * noise (noise from `generator`)."""
+    if batch.std is None:
+        return batch.x
+    return batch.x + batch.std * torch.randn(batch.x.shape, generator=generator)

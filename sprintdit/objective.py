@@ -16,8 +16,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import UserError
+from .masking import gather_tokens
 
 KINDS = ("flow", "ddpm")
 PATHS = ("linear", "cosine")
@@ -35,6 +37,7 @@ class ObjectiveConfig:
     num_timesteps: int = 1000  # ddpm: diffusion steps T
     beta_start: float = 1e-4  # ddpm: linear betas from beta_start to beta_end
     beta_end: float = 0.02
+    repa_weight: float = 0.5  # REPA alignment loss weight (used when model.repa_depth > 0)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -47,6 +50,8 @@ class ObjectiveConfig:
             raise UserError(f"objective.time_sampling is {self.time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise UserError(f"objective.label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.repa_weight < 0:
+            raise UserError(f"objective.repa_weight must be >= 0, got {self.repa_weight}")
         if self.logit_std <= 0:
             raise UserError(f"objective.logit_std must be positive, got {self.logit_std}")
 
@@ -94,14 +99,29 @@ class FlowMatching:
         drop = torch.rand(y.shape[0], generator=generator) < self.cfg.label_dropout
         return torch.where(drop.to(y.device), torch.full_like(y, self.null_class), y)
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, **model_kwargs) -> torch.Tensor:
-        """Mean squared velocity error. Randomness (t, eps, label dropout) comes from `generator` (CPU)."""
+    def loss(
+        self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, features: torch.Tensor | None = None, **model_kwargs
+    ) -> torch.Tensor:
+        """Mean squared velocity error, plus repa_weight * the REPA loss when `features` (B, N, D) are given.
+        Randomness (t, eps, label dropout) comes from `generator` (CPU)."""
         b = x0.shape[0]
         t = self.sample_t(b, generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
-        pred = model(x_t, t, self.drop_labels(y, generator), **model_kwargs)[:, : x0.shape[1]]
-        return (pred.float() - target.float()).pow(2).mean()
+        labels = self.drop_labels(y, generator)
+        if features is None or self.cfg.repa_weight == 0:
+            pred = model(x_t, t, labels, **model_kwargs)[:, : x0.shape[1]]
+            return (pred.float() - target.float()).pow(2).mean()
+        pred, projected, ids_keep = model(x_t, t, labels, return_repa=True, **model_kwargs)
+        mse = (pred[:, : x0.shape[1]].float() - target.float()).pow(2).mean()
+        return mse + self.cfg.repa_weight * repa_loss(projected, features, ids_keep)
+
+
+def repa_loss(projected: torch.Tensor, features: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
+    """REPA: mean over aligned tokens of -cos(projected, target). projected (B, K, D) are the tokens at ids_keep (B, K)
+    (None: all N); features (B, N, D) are the targets of every token, so dropped tokens are never aligned."""
+    target = features if ids_keep is None else gather_tokens(features, ids_keep)  # (B, K, D)
+    return -F.cosine_similarity(projected.float(), target.float(), dim=-1).mean()
 
 
 def linear_betas(cfg: ObjectiveConfig) -> torch.Tensor:
@@ -212,8 +232,12 @@ class DDPM:
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
         return torch.where(index.to(x0.device) == 0, nll, kl)
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, **model_kwargs) -> torch.Tensor:
+    def loss(
+        self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, features: torch.Tensor | None = None, **model_kwargs
+    ) -> torch.Tensor:
         """MSE on eps (+ the variational bound when sigma is learned). Randomness comes from `generator` (CPU)."""
+        if features is not None:
+            raise UserError("REPA (model.repa_depth) is implemented for flow matching only, not objective.kind ddpm")
         b, channels = x0.shape[0], x0.shape[1]
         index = torch.randint(0, self.cfg.num_timesteps, (b,), generator=generator)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)

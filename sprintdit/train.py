@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import RunConfig, StageConfig, from_yaml_text, to_yaml
-from .data import batches, build_dataset
+from .data import Batch, batches, build_dataset, posterior_sample
 from .errors import UserError
 from .flops import train_flops
 from .images import save_grid
@@ -26,6 +26,7 @@ from .masking import check_mask_ratio, make_mask
 from .models import ModelConfig, build_model, resolve_model_config
 from .objective import ObjectiveConfig, build_objective
 from .sampling import DDPM_SAMPLERS, generate
+from .vae import pixel_decoder
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,14 +40,23 @@ def pick_device(name: str) -> torch.device:
 
 
 def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
-    """Fill the model's data-dependent fields from the dataset and check them and every stage's mask."""
-    m = cfg.model
+    """Fill the model's data-dependent fields (and a latent run's VAE) from the dataset and check them and every stage's mask."""
+    m, data = cfg.model, cfg.data
+    if data.name == "latents" and data.vae is None:
+        data = replace(data, vae=dataset.vae_path)
     from_data = {"input_size": list(dataset.resolution), "in_channels": dataset.channels, "num_classes": dataset.num_classes}
+    features = getattr(dataset, "feature_shape", None)  # (T, D) REPA targets stored with the data
+    if m.repa_depth:
+        if features is None:
+            raise UserError("model.repa_depth needs DINOv2 features stored with the data: run `sprintdit prepare` with --dinov2-weights, train on data.name=latents")
+        from_data["repa_dim"] = features[1]
     for key, value in from_data.items():
         given = getattr(m, key)
         if given is not None and (list(given) if key == "input_size" else given) != value:
             raise UserError(f"model.{key} is {given} but the data has {value}; leave it unset to follow the data")
     m = resolve_model_config(replace(m, **{k: v for k, v in from_data.items() if getattr(m, k) is None}))
+    if m.repa_depth and features[0] != m.grid[0] * m.grid[1]:
+        raise UserError(f"the stored DINOv2 features have {features[0]} tokens but the model's token grid is {m.grid[0]}x{m.grid[1]}; prepare with --patch-size {m.patch_size}")
     if m.fusion == "none" and cfg.sample.guidance == "pdg":
         raise UserError("sample.guidance 'pdg' needs model.fusion 'concat_linear'; use sample.guidance=cfg for fusion 'none'")
     if (cfg.sample.sampler in DDPM_SAMPLERS) != (cfg.objective.kind == "ddpm"):
@@ -58,7 +68,7 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
             check_mask_ratio(stage.mask_ratio, stage.mask_type, m.grid)
         except UserError as err:
             raise UserError(f"stages.{i} ({stage.name}): {err}") from None
-    return replace(cfg, model=m)
+    return replace(cfg, model=m, data=data)
 
 
 def apply_init_from(cfg: RunConfig) -> RunConfig:
@@ -150,6 +160,7 @@ class Trainer:
         )
         self.step, self.position = 0, 0
         self.evaluator = None  # built at the first evaluation (feature networks, reference statistics)
+        self.to_pixels = pixel_decoder(cfg.data, self.device)  # latents -> images for grids and evaluation
         self.config_yaml = to_yaml(cfg)
         latest = ckpt.list_checkpoints(self.run_dir)
         if latest:
@@ -198,11 +209,13 @@ class Trainer:
         dtype = AUTOCAST_DTYPES[self.cfg.train.precision]
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, stage: StageConfig) -> torch.Tensor:
+    def train_step(self, batch: Batch, stage: StageConfig) -> torch.Tensor:
         """Forward and backward over `grad_accum` micro-batches (gradients summed); returns the mean loss."""
         t, m = self.cfg.train, self.cfg.model
         total = torch.zeros((), device=self.device)
-        for xm, ym in zip(x.chunk(t.grad_accum), y.chunk(t.grad_accum)):
+        x = posterior_sample(batch, self.generator)  # latents: a fresh posterior sample from the step's generator
+        features = batch.features.chunk(t.grad_accum) if m.repa_depth else [None] * t.grad_accum
+        for xm, ym, fm in zip(x.chunk(t.grad_accum), batch.y.chunk(t.grad_accum), features):
             b = xm.shape[0]
             mask = make_mask(b, m.grid, stage.mask_ratio, stage.mask_type, self.generator)
             path_drop = torch.rand(b, generator=self.generator) < m.path_drop_prob if m.path_drop_prob > 0 else None
@@ -211,6 +224,7 @@ class Trainer:
                     self.forward, xm.to(self.device), ym.to(self.device), self.generator,
                     mask=None if mask is None else mask.to(self.device),
                     path_drop=None if path_drop is None else path_drop.to(self.device),
+                    features=None if fm is None else fm.to(self.device),
                 )
             self.scaler.scale(loss / t.grad_accum).backward()
             total += loss.detach() / t.grad_accum
@@ -234,7 +248,7 @@ class Trainer:
         t, classes = self.cfg.train, self.cfg.model.num_classes
         rows = torch.linspace(0, classes - 1, min(classes, t.grid_rows)).round().long().tolist()
         labels = [c for c in rows for _ in range(t.grid_columns)]
-        images = generate(self.ema, self.objective, labels, list(range(len(labels))), self.cfg.sample, self.device)
+        images = self.to_pixels(generate(self.ema, self.objective, labels, list(range(len(labels))), self.cfg.sample, self.device))
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:08d}.png", columns=t.grid_columns)
 
     def evaluate(self) -> dict:
@@ -244,7 +258,7 @@ class Trainer:
         cfg = self.cfg
         tic = time.perf_counter()
         labels, seeds = eval_labels_and_seeds(cfg.eval, cfg.model.num_classes)
-        images = to_uint8_nchw(generate(self.ema, self.objective, labels, seeds, cfg.sample, self.device))
+        images = to_uint8_nchw(self.to_pixels(generate(self.ema, self.objective, labels, seeds, cfg.sample, self.device)))
         if self.evaluator is None:
             data_root = cfg.data.root if cfg.data.name == "fashion_mnist" else None
             self.evaluator = Evaluator(cfg.eval, tuple(images.shape[1:]), self.device, data_root)
@@ -284,8 +298,7 @@ class Trainer:
                 lr = stage_lr(stage, self.step - start)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                x, y = next(stream)
-                loss = self.train_step(x, y, stage)
+                loss = self.train_step(next(stream), stage)
                 updating = True  # weights, EMA, step and position change together
                 grad_norm = self.update()
                 self.step += 1

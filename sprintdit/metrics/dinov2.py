@@ -191,14 +191,18 @@ class DINOv2ViT(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).flatten(1, 2).to(self.pos_embed.dtype)  # (1, gh * gw, D)
         return torch.cat([cls_pos, patch_pos], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-norm tokens (B, 1 + gh * gw, D): CLS first, then the patches row-major."""
         grid_h, grid_w = x.shape[2] // self.config.patch, x.shape[3] // self.config.patch
         tokens = self.patch_embed(x)  # (B, gh * gw, D)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)  # (B, 1, D)
         tokens = torch.cat([cls, tokens], dim=1) + self.position_embedding(grid_h, grid_w)  # (B, 1 + gh * gw, D)
         for block in self.blocks:
             tokens = block(tokens)
-        return self.norm(tokens)[:, 0]  # (B, D)
+        return self.norm(tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x)[:, 0]  # (B, D)
 
 
 def resolve_preset(preset: str | ViTConfig) -> ViTConfig:
@@ -219,13 +223,13 @@ def load_dinov2(path: str | Path | None, preset: str | ViTConfig = DEFAULT_PRESE
     return model.to(device).eval()
 
 
-def preprocess(images: torch.Tensor) -> torch.Tensor:
-    """images (N, 3 or 1, H, W), uint8 or float in [0, 255] -> float32 (N, 3, 224, 224), ImageNet-normalised."""
+def preprocess(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """images (N, 3 or 1, H, W), uint8 or float in [0, 255] -> float32 (N, 3, size, size), ImageNet-normalised."""
     x = images.float()
     if x.shape[1] == GRAY:
         x = x.expand(-1, RGB, -1, -1)  # (N, 3, H, W)
-    if tuple(x.shape[2:]) != (INPUT_SIZE, INPUT_SIZE):
-        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bicubic", align_corners=False, antialias=True)
+    if tuple(x.shape[2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
         x = x.clamp(0, PIXEL_MAX).round()  # back to integer pixel values, as a uint8 PIL resize yields
     mean = x.new_tensor(IMAGENET_MEAN).view(1, RGB, 1, 1)
     std = x.new_tensor(IMAGENET_STD).view(1, RGB, 1, 1)
@@ -238,3 +242,12 @@ def dinov2_features(model: DINOv2ViT, images: torch.Tensor, batch_size: int = FE
     check_images(images, "the DINOv2 network")
     device = next(model.parameters()).device
     return torch.cat([model(preprocess(block.to(device))).float().cpu() for block in images.split(batch_size)])
+
+
+@torch.no_grad()
+def dinov2_patch_features(model: DINOv2ViT, images: torch.Tensor, grid: int) -> torch.Tensor:
+    """images (N, 3, H, W) in [0, 255] -> final-norm patch tokens (N, grid * grid, D) on a grid x grid patch grid
+    (the images resized to grid * patch pixels; 16 x 16 at 224 for ViT-*/14): REPA's alignment targets."""
+    check_images(images, "the DINOv2 network")
+    device = next(model.parameters()).device
+    return model.tokens(preprocess(images.to(device), grid * model.config.patch))[:, 1:].float()

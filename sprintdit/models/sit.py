@@ -66,6 +66,9 @@ class ModelConfig:
     path_drop_prob: float = 0.1  # per-sample probability of replacing the sparse path by MASK in training
     mask_token_std: float = 0.02  # the fixed (untrained) MASK token is drawn from N(0, std^2)
     sparse: SparseConfig = field(default_factory=SparseConfig)  # arch sparsedit only
+    repa_depth: int = 0  # REPA: align the output of block repa_depth (1-based; 0 = off; REPA uses 8 for XL)
+    repa_dim: Optional[int] = None  # width of the REPA targets (DINOv2's D); default: the data's features
+    repa_hidden: int = 2048  # REPA projector: Linear(D, H) SiLU Linear(H, H) SiLU Linear(H, repa_dim)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -86,7 +89,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         if cfg.preset not in PRESETS:
             raise UserError(f"unknown model preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
         cfg = replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None})
-    missing = [f.name for f in fields(cfg) if f.name != "preset" and getattr(cfg, f.name) is None]
+    optional = ("preset",) if cfg.repa_depth else ("preset", "repa_dim")
+    missing = [f.name for f in fields(cfg) if f.name not in optional and getattr(cfg, f.name) is None]
     if missing:
         raise UserError(f"model config needs {', '.join('model.' + m for m in missing)} (or a model.preset)")
     for name, value, choices in (("arch", cfg.arch, ARCHS), ("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("fusion", cfg.fusion, FUSIONS)):
@@ -104,6 +108,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise UserError(f"encoder_depth {cfg.encoder_depth} + decoder_depth {cfg.decoder_depth} exceed depth {cfg.depth}")
     if not 0.0 <= cfg.path_drop_prob < 1.0:
         raise UserError(f"model.path_drop_prob must be in [0, 1), got {cfg.path_drop_prob}")
+    if not 0 <= cfg.repa_depth <= cfg.depth or cfg.repa_hidden < 1:
+        raise UserError(f"model.repa_depth must be in [0, depth {cfg.depth}] (0: off) and repa_hidden >= 1, got {cfg.repa_depth}, {cfg.repa_hidden}")
     if cfg.fusion == "none" and cfg.path_drop_prob > 0:
         raise UserError("model.path_drop_prob needs a dense path to fall back on: set it to 0 with fusion 'none'")
     if cfg.arch == "sparsedit":
@@ -113,6 +119,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
 
 def check_sparsedit(cfg: ModelConfig) -> None:
     sp = cfg.sparse
+    if cfg.repa_depth:
+        raise UserError("model.repa_depth (REPA) is not available with model.arch 'sparsedit'; set it to 0")
     if cfg.fusion != "none" or cfg.path_drop_prob > 0:
         raise UserError("model.arch 'sparsedit' has no SPRINT fusion: set model.fusion=none and model.path_drop_prob=0")
     if min(sp.pool_depth, sp.sparse_depth, sp.dense_depth) < 0 or sp.modules < 1:
@@ -346,6 +354,12 @@ class Backbone(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.register_buffer("pos_embed", sincos_2d(cfg.grid, d).unsqueeze(0), persistent=False)  # (1, N, D)
+        # REPA head (training only), built after the MASK token so that it is drawn alike with REPA on or off
+        self.repa_projector = (
+            nn.Sequential(nn.Linear(d, cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_dim))
+            if cfg.repa_depth
+            else None
+        )
         self.initialize_weights()
 
     def build_body(self, cfg: ModelConfig) -> None:
@@ -375,12 +389,20 @@ class Backbone(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, rope, **context) -> torch.Tensor:
+    @property
+    def repa_block(self) -> nn.Module | None:
+        return self.blocks[self.config.repa_depth - 1] if self.config.repa_depth else None
+
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, rope, taps: list | None = None, **context) -> torch.Tensor:
+        """The blocks in order; `taps` (if given) receives the output of the REPA block when it is among them;
+        `context`: cross-attention inputs (SparseDiT's merge and recover blocks)."""
         for block in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, rope, use_reentrant=False, **context)
             else:
                 x = block(x, c, rope, **context)
+            if taps is not None and block is self.repa_block:
+                taps.append(x)
         return x
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -415,7 +437,7 @@ class SiT(Backbone):
     def decoder(self) -> nn.ModuleList:
         return self.blocks[self.config.depth - self.config.decoder_depth :]
 
-    def sparse_path(self, h: torch.Tensor, c: torch.Tensor, mask: TokenMask | None, rows: int) -> torch.Tensor:
+    def sparse_path(self, h: torch.Tensor, c: torch.Tensor, mask: TokenMask | None, rows: int, taps: list | None = None) -> torch.Tensor:
         """Middle blocks on the kept tokens of the first `rows` samples; (rows, N, D) with MASK at dropped."""
         h, c = h[:rows], c[:rows]  # (rows, N, D), (rows, D)
         rope = self.rope
@@ -424,7 +446,7 @@ class SiT(Backbone):
             h = gather_tokens(h, ids_keep)  # (rows, K, D)
             if rope is not None:  # the kept tokens keep the angles of their true positions
                 rope = tuple(gather_tokens(table.expand(rows, -1, -1), ids_keep).unsqueeze(1) for table in rope)
-        h = self.run_blocks(self.middle, h, c, rope)
+        h = self.run_blocks(self.middle, h, c, rope, taps)
         if mask is not None:
             h = restore_tokens(h, TokenMask(ids_keep, mask.ids_restore[:rows], mask.dropped[:rows]), self.mask_token[0, 0])
         return h
@@ -437,25 +459,36 @@ class SiT(Backbone):
         mask: TokenMask | None = None,
         path_drop: torch.Tensor | None = None,
         middle_rows: int | None = None,
-    ) -> torch.Tensor:
+        return_repa: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) labels (num_classes = null) -> (B, C_out, H, W).
 
         mask: tokens the middle blocks see (None: all). path_drop: (B,) bool, samples whose sparse path
         is replaced by MASK tokens before fusion. middle_rows: only the first `middle_rows` samples run
         the middle blocks, the rest take the path-dropped branch (Path-Drop Guidance's cheap pass).
+        return_repa (training, needs model.repa_depth): also return the REPA block's projected tokens
+        (B, K, repa_dim) and the token ids they are at, (B, K), or None when the block saw all N tokens.
         """
         b = x.shape[0]
         rows = b if middle_rows is None else middle_rows
         if (rows < b or path_drop is not None) and self.fusion is None:
             raise UserError("path drop / Path-Drop Guidance needs fusion 'concat_linear' (fusion 'none' has no dense path)")
+        if return_repa and (self.repa_projector is None or rows < b):
+            raise UserError("return_repa needs model.repa_depth > 0 and every sample through the middle blocks")
+        taps = [] if return_repa else None
         rope = self.rope
         h, c = self.embed(x, t, y)  # (B, N, D), (B, D)
-        h = self.run_blocks(self.encoder, h, c, rope)  # (B, N, D) dense path
-        sparse = self.sparse_path(h, c, mask, rows) if rows > 0 else h[:0]  # (rows, N, D)
+        h = self.run_blocks(self.encoder, h, c, rope, taps)  # (B, N, D) dense path
+        sparse = self.sparse_path(h, c, mask, rows, taps) if rows > 0 else h[:0]  # (rows, N, D)
         if rows < b:
             sparse = torch.cat([sparse, self.mask_token.to(h.dtype).expand(b - rows, *h.shape[1:])])  # (B, N, D)
         if path_drop is not None:
             sparse = torch.where(path_drop[:, None, None], self.mask_token.to(sparse.dtype), sparse)
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, h], dim=-1))  # (B, N, D)
-        h = self.run_blocks(self.decoder, h, c, rope)
-        return self.head(h, c)  # (B, C_out, H, W)
+        h = self.run_blocks(self.decoder, h, c, rope, taps)
+        out = self.head(h, c)  # (B, C_out, H, W)
+        if not return_repa:
+            return out
+        cfg = self.config
+        sparse_tap = mask is not None and cfg.encoder_depth < cfg.repa_depth <= cfg.depth - cfg.decoder_depth
+        return out, self.repa_projector(taps[0]), mask.ids_keep if sparse_tap else None  # (B, K, repa_dim), (B, K)

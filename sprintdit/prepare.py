@@ -1,0 +1,268 @@
+"""`sprintdit prepare`: a class-per-folder image tree -> sharded VAE latents for latent-space training.
+
+Layout of the output folder:
+- `shard_00000.safetensors`, ...: `mean` and `std` (N, C, h, w) float32, the UNSCALED posterior of the VAE
+  (training multiplies by the manifest's `vae.scaling_factor` and draws a fresh sample each step), `labels` (N,)
+  int64, and with DINOv2 weights `dinov2` (N, T, D) float16 final-norm patch tokens (REPA's targets).
+- `shard_00000.json`: written after its shard, atomically: count, sha256, skipped images, the settings and a
+  fingerprint of the shard's file list. A shard with a valid sidecar is complete; resuming keeps it.
+- `manifest.json` (written last, atomically, by rank 0): resolution, latent shape, VAE path, config hash and
+  scaling factor, DINOv2 settings, class name -> index, count, sha256 per shard, skipped images with reasons.
+
+Images are cropped as ADM does (`adm_center_crop`). Shard i of the (sorted) file list goes to rank
+i mod world, so torchrun processes share the work; every rank writes its own shards and sidecars.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+FORMAT = "sprintdit-latents/1"
+MANIFEST = "manifest.json"
+SHARD_NAME = "shard_{:05d}.safetensors"
+HASH_CHUNK = 1 << 24  # bytes read at a time when hashing a shard
+PIXEL_MAX = 255.0
+
+
+@dataclass
+class PrepareConfig:
+    images: str  # class-per-folder image tree (ImageNet train layout)
+    out: str  # latent folder
+    vae: str  # local AutoencoderKL folder (config.json + weights)
+    resolution: int = 256  # image side after the ADM centre crop
+    shard_size: int = 10000  # images per shard
+    batch_size: int = 32  # images per VAE forward
+    patch_size: int = 2  # SiT patch on the latents: DINOv2 features use a (latent side / patch) token grid
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class FeatureEncoder:
+    """DINOv2 network whose patch tokens are stored with the latents, and how to name it in the manifest."""
+
+    model: torch.nn.Module
+    name: str  # e.g. ViT-B/14
+    weights: str  # where its weights came from
+
+
+@dataclass
+class PrepareResult:
+    manifest: Path | None  # None on ranks other than 0
+    encoded: list[int] = field(default_factory=list)  # shard indices this process encoded
+    kept: list[int] = field(default_factory=list)  # shard indices found complete and kept
+
+
+def adm_center_crop(img, resolution: int):
+    """ADM's crop: halve with BOX while the short side is >= 2 * resolution, resize with BICUBIC so the short side
+    is `resolution`, then take the centre square."""
+    from PIL import Image
+
+    while min(img.size) >= 2 * resolution:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = resolution / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def read_image(path: Path, resolution: int) -> torch.Tensor:
+    """(3, R, R) uint8, RGB, ADM-cropped; raises (e.g. OSError) for files PIL cannot decode."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        arr = np.asarray(adm_center_crop(img.convert("RGB"), resolution), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 without torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def files_fingerprint(files: list[tuple[Path, int]], root: Path) -> str:
+    text = "\n".join(f"{p.relative_to(root)}\t{label}" for p, label in files)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sidecar_path(shard: Path) -> Path:
+    return shard.with_suffix(".json")
+
+
+def complete_shard(shard: Path, settings: dict, fingerprint: str) -> dict | None:
+    """The sidecar of a finished, intact shard; None if it must be (re-)encoded. Other settings are an error."""
+    side = sidecar_path(shard)
+    if not side.is_file() or not shard.is_file():
+        return None
+    info = json.loads(side.read_text())
+    if info["settings"] != settings or info["files"] != fingerprint:
+        raise UserError(f"{shard.parent} holds shards prepared with other settings or images ({side.name}); use a new --out")
+    return info if sha256_file(shard) == info["sha256"] else None
+
+
+def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, bar) -> tuple[dict, list]:
+    """Tensors of one shard and the images skipped as unreadable ([{path, reason}])."""
+    from PIL import Image
+
+    from .vae import encode
+
+    parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "labels": [], "dinov2": []}
+    skipped = []
+    for start in range(0, len(files), cfg.batch_size):
+        images, labels = [], []
+        for path, label in files[start : start + cfg.batch_size]:
+            try:
+                images.append(read_image(path, cfg.resolution))
+                labels.append(label)
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:  # what PIL raises for bad files
+                skipped.append({"path": str(path), "reason": f"{type(err).__name__}: {err}".splitlines()[0]})
+        bar.update(len(files[start : start + cfg.batch_size]))
+        if not images:
+            continue
+        pixels = torch.stack(images)  # (B, 3, R, R) uint8
+        mean, std = encode(vae, pixels.float() / (PIXEL_MAX / 2) - 1)  # (B, C, h, w) each
+        parts["mean"].append(mean.cpu())
+        parts["std"].append(std.cpu())
+        parts["labels"].append(torch.tensor(labels, dtype=torch.int64))
+        if features is not None:
+            from .metrics.dinov2 import dinov2_patch_features
+
+            parts["dinov2"].append(dinov2_patch_features(features.model, pixels, grid).half().cpu())  # (B, T, D)
+    tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
+    return tensors, skipped
+
+
+def pick_prepare_device(name: str) -> torch.device:
+    if name == "auto" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu" if name == "auto" else name)
+
+
+def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> PrepareResult:
+    """Encode every pending shard of this rank; rank 0 then writes the manifest. Re-running resumes."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from .data import scan_class_folders
+    from .vae import config_sha256, downsample_factor, load_vae
+
+    if cfg.resolution < 1 or cfg.shard_size < 1 or cfg.batch_size < 1 or cfg.patch_size < 1:
+        raise UserError("--resolution, --shard-size, --batch-size and --patch-size must be >= 1")
+    root, out = Path(cfg.images), Path(cfg.out)
+    classes, files = scan_class_folders(root)
+    rank, world = rank_world()
+    device = pick_prepare_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # this rank's GPU (NCCL's barrier uses the current device)
+    vae = load_vae(cfg.vae, device)
+    factor = downsample_factor(vae)
+    if cfg.resolution % (factor * cfg.patch_size):
+        raise UserError(f"--resolution {cfg.resolution} is not divisible by the VAE's factor {factor} x --patch-size {cfg.patch_size}")
+    grid = cfg.resolution // factor // cfg.patch_size
+    if features is not None:
+        features.model.to(device).eval()
+    settings = {
+        "resolution": cfg.resolution,
+        "vae_config_sha256": config_sha256(cfg.vae),
+        "dinov2": None if features is None else {"model": features.name, "weights": str(features.weights), "grid": grid},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    plan = [files[i : i + cfg.shard_size] for i in range(0, len(files), cfg.shard_size)]
+    mine = range(rank, len(plan), world)
+    result = PrepareResult(manifest=None)
+    pending = []
+    for i in mine:
+        shard = out / SHARD_NAME.format(i)
+        if complete_shard(shard, settings, files_fingerprint(plan[i], root)) is None:
+            pending.append(i)
+        else:
+            result.kept.append(i)
+    bar = tqdm(total=sum(len(plan[i]) for i in pending), disable=not cfg.progress, unit="img", desc=f"encoding (rank {rank})", dynamic_ncols=True)
+    for i in pending:
+        shard = out / SHARD_NAME.format(i)
+        tensors, skipped = encode_shard(plan[i], vae, features, cfg, grid, bar)
+        if not tensors:
+            raise UserError(f"no readable image in shard {i} of {root} (first: {plan[i][0][0]})")
+        tmp = shard.with_name(f".{shard.name}.tmp")
+        save_file(tensors, str(tmp))
+        tmp.rename(shard)
+        info = {"file": shard.name, "count": len(tensors["labels"]), "sha256": sha256_file(shard), "skipped": skipped,
+                "settings": settings, "files": files_fingerprint(plan[i], root)}
+        write_json(sidecar_path(shard), info)
+        result.encoded.append(i)
+    bar.close()
+    barrier()
+    if rank == 0:
+        result.manifest = write_manifest(out, plan, classes, settings, vae, cfg, features)
+    return result
+
+
+def write_manifest(out: Path, plan: list, classes: list[str], settings: dict, vae, cfg: PrepareConfig, features: FeatureEncoder | None) -> Path:
+    from safetensors import safe_open
+
+    from .vae import downsample_factor, scaling_factor
+
+    infos = []
+    for i in range(len(plan)):
+        side = sidecar_path(out / SHARD_NAME.format(i))
+        if not side.is_file():
+            raise UserError(f"shard {i} of {out} is not finished ({side.name} missing); run prepare again to complete it")
+        infos.append(json.loads(side.read_text()))
+    with safe_open(str(out / infos[0]["file"]), framework="pt") as f:
+        latent_shape = list(f.get_slice("mean").get_shape()[1:])
+        dinov2_shape = list(f.get_slice("dinov2").get_shape()[1:]) if "dinov2" in f.keys() else None
+    manifest = {
+        "format": FORMAT,
+        "resolution": cfg.resolution,
+        "latent_shape": latent_shape,  # (C, h, w)
+        "storage": "unscaled posterior mean and std, float32; multiply by vae.scaling_factor for the model",
+        "vae": {"path": str(Path(cfg.vae).resolve()), "config_sha256": settings["vae_config_sha256"],
+                "scaling_factor": scaling_factor(vae), "downsample": downsample_factor(vae)},
+        "dinov2": None if features is None else {**settings["dinov2"], "tokens": dinov2_shape[0], "dim": dinov2_shape[1], "dtype": "float16"},
+        "classes": {name: i for i, name in enumerate(classes)},
+        "count": sum(info["count"] for info in infos),
+        "shards": [{"file": info["file"], "count": info["count"], "sha256": info["sha256"]} for info in infos],
+        "skipped": [s for info in infos for s in info["skipped"]],
+    }
+    write_json(out / MANIFEST, manifest)
+    return out / MANIFEST

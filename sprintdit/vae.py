@@ -1,0 +1,81 @@
+"""The image autoencoder of latent diffusion: diffusers' AutoencoderKL (e.g. stabilityai/sd-vae-ft-ema) from a
+local folder, never downloaded. Latents are handled UNSCALED here (the raw posterior); the model's data space is
+latents * scaling_factor, the factor read from the VAE's own config (0.18215 for the SD VAE).
+
+diffusers is imported only when a VAE is loaded, so the pixel-space path does not need it.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import UserError
+
+CONFIG_FILE = "config.json"
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+DECODE_BATCH = 32  # latents per decoder forward
+
+
+def vae_hint(path: str | Path) -> str:
+    return f"download {DEFAULT_VAE} ({CONFIG_FILE} and diffusion_pytorch_model.safetensors) into {path}"
+
+
+def load_vae(path: str | Path, device: torch.device | str = "cpu"):
+    """AutoencoderKL from a local folder holding config.json and the weights, in eval mode."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        raise UserError(f"VAE folder {path} has no {CONFIG_FILE}: {vae_hint(path)}")
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise UserError("the latent (ImageNet) path needs diffusers: pip install 'sprintdit[imagenet]'") from None
+    try:
+        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the VAE in {path} ({str(err).splitlines()[0]}): {vae_hint(path)}") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def config_sha256(path: str | Path) -> str:
+    """Fingerprint of the VAE folder's config.json (which VAE encoded a latent set)."""
+    return hashlib.sha256((Path(path) / CONFIG_FILE).read_bytes()).hexdigest()
+
+
+def scaling_factor(vae) -> float:
+    return float(vae.config.scaling_factor)
+
+
+def downsample_factor(vae) -> int:
+    """Pixels per latent along each side: one halving per encoder block but the last."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """images (B, 3, H, W) in [-1, 1] -> unscaled posterior (mean, std), each (B, C, H/f, W/f) float32."""
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor, scale: float, batch_size: int = DECODE_BATCH) -> torch.Tensor:
+    """latents (B, C, h, w) in the model's (scaled) space -> images (B, 3, h*f, w*f) in [-1, 1], float32 on CPU."""
+    out = [vae.decode((z / scale).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1).cpu() for z in latents.split(batch_size)]
+    return torch.cat(out)
+
+
+def pixel_decoder(data_cfg, device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Model-space samples -> images in [-1, 1]: identity for pixel data, the run's VAE (loaded at first use) for latents."""
+    if data_cfg.name != "latents":
+        return lambda x: x
+    loaded = []
+
+    def to_pixels(latents: torch.Tensor) -> torch.Tensor:
+        if not loaded:
+            loaded.append(load_vae(data_cfg.vae, device))
+        return decode(loaded[0], latents, scaling_factor(loaded[0]))
+
+    return to_pixels
