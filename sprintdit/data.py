@@ -2,7 +2,9 @@
 
 A dataset has `num_classes`, `channels`, `resolution` (H, W), `len()` and `load(indices) -> (x, y)` with
 x float in [-1, 1] of shape (B, C, H, W) and y int64 labels. The order of samples is a fresh permutation
-per epoch, seeded by (seed, epoch), so a position (samples consumed) is all that resume needs.
+per epoch, seeded by (seed, epoch), so a position (samples consumed) is all that resume needs. Under
+torchrun every rank walks the same global order and loads only its rows of each global batch, so the
+position counts global samples and does not depend on the world size.
 """
 from __future__ import annotations
 
@@ -158,9 +160,14 @@ class _BatchDataset(torch.utils.data.Dataset):
         return self.dataset.load(indices)
 
 
-def batches(dataset, batch: int, seed: int, position: int, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches in the stream order; with workers, batches are loaded ahead in other processes."""
+def batches(
+    dataset, batch: int, seed: int, position: int, num_workers: int = 0, rows: torch.Tensor | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches in the stream order (only `rows` of each global batch, if given: one rank's share);
+    with workers, batches are loaded ahead in other processes."""
     order = index_batches(len(dataset), batch, seed, position)
+    if rows is not None:
+        order = (ids[rows] for ids in order)
     if num_workers == 0:
         return (dataset.load(ids) for ids in order)
     loader = torch.utils.data.DataLoader(_BatchDataset(dataset), sampler=order, batch_size=None, num_workers=num_workers)

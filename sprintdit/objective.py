@@ -10,7 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import Shard, shard_rows
 from .errors import UserError
+
+SINGLE: Shard = (0, 1)  # one process: all rows
 
 PATHS = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -72,15 +75,18 @@ class FlowMatching:
         z = torch.randn(batch, generator=generator) * self.cfg.logit_std + self.cfg.logit_mean
         return torch.sigmoid(z)
 
-    def drop_labels(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        drop = torch.rand(y.shape[0], generator=generator) < self.cfg.label_dropout
+    def drop_labels(self, y: torch.Tensor, generator: torch.Generator | None = None, shard: Shard = SINGLE) -> torch.Tensor:
+        drop = shard_rows(torch.rand(y.shape[0] * shard[1], generator=generator), shard) < self.cfg.label_dropout
         return torch.where(drop.to(y.device), torch.full_like(y, self.null_class), y)
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, **model_kwargs) -> torch.Tensor:
-        """Mean squared velocity error. Randomness (t, eps, label dropout) comes from `generator` (CPU)."""
-        b = x0.shape[0]
-        t = self.sample_t(b, generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    def loss(
+        self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, shard: Shard = SINGLE, **model_kwargs
+    ) -> torch.Tensor:
+        """Mean squared velocity error over x0's rows. Randomness (t, eps, label dropout) comes from `generator`
+        (CPU), drawn for all `shard[1]` ranks' rows (x0 is this rank's block), so it is the same for any world size."""
+        b = x0.shape[0] * shard[1]  # the global micro-batch
+        t = shard_rows(self.sample_t(b, generator), shard).to(x0.device)
+        eps = shard_rows(torch.randn((b, *x0.shape[1:]), generator=generator), shard).to(x0.device, x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
-        pred = model(x_t, t, self.drop_labels(y, generator), **model_kwargs)[:, : x0.shape[1]]
+        pred = model(x_t, t, self.drop_labels(y, generator, shard), **model_kwargs)[:, : x0.shape[1]]
         return (pred.float() - target.float()).pow(2).mean()

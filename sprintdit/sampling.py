@@ -11,6 +11,7 @@ from typing import Callable, List
 
 import torch
 
+from .distributed import Dist, batches_of_rank, gather_to_main
 from .errors import UserError
 from .objective import FlowMatching
 
@@ -120,11 +121,8 @@ def guided_velocity(model, y: torch.Tensor, cfg: SampleConfig, channels: int) ->
     return v
 
 
-@torch.no_grad()
-def generate(
-    model, objective: FlowMatching, labels: list[int], seeds: list[int], cfg: SampleConfig, device, progress: bool = False
-) -> torch.Tensor:
-    """Samples (N, C, H, W) in the model's data space for the given labels and per-sample seeds."""
+def check_request(model, labels: list[int], seeds: list[int], cfg: SampleConfig) -> None:
+    """Raise a UserError for labels, seeds or guidance the model cannot sample."""
     if len(labels) != len(seeds):
         raise UserError(f"got {len(labels)} labels but {len(seeds)} seeds")
     mc = model.config
@@ -133,6 +131,15 @@ def generate(
         raise UserError(f"labels must be in [0, {mc.num_classes - 1}], got {bad[:5]}")
     if cfg.guidance == "pdg" and model.fusion is None:
         raise UserError("Path-Drop Guidance needs fusion 'concat_linear'; use guidance cfg or none")
+
+
+@torch.no_grad()
+def generate(
+    model, objective: FlowMatching, labels: list[int], seeds: list[int], cfg: SampleConfig, device, progress: bool = False
+) -> torch.Tensor:
+    """Samples (N, C, H, W) in the model's data space for the given labels and per-sample seeds."""
+    check_request(model, labels, seeds, cfg)
+    mc = model.config
     out = []
     chunks = range(0, len(labels), cfg.batch_size)
     if progress:
@@ -152,3 +159,20 @@ def generate(
             x = euler_maruyama(v, x, cfg.steps, objective, noise, cfg.sde_last_t)
         out.append(x.float().cpu())
     return torch.cat(out)
+
+
+def generate_on_ranks(
+    model, objective: FlowMatching, labels: list[int], seeds: list[int], cfg: SampleConfig, d: Dist, progress: bool = False
+) -> torch.Tensor | None:
+    """`generate` with whole sampling batches spread over the ranks (batch k on rank k mod W): rank 0 gets all
+    samples (N, C, H, W) in the requested order, the other ranks None. Every sample is computed in the same
+    batch as with one process, so the result is identical (bitwise on one kind of device) for any world size."""
+    check_request(model, labels, seeds, cfg)  # on every rank, before any rank waits for another
+    mine = [i for block in batches_of_rank(len(labels), cfg.batch_size, d.shard) for i in block]
+    part = generate(model, objective, [labels[i] for i in mine], [seeds[i] for i in mine], cfg, d.device, progress and d.is_main) if mine else None
+    parts = gather_to_main(d, (mine, part), "gathering samples on rank 0")
+    if parts is None:
+        return None
+    order = torch.tensor([i for ids, _ in parts for i in ids])
+    samples = torch.cat([x for _, x in parts if x is not None])
+    return samples[torch.argsort(order)]
