@@ -52,7 +52,6 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    strategy: str = "ddp"
     timeout_s: float = DistributedConfig.timeout_s
 
     @property
@@ -83,7 +82,7 @@ def init_from_env(cfg: DistributedConfig, device: torch.device) -> Dist:
     """
     rank, world, local = env_world()
     if world == 1:
-        return Dist(device=device, strategy=cfg.strategy, timeout_s=cfg.timeout_s)
+        return Dist(device=device, timeout_s=cfg.timeout_s)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
         raise UserError("distributed.backend nccl needs CUDA GPUs, none is available; use backend gloo (or auto) on CPU")
@@ -93,7 +92,7 @@ def init_from_env(cfg: DistributedConfig, device: torch.device) -> Dist:
     if not dist.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s), **kwargs)
-    return Dist(rank, world, local, device, cfg.strategy, cfg.timeout_s)
+    return Dist(rank, world, local, device, cfg.timeout_s)
 
 
 def shutdown() -> None:

@@ -159,7 +159,8 @@ class Trainer:
         self.device = self.dist.device
         for i, stage in enumerate(cfg.stages):
             check_divisible(stage.batch_size or t.batch_size, self.dist.world_size, t.grad_accum, f"stages.{i} ({stage.name})")
-        self.fsdp = self.dist.active and self.dist.strategy == "fsdp"
+        self.strategy = cfg.distributed.strategy
+        self.fsdp = self.dist.active and self.strategy == "fsdp"
         if self.fsdp and t.precision == "fp16":
             raise UserError("train.precision fp16 is not supported with distributed.strategy fsdp (per-shard loss scaling); use bf16")
         torch.manual_seed(t.seed)  # the model's initial weights (the same on every rank)
@@ -184,7 +185,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
         wrapped = self.ddp or self.model
         self.forward = torch.compile(wrapped, mode=t.compile_mode, fullgraph=t.compile_fullgraph, dynamic=False) if t.compile else wrapped
         self.step, self.position = 0, 0
@@ -201,7 +202,7 @@ class Trainer:
             "step": self.step,
             "position": self.position,
             "world_size": self.dist.world_size,
-            "strategy": self.dist.strategy,
+            "strategy": self.strategy,
             "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(),
             "generator": generator_state,
@@ -252,7 +253,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step, self.position = state["step"], state["position"]
         saved = (state.get("world_size", 1), state.get("strategy", "ddp"))
-        if saved != (self.dist.world_size, self.dist.strategy) and self.dist.is_main:
+        if saved != (self.dist.world_size, self.strategy) and self.dist.is_main:
             print(self.world_change_note(*saved), file=sys.stderr)
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.is_file() and self.dist.is_main:  # drop lines logged after this checkpoint by the run that stopped
@@ -263,7 +264,7 @@ class Trainer:
         t = self.cfg.train
         batch = self.cfg.stages[stage_at(self.cfg.stages, self.step)[0]].batch_size or t.batch_size
         return (
-            f"resuming step {self.step} saved on {world} rank(s) ({strategy}) on {self.dist.world_size} ({self.dist.strategy}): "
+            f"resuming step {self.step} saved on {world} rank(s) ({strategy}) on {self.dist.world_size} ({self.strategy}): "
             f"the global batch ({batch}), data order and random draws are unchanged; the per-rank micro-batch is "
             f"{batch // (self.dist.world_size * t.grad_accum)} (was {batch // (world * t.grad_accum)}); results match an "
             f"uninterrupted run up to float summation order"
