@@ -145,20 +145,20 @@ def full_state_options(cpu_offload: bool):
 class Trainer:
     def __init__(self, cfg: RunConfig | None, run_dir: str | Path, progress: bool = True, dist: Dist | None = None):
         self.run_dir = Path(run_dir)
-        writer = dist.is_main if dist is not None else env_world()[0] == 0
+        rank, world, _ = env_world() if dist is None else (dist.rank, dist.world_size, dist.local_rank)
         if cfg is None:  # resume: the run folder's saved config
-            cfg = prepare_run_dir(self.run_dir, None, write=writer)
+            cfg = prepare_run_dir(self.run_dir, None, write=False)
             dataset = build_dataset(cfg.data)
         else:
             dataset = build_dataset(cfg.data)
-            cfg = prepare_run_dir(self.run_dir, resolve_run_config(cfg, dataset), write=writer)
-        self.cfg, self.dataset = cfg, dataset
+            cfg = resolve_run_config(cfg, dataset)
         t = cfg.train
+        for i, stage in enumerate(cfg.stages):  # before anything is written
+            check_divisible(stage.batch_size or t.batch_size, world, t.grad_accum, f"stages.{i} ({stage.name})")
+        self.cfg, self.dataset = prepare_run_dir(self.run_dir, cfg, write=rank == 0), dataset
         self.dist = dist or init_from_env(cfg.distributed, pick_device(t.device))
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
-        for i, stage in enumerate(cfg.stages):
-            check_divisible(stage.batch_size or t.batch_size, self.dist.world_size, t.grad_accum, f"stages.{i} ({stage.name})")
         self.strategy = cfg.distributed.strategy
         self.fsdp = self.dist.active and self.strategy == "fsdp"
         if self.fsdp and t.precision == "fp16":

@@ -237,7 +237,8 @@ def test_optimizer_state_keys_round_trip():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for NCCL without CUDA")
 def test_batch_not_divisible_by_the_world_is_one_line(data_root, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"stages.0 \(pre\): global batch 8 is not divisible by world size 3 x train.grad_accum 2"):
-        Trainer(tiny_run(data_root), tmp_path / "r", progress=False, dist=D.Dist(rank=1, world_size=3))
+        Trainer(tiny_run(data_root), tmp_path / "r", progress=False, dist=D.Dist(rank=0, world_size=3))
+    assert not (tmp_path / "r").exists()  # refused before rank 0 writes anything
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="nccl needs CUDA"):
         D.init_from_env(D.DistributedConfig(backend="nccl"), torch.device("cpu"))
