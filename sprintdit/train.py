@@ -330,7 +330,8 @@ class Trainer:
 
         with collective(self.dist, "gathering the EMA weights for sampling"):
             full = get_model_state_dict(self.ema, options=full_state_options(cpu_offload=False))
-        model = SiT(self.cfg.model).to(self.device)
+        with torch.random.fork_rng(devices=[]):  # building the copy must not move the run's RNG
+            model = SiT(self.cfg.model).to(self.device)
         model.load_state_dict(full)
         return model.eval()
 

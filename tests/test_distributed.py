@@ -245,3 +245,13 @@ def test_batch_not_divisible_by_the_world_is_one_line(data_root, tmp_path, monke
     monkeypatch.delenv("WORLD_SIZE")
     alone = D.init_from_env(D.DistributedConfig(), torch.device("cpu"))
     assert not alone.active and alone.is_main and not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("distributed.strategy=zero", "distributed.strategy is 'zero'; choose one of ddp, fsdp"),
+    ("distributed.timeout_s=0", "distributed.timeout_s must be positive"),
+    ("distributed.bakend=gloo", "did you mean 'distributed.backend'"),
+])
+def test_distributed_config_errors_are_one_line(override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
