@@ -114,6 +114,15 @@ def worker(rank, ports, root, base):
         (base / "timeout_error.txt").write_text(str(err))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread in this process too: tiny ops on several threads crawl when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     rng = np.random.default_rng(0)
