@@ -1,5 +1,7 @@
-"""Command line: `sprintdit prepare | train | sample | evaluate | bench | demo`. A thin layer over the library; user mistakes end in
-one `error: ...` line and exit code 2."""
+"""Command line: `sprintdit prepare | train | sample | evaluate | bench | convert | sparsify | demo`. A thin
+layer over the library; user mistakes end in one `error: ...` line and exit code 2. `train`, `sample` and
+`evaluate --checkpoint` also run under torchrun (see docs/distributed.md): the work is split over the
+ranks and rank 0 writes and prints."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .distributed import env_world, shutdown
 from .errors import UserError
 from .sampling import SAMPLERS
 
@@ -88,12 +91,26 @@ def cmd_train(args) -> int:
     if cfg is None and args.overrides:
         raise UserError("overrides need --config (a resumed run keeps its saved config)")
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    trainer = Trainer(cfg, out, progress=not args.no_progress)
-    start = trainer.step
-    folder = trainer.fit(stop_at=args.stop_at)
-    print(f"trained steps {start}..{trainer.step} in {out}; latest checkpoint: {folder}")
-    print(f"metrics: {out / 'metrics.jsonl'}  samples: {out / 'samples'}")
+    try:
+        trainer = Trainer(cfg, out, progress=not args.no_progress)  # joins torchrun's process group, if any
+        start = trainer.step
+        folder = trainer.fit(stop_at=args.stop_at)
+    finally:
+        shutdown()
+    if trainer.dist.is_main:
+        print(f"trained steps {start}..{trainer.step} in {out}; latest checkpoint: {folder}")
+        print(f"metrics: {out / 'metrics.jsonl'}  samples: {out / 'samples'}")
     return 0
+
+
+def join_ranks(model, run, device_name: str):
+    """(model on this rank's device, Dist) for a checkpoint's model: torchrun's process group (with the run's
+    distributed.timeout_s) or a single process."""
+    from .distributed import init_from_env
+    from .train import pick_device
+
+    d = init_from_env(run.distributed, pick_device(device_name))
+    return model.to(d.device), d
 
 
 def sample_config(args, base):
@@ -109,15 +126,21 @@ def sample_config(args, base):
 
 
 def cmd_sample(args) -> int:
+    try:
+        return sample_on_ranks(args)
+    finally:
+        shutdown()
+
+
+def sample_on_ranks(args) -> int:
     from .checkpoint import load_model
     from .images import save_grid, save_npz
     from .objective import build_objective
-    from .sampling import generate
-    from .train import pick_device
+    from .sampling import generate_on_ranks
     from .vae import pixel_decoder
 
-    device = pick_device(args.device)
-    model, cfg = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+    model, cfg = load_model(args.checkpoint, use_ema=not args.no_ema)
+    model, d = join_ranks(model, cfg, args.device)
     scfg = sample_config(args, cfg.sample)
     if args.labels is not None:
         labels = parse_ints(args.labels, "--labels")
@@ -129,13 +152,17 @@ def cmd_sample(args) -> int:
     seeds = parse_ints(args.seeds, "--seeds") if args.seeds else list(range(args.seed_start, args.seed_start + len(labels)))
     objective = build_objective(cfg.objective, cfg.model.num_classes, cfg.model.learn_sigma)
     tic = time.perf_counter()
-    images = pixel_decoder(cfg.data, device)(generate(model, objective, labels, seeds, scfg, device, progress=not args.no_progress))
+    samples = generate_on_ranks(model, objective, labels, seeds, scfg, d, progress=not args.no_progress)
+    images = pixel_decoder(cfg.data, d.device)(samples) if d.is_main else None
     seconds = time.perf_counter() - tic
+    if not d.is_main:
+        return 0
     out = Path(args.out)
     stem = f"{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}"
     grid = save_grid(images, out / f"{stem}.png", columns=args.per_label if args.per_label > 1 else min(len(labels), 10))
     npz = save_npz(images, labels, out / f"{stem}.npz")
-    print(f"{len(labels)} samples in {seconds:.1f}s ({len(labels) / seconds:.2f} img/s) on {device}; grid: {grid}; batch: {npz}")
+    where = f"{d.world_size} ranks ({d.device.type})" if d.active else str(d.device)
+    print(f"{len(labels)} samples in {seconds:.1f}s ({len(labels) / seconds:.2f} img/s) on {where}; grid: {grid}; batch: {npz}")
     return 0
 
 
@@ -157,6 +184,13 @@ def eval_config(args, base):
 
 
 def cmd_evaluate(args) -> int:
+    try:
+        return evaluate_on_ranks(args)
+    finally:
+        shutdown()
+
+
+def evaluate_on_ranks(args) -> int:
     import json
 
     import torch
@@ -181,6 +215,8 @@ def cmd_evaluate(args) -> int:
     if args.write_ref is not None and args.samples is None:
         raise UserError("--write-ref turns a batch of real images into a reference: give it with --samples REAL.npz")
     if args.samples is not None:
+        if env_world()[0] != 0:  # scoring a given batch is rank 0's job alone
+            return 0
         cfg = eval_config(args, EvalConfig())
         images, labels = batch_images(read_npz(args.samples), args.samples)
         if args.write_ref is not None:
@@ -193,14 +229,19 @@ def cmd_evaluate(args) -> int:
     else:
         from .checkpoint import load_model, resolve_weights
         from .objective import build_objective
-        from .sampling import generate
+        from .sampling import generate_on_ranks
         from .vae import pixel_decoder
 
-        model, run = load_model(args.checkpoint, use_ema=not args.no_ema, device=device)
+        model, run = load_model(args.checkpoint, use_ema=not args.no_ema)
+        model, d = join_ranks(model, run, args.device)
+        device = d.device
         cfg, scfg = eval_config(args, run.eval), sample_config(args, run.sample)
         labels_list, seeds = eval_labels_and_seeds(cfg, run.model.num_classes)
         objective = build_objective(run.objective, run.model.num_classes, run.model.learn_sigma)
-        samples = pixel_decoder(run.data, device)(generate(model, objective, labels_list, seeds, scfg, device, progress=not args.no_progress))
+        samples = generate_on_ranks(model, objective, labels_list, seeds, scfg, d, progress=not args.no_progress)
+        if not d.is_main:  # rank 0 scores the gathered samples
+            return 0
+        samples = pixel_decoder(run.data, device)(samples)
         images, labels = to_uint8_nchw(samples), torch.tensor(labels_list)
         folder = resolve_weights(args.checkpoint, not args.no_ema).parent
         stem = f"eval_{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}_n{cfg.num_samples}"
@@ -232,6 +273,8 @@ def cmd_demo(args) -> int:
 
     if args.per_class < 1:
         raise UserError(f"--per-class must be >= 1, got {args.per_class}")
+    if env_world()[1] > 1:
+        raise UserError("demo runs in one process; under torchrun use train, sample and evaluate")
     cfg = load_config(find_config(args.config), args.overrides)
     out = Path(args.out)
     start = tic = time.perf_counter()

@@ -1,6 +1,7 @@
 """Typed run configuration: dataclasses, YAML files, dotted `key=value` overrides, validation.
 
-A run config has the sections `model`, `objective`, `data`, `train`, `sample` and a list of `stages`
+A run config has the sections `model`, `objective`, `data`, `train`, `sample`, `eval`, `distributed` and a
+list of `stages`
 (e.g. masked pre-training then full-token fine-tuning). Unknown keys and wrong types are rejected with
 the offending key and the closest valid one; the resolved config is saved with every run.
 """
@@ -16,6 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .distributed import DistributedConfig
 from .errors import UserError
 from .masking import MASK_TYPES
 from .metrics.inception import CONVENTIONS as INCEPTION_RESIZES
@@ -63,7 +65,7 @@ class StageConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # images per optimizer step (all accumulation micro-batches together)
+    batch_size: int = 64  # GLOBAL images per optimizer step: per-rank micro-batch x world size x grad_accum
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16 (with loss scaling)
     compile: bool = False
@@ -108,6 +110,7 @@ class RunConfig:
     stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def _valid_keys(cls, prefix: str = "") -> list[str]:

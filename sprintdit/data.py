@@ -4,7 +4,9 @@ A dataset has `num_classes`, `channels`, `resolution` (H, W), `len()` and `load(
 x float in [-1, 1] of shape (B, C, H, W) and y int64 labels. The latent dataset returns a `Batch` (a tuple
 that also carries the posterior std and optional REPA features): the trainer draws the posterior sample
 x + std * noise from its own checkpointed generator. The order of samples is a fresh permutation
-per epoch, seeded by (seed, epoch), so a position (samples consumed) is all that resume needs.
+per epoch, seeded by (seed, epoch), so a position (samples consumed) is all that resume needs. Under
+torchrun every rank walks the same global order and loads only its rows of each global batch, so the
+position counts global samples and does not depend on the world size.
 """
 from __future__ import annotations
 
@@ -237,17 +239,25 @@ class _BatchDataset(torch.utils.data.Dataset):
         return self.dataset.load(indices)
 
 
-def batches(dataset, batch: int, seed: int, position: int, num_workers: int = 0) -> Iterator[Batch]:
-    """Batches in the stream order; with workers, batches are loaded ahead in other processes."""
+def batches(dataset, batch: int, seed: int, position: int, num_workers: int = 0, rows: torch.Tensor | None = None) -> Iterator[Batch]:
+    """Batches in the stream order (only `rows` of each global batch, if given: one rank's share); with
+    workers, batches are loaded ahead in other processes."""
     order = index_batches(len(dataset), batch, seed, position)
+    if rows is not None:
+        order = (ids[rows] for ids in order)
     if num_workers == 0:
         return (Batch(*dataset.load(ids)) for ids in order)
     loader = torch.utils.data.DataLoader(_BatchDataset(dataset), sampler=order, batch_size=None, num_workers=num_workers)
     return (Batch(*b) for b in loader)
 
 
-def posterior_sample(batch: Batch, generator: torch.Generator) -> torch.Tensor:
-    """The training input: x itself, or for latents a fresh posterior sample x + std * noise (noise from `generator`)."""
+def posterior_sample(batch: Batch, generator: torch.Generator, rows: torch.Tensor | None = None, total: int | None = None) -> torch.Tensor:
+    """The training input: x itself, or for latents a fresh posterior sample x + std * noise (noise from `generator`).
+
+    Under torchrun the batch holds one rank's `rows` of a global batch of `total`: the noise is drawn for all
+    of it and those rows kept, so every sample gets the same noise for any world size."""
     if batch.std is None:
         return batch.x
-    return batch.x + batch.std * torch.randn(batch.x.shape, generator=generator)
+    if rows is None:
+        return batch.x + batch.std * torch.randn(batch.x.shape, generator=generator)
+    return batch.x + batch.std * torch.randn((total, *batch.x.shape[1:]), generator=generator)[rows]

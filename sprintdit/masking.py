@@ -35,6 +35,10 @@ class TokenMask:
     def to(self, device: torch.device | str) -> "TokenMask":
         return TokenMask(self.ids_keep.to(device), self.ids_restore.to(device), self.dropped.to(device))
 
+    def rows(self, start: int, stop: int) -> "TokenMask":
+        """The mask of samples start..stop-1 (e.g. one rank's block of a mask drawn for all ranks)."""
+        return TokenMask(self.ids_keep[start:stop], self.ids_restore[start:stop], self.dropped[start:stop])
+
 
 def mask_from_dropped(dropped: torch.Tensor) -> TokenMask:
     """Build the mask value from a (B, N) bool tensor with the same number of kept tokens per row."""

@@ -18,10 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .distributed import Shard, shard_rows
 from .errors import UserError
 from .masking import gather_tokens
 
 KINDS = ("flow", "ddpm")
+SINGLE: Shard = (0, 1)  # one process: all rows
+
 PATHS = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -95,20 +98,28 @@ class FlowMatching:
         z = torch.randn(batch, generator=generator) * self.cfg.logit_std + self.cfg.logit_mean
         return torch.sigmoid(z)
 
-    def drop_labels(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        drop = torch.rand(y.shape[0], generator=generator) < self.cfg.label_dropout
+    def drop_labels(self, y: torch.Tensor, generator: torch.Generator | None = None, shard: Shard = SINGLE) -> torch.Tensor:
+        drop = shard_rows(torch.rand(y.shape[0] * shard[1], generator=generator), shard) < self.cfg.label_dropout
         return torch.where(drop.to(y.device), torch.full_like(y, self.null_class), y)
 
     def loss(
-        self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, features: torch.Tensor | None = None, **model_kwargs
+        self,
+        model,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        shard: Shard = SINGLE,
+        features: torch.Tensor | None = None,
+        **model_kwargs,
     ) -> torch.Tensor:
-        """Mean squared velocity error, plus repa_weight * the REPA loss when `features` (B, N, D) are given.
-        Randomness (t, eps, label dropout) comes from `generator` (CPU)."""
-        b = x0.shape[0]
-        t = self.sample_t(b, generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        """Mean squared velocity error over x0's rows, plus repa_weight * the REPA loss when `features` (B, N, D)
+        are given. Randomness (t, eps, label dropout) comes from `generator` (CPU), drawn for all `shard[1]`
+        ranks' rows (x0 is this rank's block), so it is the same for any world size."""
+        b = x0.shape[0] * shard[1]  # the global micro-batch
+        t = shard_rows(self.sample_t(b, generator), shard).to(x0.device)
+        eps = shard_rows(torch.randn((b, *x0.shape[1:]), generator=generator), shard).to(x0.device, x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
-        labels = self.drop_labels(y, generator)
+        labels = self.drop_labels(y, generator, shard)
         if features is None or self.cfg.repa_weight == 0:
             pred = model(x_t, t, labels, **model_kwargs)[:, : x0.shape[1]]
             return (pred.float() - target.float()).pow(2).mean()
@@ -214,9 +225,7 @@ class DDPM:
         self.cfg, self.null_class, self.learn_sigma = cfg, null_class, learn_sigma
         self.process = DiffusionProcess(linear_betas(cfg), list(range(cfg.num_timesteps)), cfg.num_timesteps)
 
-    def drop_labels(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        drop = torch.rand(y.shape[0], generator=generator) < self.cfg.label_dropout
-        return torch.where(drop.to(y.device), torch.full_like(y, self.null_class), y)
+    drop_labels = FlowMatching.drop_labels  # the same label dropout (and its per-rank slicing)
 
     def split(self, out: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Network output -> (eps, variance value v or None)."""
@@ -233,17 +242,25 @@ class DDPM:
         return torch.where(index.to(x0.device) == 0, nll, kl)
 
     def loss(
-        self, model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None, features: torch.Tensor | None = None, **model_kwargs
+        self,
+        model,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        shard: Shard = SINGLE,
+        features: torch.Tensor | None = None,
+        **model_kwargs,
     ) -> torch.Tensor:
-        """MSE on eps (+ the variational bound when sigma is learned). Randomness comes from `generator` (CPU)."""
+        """MSE on eps (+ the variational bound when sigma is learned) over x0's rows. Randomness comes from
+        `generator` (CPU), drawn for all ranks' rows as in flow matching."""
         if features is not None:
             raise UserError("REPA (model.repa_depth) is implemented for flow matching only, not objective.kind ddpm")
-        b, channels = x0.shape[0], x0.shape[1]
-        index = torch.randint(0, self.cfg.num_timesteps, (b,), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        b, channels = x0.shape[0] * shard[1], x0.shape[1]
+        index = shard_rows(torch.randint(0, self.cfg.num_timesteps, (b,), generator=generator), shard)
+        eps = shard_rows(torch.randn((b, *x0.shape[1:]), generator=generator), shard).to(x0.device, x0.dtype)
         x_t = self.process.q_sample(x0, eps, index)
         t = self.process.noise_level(index).to(x0.device)
-        out = model(x_t, t, self.drop_labels(y, generator), **model_kwargs).float()
+        out = model(x_t, t, self.drop_labels(y, generator, shard), **model_kwargs).float()
         pred, v = self.split(out, channels)
         mse = (pred - eps.float()).pow(2).flatten(1).mean(1)
         if v is None:

@@ -13,6 +13,7 @@ from typing import Callable, List
 
 import torch
 
+from .distributed import Dist, batches_of_rank, gather_to_main
 from .errors import UserError
 from .objective import DDPM, DiffusionProcess, FlowMatching, spaced_steps
 
@@ -143,11 +144,8 @@ def guided_output(model, y: torch.Tensor, cfg: SampleConfig, channels: int) -> V
     return v
 
 
-@torch.no_grad()
-def generate(
-    model, objective: FlowMatching | DDPM, labels: list[int], seeds: list[int], cfg: SampleConfig, device, progress: bool = False
-) -> torch.Tensor:
-    """Samples (N, C, H, W) in the model's data space for the given labels and per-sample seeds."""
+def check_request(model, objective: FlowMatching | DDPM, labels: list[int], seeds: list[int], cfg: SampleConfig) -> None:
+    """Raise a UserError for labels, seeds, guidance or a sampler the model cannot sample."""
     if len(labels) != len(seeds):
         raise UserError(f"got {len(labels)} labels but {len(seeds)} seeds")
     mc = model.config
@@ -160,6 +158,16 @@ def generate(
     if (cfg.sampler in DDPM_SAMPLERS) != ddpm:
         choices = DDPM_SAMPLERS if ddpm else FLOW_SAMPLERS
         raise UserError(f"sampler {cfg.sampler!r} does not fit this {'DDPM' if ddpm else 'flow-matching'} model; choose one of {', '.join(choices)}")
+
+
+@torch.no_grad()
+def generate(
+    model, objective: FlowMatching | DDPM, labels: list[int], seeds: list[int], cfg: SampleConfig, device, progress: bool = False
+) -> torch.Tensor:
+    """Samples (N, C, H, W) in the model's data space for the given labels and per-sample seeds."""
+    check_request(model, objective, labels, seeds, cfg)
+    mc = model.config
+    ddpm = isinstance(objective, DDPM)
     out = []
     chunks = range(0, len(labels), cfg.batch_size)
     if progress:
@@ -185,3 +193,20 @@ def generate(
             x = euler_maruyama(v, x, cfg.steps, objective, noise, cfg.sde_last_t)
         out.append(x.float().cpu())
     return torch.cat(out)
+
+
+def generate_on_ranks(
+    model, objective: FlowMatching | DDPM, labels: list[int], seeds: list[int], cfg: SampleConfig, d: Dist, progress: bool = False
+) -> torch.Tensor | None:
+    """`generate` with whole sampling batches spread over the ranks (batch k on rank k mod W): rank 0 gets all
+    samples (N, C, H, W) in the requested order, the other ranks None. Every sample is computed in the same
+    batch as with one process, so the result is identical (bitwise on one kind of device) for any world size."""
+    check_request(model, objective, labels, seeds, cfg)  # on every rank, before any rank waits for another
+    mine = [i for block in batches_of_rank(len(labels), cfg.batch_size, d.shard) for i in block]
+    part = generate(model, objective, [labels[i] for i in mine], [seeds[i] for i in mine], cfg, d.device, progress and d.is_main) if mine else None
+    parts = gather_to_main(d, (mine, part), "gathering samples on rank 0")
+    if parts is None:
+        return None
+    order = torch.tensor([i for ids, _ in parts for i in ids])
+    samples = torch.cat([x for _, x in parts if x is not None])
+    return samples[torch.argsort(order)]
