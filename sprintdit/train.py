@@ -149,7 +149,7 @@ def prepare_run_dir(run_dir: Path, cfg: RunConfig | None, write: bool = True) ->
     return cfg
 
 
-def shard_model(model: SiT) -> None:
+def shard_model(model: torch.nn.Module) -> None:
     """FSDP2: each block and the root (embedders, fusion, final layer) become units of sharded parameters."""
     from torch.distributed.fsdp import fully_shard
 
