@@ -244,7 +244,8 @@ def evaluate_on_ranks(args) -> int:
         samples = pixel_decoder(run.data, device)(samples)
         images, labels = to_uint8_nchw(samples), torch.tensor(labels_list)
         folder = resolve_weights(args.checkpoint, not args.no_ema).parent
-        stem = f"eval_{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}_n{cfg.num_samples}"
+        weights = "_raw" if args.no_ema else ""  # the EMA's and the raw weights' scores live side by side
+        stem = f"eval_{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}_n{cfg.num_samples}{weights}"
         out = folder / f"{stem}.json"
         if args.save_samples:
             from .images import save_npz

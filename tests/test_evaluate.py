@@ -127,6 +127,10 @@ def test_evaluate_checkpoint_then_its_samples_agree(fmnist_dir, tmp_path, monkey
     assert main(["evaluate", "--samples", str(written.with_suffix(".npz")), "--data-root", str(fmnist_dir)]) == 0
     again = json.loads(written.with_suffix(".eval.json").read_text())
     assert again["metrics"]["fmnist"] == pytest.approx(result["metrics"]["fmnist"], rel=1e-5)
+    # the raw weights' scores are written beside the EMA's, not over them
+    assert main([*args[:-1], "--no-ema"]) == 0
+    raw = json.loads(written.with_name("eval_cfg_euler2_s3_n12_raw.json").read_text())
+    assert raw["setting"]["ema"] is False and json.loads(written.read_text())["setting"]["ema"] is True
 
 
 def test_training_logs_metrics_with_flops(fmnist_dir, tmp_path, monkeypatch):
