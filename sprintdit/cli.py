@@ -1,4 +1,4 @@
-"""Command line: `sprintdit prepare | train | sample | evaluate | bench | convert | sparsify | demo`. A thin
+"""Command line: `sprintdit prepare | train | sample | evaluate | bench | convert | sparsify | demo | study | plot`. A thin
 layer over the library; user mistakes end in one `error: ...` line and exit code 2. `train`, `sample` and
 `evaluate --checkpoint` also run under torchrun (see docs/distributed.md): the work is split over the
 ranks and rank 0 writes and prints."""
@@ -9,7 +9,6 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from .distributed import env_world, shutdown
@@ -191,70 +190,66 @@ def cmd_evaluate(args) -> int:
 
 
 def evaluate_on_ranks(args) -> int:
-    import json
-
-    import torch
-
-    from .config import DataConfig, EvalConfig
-    from .evaluate import (
-        Evaluator,
-        batch_images,
-        build_networks,
-        choose_networks,
-        eval_labels_and_seeds,
-        format_table,
-        read_npz,
-        to_uint8_nchw,
-        write_reference,
-    )
-    from .train import pick_device
-
-    device = pick_device(args.device)
     if (args.checkpoint is None) == (args.samples is None):
         raise UserError("give either --checkpoint RUN (generate, then score) or --samples SAMPLES.npz (score a batch)")
     if args.write_ref is not None and args.samples is None:
         raise UserError("--write-ref turns a batch of real images into a reference: give it with --samples REAL.npz")
-    if args.samples is not None:
-        if env_world()[0] != 0:  # scoring a given batch is rank 0's job alone
-            return 0
-        cfg = eval_config(args, EvalConfig())
-        images, labels = batch_images(read_npz(args.samples), args.samples)
-        if args.write_ref is not None:
-            names = choose_networks(cfg, tuple(images.shape[1:]))
-            written = write_reference(images, build_networks(names, cfg, device), args.write_ref)
-            print(f"reference batch of {len(images)} images with {', '.join(names)} statistics: {written}")
-            return 0
-        data_root, out = args.data_root or DataConfig().root, Path(args.samples).with_suffix(".eval.json")
-        setting = {"samples": str(args.samples)}
-    else:
-        from .checkpoint import load_model, resolve_weights
-        from .objective import build_objective
-        from .sampling import generate_on_ranks
-        from .vae import pixel_decoder
+    return evaluate_batch(args) if args.samples is not None else evaluate_checkpoint(args)
 
-        model, run = load_model(args.checkpoint, use_ema=not args.no_ema)
-        model, d = join_ranks(model, run, args.device)
-        device = d.device
-        cfg, scfg = eval_config(args, run.eval), sample_config(args, run.sample)
-        labels_list, seeds = eval_labels_and_seeds(cfg, run.model.num_classes)
-        objective = build_objective(run.objective, run.model.num_classes, run.model.learn_sigma)
-        samples = generate_on_ranks(model, objective, labels_list, seeds, scfg, d, progress=not args.no_progress)
-        if not d.is_main:  # rank 0 scores the gathered samples
-            return 0
-        samples = pixel_decoder(run.data, device)(samples)
-        images, labels = to_uint8_nchw(samples), torch.tensor(labels_list)
-        folder = resolve_weights(args.checkpoint, not args.no_ema).parent
-        weights = "_raw" if args.no_ema else ""  # the EMA's and the raw weights' scores live side by side
-        stem = f"eval_{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}_n{cfg.num_samples}{weights}"
-        out = folder / f"{stem}.json"
-        if args.save_samples:
-            from .images import save_npz
 
-            save_npz(samples, labels_list, folder / f"{stem}.npz")
-        data_root = args.data_root or (run.data.root if run.data.name == "fashion_mnist" else None)
-        setting = {"checkpoint": str(folder), "ema": not args.no_ema, "sample": vars(scfg), "seed_start": cfg.seed_start}
-    results = Evaluator(cfg, tuple(images.shape[1:]), device, data_root)(images, labels)
-    results["setting"] = setting
+def evaluate_batch(args) -> int:
+    """Score (or, with --write-ref, turn into a reference) an npz batch; rank 0's job alone."""
+    from .config import DataConfig, EvalConfig
+    from .evaluate import Evaluator, batch_images, build_networks, choose_networks, read_npz, write_reference
+    from .train import pick_device
+
+    if env_world()[0] != 0:
+        return 0
+    device = pick_device(args.device)
+    cfg = eval_config(args, EvalConfig())
+    images, labels = batch_images(read_npz(args.samples), args.samples)
+    if args.write_ref is not None:
+        names = choose_networks(cfg, tuple(images.shape[1:]))
+        written = write_reference(images, build_networks(names, cfg, device), args.write_ref)
+        print(f"reference batch of {len(images)} images with {', '.join(names)} statistics: {written}")
+        return 0
+    results = Evaluator(cfg, tuple(images.shape[1:]), device, args.data_root or DataConfig().root)(images, labels)
+    results["setting"] = {"samples": str(args.samples)}
+    return write_results(results, Path(args.samples).with_suffix(".eval.json"))
+
+
+def evaluate_checkpoint(args) -> int:
+    """Generate --num-samples from a checkpoint (spread over torchrun's ranks) and score them on rank 0."""
+    from .checkpoint import load_model, resolve_weights
+    from .evaluate import generate_and_score
+    from .images import save_npz
+    from .objective import build_objective
+    from .vae import pixel_decoder
+
+    model, run = load_model(args.checkpoint, use_ema=not args.no_ema)
+    model, d = join_ranks(model, run, args.device)
+    cfg, scfg = eval_config(args, run.eval), sample_config(args, run.sample)
+    objective = build_objective(run.objective, run.model.num_classes, run.model.learn_sigma)
+    data_root = args.data_root or (run.data.root if run.data.name == "fashion_mnist" else None)
+    scored = generate_and_score(model, objective, cfg, scfg, d, pixel_decoder(run.data, d.device), data_root=data_root, progress=not args.no_progress)
+    if scored is None:  # rank 0 scores the gathered samples
+        return 0
+    folder = resolve_weights(args.checkpoint, not args.no_ema).parent
+    weights = "_raw" if args.no_ema else ""  # the EMA's and the raw weights' scores live side by side
+    stem = f"eval_{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}_n{cfg.num_samples}{weights}"
+    if args.save_samples:
+        save_npz(scored.images, scored.labels, folder / f"{stem}.npz")
+    results = scored.results
+    results["setting"] = {"checkpoint": str(folder), "ema": not args.no_ema, "sample": vars(scfg), "seed_start": cfg.seed_start}
+    results["sample_seconds"] = scored.sample_seconds
+    return write_results(results, folder / f"{stem}.json")
+
+
+def write_results(results: dict, out: Path) -> int:
+    import json
+
+    from .evaluate import format_table
+
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(format_table(results))
     print(f"written: {out}")
@@ -344,29 +339,37 @@ def cmd_bench(args) -> int:
 
 
 def cmd_sparsify(args) -> int:
-    from .checkpoint import load_weights, resolve_weights, save_weights_folder
-    from .config import to_yaml
     from .density import SparseConfig
-    from .flops import forward_flops, mean_forward_flops
-    from .models import SparseDiT, resolve_model_config
-    from .models.sparsedit import sparsify_state_dict
+    from .sparsify import sparsify
 
-    if Path(args.out).exists():
-        raise UserError(f"{args.out} already exists; choose a new --out")
-    path = resolve_weights(args.checkpoint, use_ema=not args.no_ema)
-    state, run = load_weights(path)
-    dense = run.model
-    if dense.arch != "sit" or dense.fusion != "none":
-        raise UserError(f"{path} is not a dense DiT/SiT (arch {dense.arch}, fusion {dense.fusion}); SparseDiT starts from a dense model")
     layout = {k: getattr(args, k) for k in ("pool_depth", "modules", "sparse_depth", "dense_depth") if getattr(args, k) is not None}
-    sparse_cfg = resolve_model_config(replace(dense, arch="sparsedit", sparse=SparseConfig(grid=args.sparse_grid, **layout)))
-    sparse_state = sparsify_state_dict(state, sparse_cfg)
-    SparseDiT(sparse_cfg).load_state_dict(sparse_state)  # the mapping covers the whole network
-    sample = replace(run.sample, guidance="cfg") if run.sample.guidance == "pdg" else run.sample
-    out = save_weights_folder(Path(args.out), sparse_state, sparse_state, to_yaml(replace(run, model=sparse_cfg, sample=sample)))
-    ratio = mean_forward_flops(sparse_cfg, 1) / forward_flops(dense, 1)
-    print(f"SparseDiT from {path}: grid {sparse_cfg.sparse.grid} on {dense.grid[0]}x{dense.grid[1]} tokens, "
-          f"forward FLOPs {ratio:.1%} of dense (average over t); wrote {out}")
+    done = sparsify(args.checkpoint, args.out, SparseConfig(grid=args.sparse_grid, **layout), use_ema=not args.no_ema)
+    grid = done.config.grid
+    print(f"SparseDiT from {done.source}: grid {done.config.sparse.grid} on {grid[0]}x{grid[1]} tokens, "
+          f"forward FLOPs {done.flops_ratio:.1%} of dense (average over t); wrote {done.folder}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .study import run_study
+
+    if env_world()[1] > 1:
+        raise UserError("study runs its trainings one after another in one process; under torchrun use train")
+    data = run_study(args.name, args.size, args.out, args.seeds, progress=not args.no_progress)
+    for claim in data["claims"]:
+        print(f"{claim['verdict']}: {claim['text']} ({claim['evidence']})")
+    print(f"study {data['study']} ({data['size']}): {len(data['runs'])} runs finished in {data['wall_seconds'] / 60:.1f} min; report: {Path(data['folder']) / 'results.md'}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import read_metrics, runs_chart
+
+    missing = [r for r in args.runs if not read_metrics(r)]
+    if missing:
+        raise UserError(f"no metrics.jsonl records in {', '.join(missing)} (give run folders written by sprintdit train)")
+    path = runs_chart([Path(r) for r in args.runs], Path(args.out))
+    print(f"wrote {path}")
     return 0
 
 
@@ -495,6 +498,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("study", help="train and evaluate a named comparison of runs at one budget; writes results.md, results.json and plots (re-run to resume)")
+    p.add_argument("name", help="study file, or the name of one in configs/studies/ (sprint-vs-dense, drop-ratio, guidance, sparsedit, tokens)")
+    p.add_argument("--size", default="cpu", help="which size of the study: cpu (2 CPU cores) or gpu (one GPU); default cpu")
+    p.add_argument("--out", help="study folder (default runs/studies/NAME-SIZE); an existing one is resumed, finished runs are skipped")
+    p.add_argument("--seeds", type=int, help="training seeds per run (default: the study's, 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("plot", help="loss and FID against steps, training TFLOP and wall-clock for any runs, as one PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (their metrics.jsonl)")
+    p.add_argument("--out", default="runs.png", help="PNG to write (default runs.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("convert", help="import a released SPRINT, SiT or DiT checkpoint as a run folder that sample and evaluate accept")
     p.add_argument("--from", dest="source", required=True, choices=("sprint", "sit", "dit"),

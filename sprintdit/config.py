@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -73,6 +74,7 @@ class TrainConfig:
     compile_fullgraph: bool = False
     grad_checkpointing: bool = False
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # the decay grows with the updates so far (see train.ema_decay_at): a short run's EMA spans its last tenth
     seed: int = 0
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     log_every: int = 50
@@ -113,25 +115,28 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-def _valid_keys(cls, prefix: str = "") -> list[str]:
+def valid_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass; list entries of dataclasses appear as `name.N.field`."""
     out = []
+    hints = typing.get_type_hints(cls)
     for f in fields(cls):
         key = prefix + f.name
         out.append(key)
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        if is_dataclass(default):
-            out += _valid_keys(type(default), key + ".")
-        if f.name == "stages":
-            out += _valid_keys(StageConfig, "stages.N.")
+        inner = [a for a in typing.get_args(hints[f.name]) if is_dataclass(a)]  # Optional[X] / List[X] of a dataclass X
+        if is_dataclass(hints[f.name]):
+            out += valid_keys(hints[f.name], key + ".")
+        elif inner:
+            out += valid_keys(inner[0], key + (".N." if typing.get_origin(hints[f.name]) is list else "."))
     return out
 
 
-def _explain(err: OmegaConfBaseException, source: str) -> UserError:
+def explain(err: OmegaConfBaseException, source: str, root=None) -> UserError:
+    """One line for an OmegaConf error in `source`, suggesting the closest valid key of `root` (default RunConfig)."""
     key = re.sub(r"\[(\d+)\]", r".\1", getattr(err, "full_key", None) or "")
     msg = str(err).splitlines()[0]
     if "not in" in msg or "Key" in msg and "not" in msg:
         generic = ".".join("N" if part.isdigit() else part for part in key.split("."))
-        close = difflib.get_close_matches(generic, _valid_keys(RunConfig), n=1, cutoff=0.5)
+        close = difflib.get_close_matches(generic, valid_keys(root or RunConfig), n=1, cutoff=0.5)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return UserError(f"unknown config key '{key}' in {source}{hint}")
     return UserError(f"bad value for config key '{key}' in {source}: {msg}")
@@ -154,7 +159,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
-            raise _explain(err, source) from None
+            raise explain(err, source) from None
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -163,13 +168,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         try:
             OmegaConf.update(cfg, key, yaml.safe_load(text) if text else "", merge=True)
         except OmegaConfBaseException as err:
-            raise _explain(err, f"override {item!r}") from None
+            raise explain(err, f"override {item!r}") from None
         except (yaml.YAMLError, IndexError, TypeError, ValueError) as err:
             raise UserError(f"override {item!r} cannot be applied: {str(err).splitlines()[0]}") from None
     try:
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
-        raise _explain(err, "config") from None
+        raise explain(err, "config") from None
     validate(run)
     return run
 
@@ -238,6 +243,6 @@ def from_yaml_text(text: str, source: str) -> RunConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
-        raise _explain(err, source) from None
+        raise explain(err, source) from None
     validate(run)
     return run

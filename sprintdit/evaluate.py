@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +30,7 @@ from .config import EvalConfig
 from .errors import UserError
 from .metrics import class_agreement, feature_stats, frechet_distance, inception_score, prdc
 from .metrics.fmnist_classifier import INPUT_SHAPE as FMNIST_SHAPE
+from .sampling import generate_on_ranks
 
 CACHE_ENV = "SPRINTDIT_CACHE"  # where reference features are cached (default ~/.cache/sprintdit)
 ADM_STAT_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # the inception keys of ADM reference batches
@@ -295,6 +297,34 @@ class Evaluator:
 def eval_labels_and_seeds(cfg: EvalConfig, num_classes: int) -> tuple[list[int], list[int]]:
     """Labels cycle through the classes (balanced), sample i has seed seed_start + i."""
     return [i % num_classes for i in range(cfg.num_samples)], [cfg.seed_start + i for i in range(cfg.num_samples)]
+
+
+@dataclass
+class Scored:
+    """What `generate_and_score` gives rank 0: the results (as `Evaluator` returns them), the images (N, C, H, W)
+    uint8 with their labels, the seconds spent sampling (pixel decoding included) and the evaluator for reuse."""
+
+    results: dict
+    images: torch.Tensor
+    labels: list[int]
+    sample_seconds: float
+    evaluator: Evaluator
+
+
+def generate_and_score(model, objective, cfg: EvalConfig, scfg, d, to_pixels, evaluator: Evaluator | None = None,
+                       data_root: str | None = None, progress: bool = False) -> Scored | None:
+    """Generate cfg.num_samples images with the sampling settings `scfg` (labels cycle through the classes, sample i
+    has seed seed_start + i), spread over the ranks of `d`, and score them on rank 0 (the other ranks get None).
+    `evaluator` (built for these images when None) carries the feature networks and reference between calls."""
+    labels, seeds = eval_labels_and_seeds(cfg, model.config.num_classes)
+    tic = time.perf_counter()
+    samples = generate_on_ranks(model, objective, labels, seeds, scfg, d, progress)
+    if not d.is_main:
+        return None
+    images = to_uint8_nchw(to_pixels(samples))
+    seconds = time.perf_counter() - tic
+    evaluator = evaluator or Evaluator(cfg, tuple(images.shape[1:]), d.device, data_root)
+    return Scored(evaluator(images, torch.tensor(labels)), images, labels, seconds, evaluator)
 
 
 def to_uint8_nchw(x: torch.Tensor) -> torch.Tensor:

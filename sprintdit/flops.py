@@ -6,6 +6,10 @@ A training step costs 3x its forward (the backward computes two products per for
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
+
 from .config import RunConfig
 from .density import parse_schedule, side_at
 from .masking import num_kept_random
@@ -98,4 +102,34 @@ def train_flops(cfg: RunConfig, step: int) -> int:
         done = min(max(step - start, 0), stage.steps)
         total += done * train_step_flops(cfg, i)
         start += stage.steps
+    return total
+
+
+class _ForwardRecorder:
+    """Stands in for a network inside a sampler: records what each forward is asked for and returns zeros."""
+
+    def __init__(self, model):
+        self.config, self.null_class, self.fusion = model.config, model.null_class, model.fusion
+        self.calls: list[tuple[int, float, int | None]] = []  # (batch, noise level, middle_rows)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, middle_rows: int | None = None) -> torch.Tensor:
+        self.calls.append((x.shape[0], float(t[0]), middle_rows))
+        return torch.zeros(x.shape[0], self.config.out_channels, *x.shape[2:])
+
+
+def sampling_flops(model, objective, scfg) -> int:
+    """Model FLOPs to sample one image with the settings `scfg`: every forward the sampler makes (both halves of a
+    guided step, PDG's cheap half without the middle blocks, guidance only inside its interval), found by running the
+    sampler itself on a stand-in network. SparseDiT's forwards use the grid its schedule gives at each noise level."""
+    from .sampling import generate
+
+    recorder = _ForwardRecorder(model)
+    generate(recorder, objective, [0], [0], replace(scfg, batch_size=1), "cpu")
+    cfg = model.config
+    schedule = parse_schedule(cfg.sparse.grid) if cfg.arch == "sparsedit" else None
+    n = cfg.grid[0] * cfg.grid[1]
+    total = 0
+    for batch, t, middle_rows in recorder.calls:
+        side = side_at(schedule, t, n) if schedule is not None else None
+        total += forward_flops(cfg, batch, middle_rows=middle_rows, side=side)
     return total

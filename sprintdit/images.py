@@ -30,8 +30,9 @@ def save_grid(x: torch.Tensor, path: str | Path, columns: int, pad: int = 2) -> 
 
 
 def save_npz(x: torch.Tensor, labels: list[int], path: str | Path) -> Path:
-    """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int64 labels."""
+    """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int64 labels; x (N, C, H, W) in [-1, 1], or already uint8."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, to_uint8(x), np.asarray(labels, dtype=np.int64))
+    images = x.permute(0, 2, 3, 1).cpu().numpy() if x.dtype == torch.uint8 else to_uint8(x)
+    np.savez(path, images, np.asarray(labels, dtype=np.int64))
     return path

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import RunConfig, StageConfig, from_yaml_text, to_yaml
+from .config import RunConfig, StageConfig, TrainConfig, from_yaml_text, to_yaml
 from .data import Batch, batches, build_dataset, posterior_sample
 from .distributed import (
     Dist,
@@ -98,6 +98,15 @@ def apply_init_from(cfg: RunConfig) -> RunConfig:
         raise UserError("model and objective come from train.init_from: remove the model and objective sections (and overrides)")
     _, source = ckpt.load_weights(ckpt.resolve_weights(cfg.train.init_from, use_ema=True))
     return replace(cfg, model=source.model, objective=source.objective)
+
+
+EMA_WARMUP = 10  # train.ema_warmup: after n updates the decay is min(ema_decay, (1 + n) / (EMA_WARMUP + n))
+
+
+def ema_decay_at(t: TrainConfig, updates: int) -> float:
+    """The EMA decay of the update that follows `updates` earlier ones. With warm-up the average never reaches
+    far back into a short run (at n updates it spans about the last n / EMA_WARMUP), and ema_decay caps it."""
+    return min(t.ema_decay, (1 + updates) / (EMA_WARMUP + updates)) if t.ema_warmup else t.ema_decay
 
 
 def stage_at(stages: list[StageConfig], step: int) -> tuple[int, int]:
@@ -215,6 +224,7 @@ class Trainer:
         wrapped = self.ddp or self.model
         self.forward = torch.compile(wrapped, mode=t.compile_mode, fullgraph=t.compile_fullgraph, dynamic=False) if t.compile else wrapped
         self.step, self.position = 0, 0
+        self.train_seconds = 0.0  # wall-clock of the training steps so far (evaluation and sample grids excluded), kept across resumes
         self.evaluator = None  # built at the first evaluation (feature networks, reference statistics)
         self.stream_rows = None  # this rank's rows of each global batch (None: all)
         self.to_pixels = pixel_decoder(cfg.data, self.device)  # latents -> images for grids and evaluation
@@ -229,6 +239,7 @@ class Trainer:
         return {
             "step": self.step,
             "position": self.position,
+            "train_seconds": self.train_seconds,
             "world_size": self.dist.world_size,
             "strategy": self.strategy,
             "optimizer": optimizer_state,
@@ -280,6 +291,7 @@ class Trainer:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.position = state["step"], state["position"]
+        self.train_seconds = state.get("train_seconds", 0.0)  # absent in checkpoints written before it was kept
         saved = (state.get("world_size", 1), state.get("strategy", "ddp"))
         if saved != (self.dist.world_size, self.strategy) and self.dist.is_main:
             print(self.world_change_note(*saved), file=sys.stderr)
@@ -350,7 +362,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - t.ema_decay)
+            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - ema_decay_at(t, self.step))
         return grad_norm
 
     def sampling_model(self) -> torch.nn.Module:
@@ -377,23 +389,22 @@ class Trainer:
         return save_grid(self.to_pixels(images), path, columns=t.grid_columns) if self.dist.is_main else path
 
     def evaluate(self) -> dict:
-        """Metrics of eval.num_samples EMA samples (the `sample` settings), logged with the step and training FLOPs.
-        Every rank samples its share; rank 0 scores them (the others get an empty record)."""
-        from .evaluate import Evaluator, eval_labels_and_seeds, flatten, to_uint8_nchw
+        """Metrics of eval.num_samples EMA samples (the `sample` settings), logged with the step, training FLOPs and
+        seconds. Every rank samples its share; rank 0 scores them (the others get an empty record)."""
+        from .evaluate import flatten, generate_and_score
 
         cfg = self.cfg
         tic = time.perf_counter()
-        labels, seeds = eval_labels_and_seeds(cfg.eval, cfg.model.num_classes)
-        samples = generate_on_ranks(self.sampling_model(), self.objective, labels, seeds, cfg.sample, self.dist)
-        if not self.dist.is_main:
+        data_root = cfg.data.root if cfg.data.name == "fashion_mnist" else None
+        scored = generate_and_score(self.sampling_model(), self.objective, cfg.eval, cfg.sample, self.dist, self.to_pixels, self.evaluator, data_root)
+        if scored is None:
             return {}
-        images = to_uint8_nchw(self.to_pixels(samples))
-        if self.evaluator is None:
-            data_root = cfg.data.root if cfg.data.name == "fashion_mnist" else None
-            self.evaluator = Evaluator(cfg.eval, tuple(images.shape[1:]), self.device, data_root)
-        results = self.evaluator(images, torch.tensor(labels))
-        record = {"step": self.step, "train_flops": train_flops(cfg, self.step), "eval_samples": len(labels), **flatten(results)}
-        record["eval_seconds"] = time.perf_counter() - tic
+        self.evaluator = scored.evaluator
+        record = {
+            "step": self.step, "train_flops": train_flops(cfg, self.step), "train_seconds": self.train_seconds,
+            "eval_samples": len(scored.labels), **flatten(scored.results),
+            "sample_seconds": scored.sample_seconds, "eval_seconds": time.perf_counter() - tic,
+        }
         self.log(record)
         return record
 
@@ -420,6 +431,7 @@ class Trainer:
         self.model.train()
         try:
             while self.step < end:
+                began = time.perf_counter()
                 index, start = stage_at(cfg.stages, self.step)
                 stage = cfg.stages[index]
                 batch = stage.batch_size or t.batch_size
@@ -437,6 +449,7 @@ class Trainer:
                 self.step += 1
                 self.position += batch
                 updating = False
+                self.train_seconds += time.perf_counter() - began
                 loss_sum, loss_count = loss_sum + loss.float(), loss_count + 1  # stays on the device: no sync per step
                 bar.update(1)
                 stage_end = self.step == start + stage.steps
@@ -445,7 +458,7 @@ class Trainer:
                     record = {
                         "step": self.step, "stage": stage.name, "loss": mean_over_ranks(self.dist, loss_sum).item() / loss_count, "lr": lr,
                         "grad_norm": float(grad_norm), "steps_per_s": rate, "images_per_s": rate * batch,
-                        "mask_ratio": stage.mask_ratio, "train_flops": train_flops(cfg, self.step),
+                        "mask_ratio": stage.mask_ratio, "train_flops": train_flops(cfg, self.step), "train_seconds": self.train_seconds,
                     }
                     self.log(record)
                     bar.set_postfix(stage=stage.name, loss=f"{record['loss']:.4f}", img_s=f"{rate * batch:.0f}")

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from sprintdit import checkpoint as ckpt
 from sprintdit.config import load_config
 from sprintdit.errors import UserError
-from sprintdit.train import Trainer, stage_at, stage_lr
+from sprintdit.train import Trainer, ema_decay_at, stage_at, stage_lr
 
 
 def tiny_run(fmnist_dir, *extra):
@@ -185,3 +185,21 @@ def test_corrupt_checkpoint_is_a_clear_error(fmnist_dir, tmp_path, damage):
         ckpt.load_model(run)
     with pytest.raises(UserError, match="corrupt"):
         ckpt.load_train_state(folder / "state.pt")
+
+
+def test_ema_follows_its_warmup_recursion(fmnist_dir, tmp_path):
+    """EMA_k = d_k EMA_(k-1) + (1 - d_k) theta_k with d_k = min(decay, (1 + k - 1) / (10 + k - 1)), EMA_0 = the initial weights."""
+    trainer = Trainer(tiny_run(fmnist_dir, "train.ema_decay=0.3"), tmp_path / "r", progress=False)
+    expected = {k: v.clone().double() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
+    decays = []
+    for step in range(1, 5):
+        trainer.fit(stop_at=step)
+        decays.append(ema_decay_at(trainer.cfg.train, step - 1))
+        for k, v in trainer.model.state_dict().items():
+            if k in expected:
+                expected[k] = decays[-1] * expected[k] + (1 - decays[-1]) * v.double()
+    assert decays == [0.1, 2 / 11, 0.25, 0.3]  # warm-up (4 / 13 at the fourth), then capped by ema_decay
+    ema = trainer.ema.state_dict()
+    assert all(torch.allclose(ema[k].double(), v, atol=1e-6) for k, v in expected.items())
+    plain = Trainer(tiny_run(fmnist_dir, "train.ema_decay=0.5", "train.ema_warmup=false"), tmp_path / "p", progress=False)
+    assert ema_decay_at(plain.cfg.train, 0) == 0.5

@@ -24,8 +24,9 @@ from ..density import SparseConfig, check_schedule, parse_schedule
 from ..errors import UserError
 from ..masking import TokenMask, gather_tokens, restore_tokens
 
-# (hidden size, depth, heads). S/B/L/XL are the published DiT/SiT sizes; Ti and Nano are CPU-sized.
-SIZES = {"XL": (1152, 28, 16), "L": (1024, 24, 16), "B": (768, 12, 12), "S": (384, 12, 6), "Ti": (192, 8, 3), "Nano": (64, 4, 2)}
+# (hidden size, depth, heads). S/B/L/XL are the published DiT/SiT sizes; Ti, Mini (narrow and deep: room for a
+# 2/8/2 SPRINT split or several SparseDiT modules) and Nano are CPU-sized.
+SIZES = {"XL": (1152, 28, 16), "L": (1024, 24, 16), "B": (768, 12, 12), "S": (384, 12, 6), "Ti": (192, 8, 3), "Mini": (128, 12, 4), "Nano": (64, 4, 2)}
 PATCH_SIZES = (2, 4, 8)
 PRESETS = {
     f"SiT-{name}/{p}": dict(hidden_size=d, depth=depth, num_heads=heads, patch_size=p)
