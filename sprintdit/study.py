@@ -269,8 +269,9 @@ def stage_steps_for_budget(cfg: RunConfig, kind: str, value: float, split: list[
 
 
 def with_steps(cfg: RunConfig, steps: list[int]) -> RunConfig:
-    """`cfg` with these stage lengths; warm-ups longer than a stage are cut to its length."""
-    stages = [replace(s, steps=n, warmup_steps=min(s.warmup_steps, n)) for s, n in zip(cfg.stages, steps)]
+    """`cfg` with these stage lengths; each warm-up keeps its share of its stage (a 30-step warm-up of a 180-step
+    fine-tune stays a sixth of it, rather than most of a 40-step one)."""
+    stages = [replace(s, steps=n, warmup_steps=min(n, round(s.warmup_steps * n / s.steps))) for s, n in zip(cfg.stages, steps)]
     return replace(cfg, stages=stages)
 
 

@@ -8,7 +8,7 @@ from sprintdit.config import load_config
 from sprintdit.errors import UserError
 from sprintdit.flops import train_step_flops
 from sprintdit.plots import read_metrics
-from sprintdit.study import eval_every, load_study, run_study, stage_steps_for_budget
+from sprintdit.study import eval_every, load_study, run_study, stage_steps_for_budget, with_steps
 from sprintdit.train import Trainer, resolve_run_config
 from sprintdit.data import build_dataset
 
@@ -95,6 +95,8 @@ def test_flops_budget_gives_the_steps_that_spend_it(fmnist_dir):
     assert steps == [6, 2]
     assert stage_steps_for_budget(cfg, "steps", 8, [0.75, 0.25]) == [6, 2]
     assert stage_steps_for_budget(cfg, "seconds", 10, [0.5, 0.5], [0.5, 1.0]) == [10, 5]
+    scaled = with_steps(cfg, [30, 2])  # warm-ups keep their share of a stage: 1 of 3 steps -> 10 of 30; 0 of 1 -> 0 of 2
+    assert [(s.steps, s.warmup_steps) for s in scaled.stages] == [(30, 10), (2, 0)]
     with pytest.raises(UserError, match="3 shares but the config has 2 stages"):
         stage_steps_for_budget(cfg, "steps", 8, [0.5, 0.25, 0.25])
 
