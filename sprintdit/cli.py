@@ -13,22 +13,10 @@ from pathlib import Path
 
 from .distributed import env_world, shutdown
 from .errors import UserError
+from .density import RECOVERS
 from .sampling import SAMPLERS
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEMO_CONFIG = "fashion_mnist_sprint"
-
-
-def find_config(name: str) -> Path:
-    """A config path, or the name of a config shipped in configs/ (with or without .yaml)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = CONFIG_DIR / (name if name.endswith(".yaml") else name + ".yaml")
-    if shipped.is_file():
-        return shipped
-    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    raise UserError(f"config {name} not found (neither a file nor a shipped config: {', '.join(names) or 'none'})")
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -81,7 +69,7 @@ def distributed_from_env():
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .config import find_config, load_config
     from .train import Trainer
 
     if args.config is None and args.out is None:
@@ -261,7 +249,7 @@ def cmd_demo(args) -> int:
 
     import torch
 
-    from .config import load_config
+    from .config import find_config, load_config
     from .evaluate import Evaluator, eval_labels_and_seeds, to_uint8_nchw
     from .images import save_grid
     from .sampling import SampleConfig, generate
@@ -342,7 +330,7 @@ def cmd_sparsify(args) -> int:
     from .density import SparseConfig
     from .sparsify import sparsify
 
-    layout = {k: getattr(args, k) for k in ("pool_depth", "modules", "sparse_depth", "dense_depth") if getattr(args, k) is not None}
+    layout = {k: getattr(args, k) for k in ("pool_depth", "modules", "sparse_depth", "dense_depth", "recover") if getattr(args, k) is not None}
     done = sparsify(args.checkpoint, args.out, SparseConfig(grid=args.sparse_grid, **layout), use_ema=not args.no_ema)
     grid = done.config.grid
     print(f"SparseDiT from {done.source}: grid {done.config.sparse.grid} on {grid[0]}x{grid[1]} tokens, "
@@ -488,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules", type=int, help="sparse-dense token modules (default 4)")
     p.add_argument("--sparse-depth", type=int, help="sparse blocks per module after its merge block (default 3)")
     p.add_argument("--dense-depth", type=int, help="dense blocks per module after its recover block (default 1)")
+    p.add_argument("--recover", choices=RECOVERS, help="fuse (default, the paper: W1 up(s) + W2 h, W1 = 0, W2 = I) | residual (h + up(the sparse blocks' change), starts near the dense model)")
     p.add_argument("--no-ema", action="store_true", help="start from the raw weights instead of the EMA")
     p.set_defaults(func=cmd_sparsify)
 

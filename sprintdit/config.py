@@ -26,6 +26,7 @@ from .models.sit import ModelConfig
 from .objective import ObjectiveConfig
 from .sampling import SampleConfig
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the shipped configs (studies under studies/)
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATASETS = ("fashion_mnist", "image_folder", "latents")
 FEATURE_NETWORKS = ("auto", "fmnist", "inception", "dinov2")
@@ -140,6 +141,23 @@ def explain(err: OmegaConfBaseException, source: str, root=None) -> UserError:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return UserError(f"unknown config key '{key}' in {source}{hint}")
     return UserError(f"bad value for config key '{key}' in {source}: {msg}")
+
+
+def find_shipped(name: str, folder: Path, what: str) -> Path:
+    """A YAML path, or the name of one shipped in `folder` (with or without .yaml); `what` names it in the error."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = folder / (name if name.endswith(".yaml") else name + ".yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    raise UserError(f"{what} {name} not found (neither a file nor a shipped {what}: {', '.join(names) or 'none'})")
+
+
+def find_config(name: str) -> Path:
+    """A config path, or the name of a config shipped in configs/."""
+    return find_shipped(name, CONFIG_DIR, "config")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:

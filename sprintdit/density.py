@@ -21,6 +21,7 @@ import torch
 
 from .errors import UserError
 
+RECOVERS = ("fuse", "residual")
 DENSEST_FRACTION = 0.25  # "a:b" holds the densest grid for t below this (the last quarter of sampling)
 
 
@@ -34,6 +35,7 @@ class SparseConfig:
     sparse_depth: int = 3  # per module: ordinary blocks on the sparse tokens (after the merge block)
     dense_depth: int = 1  # per module: ordinary blocks on all tokens (after the recover block)
     readd_pos: bool = False  # add the sin-cos positions again to pooled tokens and to recovered tokens (sincos models)
+    recover: str = "fuse"  # fuse: W1 up(s) + W2 h, W1 = 0, W2 = I (the paper) | residual: h + up(what the module's sparse blocks added)
 
     @property
     def module_depth(self) -> int:

@@ -33,7 +33,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import RunConfig, explain, load_config
+from .config import CONFIG_DIR, RunConfig, explain, find_config, find_shipped, load_config
 from .data import build_dataset
 from .density import SparseConfig
 from .errors import UserError
@@ -41,7 +41,7 @@ from .flops import sampling_flops, train_step_flops
 from .plots import read_metrics
 from .sampling import SampleConfig
 
-STUDY_DIR = Path(__file__).resolve().parent.parent / "configs" / "studies"
+STUDY_DIR = CONFIG_DIR / "studies"
 BUDGET_KINDS = ("tflops", "seconds", "steps")
 CLAIM_KINDS = ("less", "best")
 CLAIM_METRICS = ("fid", "train_tflops", "train_seconds", "sample_gflops", "sample_ms")  # lower is better for each
@@ -66,6 +66,7 @@ class SparsifySpec:
     modules: int = 4
     sparse_depth: int = 3
     dense_depth: int = 1
+    recover: str = "fuse"  # fuse (the paper) | residual (see sprintdit.models.sparsedit.Recover)
 
 
 @dataclass
@@ -135,14 +136,7 @@ class StudySpec:
 
 
 def find_study(name: str) -> Path:
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = STUDY_DIR / (name if name.endswith(".yaml") else name + ".yaml")
-    if shipped.is_file():
-        return shipped
-    names = sorted(p.stem for p in STUDY_DIR.glob("*.yaml")) if STUDY_DIR.is_dir() else []
-    raise UserError(f"study {name} not found (neither a file nor a shipped study: {', '.join(names) or 'none'})")
+    return find_shipped(name, STUDY_DIR, "study")
 
 
 def load_study(path: str | Path, size: str) -> StudySpec:
@@ -351,8 +345,6 @@ class Study:
 
     def base_config(self, run: RunSpec, seed: int) -> RunConfig:
         """The run's config before its stage lengths are set: base, overrides, seed, evaluation settings."""
-        from .cli import find_config
-
         ev = self.spec.evaluation
         shared = [o for o in self.spec.overrides if run.sparsify is None or not o.startswith(("model.", "objective."))]
         evaluation = [
@@ -375,7 +367,7 @@ class Study:
         folder = self.run_dir(run.name, seed).parent / f"seed{seed}.init"
         if not folder.is_dir():
             sp = run.sparsify
-            layout = SparseConfig(grid=sp.grid, pool_depth=sp.pool_depth, modules=sp.modules, sparse_depth=sp.sparse_depth, dense_depth=sp.dense_depth)
+            layout = SparseConfig(**{k: v for k, v in asdict(sp).items() if k != "source"})
             sparsify(self.run_dir(sp.source, seed), folder, layout)
         return folder
 
@@ -473,7 +465,7 @@ class Study:
             parts.insert(0, f"base {run.base}")
         if run.sparsify is not None:
             sp = run.sparsify
-            parts.insert(0, f"SparseDiT of {sp.source}: grid {sp.grid}, layout {sp.pool_depth}+{sp.modules}x(1+{sp.sparse_depth}+1+{sp.dense_depth})")
+            parts.insert(0, f"SparseDiT of {sp.source}: grid {sp.grid}, layout {sp.pool_depth}+{sp.modules}x(1+{sp.sparse_depth}+1+{sp.dense_depth}), recover {sp.recover}")
         budget = run.budget or self.spec.budget
         parts.append(f"budget {'matched to ' + budget.match + ' ' if budget.match else ''}{budget.kind}"
                      + (f" x{budget.scale:g}" if budget.scale != 1 else "") + (f", split {list(run.split)}" if run.split else ""))

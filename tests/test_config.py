@@ -44,7 +44,7 @@ def test_bad_yaml_file(tmp_path):
 
 
 def test_shipped_configs_load():
-    from sprintdit.cli import CONFIG_DIR
+    from sprintdit.config import CONFIG_DIR
 
     shipped = sorted(CONFIG_DIR.glob("*.yaml"))
     assert shipped

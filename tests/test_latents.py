@@ -9,8 +9,8 @@ import torch
 from conftest import randomised
 from PIL import Image
 
-from sprintdit.cli import CONFIG_DIR, main
-from sprintdit.config import load_config
+from sprintdit.cli import main
+from sprintdit.config import CONFIG_DIR, load_config
 from sprintdit.data import LatentDataset, posterior_sample
 from sprintdit.errors import UserError
 from sprintdit.metrics.dinov2 import DINOv2ViT, ViTConfig

@@ -13,7 +13,7 @@ from sprintdit.models.sparsedit import PoolingAttention, Recover, pool_tokens, s
 LAYOUT = SparseConfig(grid="2:4", pool_depth=1, modules=2, sparse_depth=1, dense_depth=0)  # 1 + 2 x 3 blocks, 1 top
 
 
-def dense_and_sparse(pos_embed="rope", grid="2:4", seed=0):
+def dense_and_sparse(pos_embed="rope", grid="2:4", seed=0, recover="fuse"):
     """A dense model with every weight random and the SparseDiT sparsified from it (float64)."""
     torch.manual_seed(seed)
     cfg = tiny_config(input_size=[32, 32], depth=8, fusion="none", path_drop_prob=0.0, pos_embed=pos_embed)  # 8 x 8 tokens
@@ -21,7 +21,7 @@ def dense_and_sparse(pos_embed="rope", grid="2:4", seed=0):
     with torch.no_grad():
         for p in dense.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
-    sparse_cfg = resolve_model_config(tiny_config(**{**vars(dense.config), "arch": "sparsedit", "sparse": SparseConfig(**{**vars(LAYOUT), "grid": grid})}))
+    sparse_cfg = resolve_model_config(tiny_config(**{**vars(dense.config), "arch": "sparsedit", "sparse": SparseConfig(**{**vars(LAYOUT), "grid": grid, "recover": recover})}))
     sparse = SparseDiT(sparse_cfg).double().eval()
     sparse.load_state_dict(sparsify_state_dict(dense.state_dict(), sparse_cfg))
     return dense, sparse
@@ -44,10 +44,27 @@ def test_poolingformer_equals_uniform_attention():
 
 
 def test_recover_fusion_starts_as_identity_on_the_dense_path():
-    recover = Recover(6)
+    recover = Recover(6, "fuse")
     recover.reset()
     up, dense = torch.randn(2, 9, 6), torch.randn(2, 9, 6)
     torch.testing.assert_close(recover(up, dense), dense, rtol=0, atol=0)
+    recover = Recover(6, "residual")
+    recover.reset()
+    torch.testing.assert_close(recover(up, dense), up + dense, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pos_embed", ["rope", "sincos"])
+def test_residual_recover_at_the_full_grid_starts_as_the_dense_model(pos_embed):
+    """recover residual: m = h + up(s - pooled). At sparse grid = dense grid pooling is the identity, so m = s and every
+    cross-attention is self-attention: straight after sparsify the SparseDiT is the dense model with Poolingformers below."""
+    dense, sparse = dense_and_sparse(pos_embed, grid="8", recover="residual")
+    x, t, y = inputs(dense)
+    h, c = dense.embed(x, t, y)
+    h = sparse.blocks[0](h, c, None)
+    expected = dense.head(dense.run_blocks(dense.blocks[1:], h, c, dense.rope), c)
+    torch.testing.assert_close(sparse(x, t, y), expected)
+    _, fused = dense_and_sparse(pos_embed, grid="8")
+    assert not torch.allclose(fused(x, t, y), expected)  # the paper's init drops the sparse blocks' work at first
 
 
 def test_sparsify_maps_every_block_to_the_same_depth():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..density import SparseConfig, check_schedule, parse_schedule
+from ..density import RECOVERS, SparseConfig, check_schedule, parse_schedule
 from ..errors import UserError
 from ..masking import TokenMask, gather_tokens, restore_tokens
 
@@ -126,6 +126,8 @@ def check_sparsedit(cfg: ModelConfig) -> None:
         raise UserError("model.arch 'sparsedit' has no SPRINT fusion: set model.fusion=none and model.path_drop_prob=0")
     if min(sp.pool_depth, sp.sparse_depth, sp.dense_depth) < 0 or sp.modules < 1:
         raise UserError("model.sparse needs modules >= 1 and pool_depth, sparse_depth, dense_depth >= 0")
+    if sp.recover not in RECOVERS:
+        raise UserError(f"model.sparse.recover is {sp.recover!r}; choose one of {', '.join(RECOVERS)}")
     if sp.readd_pos and cfg.pos_embed != "sincos":
         raise UserError("model.sparse.readd_pos re-adds sin-cos positions: it needs model.pos_embed sincos (RoPE is applied in every block)")
     if sp.pool_depth + sp.modules * sp.module_depth > cfg.depth:

@@ -5,6 +5,7 @@
                      merge:   s attends to h (cross-attention), MLP
                      sparse:  ordinary blocks on s
                      recover: m = W1 nearest-upsample(s) + W2 h (W1 = 0, W2 = I at init); m attends to s, MLP
+                              (model.sparse.recover residual: m = W2 h + W1 upsample(s - pooled), W1 = W2 = I)
                      dense:   ordinary blocks on m ]
       -> top dense blocks -> final layer
 
@@ -50,15 +51,19 @@ class PoolingBlock(Block):
 
 
 class Recover(nn.Module):
-    """merged = W1 up(sparse) + W2 dense; W1 = 0 and W2 = I at init, so the dense path starts as identity."""
+    """merged = W1 up + W2 dense. fuse (the paper): up is the upsampled sparse tokens, W1 = 0 and W2 = I at init, so
+    the dense path starts as identity and the sparse blocks' work reaches it only through the recover block's
+    cross-attention. residual: up is the upsampled change the merge and sparse blocks made to the pooled tokens,
+    W1 = W2 = I at init, so the dense tokens start with that change added (at the full grid: the dense model)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, mode: str):
         super().__init__()
+        self.mode = mode
         self.w1 = nn.Linear(dim, dim)
         self.w2 = nn.Linear(dim, dim)
 
     def reset(self) -> None:
-        nn.init.zeros_(self.w1.weight)
+        (nn.init.eye_ if self.mode == "residual" else nn.init.zeros_)(self.w1.weight)
         nn.init.eye_(self.w2.weight)
         nn.init.zeros_(self.w1.bias)
         nn.init.zeros_(self.w2.bias)
@@ -85,7 +90,7 @@ class SparseDiT(Backbone):
         self.schedule = parse_schedule(sp.grid)
         kinds = self.block_kinds(cfg)
         self.blocks = nn.ModuleList(PoolingBlock(cfg) if kind == "pool" else Block(cfg) for kind in kinds)
-        self.recovers = nn.ModuleList(Recover(cfg.hidden_size) for _ in range(sp.modules))
+        self.recovers = nn.ModuleList(Recover(cfg.hidden_size, sp.recover) for _ in range(sp.modules))
 
     @staticmethod
     def block_kinds(cfg: ModelConfig) -> list[str]:
@@ -126,10 +131,10 @@ class SparseDiT(Backbone):
             start = sp.pool_depth + m * sp.module_depth
             merge, *sparse, recover_block = self.blocks[start : start + sp.sparse_depth + 2]
             dense = self.blocks[start + sp.sparse_depth + 2 : start + sp.module_depth]
-            s = pool_tokens(h, grid, side) + self.sparse_pos(side, h)  # (B, side^2, D)
-            s = self.run_blocks([merge], s, c, sparse_rope, context=h, context_rope=dense_rope)
+            pooled = pool_tokens(h, grid, side) + self.sparse_pos(side, h)  # (B, side^2, D)
+            s = self.run_blocks([merge], pooled, c, sparse_rope, context=h, context_rope=dense_rope)
             s = self.run_blocks(sparse, s, c, sparse_rope)
-            m = recover(upsample_tokens(s, side, grid), h)  # (B, N, D)
+            m = recover(upsample_tokens(s - pooled if sp.recover == "residual" else s, side, grid), h)  # (B, N, D)
             if sp.readd_pos:
                 m = m + self.pos_embed
             h = self.run_blocks([recover_block], m, c, dense_rope, context=s, context_rope=sparse_rope)
@@ -169,7 +174,7 @@ def sparsify_state_dict(dense: dict[str, torch.Tensor], cfg: ModelConfig) -> dic
     """A dense SiT/DiT state dict (our layout) -> SparseDiT's for `cfg` (arch sparsedit, same sizes).
 
     Block i inherits block i. Poolingformers keep the V rows of qkv (and drop q/k norms); recover fusions
-    start at W1 = 0, W2 = I. Nothing else changes.
+    start as `Recover.reset` sets them (fuse: W1 = 0, W2 = I; residual: W1 = W2 = I). Nothing else changes.
     """
     d = cfg.hidden_size
     kinds = SparseDiT.block_kinds(cfg)
@@ -186,8 +191,7 @@ def sparsify_state_dict(dense: dict[str, torch.Tensor], cfg: ModelConfig) -> dic
             continue  # q_norm / k_norm: Poolingformers have no queries or keys
         out[key] = value
     for m in range(cfg.sparse.modules):
-        out[f"recovers.{m}.w1.weight"] = torch.zeros(d, d)
-        out[f"recovers.{m}.w1.bias"] = torch.zeros(d)
-        out[f"recovers.{m}.w2.weight"] = torch.eye(d)
-        out[f"recovers.{m}.w2.bias"] = torch.zeros(d)
+        recover = Recover(d, cfg.sparse.recover)
+        recover.reset()
+        out.update({f"recovers.{m}.{k}": v for k, v in recover.state_dict().items()})
     return out
