@@ -12,20 +12,23 @@ leaves the previous checkpoints untouched and the partial one invisible.
 """
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import RunConfig, from_yaml_text
-from .errors import UserError
+from .errors import PICKLE_REFUSED, UserError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
+MB = 2**20
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -38,25 +41,77 @@ def _fsync_write(path: Path, write) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict, train_state: dict, config_yaml: str, keep_last: int) -> Path:
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    meta = {"config": config_yaml, "step": str(step), "format": "sprintdit"}
-    for name, state in (("model.safetensors", model_state), ("ema.safetensors", ema_state)):
+def _write_weights(folder: Path, model_state: dict, ema_state: dict, meta: dict) -> None:
+    for name, state in zip(FILES[:2], (model_state, ema_state)):
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        _fsync_write(tmp / name, lambda p, t=tensors: save_file(t, str(p), metadata=meta))
-    _fsync_write(tmp / "state.pt", lambda p: torch.save(train_state, p))
-    final = step_dir(run_dir, step)
-    if final.exists():  # the same step written again (e.g. an interrupt right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+        _fsync_write(folder / name, lambda p, t=tensors: save_file(t, str(p), metadata=meta))
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def tensor_bytes(tree) -> int:
+    """Bytes of every tensor in a nested dict / list of tensors (a checkpoint's size, near enough)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
+
+
+def write_error(err: OSError, what: str, folder: Path, need: int) -> UserError:
+    """One line for a failed write: a full disk says how much to free, a read-only folder says so."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(folder).free
+        return UserError(f"no space left on device: free {max(need - free, 0) // MB + 1} MB in {folder} ({what} needs about "
+                         f"{need // MB + 1} MB, {free // MB} MB are free); earlier checkpoints are intact, run the same command to resume")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"cannot write {what} into {folder}: {err.strerror}")
+    return UserError(f"writing {what} into {folder} failed: {err.strerror or err}")
+
+
+def clean_temps(run_dir: Path) -> None:
+    """Remove the hidden folders of checkpoint writes that never finished (their writer was killed or failed).
+    Only the holder of the run's lock calls this, so no live writer's folder is touched."""
+    for stale in (Path(run_dir) / "checkpoints").glob(".tmp_step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict, train_state: dict, config_yaml: str, keep_last: int) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep_last`. Non-finite weights are refused
+    (so every checkpoint kept is finite); a failed write (full disk, read-only folder) leaves nothing behind."""
+    for name, state in (("model", model_state), ("EMA", ema_state)):
+        bad = nonfinite_tensors(state)
+        if bad:
+            raise UserError(f"refusing to write checkpoint step {step}: the {name} weights are not finite ({', '.join(bad[:3])}); earlier checkpoints are kept")
+    root = run_dir / "checkpoints"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    meta = {"config": config_yaml, "step": str(step), "format": "sprintdit"}
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_weights(tmp, model_state, ema_state, meta)
+        _fsync_write(tmp / "state.pt", lambda p: torch.save(train_state, p))
+        final = step_dir(run_dir, step)
+        if final.exists():  # the same step written again (e.g. a stop right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save and safetensors report a full disk in their own types
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = tensor_bytes([model_state, ema_state, train_state])
+        if not isinstance(err, OSError):
+            if not root.is_dir() or shutil.disk_usage(root).free >= need:
+                raise
+            err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise write_error(err, f"checkpoint step {step}", root, need) from None
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old)
-    for stale in root.glob(".tmp_step_*"):  # left behind by a run killed mid-write
-        shutil.rmtree(stale, ignore_errors=True)
+    clean_temps(run_dir)
     return final
 
 
@@ -67,16 +122,18 @@ def save_weights_folder(folder: Path, model_state: dict, ema_state: dict, config
     folder = Path(folder)
     if folder.exists():
         raise UserError(f"{folder} already exists; choose a new --out")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".tmp_{folder.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     meta = {"config": config_yaml, "step": "0", "format": "sprintdit"}
-    for name, state in zip(FILES[:2], (model_state, ema_state)):
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        _fsync_write(tmp / name, lambda p, t=tensors: save_file(t, str(p), metadata=meta))
-    _fsync_write(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
-    os.rename(tmp, folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_weights(tmp, model_state, ema_state, meta)
+        _fsync_write(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
+        os.rename(tmp, folder)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(err, folder.name, folder.parent, tensor_bytes([model_state, ema_state])) from None
     return folder
 
 
@@ -89,27 +146,58 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], RunConfig]:
-    """Weights and the run config stored in a sprintdit safetensors file."""
-    from safetensors import safe_open
-
+def _metadata(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({str(err).splitlines()[0]})") from None
+
+
+def read_config(path: Path) -> RunConfig:
+    """The run config stored in a sprintdit safetensors file's metadata (the tensors are not read)."""
+    meta = _metadata(path)
+    if "config" not in meta:
+        raise UserError(f"{path} has no sprintdit config in its metadata; import foreign checkpoints with a converter")
+    return from_yaml_text(meta["config"], f"the metadata of {path}")
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], RunConfig]:
+    """Weights and the run config stored in a sprintdit safetensors file."""
+    cfg = read_config(path)
+    try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({str(err).splitlines()[0]})") from None
-    if "config" not in meta:
-        raise UserError(f"{path} has no sprintdit config in its metadata; import foreign checkpoints with a converter")
-    return state, from_yaml_text(meta["config"], f"the metadata of {path}")
+    return state, cfg
+
+
+def load_state(module: torch.nn.Module, state: dict, source: Path | str) -> None:
+    """module.load_state_dict(state), strict, with a one-line error when the tensors do not fit the module."""
+    check_state(module, state, source)
+    module.load_state_dict(state)
+
+
+def check_state(module: torch.nn.Module, state: dict, source: Path | str) -> None:
+    """A one-line error unless `state` has exactly the module's tensor names and shapes (a module on the meta
+    device will do: only shapes are compared)."""
+    own = module.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise UserError(f"{source} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]} (another architecture or config?)")
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise UserError(f"{source} does not fit this model: {'; '.join(wrong[:2])} (file vs model; another size or config?)")
 
 
 def load_train_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"training state {path} {PICKLE_REFUSED}") from None
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise UserError(f"training state {path} is corrupt or unreadable ({str(err).splitlines()[0]})") from None
 
@@ -136,8 +224,9 @@ def load_model(target: str | Path, use_ema: bool = True, device: str | torch.dev
 
     path = resolve_weights(target, use_ema)
     state, cfg = load_weights(path)
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise UserError(f"the weights in {path} are not finite ({', '.join(bad[:3])}): the run diverged; use an earlier checkpoint")
     model = build_model(cfg.model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path} does not match its own config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    load_state(model, state, path)
     return model.to(device).eval(), cfg

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,9 +26,11 @@ def parse_ints(text: str, what: str) -> list[int]:
     try:
         for part in text.split(","):
             lo, _, hi = part.partition("-")
+            if hi and int(hi) < int(lo):
+                raise UserError(f"{what}: the range {part!r} is empty (write LOW-HIGH with LOW <= HIGH)")
             out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
     except ValueError:
-        raise UserError(f"{what} must be integers like 0,3,5 or 0-9, got {text!r}") from None
+        raise UserError(f"{what} must be non-negative integers like 0,3,5 or 0-9, got {text!r}") from None
     return out
 
 
@@ -126,6 +129,9 @@ def sample_on_ranks(args) -> int:
     from .sampling import generate_on_ranks
     from .vae import pixel_decoder
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
     model, cfg = load_model(args.checkpoint, use_ema=not args.no_ema)
     model, d = join_ranks(model, cfg, args.device)
     scfg = sample_config(args, cfg.sample)
@@ -144,7 +150,6 @@ def sample_on_ranks(args) -> int:
     seconds = time.perf_counter() - tic
     if not d.is_main:
         return 0
-    out = Path(args.out)
     stem = f"{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}"
     grid = save_grid(images, out / f"{stem}.png", columns=args.per_label if args.per_label > 1 else min(len(labels), 10))
     npz = save_npz(images, labels, out / f"{stem}.npz")
@@ -197,6 +202,8 @@ def evaluate_batch(args) -> int:
     cfg = eval_config(args, EvalConfig())
     images, labels = batch_images(read_npz(args.samples), args.samples)
     if args.write_ref is not None:
+        if not Path(args.write_ref).parent.is_dir():
+            raise UserError(f"--write-ref {args.write_ref}: folder {Path(args.write_ref).parent} does not exist; create it first")
         names = choose_networks(cfg, tuple(images.shape[1:]))
         written = write_reference(images, build_networks(names, cfg, device), args.write_ref)
         print(f"reference batch of {len(images)} images with {', '.join(names)} statistics: {written}")
@@ -525,7 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except KeyboardInterrupt:  # before training installs its own handling (start-up), or in a command that writes nothing partial
+        print("error: interrupted; files are written atomically, nothing partial was left", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

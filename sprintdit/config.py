@@ -8,6 +8,7 @@ the offending key and the closest valid one; the resolved config is saved with e
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -82,6 +83,7 @@ class TrainConfig:
     ckpt_every: int = 1000  # also at every stage end
     sample_every: int = 1000  # sample grid from the EMA model; 0 disables
     keep_last: int = 3  # checkpoints kept (the newest K)
+    max_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient norm skipped (no update) before the run stops as diverged
     grid_rows: int = 10  # sample grid: one row per class (spread over the classes if there are more)
     grid_columns: int = 10  # samples per row (seeds 0, 1, ...)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -140,7 +142,8 @@ def explain(err: OmegaConfBaseException, source: str, root=None) -> UserError:
         close = difflib.get_close_matches(generic, valid_keys(root or RunConfig), n=1, cutoff=0.5)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return UserError(f"unknown config key '{key}' in {source}{hint}")
-    return UserError(f"bad value for config key '{key}' in {source}: {msg}")
+    layout = f" ({LAYOUT})" if "incompatible container" in msg else ""
+    return UserError(f"bad value for config key '{key}' in {source}: {msg}{layout}")
 
 
 def find_shipped(name: str, folder: Path, what: str) -> Path:
@@ -169,15 +172,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
         try:
-            layers.append((OmegaConf.load(path), str(path)))
+            layer = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors come in several types
             raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        layers.append((mapping(layer, str(path)), str(path)))
     cfg = base
     for layer, source in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as err:
-            raise explain(err, source) from None
+        cfg = merge(cfg, layer, source)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -187,7 +188,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             OmegaConf.update(cfg, key, yaml.safe_load(text) if text else "", merge=True)
         except OmegaConfBaseException as err:
             raise explain(err, f"override {item!r}") from None
-        except (yaml.YAMLError, IndexError, TypeError, ValueError) as err:
+        except TypeError as err:  # OmegaConf: "Cannot merge incompatible container types"
+            raise UserError(f"override {item!r} does not fit the config layout: {LAYOUT} ({err})") from None
+        except (yaml.YAMLError, IndexError, ValueError) as err:
             raise UserError(f"override {item!r} cannot be applied: {str(err).splitlines()[0]}") from None
     try:
         run = OmegaConf.to_object(cfg)
@@ -220,16 +223,23 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"data.name is {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
     if cfg.data.vae is not None and cfg.data.name != "latents":
         raise UserError(f"data.vae is for data.name latents, not {cfg.data.name}")
-    if t.grad_accum < 1 or t.keep_last < 1 or t.log_every < 1 or t.ckpt_every < 1 or t.sample_every < 0:
-        raise UserError("train.grad_accum, keep_last, log_every and ckpt_every must be >= 1 (sample_every >= 0)")
+    counts = {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "keep_last": t.keep_last, "log_every": t.log_every,
+              "ckpt_every": t.ckpt_every, "grid_rows": t.grid_rows, "grid_columns": t.grid_columns}
+    for name, value in counts.items():
+        if value < 1:
+            raise UserError(f"train.{name} must be >= 1, got {value}")
+    if t.sample_every < 0 or t.max_nonfinite_steps < 0 or cfg.data.num_workers < 0:
+        raise UserError("train.sample_every, train.max_nonfinite_steps and data.num_workers must be >= 0")
+    if cfg.data.resolution < 1:
+        raise UserError(f"data.resolution must be >= 1, got {cfg.data.resolution}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not cfg.stages:
         raise UserError("the config needs at least one entry under 'stages'")
     for i, s in enumerate(cfg.stages):
         batch = s.batch_size or t.batch_size
-        if s.steps < 1 or s.lr <= 0 or s.warmup_steps < 0:
-            raise UserError(f"stages.{i} ({s.name}): steps must be >= 1, lr > 0, warmup_steps >= 0")
+        if s.steps < 1 or not 0 < s.lr < math.inf or s.warmup_steps < 0 or (s.batch_size is not None and s.batch_size < 1):
+            raise UserError(f"stages.{i} ({s.name}): steps must be >= 1, lr finite and > 0, warmup_steps >= 0, batch_size >= 1 (or unset)")
         if batch % t.grad_accum:
             raise UserError(f"stages.{i} ({s.name}): batch size {batch} is not divisible by train.grad_accum {t.grad_accum}")
         if s.decay not in LR_DECAYS:
@@ -255,11 +265,38 @@ def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+LAYOUT = "stages is a list of stages, every other section a mapping of keys"
+
+
+def merge(cfg, layer, source: str):
+    """OmegaConf.merge with its errors (unknown keys, wrong types, a list where a mapping belongs) as one line."""
+    try:
+        return OmegaConf.merge(cfg, layer)
+    except OmegaConfBaseException as err:
+        raise explain(err, source) from None
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{source} does not fit the config layout: {LAYOUT} ({err})") from None
+
+
+def mapping(node, source: str):
+    """A parsed YAML document that must be a mapping of sections (an empty file is an empty one)."""
+    if node is None:
+        return OmegaConf.create({})
+    if not OmegaConf.is_dict(node):
+        kind = "list" if OmegaConf.is_list(node) else type(node).__name__
+        raise UserError(f"{source} must be a mapping of config sections (model:, train:, stages: ...), not a {kind}")
+    return node
+
+
 def from_yaml_text(text: str, source: str) -> RunConfig:
     """A RunConfig from saved YAML (a run's config.yaml or a checkpoint's metadata)."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
-        run = OmegaConf.to_object(cfg)
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{source} is not valid YAML: {str(err).splitlines()[0]}") from None
+    node = mapping(OmegaConf.create(parsed) if isinstance(parsed, (dict, list)) else parsed, source)
+    try:
+        run = OmegaConf.to_object(merge(OmegaConf.structured(RunConfig), node, source))
     except OmegaConfBaseException as err:
         raise explain(err, source) from None
     validate(run)

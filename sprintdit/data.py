@@ -13,17 +13,21 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+import sys
+import zlib
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .errors import UserError
 
 IDX_IMAGES, IDX_LABELS = 0x0803, 0x0801
 FASHION_MNIST_FILES = {"train": "train-{}-idx{}-ubyte", "test": "t10k-{}-idx{}-ubyte"}
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)  # PIL's for empty, damaged or foreign files
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 FASHION_MNIST_HINT = (
     "install Debian's package dataset-fashion-mnist (apt-get install dataset-fashion-mnist, as root) "
@@ -33,7 +37,10 @@ FASHION_MNIST_HINT = (
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
     """An IDX file (raw or .gz) as a uint8 array of the shape its header states."""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:  # truncated or not gzip at all
+        raise UserError(f"{path} is unreadable or a damaged gzip file ({err}); restore it (e.g. reinstall dataset-fashion-mnist)") from None
     if len(raw) < 4 or struct.unpack(">I", raw[:4])[0] != magic:
         raise UserError(f"{path} is not an IDX file of the expected kind (magic number mismatch)")
     ndim = magic & 0xFF
@@ -68,6 +75,8 @@ class FashionMNIST:
         labels = read_idx(_find(root, stem.format("labels", 1)), IDX_LABELS)  # (N,)
         if len(images) != len(labels):
             raise UserError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
+        if labels.size and int(labels.max()) >= self.num_classes:
+            raise UserError(f"Fashion-MNIST {split} labels must be in [0, {self.num_classes - 1}], found {int(labels.max())}: the label file is damaged")
         size = images.shape[1]
         if resolution < size:
             raise UserError(f"data.resolution {resolution} is below Fashion-MNIST's {size}x{size}")
@@ -114,16 +123,16 @@ class ImageFolder:
     channels = 3
 
     def __init__(self, root: str | Path, resolution: int):
-        self.classes, self.files = scan_class_folders(Path(root))
+        self.root = Path(root)
+        self.classes, self.files = scan_class_folders(self.root)
         self.num_classes = len(self.classes)
+        self.unreadable: set[Path] = set()
         self.resolution = (resolution, resolution)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def _image(self, path: Path) -> torch.Tensor:
-        from PIL import Image
-
         with Image.open(path) as img:
             img = img.convert("RGB")
             r = self.resolution[0]
@@ -133,9 +142,24 @@ class ImageFolder:
             arr = np.asarray(img.crop((left, top, left + r, top + r)), dtype=np.uint8)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, R, R)
 
+    def _readable(self, index: int) -> tuple[torch.Tensor, int]:
+        """(image, label) of file `index`, or of the next readable file after it: an unreadable one (empty,
+        truncated, not an image) is reported once and replaced, the same way on every run, so resume stays exact."""
+        for offset in range(len(self.files)):
+            path, label = self.files[(index + offset) % len(self.files)]
+            if path in self.unreadable:
+                continue
+            try:
+                return self._image(path), label
+            except IMAGE_ERRORS as err:
+                self.unreadable.add(path)
+                print(f"warning: skipping unreadable image {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'empty'})", file=sys.stderr)
+        raise UserError(f"no readable image under {self.root}")
+
     def load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([self._image(self.files[i][0]) for i in indices.tolist()])
-        labels = torch.tensor([self.files[i][1] for i in indices.tolist()], dtype=torch.int64)
+        pairs = [self._readable(i) for i in indices.tolist()]
+        images = torch.stack([image for image, _ in pairs])
+        labels = torch.tensor([label for _, label in pairs], dtype=torch.int64)
         return images.float() / 127.5 - 1.0, labels
 
 

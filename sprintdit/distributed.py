@@ -132,6 +132,15 @@ def mean_over_ranks(d: Dist, value: torch.Tensor, what: str = "averaging the log
     return out / d.world_size
 
 
+def any_over_ranks(d: Dist, flags: torch.Tensor, what: str) -> list[bool]:
+    """Each of a 1-D tensor of flags, true if it is true on any rank (the local flags in a single process)."""
+    out = flags.to(d.device, torch.int32)
+    if d.active:
+        with collective(d, what):
+            dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in out.tolist()]
+
+
 def gather_to_main(d: Dist, obj: Any, what: str) -> list[Any] | None:
     """Every rank's `obj` as a list in rank order on rank 0 (None elsewhere); [obj] in a single process."""
     if not d.active:

@@ -52,12 +52,16 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
 
 def batch_images(arrays: dict[str, np.ndarray], source: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ADM layout -> images (N, C, H, W) uint8 and labels (N,) or None."""
+    if "arr_0" not in arrays:
+        raise UserError(f"{source} has no arr_0 (the ADM layout keeps the images there); it holds {', '.join(sorted(arrays)) or 'nothing'}")
     images = arrays["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise UserError(f"{source}: arr_0 must be uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
     labels = arrays.get("arr_1")
     if labels is not None and labels.shape != (len(images),):
         raise UserError(f"{source}: arr_1 must hold one label per image, got shape {labels.shape} for {len(images)} images")
+    if labels is not None and (labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0)):
+        raise UserError(f"{source}: arr_1 must hold non-negative integer class labels, got {labels.dtype} values such as {labels[:3].tolist()}")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), None if labels is None else torch.from_numpy(labels.astype(np.int64))
 
 
@@ -269,6 +273,8 @@ def score(features: Features, net: str, ref: Reference, labels: torch.Tensor | N
     if features.logits is not None:
         out["is"] = inception_score(features.logits)
         if labels is not None and net == "fmnist":
+            if len(labels) and int(labels.max()) >= features.logits.shape[1]:
+                raise UserError(f"labels must be in [0, {features.logits.shape[1] - 1}] for the {net} classifier, found {int(labels.max())}")
             out["class_agreement"] = class_agreement(features.logits, labels)
     return out
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import IMAGE_ERRORS
 from .errors import UserError
 
 FORMAT = "sprintdit-latents/1"
@@ -142,8 +143,6 @@ def complete_shard(shard: Path, settings: dict, fingerprint: str) -> dict | None
 
 def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, bar) -> tuple[dict, list]:
     """Tensors of one shard and the images skipped as unreadable ([{path, reason}])."""
-    from PIL import Image
-
     from .vae import encode
 
     parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "labels": [], "dinov2": []}
@@ -154,7 +153,7 @@ def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig
             try:
                 images.append(read_image(path, cfg.resolution))
                 labels.append(label)
-            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:  # what PIL raises for bad files
+            except IMAGE_ERRORS as err:
                 skipped.append({"path": str(path), "reason": f"{type(err).__name__}: {err}".splitlines()[0]})
         bar.update(len(files[start : start + cfg.batch_size]))
         if not images:

@@ -8,6 +8,8 @@ seed and label.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable, List
 
@@ -40,6 +42,8 @@ class SampleConfig:
             raise UserError(f"sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         if self.guidance not in GUIDANCES:
             raise UserError(f"guidance {self.guidance!r} is unknown; choose one of {', '.join(GUIDANCES)}")
+        if not math.isfinite(self.scale):
+            raise UserError(f"guidance scale must be a finite number, got {self.scale}")
         if self.steps < 1 or self.batch_size < 1:
             raise UserError(f"sampling steps and batch size must be >= 1, got {self.steps} and {self.batch_size}")
         if len(self.interval) != 2 or not 0.0 <= self.interval[0] <= self.interval[1] <= 1.0:

@@ -4,12 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .checkpoint import load_weights, resolve_weights, save_weights_folder
+import torch
+
+from .checkpoint import check_state, load_weights, resolve_weights, save_weights_folder
 from .config import to_yaml
 from .density import SparseConfig
 from .errors import UserError
 from .flops import forward_flops, mean_forward_flops
-from .models import SparseDiT, resolve_model_config
+from .models import SparseDiT, build_model, resolve_model_config
 from .models.sparsedit import sparsify_state_dict
 
 
@@ -32,6 +34,8 @@ def sparsify(checkpoint: str | Path, out: str | Path, layout: SparseConfig, use_
     dense = run.model
     if dense.arch != "sit" or dense.fusion != "none":
         raise UserError(f"{path} is not a dense DiT/SiT (arch {dense.arch}, fusion {dense.fusion}); SparseDiT starts from a dense model")
+    with torch.device("meta"):  # shapes only
+        check_state(build_model(dense), state, path)
     sparse_cfg = resolve_model_config(replace(dense, arch="sparsedit", sparse=layout))
     sparse_state = sparsify_state_dict(state, sparse_cfg)
     SparseDiT(sparse_cfg).load_state_dict(sparse_state)  # the mapping covers the whole network

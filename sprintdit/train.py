@@ -15,6 +15,8 @@ import contextlib
 import copy
 import json
 import math
+import re
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -27,6 +29,7 @@ from .config import RunConfig, StageConfig, TrainConfig, from_yaml_text, to_yaml
 from .data import Batch, batches, build_dataset, posterior_sample
 from .distributed import (
     Dist,
+    any_over_ranks,
     barrier,
     check_divisible,
     collective,
@@ -38,23 +41,34 @@ from .distributed import (
     rank_rows,
     shard_rows,
 )
-from .errors import UserError
+from .errors import Diverged, Stopped, UserError
 from .flops import train_flops
 from .images import save_grid
 from .masking import check_mask_ratio, make_mask
 from .models import ModelConfig, build_model, resolve_model_config
 from .objective import ObjectiveConfig, build_objective
+from .runlock import lock_run
 from .sampling import DDPM_SAMPLERS, generate_on_ranks
+from .stopping import StopNow, StopSignals
 from .vae import pixel_decoder
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
 def pick_device(name: str) -> torch.device:
+    if not DEVICE.match(name):
+        raise UserError(f"device {name!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device is {name!r} but no CUDA device is available; use auto or cpu")
+        raise UserError(f"device {name!r} was asked for but no CUDA device is available; use auto or cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device 'mps' was asked for but Metal is not available; use auto or cpu")
     return torch.device(name)
 
 
@@ -135,27 +149,55 @@ def total_steps(cfg: RunConfig) -> int:
     return sum(s.steps for s in cfg.stages)
 
 
-def prepare_run_dir(run_dir: Path, cfg: RunConfig | None, write: bool = True) -> RunConfig:
-    """A new run folder gets the config; an existing one must hold the same config but for `sample`, `eval`
-    and `distributed` (then we resume). Only the writer (rank 0) writes; every rank checks."""
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        old = from_yaml_text(saved.read_text(), str(saved))
-        if cfg is None:
-            return old
-        if to_yaml(replace(old, sample=cfg.sample, eval=cfg.eval, distributed=cfg.distributed)) != to_yaml(cfg):  # these may change on resume
-            a, b = to_yaml(old).splitlines(), to_yaml(cfg).splitlines()
-            diff = [f"{x.strip()} -> {y.strip()}" for x, y in zip(a, b) if x != y][:3]
-            raise UserError(f"{run_dir} was started with another config ({'; '.join(diff)}); use a new --out or the same config")
-    elif cfg is None:
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml); pass --config to start a run")
-    if not write:
-        return cfg
-    run_dir.mkdir(parents=True, exist_ok=True)
+def config_diff(old: RunConfig, new: RunConfig) -> str:
+    """The first differing lines of two configs but for the sections a resumed run may change (sample, eval,
+    distributed); empty when they agree."""
+    a = to_yaml(replace(old, sample=new.sample, eval=new.eval, distributed=new.distributed)).splitlines()
+    b = to_yaml(new).splitlines()
+    return "; ".join([f"{x.strip()} -> {y.strip()}" for x, y in zip(a, b) if x != y][:3]) if a != b else ""
+
+
+def check_run_dir(run_dir: Path, cfg: RunConfig | None) -> tuple[RunConfig, str | None]:
+    """(the config to train `run_dir` with, a note or None); reads, never writes.
+
+    `cfg` None resumes with the folder's saved config. The config must match config.yaml and the one every checkpoint
+    was written with (the weights' own metadata, so a missing config.yaml or a step folder copied from another run is
+    caught). A folder with no checkpoint holds no training yet: another config starts it afresh."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} is a file; give --out a folder")
+    saved_path = run_dir / "config.yaml"
+    saved = [(from_yaml_text(read_text(saved_path), str(saved_path)), str(saved_path))] if saved_path.is_file() else []
+    latest = ckpt.list_checkpoints(run_dir)
+    saved += [(ckpt.read_config(folder / ckpt.FILES[0]), str(folder)) for folder in reversed(latest)]  # metadata only
+    note = None
+    if cfg is None:
+        if not saved:
+            raise UserError(f"{run_dir} is not a run folder (no config.yaml, no checkpoint); pass --config to start a run")
+        cfg = saved[0][0]
+    for old, source in saved:
+        diff = config_diff(old, cfg)
+        if diff and latest:
+            raise UserError(f"{source} was written with another config ({diff}); use a new --out or the same config")
+        if diff:
+            note = f"note: {run_dir} has no checkpoint yet; starting it afresh with this config ({diff})"
+    return cfg, note
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def write_run_config(run_dir: Path, cfg: RunConfig) -> None:
+    """RUN/config.yaml, written atomically (by the holder of the run's lock)."""
     tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(to_yaml(cfg))
-    tmp.rename(saved)
-    return cfg
+    try:
+        tmp.write_text(to_yaml(cfg))
+        tmp.rename(run_dir / "config.yaml")
+    except OSError as err:
+        raise ckpt.write_error(err, "config.yaml", run_dir, len(to_yaml(cfg))) from None
 
 
 def shard_model(model: torch.nn.Module) -> None:
@@ -180,15 +222,16 @@ class Trainer:
         self.run_dir = Path(run_dir)
         rank, world, _ = env_world() if dist is None else (dist.rank, dist.world_size, dist.local_rank)
         if cfg is None:  # resume: the run folder's saved config
-            cfg = prepare_run_dir(self.run_dir, None, write=False)
+            cfg = check_run_dir(self.run_dir, None)[0]
             dataset = build_dataset(cfg.data)
         else:
             dataset = build_dataset(cfg.data)
             cfg = resolve_run_config(apply_init_from(cfg), dataset)
         t = cfg.train
-        for i, stage in enumerate(cfg.stages):  # before anything is written
+        for i, stage in enumerate(cfg.stages):
             check_divisible(stage.batch_size or t.batch_size, world, t.grad_accum, f"stages.{i} ({stage.name})")
-        self.cfg, self.dataset = prepare_run_dir(self.run_dir, cfg, write=rank == 0), dataset
+        check_run_dir(self.run_dir, cfg)  # refused before anything is built; nothing is written before open_run
+        self.cfg, self.dataset = cfg, dataset
         self.dist = dist or init_from_env(cfg.distributed, pick_device(t.device))
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
@@ -200,7 +243,8 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.device)
         self.model.grad_checkpointing = t.grad_checkpointing
         if t.init_from is not None and not ckpt.list_checkpoints(self.run_dir):  # a fresh run starts from these weights (the EMA too)
-            self.model.load_state_dict(ckpt.load_weights(ckpt.resolve_weights(t.init_from, use_ema=True))[0])
+            source = ckpt.resolve_weights(t.init_from, use_ema=True)
+            ckpt.load_state(self.model, ckpt.load_weights(source)[0], source)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         if self.fsdp:  # the EMA is sharded like the model: each rank averages its own shards
             shard_model(self.model)
@@ -224,14 +268,61 @@ class Trainer:
         wrapped = self.ddp or self.model
         self.forward = torch.compile(wrapped, mode=t.compile_mode, fullgraph=t.compile_fullgraph, dynamic=False) if t.compile else wrapped
         self.step, self.position = 0, 0
+        self.nonfinite_steps: list[int] = []  # steps skipped for a non-finite loss or gradient norm (train.max_nonfinite_steps)
         self.train_seconds = 0.0  # wall-clock of the training steps so far (evaluation and sample grids excluded), kept across resumes
         self.evaluator = None  # built at the first evaluation (feature networks, reference statistics)
         self.stream_rows = None  # this rank's rows of each global batch (None: all)
         self.to_pixels = pixel_decoder(cfg.data, self.device)  # latents -> images for grids and evaluation
         self.config_yaml = to_yaml(cfg)
-        latest = ckpt.list_checkpoints(self.run_dir)
-        if latest:
-            self.load(latest[-1])
+        self.lock = None
+        self.open_run()
+
+    # ------------------------------------------------------------------ the run folder
+
+    def open_run(self) -> None:
+        """Take the run folder (rank 0: its lock, config.yaml, stale temporary files) and resume its latest checkpoint."""
+        self.hold()
+        try:
+            if self.dist.is_main:
+                note = check_run_dir(self.run_dir, self.cfg)[1]  # again: the folder may have changed while we built
+                if note:
+                    print(note, file=sys.stderr)
+                write_run_config(self.run_dir, self.cfg)
+                ckpt.clean_temps(self.run_dir)
+            latest = ckpt.list_checkpoints(self.run_dir)
+            if latest:
+                self.load(latest[-1])
+            if self.dist.is_main:
+                self.trim_metrics()
+        except BaseException:
+            self.release()
+            raise
+
+    def hold(self) -> None:
+        """Rank 0 locks the run folder (see sprintdit.runlock) while this trainer may write to it."""
+        if self.dist.is_main and self.lock is None:
+            self.lock, note = lock_run(self.run_dir)
+            if note:
+                print(note, file=sys.stderr)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def trim_metrics(self) -> None:
+        """Drop the metrics lines logged after the resumed step by a run that stopped (and a line cut by a kill)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in read_text(path).splitlines():
+            try:
+                if json.loads(line)["step"] <= self.step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        path.write_text("".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ state
 
@@ -239,6 +330,7 @@ class Trainer:
         return {
             "step": self.step,
             "position": self.position,
+            "nonfinite_steps": self.nonfinite_steps,
             "train_seconds": self.train_seconds,
             "world_size": self.dist.world_size,
             "strategy": self.strategy,
@@ -261,11 +353,11 @@ class Trainer:
             optim = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
         return model, ema, optimizer_state_by_index(optim, self.param_names) if self.dist.is_main else {}
 
-    def save(self, generator_state: torch.Tensor | None = None) -> Path:
+    def save(self) -> Path:
         """Rank 0 writes the checkpoint (atomically) once every rank's part is gathered; the others wait."""
         model, ema, optim = self.full_states()
         if self.dist.is_main:
-            state = self.train_state(self.generator.get_state() if generator_state is None else generator_state, optim)
+            state = self.train_state(self.generator.get_state(), optim)
             ckpt.save_checkpoint(self.run_dir, self.step, model, ema, state, self.config_yaml, self.cfg.train.keep_last)
         barrier(self.dist, f"waiting for rank 0 to write checkpoint step {self.step}")
         return ckpt.step_dir(self.run_dir, self.step)
@@ -284,21 +376,18 @@ class Trainer:
                 named = optimizer_state_by_name(state["optimizer"], self.param_names)
                 set_optimizer_state_dict(self.model, self.optimizer, named, options=opts)
         else:
-            self.model.load_state_dict(weights[0])
-            self.ema.load_state_dict(weights[1])
+            ckpt.load_state(self.model, weights[0], folder / "model.safetensors")
+            ckpt.load_state(self.ema, weights[1], folder / "ema.safetensors")
             self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.position = state["step"], state["position"]
+        self.nonfinite_steps = list(state.get("nonfinite_steps", []))
         self.train_seconds = state.get("train_seconds", 0.0)  # absent in checkpoints written before it was kept
         saved = (state.get("world_size", 1), state.get("strategy", "ddp"))
         if saved != (self.dist.world_size, self.strategy) and self.dist.is_main:
             print(self.world_change_note(*saved), file=sys.stderr)
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.is_file() and self.dist.is_main:  # drop lines logged after this checkpoint by the run that stopped
-            lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            metrics.write_text("".join(ln + "\n" for ln in lines))
 
     def world_change_note(self, world: int, strategy: str) -> str:
         t = self.cfg.train
@@ -351,19 +440,42 @@ class Trainer:
             total += loss.detach() / t.grad_accum
         return total
 
-    def update(self) -> torch.Tensor:
-        """Unscale, clip, optimizer step, EMA; returns the gradient norm before clipping."""
+    def update(self, loss: torch.Tensor, stop_requested: bool) -> tuple[torch.Tensor, bool, bool]:
+        """Unscale, clip, then (unless the loss or gradient norm is not finite on some rank) optimizer step and EMA.
+
+        Returns (gradient norm before clipping, whether the step was skipped as non-finite, whether any rank asks
+        to stop). Both decisions come from one flag tensor: a single host sync per step, and under torchrun one
+        small all-reduce, so every rank skips, stops and saves at the same step."""
         t = self.cfg.train
         self.scaler.unscale_(self.optimizer)
         max_norm = t.optim.grad_clip if t.optim.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # FSDP: a DTensor, the norm over all shards
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        self.scaler.step(self.optimizer)
+        nonfinite = ~torch.isfinite(loss)
+        if not self.scaler.is_enabled():  # fp16: the scaler itself skips steps with inf/NaN gradients and lowers its scale
+            nonfinite = nonfinite | ~torch.isfinite(grad_norm)
+        flags = torch.stack([nonfinite, torch.tensor(stop_requested, device=self.device)])
+        skip, stop = any_over_ranks(self.dist, flags, f"checking step {self.step + 1} for non-finite values and stop requests")
+        if not skip:
+            self.scaler.step(self.optimizer)
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema_params, self.params, 1.0 - ema_decay_at(t, self.step - len(self.nonfinite_steps)))
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - ema_decay_at(t, self.step))
-        return grad_norm
+        return grad_norm, skip, stop
+
+    def nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor, index: int, last: Path | None) -> None:
+        """Record a skipped non-finite step (train.max_nonfinite_steps of them), or stop the run (nothing is saved)."""
+        t, stage = self.cfg.train, self.cfg.stages[index]
+        self.nonfinite_steps.append(self.step + 1)
+        what = f"step {self.step + 1} ({stage.name}): loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}"
+        self.log({"step": self.step + 1, "event": "nonfinite", "loss": float(loss), "grad_norm": float(grad_norm)})
+        if len(self.nonfinite_steps) <= t.max_nonfinite_steps:
+            if self.dist.is_main:
+                print(f"warning: skipped {what} ({len(self.nonfinite_steps)} of train.max_nonfinite_steps {t.max_nonfinite_steps})", file=sys.stderr)
+            return
+        kept = f"the last checkpoint {last} stands" if last else "no checkpoint was written"
+        raise Diverged(f"training diverged at {what}; nothing was saved, {kept}; lower stages.{index}.lr or raise train.max_nonfinite_steps")
 
     def sampling_model(self) -> torch.nn.Module:
         """The EMA as a plain module on every rank (FSDP: its shards gathered into a full copy)."""
@@ -409,77 +521,109 @@ class Trainer:
         return record
 
     def log(self, record: dict) -> None:
+        """One strict-JSON line in metrics.jsonl (non-finite numbers become null)."""
         if not self.dist.is_main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        try:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+        except OSError as err:
+            raise ckpt.write_error(err, "metrics.jsonl", self.run_dir, ckpt.MB) from None
+
+    def grids_and_evaluation(self, end: int, stops: StopSignals, missing_only: bool = False) -> bool:
+        """The sample grid and evaluation due at this step (with `missing_only`, those a stop at this step skipped);
+        a stop signal aborts them at once in a single process. Returns whether to stop."""
+        t, every = self.cfg.train, self.cfg.eval.every
+        due = lambda k: k and (self.step % k == 0 or self.step == end)
+        grid = due(t.sample_every) and not (missing_only and (self.run_dir / "samples" / f"step_{self.step:08d}.png").is_file())
+        scored = due(every) and not (missing_only and any(r.get("step") == self.step and "eval_samples" in r for r in self.metrics()))
+        if missing_only:  # rank 0 (which writes) decides for all
+            mine = torch.tensor([grid, scored]) if self.dist.is_main else torch.zeros(2)
+            grid, scored = any_over_ranks(self.dist, mine, "agreeing on the evaluations to catch up")
+        try:
+            with stops.abortable(allowed=not self.dist.active):  # ranks must not leave a collective early
+                if grid:
+                    self.sample_grid()
+                if scored:
+                    self.evaluate()
+        except StopNow:
+            return True
+        finally:
+            self.model.train()
+        return False
+
+    def metrics(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in read_text(path).splitlines()] if path.is_file() else []
 
     def fit(self, stop_at: int | None = None) -> Path:
-        """Run the remaining steps (up to global step `stop_at`, if given); returns the last checkpoint folder."""
+        """Run the remaining steps (up to global step `stop_at`, if given); returns the last checkpoint folder.
+
+        A stop signal (see sprintdit.stopping) ends the run after the current step with a checkpoint and raises
+        Stopped; a non-finite step beyond train.max_nonfinite_steps raises Diverged and writes nothing."""
+        end = total_steps(self.cfg) if stop_at is None else min(stop_at, total_steps(self.cfg))
+        self.hold()
+        try:
+            with StopSignals() as stops:
+                last = ckpt.list_checkpoints(self.run_dir)
+                if self.step >= end:
+                    return last[-1] if last else self.save()
+                return self.run_steps(end, stops, last[-1] if last else None)
+        finally:
+            self.release()
+
+    def run_steps(self, end: int, stops: StopSignals, last: Path | None) -> Path:
         from tqdm import tqdm
 
         cfg, t = self.cfg, self.cfg.train
-        end = total_steps(cfg) if stop_at is None else min(stop_at, total_steps(cfg))
-        last = ckpt.list_checkpoints(self.run_dir)
-        if self.step >= end:
-            return last[-1] if last else self.save()
         interval = 0.5 if sys.stderr.isatty() else 30.0  # keep redirected logs (e.g. SLURM) short
         bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=interval)
-        stream, stream_stage, last = None, None, (last[-1] if last else None)
+        stream, stream_stage = None, None
+        stop = self.step > 0 and self.grids_and_evaluation(end, stops, missing_only=True)  # those a stop at this step skipped
         loss_sum, loss_count, tick, tick_step = torch.zeros((), device=self.device), 0, time.perf_counter(), self.step
-        updating, snapshot = False, (self.step, self.generator.get_state())
-        self.model.train()
-        try:
-            while self.step < end:
-                began = time.perf_counter()
-                index, start = stage_at(cfg.stages, self.step)
-                stage = cfg.stages[index]
-                batch = stage.batch_size or t.batch_size
-                if stream_stage != index:
-                    self.stream_rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None
-                    stream, stream_stage = batches(self.dataset, batch, t.seed, self.position, cfg.data.num_workers, self.stream_rows), index
-                snapshot = (self.step, self.generator.get_state())  # what an interrupt before the update saves
-                lr = stage_lr(stage, self.step - start)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                with collective(self.dist, f"training step {self.step + 1} (gradient all-reduce)"):
-                    loss = self.train_step(next(stream), stage)
-                    updating = True  # weights, EMA, step and position change together
-                    grad_norm = self.update()
-                self.step += 1
-                self.position += batch
-                updating = False
-                self.train_seconds += time.perf_counter() - began
-                loss_sum, loss_count = loss_sum + loss.float(), loss_count + 1  # stays on the device: no sync per step
-                bar.update(1)
-                stage_end = self.step == start + stage.steps
-                if self.step % t.log_every == 0 or stage_end:
-                    rate = (self.step - tick_step) / (time.perf_counter() - tick)
-                    record = {
-                        "step": self.step, "stage": stage.name, "loss": mean_over_ranks(self.dist, loss_sum).item() / loss_count, "lr": lr,
-                        "grad_norm": float(grad_norm), "steps_per_s": rate, "images_per_s": rate * batch,
-                        "mask_ratio": stage.mask_ratio, "train_flops": train_flops(cfg, self.step), "train_seconds": self.train_seconds,
-                    }
-                    self.log(record)
-                    bar.set_postfix(stage=stage.name, loss=f"{record['loss']:.4f}", img_s=f"{rate * batch:.0f}")
-                    loss_sum, loss_count, tick, tick_step = torch.zeros_like(loss_sum), 0, time.perf_counter(), self.step
-                paused = time.perf_counter()
-                if t.sample_every and (self.step % t.sample_every == 0 or self.step == end):
-                    self.sample_grid()
-                if cfg.eval.every and (self.step % cfg.eval.every == 0 or self.step == end):
-                    self.evaluate()
-                self.model.train()
-                tick += time.perf_counter() - paused  # the step rate counts training time only
-                if self.step % t.ckpt_every == 0 or stage_end or self.step == end:
+        while self.step < end and not stop:
+            began = time.perf_counter()
+            index, start = stage_at(cfg.stages, self.step)
+            stage = cfg.stages[index]
+            batch = stage.batch_size or t.batch_size
+            if stream_stage != index:
+                self.stream_rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None
+                stream, stream_stage = batches(self.dataset, batch, t.seed, self.position, cfg.data.num_workers, self.stream_rows), index
+            lr = stage_lr(stage, self.step - start)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with collective(self.dist, f"training step {self.step + 1} (gradient all-reduce)"):
+                loss = self.train_step(next(stream), stage)
+                grad_norm, skipped, stop = self.update(loss, stops.signum is not None)
+            if skipped:
+                self.nonfinite(loss, grad_norm, index, last)
+            self.step += 1
+            self.position += batch
+            self.train_seconds += time.perf_counter() - began
+            if not skipped:
+                loss_sum, loss_count = loss_sum + loss.float(), loss_count + 1
+            bar.update(1)
+            stage_end = self.step == start + stage.steps
+            if (self.step % t.log_every == 0 or stage_end) and loss_count:
+                rate = (self.step - tick_step) / (time.perf_counter() - tick)
+                record = {
+                    "step": self.step, "stage": stage.name, "loss": mean_over_ranks(self.dist, loss_sum).item() / loss_count, "lr": lr,
+                    "grad_norm": float(grad_norm), "steps_per_s": rate, "images_per_s": rate * batch,
+                    "mask_ratio": stage.mask_ratio, "train_flops": train_flops(cfg, self.step), "train_seconds": self.train_seconds,
+                }
+                self.log(record)
+                bar.set_postfix(stage=stage.name, loss=f"{record['loss']:.4f}", img_s=f"{rate * batch:.0f}")
+                loss_sum, loss_count, tick, tick_step = torch.zeros_like(loss_sum), 0, time.perf_counter(), self.step
+            stop = stop or (not self.dist.active and stops.signum is not None)  # one process need not wait for agreement
+            paused = time.perf_counter()
+            stop = stop or self.grids_and_evaluation(end, stops)
+            tick += time.perf_counter() - paused  # the step rate counts training time only
+            if stop or self.step % t.ckpt_every == 0 or stage_end or self.step == end:
+                with stops.saving():
                     last = self.save()
-        except KeyboardInterrupt:
-            bar.close()
-            if self.dist.active:  # ranks stop at different points: no collective save, the last checkpoint stands
-                raise UserError(f"interrupted at step {self.step}; distributed runs resume from the last checkpoint ({last})") from None
-            if updating:
-                raise UserError(f"interrupted inside an optimizer update; resume restarts from {last}") from None
-            self.optimizer.zero_grad(set_to_none=True)
-            folder = self.save(snapshot[1] if self.step == snapshot[0] else None)
-            raise UserError(f"interrupted at step {self.step}; saved {folder}; run the same command to resume") from None
+                stop = stop or (not self.dist.active and stops.signum is not None)  # a signal during that save: no further step
         bar.close()
+        if stop and self.step < end:
+            raise Stopped(f"{stops.name or 'stop requested on another rank'} at step {self.step}: saved {last}; run the same command to resume", stops.signum or signal.SIGTERM)
         return last

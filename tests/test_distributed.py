@@ -4,6 +4,7 @@ tests assert on what they wrote."""
 import json
 import os
 import shutil
+import signal
 import socket
 import time
 
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from sprintdit import checkpoint as ckpt
 from sprintdit import distributed as D
 from sprintdit.config import load_config
-from sprintdit.errors import UserError
+from sprintdit.errors import Stopped, UserError
 from sprintdit.objective import FlowMatching, ObjectiveConfig
 from sprintdit.sampling import SampleConfig, generate, generate_on_ranks
 from sprintdit.train import Trainer
@@ -95,6 +96,20 @@ def worker(rank, ports, root, base):
     trainer.fit(stop_at=3)
     assert type(trainer.params[0]).__name__ == "DTensor"  # really sharded
     Trainer(fsdp, base / "one_then_fsdp", progress=False, dist=d).fit()  # a 1-process checkpoint loaded into shards
+    trainer = Trainer(tiny_run(root), base / "sigterm", progress=False, dist=d)
+    if rank == 1:  # preemption seen by one rank only, during step 2: every rank stops after it, rank 0 saves
+        real_step = trainer.train_step
+
+        def step_with_sigterm(*args):
+            if trainer.step + 1 == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_step(*args)
+
+        trainer.train_step = step_with_sigterm
+    try:
+        trainer.fit()
+    except Stopped as err:
+        (base / f"stopped_rank{rank}.json").write_text(json.dumps({"message": str(err), "code": err.exit_code, "step": trainer.step}))
     model = perturbed_model(dtype=torch.float32)
     fm = FlowMatching(ObjectiveConfig(), model.null_class)
     labels, seeds = [i % 5 for i in range(NUM_SAMPLES)], list(range(10, 10 + NUM_SAMPLES))
@@ -169,6 +184,16 @@ def test_two_ranks_with_half_batches_train_like_one_process(single, ranks):
     np.testing.assert_allclose(losses(ranks / "two"), losses(single / "one")[:3], rtol=1e-5)
     state = ckpt.load_train_state(ckpt.step_dir(ranks / "two", 3) / "state.pt")
     assert (state["world_size"], state["position"]) == (WORLD, 24)  # the position counts global samples
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_one_step(single, ranks, capsys):
+    stopped = [json.loads((ranks / f"stopped_rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [s["step"] for s in stopped] == [2, 2] and all(s["code"] == 128 + signal.SIGTERM for s in stopped)
+    assert stopped[0]["message"].startswith("stop requested on another rank at step 2: saved")
+    assert stopped[1]["message"].startswith("SIGTERM at step 2")
+    assert [p.name for p in ckpt.list_checkpoints(ranks / "sigterm")] == ["step_00000002"]
+    Trainer(None, ranks / "sigterm", progress=False).fit()  # requeued on one process: the run ends as if never stopped
+    assert_close_checkpoints(single / "one", ranks / "sigterm", step=4)
 
 
 def test_ranks_hold_identical_parameters(ranks):

@@ -181,7 +181,8 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"fc.weight": NotATensor()}, tmp_path / "unsafe.pth")
     with pytest.raises(UserError) as error:
         load_inception(tmp_path / "unsafe.pth")
-    assert_one_line_naming(error, "cannot read weights", "unsafe.pth", "--inception-weights")
+    assert_one_line_naming(error, "pickled Python objects", "unsafe.pth", "--inception-weights")
+    assert "weights_only=False" not in str(error.value)
 
 
 # DINOv2

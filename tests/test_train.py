@@ -1,4 +1,7 @@
 import math
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,7 +13,7 @@ from safetensors.torch import load_file
 
 from sprintdit import checkpoint as ckpt
 from sprintdit.config import load_config
-from sprintdit.errors import UserError
+from sprintdit.errors import Stopped, UserError
 from sprintdit.train import Trainer, ema_decay_at, stage_at, stage_lr
 
 
@@ -57,17 +60,17 @@ def test_interrupt_saves_and_resume_is_exact(fmnist_dir, tmp_path, monkeypatch):
 
     def interrupted_step(self, *args):
         calls["n"] += 1
-        if calls["n"] == 3:  # Ctrl-C in the middle of step 3's forward/backward
-            real_step(self, *args)
-            raise KeyboardInterrupt
+        if calls["n"] == 3:  # Ctrl-C in the middle of step 3's forward/backward: the step finishes, then the run saves
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, *args)
 
     monkeypatch.setattr(Trainer, "train_step", interrupted_step)
-    with pytest.raises(UserError, match="interrupted at step 2"):
+    with pytest.raises(Stopped, match="SIGINT at step 3") as stopped:
         Trainer(tiny_run(fmnist_dir), tmp_path / "b", progress=False).fit()
+    assert stopped.value.exit_code == 128 + signal.SIGINT
     monkeypatch.setattr(Trainer, "train_step", real_step)
     resumed = Trainer(tiny_run(fmnist_dir), tmp_path / "b", progress=False)
-    assert resumed.step == 2
+    assert resumed.step == 3
     resumed.fit()
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -120,12 +123,24 @@ def test_stage_schedule():
         load_config(None, ["stages.0.decay=linear"])
 
 
-def test_other_config_on_existing_run_is_refused(fmnist_dir, tmp_path):
-    Trainer(tiny_run(fmnist_dir), tmp_path / "r", progress=False)
+def test_other_config_on_existing_run_is_refused(fmnist_dir, tmp_path, capsys):
+    run = tmp_path / "r"
+    Trainer(tiny_run(fmnist_dir), run, progress=False)  # no checkpoint yet: another config starts it afresh
+    fresh = Trainer(tiny_run(fmnist_dir, "train.seed=2"), run, progress=False)
+    assert "no checkpoint yet" in capsys.readouterr().err and fresh.cfg.train.seed == 2
+    fresh.fit(stop_at=1)
     with pytest.raises(UserError, match="another config"):
-        Trainer(tiny_run(fmnist_dir, "train.seed=1"), tmp_path / "r", progress=False)
-    resumed = Trainer(tiny_run(fmnist_dir, "sample.scale=5.0"), tmp_path / "r", progress=False)  # sampling may change
-    assert resumed.cfg.sample.scale == 5.0 and "scale: 5.0" in (tmp_path / "r" / "config.yaml").read_text()
+        Trainer(tiny_run(fmnist_dir, "train.seed=1"), run, progress=False)
+    resumed = Trainer(tiny_run(fmnist_dir, "train.seed=2", "sample.scale=5.0"), run, progress=False)  # sampling may change
+    assert resumed.cfg.sample.scale == 5.0 and "scale: 5.0" in (run / "config.yaml").read_text()
+    (run / "config.yaml").unlink()  # the checkpoint's own config still guards the run
+    with pytest.raises(UserError, match="step_00000001 was written with another config"):
+        Trainer(tiny_run(fmnist_dir, "train.seed=1"), run, progress=False)
+    other = tmp_path / "other"  # a step folder copied in from another run
+    Trainer(tiny_run(fmnist_dir, "train.seed=3"), other, progress=False).fit(stop_at=2)
+    shutil.copytree(ckpt.step_dir(other, 2), ckpt.step_dir(run, 2))
+    with pytest.raises(UserError, match=r"step_00000001 was written with another config \(seed: 2 -> seed: 3\)"):
+        Trainer(None, run, progress=False)
 
 
 def test_kill_during_checkpoint_write_keeps_previous(fmnist_dir, tmp_path):

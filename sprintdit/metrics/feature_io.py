@@ -8,12 +8,13 @@ option to pass.
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import PICKLE_REFUSED, UserError
 
 SAFETENSORS_SUFFIX = ".safetensors"
 KEYS_SHOWN = 3  # keys listed per kind of mismatch before "+N more"
@@ -42,7 +43,9 @@ def read_state_dict(path: str | Path | None, hint: str) -> dict[str, torch.Tenso
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unreadable or unsafe file ends in the same one-line message
+    except pickle.UnpicklingError:
+        raise UserError(f"weights file {path} {PICKLE_REFUSED}: {hint}") from None
+    except Exception as error:  # any other unreadable file ends in the same one-line message
         raise UserError(f"cannot read weights {path} ({type(error).__name__}: {one_line(error)}): {hint}") from error
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"weights file {path} does not hold a flat state dict of tensors: {hint}")

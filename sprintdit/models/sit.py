@@ -94,6 +94,13 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     missing = [f.name for f in fields(cfg) if f.name not in optional and getattr(cfg, f.name) is None]
     if missing:
         raise UserError(f"model config needs {', '.join('model.' + m for m in missing)} (or a model.preset)")
+    sizes = {"patch_size": cfg.patch_size, "hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads,
+             "in_channels": cfg.in_channels, "num_classes": cfg.num_classes, **{f"input_size.{i}": v for i, v in enumerate(cfg.input_size)}}
+    for name, value in sizes.items():
+        if value < 1:
+            raise UserError(f"model.{name} must be >= 1, got {value}")
+    if not cfg.mlp_ratio > 0:
+        raise UserError(f"model.mlp_ratio must be > 0, got {cfg.mlp_ratio}")
     for name, value, choices in (("arch", cfg.arch, ARCHS), ("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("fusion", cfg.fusion, FUSIONS)):
         if value not in choices:
             raise UserError(f"model.{name} is {value!r}; choose one of {', '.join(choices)}")
