@@ -582,48 +582,50 @@ class Trainer:
         stream, stream_stage = None, None
         stop = self.step > 0 and self.grids_and_evaluation(end, stops, missing_only=True)  # those a stop at this step skipped
         loss_sum, loss_count, tick, tick_step = torch.zeros((), device=self.device), 0, time.perf_counter(), self.step
-        while self.step < end and not stop:
-            began = time.perf_counter()
-            index, start = stage_at(cfg.stages, self.step)
-            stage = cfg.stages[index]
-            batch = stage.batch_size or t.batch_size
-            if stream_stage != index:
-                self.stream_rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None
-                stream, stream_stage = batches(self.dataset, batch, t.seed, self.position, cfg.data.num_workers, self.stream_rows), index
-            lr = stage_lr(stage, self.step - start)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with collective(self.dist, f"training step {self.step + 1} (gradient all-reduce)"):
-                loss = self.train_step(next(stream), stage)
-                grad_norm, skipped, stop = self.update(loss, stops.signum is not None)
-            if skipped:
-                self.nonfinite(loss, grad_norm, index, last)
-            self.step += 1
-            self.position += batch
-            self.train_seconds += time.perf_counter() - began
-            if not skipped:
-                loss_sum, loss_count = loss_sum + loss.float(), loss_count + 1
-            bar.update(1)
-            stage_end = self.step == start + stage.steps
-            if (self.step % t.log_every == 0 or stage_end) and loss_count:
-                rate = (self.step - tick_step) / (time.perf_counter() - tick)
-                record = {
-                    "step": self.step, "stage": stage.name, "loss": mean_over_ranks(self.dist, loss_sum).item() / loss_count, "lr": lr,
-                    "grad_norm": float(grad_norm), "steps_per_s": rate, "images_per_s": rate * batch,
-                    "mask_ratio": stage.mask_ratio, "train_flops": train_flops(cfg, self.step), "train_seconds": self.train_seconds,
-                }
-                self.log(record)
-                bar.set_postfix(stage=stage.name, loss=f"{record['loss']:.4f}", img_s=f"{rate * batch:.0f}")
-                loss_sum, loss_count, tick, tick_step = torch.zeros_like(loss_sum), 0, time.perf_counter(), self.step
-            stop = stop or (not self.dist.active and stops.signum is not None)  # one process need not wait for agreement
-            paused = time.perf_counter()
-            stop = stop or self.grids_and_evaluation(end, stops)
-            tick += time.perf_counter() - paused  # the step rate counts training time only
-            if stop or self.step % t.ckpt_every == 0 or stage_end or self.step == end:
-                with stops.saving():
-                    last = self.save()
-                stop = stop or (not self.dist.active and stops.signum is not None)  # a signal during that save: no further step
-        bar.close()
+        try:
+            while self.step < end and not stop:
+                began = time.perf_counter()
+                index, start = stage_at(cfg.stages, self.step)
+                stage = cfg.stages[index]
+                batch = stage.batch_size or t.batch_size
+                if stream_stage != index:
+                    self.stream_rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None
+                    stream, stream_stage = batches(self.dataset, batch, t.seed, self.position, cfg.data.num_workers, self.stream_rows), index
+                lr = stage_lr(stage, self.step - start)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                with collective(self.dist, f"training step {self.step + 1} (gradient all-reduce)"):
+                    loss = self.train_step(next(stream), stage)
+                    grad_norm, skipped, stop = self.update(loss, stops.signum is not None)
+                if skipped:
+                    self.nonfinite(loss, grad_norm, index, last)
+                self.step += 1
+                self.position += batch
+                self.train_seconds += time.perf_counter() - began
+                if not skipped:
+                    loss_sum, loss_count = loss_sum + loss.float(), loss_count + 1
+                bar.update(1)
+                stage_end = self.step == start + stage.steps
+                if (self.step % t.log_every == 0 or stage_end) and loss_count:
+                    rate = (self.step - tick_step) / (time.perf_counter() - tick)
+                    record = {
+                        "step": self.step, "stage": stage.name, "loss": mean_over_ranks(self.dist, loss_sum).item() / loss_count, "lr": lr,
+                        "grad_norm": float(grad_norm), "steps_per_s": rate, "images_per_s": rate * batch,
+                        "mask_ratio": stage.mask_ratio, "train_flops": train_flops(cfg, self.step), "train_seconds": self.train_seconds,
+                    }
+                    self.log(record)
+                    bar.set_postfix(stage=stage.name, loss=f"{record['loss']:.4f}", img_s=f"{rate * batch:.0f}")
+                    loss_sum, loss_count, tick, tick_step = torch.zeros_like(loss_sum), 0, time.perf_counter(), self.step
+                stop = stop or (not self.dist.active and stops.signum is not None)  # one process need not wait for agreement
+                paused = time.perf_counter()
+                stop = stop or self.grids_and_evaluation(end, stops)
+                tick += time.perf_counter() - paused  # the step rate counts training time only
+                if stop or self.step % t.ckpt_every == 0 or stage_end or self.step == end:
+                    with stops.saving():
+                        last = self.save()
+                    stop = stop or (not self.dist.active and stops.signum is not None)  # a signal during that save: no further step
+        finally:
+            bar.close()
         if stop and self.step < end:
             raise Stopped(f"{stops.name or 'stop requested on another rank'} at step {self.step}: saved {last}; run the same command to resume", stops.signum or signal.SIGTERM)
         return last

@@ -501,3 +501,23 @@ def test_ctrl_c_during_start_up_is_one_line(data, tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(train, "build_dataset", interrupted)
     assert main(TRAIN + ["--out", str(tmp_path / "out"), f"data.root={data}"]) == 128 + signal.SIGINT
     assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_unreadable_images_are_reported_once_and_replaced_the_same_way(tmp_path, capsys):
+    from PIL import Image
+
+    from sprintdit.data import ImageFolder
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i + (c == "b") * 120, np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "a" / "1.png").write_bytes(b"")  # zero bytes
+    (tmp_path / "b" / "0.png").write_bytes(b"\x89PNG garbage")  # damaged
+    data = ImageFolder(tmp_path, 8)
+    x, y = data.load(torch.arange(len(data)))
+    again, _ = data.load(torch.arange(len(data)))
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: skipping unreadable image") for w in warnings)
+    assert y.tolist() == [0, 0, 0, 1, 1, 1] and torch.equal(x, again)
+    assert torch.equal(x[1], x[2]) and torch.equal(x[3], x[4])  # replaced by the next readable file
