@@ -32,6 +32,7 @@ demo: env data
 test: env
 	-@$(MAKE) --no-print-directory data
 	$(PY) -m pytest -q
+	scripts/check_wheel.sh $(PY) "$(TORCH)"
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

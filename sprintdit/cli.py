@@ -12,10 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from .distributed import env_world, shutdown
+from . import __version__
 from .errors import UserError
-from .density import RECOVERS
-from .sampling import SAMPLERS
 
 DEMO_CONFIG = "fashion_mnist_sprint"
 
@@ -73,6 +71,7 @@ def distributed_from_env():
 
 def cmd_train(args) -> int:
     from .config import find_config, load_config
+    from .distributed import shutdown
     from .train import Trainer
 
     if args.config is None and args.out is None:
@@ -116,6 +115,8 @@ def sample_config(args, base):
 
 
 def cmd_sample(args) -> int:
+    from .distributed import shutdown
+
     try:
         return sample_on_ranks(args)
     finally:
@@ -176,6 +177,8 @@ def eval_config(args, base):
 
 
 def cmd_evaluate(args) -> int:
+    from .distributed import shutdown
+
     try:
         return evaluate_on_ranks(args)
     finally:
@@ -193,6 +196,7 @@ def evaluate_on_ranks(args) -> int:
 def evaluate_batch(args) -> int:
     """Score (or, with --write-ref, turn into a reference) an npz batch; rank 0's job alone."""
     from .config import DataConfig, EvalConfig
+    from .distributed import env_world
     from .evaluate import Evaluator, batch_images, build_networks, choose_networks, read_npz, write_reference
     from .train import pick_device
 
@@ -257,6 +261,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from .config import find_config, load_config
+    from .distributed import env_world
     from .evaluate import Evaluator, eval_labels_and_seeds, to_uint8_nchw
     from .images import save_grid
     from .sampling import SampleConfig, generate
@@ -346,6 +351,7 @@ def cmd_sparsify(args) -> int:
 
 
 def cmd_study(args) -> int:
+    from .distributed import env_world
     from .study import run_study
 
     if env_world()[1] > 1:
@@ -386,6 +392,7 @@ def cmd_convert(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sprintdit", description="Token-sparse diffusion transformers (SPRINT): train, sample, evaluate, demo.")
+    parser.add_argument("--version", action="version", version=f"sprintdit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="encode a class-per-folder image tree into sharded VAE latents (resumable; shards across torchrun ranks)")
@@ -403,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a run (all its stages); re-running on the same --out resumes exactly")
-    p.add_argument("--config", help="YAML config file, or the name of one in configs/ (e.g. fashion_mnist_sprint)")
+    p.add_argument("--config", help="YAML config file, or the name of one shipped in sprintdit/configs/ (e.g. fashion_mnist_sprint)")
     p.add_argument("--out", help="run folder (default runs/<config name>); an existing one is resumed")
     p.add_argument("--stop-at", type=int, help="stop after this global step (with a checkpoint); re-run to continue")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -417,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-label", type=int, default=1, help="samples per label (default 1); the grid has one row per label")
     p.add_argument("--seeds", help="one seed per sample, e.g. 0-99 (default: consecutive from --seed-start)")
     p.add_argument("--seed-start", type=int, default=0, help="first seed when --seeds is not given (default 0)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="flow: euler | heun | sde; ddpm objective: ddpm | ddim (default: the run's sample.sampler)")
+    p.add_argument("--sampler", help="flow: euler | heun | sde; ddpm objective: ddpm | ddim (default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--guidance", choices=("none", "cfg", "pdg"), help="pdg: Path-Drop Guidance; cfg: classifier-free")
     p.add_argument("--scale", type=float, help="guidance scale (default: the run's sample.scale)")
@@ -443,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, help="images per feature-network forward")
     p.add_argument("--write-ref", help="with --samples REAL.npz: write a reference batch (the images and each network's statistics) here")
     p.add_argument("--save-samples", action="store_true", help="also write the generated batch as an ADM-layout npz")
-    p.add_argument("--sampler", choices=SAMPLERS, help="flow: euler | heun | sde; ddpm objective: ddpm | ddim (default: the run's sample.sampler)")
+    p.add_argument("--sampler", help="flow: euler | heun | sde; ddpm objective: ddpm | ddim (default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--guidance", choices=("none", "cfg", "pdg"), help="default: the run's sample.guidance")
     p.add_argument("--scale", type=float, help="guidance scale (default: the run's sample.scale)")
@@ -483,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules", type=int, help="sparse-dense token modules (default 4)")
     p.add_argument("--sparse-depth", type=int, help="sparse blocks per module after its merge block (default 3)")
     p.add_argument("--dense-depth", type=int, help="dense blocks per module after its recover block (default 1)")
-    p.add_argument("--recover", choices=RECOVERS, help="fuse (default, the paper: W1 up(s) + W2 h, W1 = 0, W2 = I) | residual (h + up(the sparse blocks' change), starts near the dense model)")
+    p.add_argument("--recover", help="fuse (default, the paper: W1 up(s) + W2 h, W1 = 0, W2 = I) | residual (h + up(the sparse blocks' change), starts near the dense model)")
     p.add_argument("--no-ema", action="store_true", help="start from the raw weights instead of the EMA")
     p.set_defaults(func=cmd_sparsify)
 
@@ -496,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("study", help="train and evaluate a named comparison of runs at one budget; writes results.md, results.json and plots (re-run to resume)")
-    p.add_argument("name", help="study file, or the name of one in configs/studies/ (sprint-vs-dense, drop-ratio, guidance, sparsedit, tokens)")
+    p.add_argument("name", help="study file, or the name of one shipped in sprintdit/configs/studies/ (sprint-vs-dense, drop-ratio, guidance, sparsedit, tokens)")
     p.add_argument("--size", default="cpu", help="which size of the study: cpu (2 CPU cores) or gpu (one GPU); default cpu")
     p.add_argument("--out", help="study folder (default runs/studies/NAME-SIZE); an existing one is resumed, finished runs are skipped")
     p.add_argument("--seeds", type=int, help="training seeds per run (default: the study's, 2)")

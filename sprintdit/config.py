@@ -12,6 +12,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 from typing import List, Optional
 
@@ -27,7 +28,7 @@ from .models.sit import ModelConfig
 from .objective import ObjectiveConfig
 from .sampling import SampleConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the shipped configs (studies under studies/)
+CONFIG_DIR = Path(str(resources.files("sprintdit") / "configs"))  # the shipped configs (package data; studies under studies/)
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATASETS = ("fashion_mnist", "image_folder", "latents")
 FEATURE_NETWORKS = ("auto", "fmnist", "inception", "dinov2")
@@ -159,18 +160,17 @@ def find_shipped(name: str, folder: Path, what: str) -> Path:
 
 
 def find_config(name: str) -> Path:
-    """A config path, or the name of a config shipped in configs/."""
+    """A config path, or the name of a config shipped in sprintdit/configs/."""
     return find_shipped(name, CONFIG_DIR, "config")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults <- YAML file <- `a.b=value` overrides, type-checked, as a RunConfig."""
+    """Defaults <- YAML file (a path, or the name of a shipped config such as "fashion_mnist_sprint") <- `a.b=value`
+    overrides, type-checked, as a RunConfig."""
     base = OmegaConf.structured(RunConfig)
     layers = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
+        path = find_config(str(path))
         try:
             layer = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors come in several types

@@ -1,6 +1,6 @@
 """`sprintdit study`: training runs compared at one budget, evaluated alike, with a table, claims and plots.
 
-A study file (`configs/studies/NAME.yaml`) names a base config and lists runs (overrides on top of it, how the
+A study file (`sprintdit/configs/studies/NAME.yaml`) names a base config and lists runs (overrides on top of it, how the
 budget is shared among the stages, optionally a SparseDiT built from another run), one evaluation for every run
 (sampler, steps, guidance, number of samples, points along the run) with optional sweeps of sampling settings
 at the end, and the claims to check. Each size (`cpu`, `gpu`) is a partial study merged over the top level (its

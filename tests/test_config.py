@@ -39,7 +39,7 @@ def test_bad_yaml_file(tmp_path):
     (tmp_path / "unknown.yaml").write_text("trian:\n  seed: 1\n")
     with pytest.raises(UserError, match="did you mean 'train'"):
         load_config(tmp_path / "unknown.yaml")
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="missing.yaml not found .*shipped config: .*fashion_mnist_sprint"):
         load_config(tmp_path / "missing.yaml")
 
 
@@ -50,3 +50,4 @@ def test_shipped_configs_load():
     assert shipped
     for path in shipped:
         load_config(path)
+    assert load_config("fashion_mnist_sprint") == load_config(CONFIG_DIR / "fashion_mnist_sprint.yaml")  # shipped names too
