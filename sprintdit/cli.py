@@ -16,6 +16,7 @@ from . import __version__
 from .errors import UserError
 
 DEMO_CONFIG = "fashion_mnist_sprint"
+GRID_MAX = 400  # sample: images in the PNG grid at most (1000 classes x 50 at 256 px would be a 10 GB grid)
 
 
 def parse_ints(text: str, what: str) -> list[int]:
@@ -88,7 +89,9 @@ def cmd_train(args) -> int:
         shutdown()
     if trainer.dist.is_main:
         print(f"trained steps {start}..{trainer.step} in {out}; latest checkpoint: {folder}")
-        print(f"metrics: {out / 'metrics.jsonl'}  samples: {out / 'samples'}")
+        written = [f"{name}: {out / name}" for name in ("metrics.jsonl", "samples") if (out / name).exists()]
+        if written:
+            print("  ".join(written))
     return 0
 
 
@@ -152,10 +155,14 @@ def sample_on_ranks(args) -> int:
     if not d.is_main:
         return 0
     stem = f"{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}"
-    grid = save_grid(images, out / f"{stem}.png", columns=args.per_label if args.per_label > 1 else min(len(labels), 10))
     npz = save_npz(images, labels, out / f"{stem}.npz")
+    shown = "no grid"
+    if args.grid_max > 0:  # a PNG for people: the first --grid-max images (a 50k ADM batch lives in the npz)
+        columns = args.per_label if args.per_label > 1 else min(len(labels), 10)
+        count = min(len(labels), args.grid_max - args.grid_max % columns or columns)
+        shown = f"grid: {save_grid(images[:count], out / f'{stem}.png', columns=columns)}" + (f" (first {count})" if count < len(labels) else "")
     where = f"{d.world_size} ranks ({d.device.type})" if d.active else str(d.device)
-    print(f"{len(labels)} samples in {seconds:.1f}s ({len(labels) / seconds:.2f} img/s) on {where}; grid: {grid}; batch: {npz}")
+    print(f"{len(labels)} samples in {seconds:.1f}s ({len(labels) / seconds:.2f} img/s) on {where}; {shown}; batch: {npz}")
     return 0
 
 
@@ -431,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", help="guide only for t in LOW,HIGH (t=1 is noise), e.g. 0,0.7")
     p.add_argument("--batch-size", type=int, help="samples per forward batch")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--grid-max", type=int, default=GRID_MAX, help=f"images in the PNG grid at most (whole rows; default {GRID_MAX}; 0: no grid)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)

@@ -24,6 +24,7 @@ from .distributed import DistributedConfig
 from .errors import UserError
 from .masking import MASK_TYPES
 from .metrics.inception import CONVENTIONS as INCEPTION_RESIZES
+from .metrics.inception import TF as INCEPTION_TF
 from .models.sit import ModelConfig
 from .objective import ObjectiveConfig
 from .sampling import SampleConfig
@@ -101,7 +102,7 @@ class EvalConfig:
     features: List[str] = field(default_factory=lambda: ["auto"])  # auto | fmnist | inception | dinov2
     ref: Optional[str] = None  # reference npz (ADM layout: images under arr_0 and/or statistics); default for fashion_mnist: its test split
     inception_weights: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth (FID, sFID, IS, precision/recall)
-    inception_resize: str = "tf"  # tf: the TF graph's resize and scaling, as the ADM evaluator (its reference batches); pytorch-fid
+    inception_resize: str = INCEPTION_TF  # tf: the TF graph's resize and scaling, as the ADM evaluator (its reference batches); pytorch-fid
     dinov2_weights: Optional[str] = None  # dinov2_vitl14_pretrain.pth (FDD)
     dinov2_model: str = "ViT-L/14"  # the DINOv2 size the weights are for (FDD is defined with ViT-L/14)
     batch_size: int = 200  # images per feature-network forward

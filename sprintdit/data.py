@@ -116,9 +116,27 @@ def scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
+def adm_center_crop(img, resolution: int):
+    """ADM's crop: halve with BOX while the short side is >= 2 * resolution, resize with BICUBIC so the short side
+    is `resolution`, then take the centre square."""
+    while min(img.size) >= 2 * resolution:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = resolution / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def read_image(path: Path, resolution: int) -> torch.Tensor:
+    """(3, R, R) uint8, RGB, ADM-cropped; raises (e.g. OSError) for files PIL cannot decode."""
+    with Image.open(path) as img:
+        arr = np.asarray(adm_center_crop(img.convert("RGB"), resolution), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
 class ImageFolder:
-    """Class-per-folder images (root/CLASS/*.png ...), labels by sorted folder name; RGB, resized
-    so the short side is `resolution`, then centre-cropped to a square."""
+    """Class-per-folder images (root/CLASS/*.png ...), labels by sorted folder name; RGB, ADM-cropped to
+    `resolution` (the crop `sprintdit prepare` uses)."""
 
     channels = 3
 
@@ -132,16 +150,6 @@ class ImageFolder:
     def __len__(self) -> int:
         return len(self.files)
 
-    def _image(self, path: Path) -> torch.Tensor:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            r = self.resolution[0]
-            scale = r / min(img.size)
-            img = img.resize((max(r, round(img.width * scale)), max(r, round(img.height * scale))), Image.BICUBIC)
-            left, top = (img.width - r) // 2, (img.height - r) // 2
-            arr = np.asarray(img.crop((left, top, left + r, top + r)), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, R, R)
-
     def _readable(self, index: int) -> tuple[torch.Tensor, int]:
         """(image, label) of file `index`, or of the next readable file after it: an unreadable one (empty,
         truncated, not an image) is reported once and replaced, the same way on every run, so resume stays exact."""
@@ -150,7 +158,7 @@ class ImageFolder:
             if path in self.unreadable:
                 continue
             try:
-                return self._image(path), label
+                return read_image(path, self.resolution[0]), label
             except IMAGE_ERRORS as err:
                 self.unreadable.add(path)
                 print(f"warning: skipping unreadable image {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'empty'})", file=sys.stderr)

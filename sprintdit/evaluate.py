@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,11 +255,17 @@ def default_reference(cfg: EvalConfig, networks: list[FeatureNet], data_root: st
 
 # ----------------------------------------------------------------------------------- metrics
 
+RELIABLE_SAMPLES = 1000  # below this (or below the feature dimension) evaluate warns that a Frechet distance is unreliable
+
 
 def score(features: Features, net: str, ref: Reference, labels: torch.Tensor | None) -> dict[str, float]:
     """The metrics of one network's sample features against the reference."""
     out: dict[str, float] = {}
     frechet_name = "fdd" if net == "dinov2" else "fid"
+    n, dim = features.main.shape
+    if n < max(RELIABLE_SAMPLES, dim):
+        print(f"warning: {frechet_name} from {n} samples with {net} features ({dim} dims) is biased high and noisy (a covariance needs "
+              f"more samples than dims; papers use 50,000): compare only at equal sample counts", file=sys.stderr)
     for kind, name in (("main", frechet_name), ("spatial", "sfid")):
         values = features.main if kind == "main" else features.spatial
         target = ref.gaussian(net, kind)

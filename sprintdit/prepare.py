@@ -9,7 +9,7 @@ Layout of the output folder:
 - `manifest.json` (written last, atomically, by rank 0): resolution, latent shape, VAE path, config hash and
   scaling factor, DINOv2 settings, class name -> index, count, sha256 per shard, skipped images with reasons.
 
-Images are cropped as ADM does (`adm_center_crop`). Shard i of the (sorted) file list goes to rank
+Images are cropped as ADM does (`data.adm_center_crop`, as the image-folder reader). Shard i of the (sorted) file list goes to rank
 i mod world, so torchrun processes share the work; every rank writes its own shards and sidecars.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import IMAGE_ERRORS
+from .data import IMAGE_ERRORS, read_image
 from .errors import UserError
 
 FORMAT = "sprintdit-latents/1"
@@ -60,28 +60,6 @@ class PrepareResult:
     manifest: Path | None  # None on ranks other than 0
     encoded: list[int] = field(default_factory=list)  # shard indices this process encoded
     kept: list[int] = field(default_factory=list)  # shard indices found complete and kept
-
-
-def adm_center_crop(img, resolution: int):
-    """ADM's crop: halve with BOX while the short side is >= 2 * resolution, resize with BICUBIC so the short side
-    is `resolution`, then take the centre square."""
-    from PIL import Image
-
-    while min(img.size) >= 2 * resolution:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = resolution / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
-
-
-def read_image(path: Path, resolution: int) -> torch.Tensor:
-    """(3, R, R) uint8, RGB, ADM-cropped; raises (e.g. OSError) for files PIL cannot decode."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        arr = np.asarray(adm_center_crop(img.convert("RGB"), resolution), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def sha256_file(path: Path) -> str:

@@ -606,7 +606,7 @@ class Trainer:
                     loss_sum, loss_count = loss_sum + loss.float(), loss_count + 1
                 bar.update(1)
                 stage_end = self.step == start + stage.steps
-                if (self.step % t.log_every == 0 or stage_end) and loss_count:
+                if (self.step % t.log_every == 0 or stage_end or self.step == 1) and loss_count:  # the first step shows the run works
                     rate = (self.step - tick_step) / (time.perf_counter() - tick)
                     record = {
                         "step": self.step, "stage": stage.name, "loss": mean_over_ranks(self.dist, loss_sum).item() / loss_count, "lr": lr,

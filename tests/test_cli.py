@@ -130,3 +130,19 @@ def test_ddpm_objective_trains_and_samples(fmnist_dir, tmp_path, capsys):
         assert code == 0 and (tmp_path / "s" / f"cfg_{sampler}3_s4.npz").is_file()
     code, _, err = run_cli(capsys, "sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--sampler", "euler", "--no-progress")
     assert code == 2 and "does not fit" in err
+
+
+def test_sample_grid_is_capped_and_train_names_only_what_it_wrote(fmnist_dir, tmp_path, capsys):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    code, out, _ = run_cli(capsys, "train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}",
+                           *TINY, "train.sample_every=0", "train.log_every=50")
+    assert code == 0 and "metrics.jsonl" in out and "samples" not in out.replace(str(run), "")  # step 1 is logged, no grid was made
+    args = ["sample", "--checkpoint", str(run), "--labels", "0-4", "--per-label", "2", "--steps", "2", "--no-progress", "--guidance", "cfg"]
+    code, out, _ = run_cli(capsys, *args, "--out", str(tmp_path / "s"), "--grid-max", "5")
+    assert code == 0 and "(first 4)" in out
+    assert Image.open(tmp_path / "s" / "cfg_euler2_s4.png").size == (2 * 34 + 2, 2 * 34 + 2)  # 2 rows of 2 (32 px + 2 px padding)
+    assert np.load(tmp_path / "s" / "cfg_euler2_s4.npz")["arr_0"].shape[0] == 10  # the batch keeps every sample
+    code, out, _ = run_cli(capsys, *args, "--out", str(tmp_path / "t"), "--grid-max", "0")
+    assert code == 0 and "no grid" in out and not list((tmp_path / "t").glob("*.png"))

@@ -74,3 +74,16 @@ def test_empty_image_folder(tmp_path):
     (tmp_path / "cls").mkdir()
     with pytest.raises(UserError, match="no images"):
         ImageFolder(tmp_path, 16)
+
+
+def test_image_folder_crops_as_prepare_does(tmp_path):
+    """One crop for training from images and for `prepare`: ADM's (box halving, bicubic, centre)."""
+    from PIL import Image
+
+    from sprintdit.data import ImageFolder, read_image
+
+    (tmp_path / "c").mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 520, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "c" / "a.png")
+    x, _ = ImageFolder(tmp_path, 64).load(torch.tensor([0]))
+    assert torch.equal(((x[0] + 1) * 127.5).round().to(torch.uint8), read_image(tmp_path / "c" / "a.png", 64))

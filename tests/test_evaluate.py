@@ -116,8 +116,9 @@ def test_evaluate_checkpoint_then_its_samples_agree(fmnist_dir, tmp_path, monkey
     assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}", *TINY]) == 0
     args = ["evaluate", "--checkpoint", str(run), "--num-samples", "12", "--guidance", "cfg", "--scale", "3", "--no-progress", "--save-samples"]
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "fmnist" in out and "class_agreement" in out
+    assert "warning: fid from 12 samples" in err  # too few for a trustworthy FID, and the user is told
     written = run / "checkpoints" / "step_00000002" / "eval_cfg_euler2_s3_n12.json"
     result = json.loads(written.read_text())
     assert result["num_samples"] == 12 and 0.0 <= result["metrics"]["fmnist"]["class_agreement"] <= 1.0 and result["metrics"]["fmnist"]["fid"] > 0

@@ -14,6 +14,7 @@ from sprintdit.metrics.inception import (
     POOL_DIM,
     SPATIAL_CHANNELS,
     SPATIAL_DIM,
+    PYTORCH_FID,
     TF,
     InceptionV3FID,
     fid_avg_pool,
@@ -118,7 +119,7 @@ def test_inception_preprocessing_repeats_grayscale_and_maps_to_unit_range():
     torch.testing.assert_close(x, preprocess(gray.expand(-1, 3, -1, -1)))
     extremes = torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, dtype=torch.uint8)  # already 299x299: no resize
     extremes[..., 0, 0] = 255
-    ends = preprocess(extremes)
+    ends = preprocess(extremes, PYTORCH_FID)
     assert ends.min() == -1 and ends.max() == 1
 
 
@@ -129,6 +130,9 @@ def test_tf_convention_resizes_like_tensorflow_1x_and_centres_on_128():
     torch.testing.assert_close(F.interpolate(row, size=(4, 4), mode="bilinear", align_corners=False)[0, 0, 0], torch.tensor([0.0, 2.5, 7.5, 10.0]))
     x = images(2, size=(INPUT_SIZE, INPUT_SIZE))
     torch.testing.assert_close(preprocess(x, TF), (x.float() - 128) / 128)  # same size: no resampling
+    from sprintdit.config import EvalConfig
+
+    assert torch.equal(preprocess(x), preprocess(x, TF)) and EvalConfig().inception_resize == TF  # one default: Python API = CLI
     assert preprocess(images(1, channels=1), TF).shape == (1, 3, INPUT_SIZE, INPUT_SIZE)
     with pytest.raises(UserError):
         preprocess(x, "pil")

@@ -14,7 +14,8 @@ from sprintdit.config import CONFIG_DIR, load_config
 from sprintdit.data import LatentDataset, posterior_sample
 from sprintdit.errors import UserError
 from sprintdit.metrics.dinov2 import DINOv2ViT, ViTConfig
-from sprintdit.prepare import FeatureEncoder, PrepareConfig, adm_center_crop, prepare, read_image
+from sprintdit.data import adm_center_crop, read_image
+from sprintdit.prepare import FeatureEncoder, PrepareConfig, prepare
 from sprintdit.train import Trainer, resolve_run_config
 from sprintdit.vae import encode, load_vae
 

@@ -35,11 +35,12 @@ Outputs of `InceptionV3FID.forward` / `inception_features`:
 
 Preprocessing (`preprocess`), images (N, 3, H, W) uint8 or float in [0, 255] (grayscale (N, 1, H, W) is
 repeated to three channels) -> (N, 3, 299, 299) in about [-1, 1], in one of two conventions:
-- "pytorch-fid" (the default): PyTorch bilinear resize (align_corners=False, no antialiasing), then
+- "pytorch-fid": PyTorch bilinear resize (align_corners=False, no antialiasing), then
   x / 127.5 - 1, as pytorch-fid does;
 - "tf": TF 1.x's legacy bilinear resize (source coordinate = output index * in / out, no half-pixel
   offset, clamped at the far edge), then (x - 128) / 128, as the TF graph itself does and hence the ADM
-  evaluator, and as torch-fidelity replicates. Use it to compare against ADM reference-batch statistics.
+  evaluator, and as torch-fidelity replicates; the default everywhere (the Python API, `eval.inception_resize`,
+  the CLI), so that the numbers compare with ADM reference-batch statistics and the papers.
 On 299x299 inputs the two differ only in the scaling (127.5 vs 128 around the centre).
 """
 from __future__ import annotations
@@ -298,7 +299,7 @@ def tf1_resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return tf1_resize_axis(tf1_resize_axis(x, size, dim=2), size, dim=3)
 
 
-def preprocess(images: torch.Tensor, convention: str = PYTORCH_FID) -> torch.Tensor:
+def preprocess(images: torch.Tensor, convention: str = TF) -> torch.Tensor:
     """images (N, 3 or 1, H, W), uint8 or float in [0, 255] -> float32 (N, 3, 299, 299) in about [-1, 1]."""
     if convention not in CONVENTIONS:
         raise UserError(f"unknown Inception preprocessing {convention!r}; choose one of {', '.join(CONVENTIONS)}")
@@ -321,7 +322,7 @@ def load_inception(path: str | Path | None, device: torch.device | str = "cpu") 
 
 
 @torch.no_grad()
-def inception_features(model: InceptionV3FID, images: torch.Tensor, batch_size: int = FEATURE_BATCH, convention: str = PYTORCH_FID) -> dict[str, torch.Tensor]:
+def inception_features(model: InceptionV3FID, images: torch.Tensor, batch_size: int = FEATURE_BATCH, convention: str = TF) -> dict[str, torch.Tensor]:
     """images (N, 3 or 1, H, W) in [0, 255] -> {pool (N, 2048), spatial (N, 2023), logits (N, 1008)}: CPU float32.
     `convention` picks the preprocessing: "pytorch-fid" or "tf" (ADM / torch-fidelity), see the module docstring."""
     check_images(images, "the Inception network")
