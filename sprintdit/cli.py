@@ -73,7 +73,7 @@ def distributed_from_env():
 def cmd_train(args) -> int:
     from .config import find_config, load_config
     from .distributed import shutdown
-    from .train import Trainer
+    from .trainer import Trainer
 
     if args.config is None and args.out is None:
         raise UserError("give --config CONFIG to start a run, or --out RUN_DIR to resume one")
@@ -83,6 +83,8 @@ def cmd_train(args) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     try:
         trainer = Trainer(cfg, out, progress=not args.no_progress)  # joins torchrun's process group, if any
+        if trainer.dist.is_main:
+            print(trainer.summary(), flush=True)
         start = trainer.step
         folder = trainer.fit(stop_at=args.stop_at)
     finally:
@@ -99,7 +101,7 @@ def join_ranks(model, run, device_name: str):
     """(model on this rank's device, Dist) for a checkpoint's model: torchrun's process group (with the run's
     distributed.timeout_s) or a single process."""
     from .distributed import init_from_env
-    from .train import pick_device
+    from .trainer import pick_device
 
     d = init_from_env(run.distributed, pick_device(device_name))
     return model.to(d.device), d
@@ -205,7 +207,7 @@ def evaluate_batch(args) -> int:
     from .config import DataConfig, EvalConfig
     from .distributed import env_world
     from .evaluate import Evaluator, batch_images, build_networks, choose_networks, read_npz, write_reference
-    from .train import pick_device
+    from .trainer import pick_device
 
     if env_world()[0] != 0:
         return 0
@@ -272,7 +274,7 @@ def cmd_demo(args) -> int:
     from .evaluate import Evaluator, eval_labels_and_seeds, to_uint8_nchw
     from .images import save_grid
     from .sampling import SampleConfig, generate
-    from .train import Trainer
+    from .trainer import Trainer
 
     if args.per_class < 1:
         raise UserError(f"--per-class must be >= 1, got {args.per_class}")
@@ -322,7 +324,7 @@ def cmd_bench(args) -> int:
     import json
 
     from .bench import BenchConfig, format_report, run_bench
-    from .train import pick_device
+    from .trainer import pick_device
 
     try:
         ratios = [float(r) for r in args.mask_ratios.split(",")]

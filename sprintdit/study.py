@@ -277,7 +277,7 @@ def eval_every(total: int, points: int) -> int:
 
 def measure_step_seconds(cfg: RunConfig) -> list[float]:
     """Median wall-clock of one training step in each stage of `cfg` on this machine (a scratch run per stage)."""
-    from .train import Trainer
+    from .trainer import Trainer
 
     warmup, timed = CALIBRATION_STEPS
     out = []
@@ -384,7 +384,7 @@ class Study:
 
     def plan(self, run: RunSpec, seed: int) -> RunConfig:
         """The run's full config; its stage lengths are computed once and then read from plan.json."""
-        from .train import apply_init_from, resolve_run_config
+        from .trainer import apply_init_from, resolve_run_config
 
         cfg = self.base_config(run, seed)
         key = f"{run.name}/seed{seed}"
@@ -407,7 +407,7 @@ class Study:
 
     def run_one(self, run: RunSpec, seed: int, index: str) -> dict:
         """Train (or resume) one (run, seed), then evaluate its sweeps and the grid; returns its result record."""
-        from .train import Trainer
+        from .trainer import Trainer
 
         done = self.done_path(run.name, seed)
         if done.is_file():

@@ -21,7 +21,7 @@ from sprintdit.config import load_config
 from sprintdit.errors import Stopped, UserError
 from sprintdit.objective import FlowMatching, ObjectiveConfig
 from sprintdit.sampling import SampleConfig, generate, generate_on_ranks
-from sprintdit.train import Trainer
+from sprintdit.trainer import Trainer
 
 WORLD = 2
 ATOL = 1e-5  # two ranks sum gradients in another order than one process

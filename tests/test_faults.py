@@ -24,7 +24,7 @@ from sprintdit import runlock
 from sprintdit.cli import main
 from sprintdit.config import load_config, to_yaml
 from sprintdit.errors import Diverged, Stopped, UserError
-from sprintdit.train import Trainer
+from sprintdit.trainer import Trainer
 
 from conftest import write_idx
 
@@ -259,7 +259,7 @@ def test_signal_during_a_sample_grid_aborts_it_and_saves(data, tmp_path, monkeyp
 HOLDER = """
 import sys
 from sprintdit.config import load_config
-from sprintdit.train import Trainer
+from sprintdit.trainer import Trainer
 trainer = Trainer(load_config(None, {args!r}), {run!r}, progress=False)
 print("ready", flush=True)
 sys.stdin.readline()
@@ -313,7 +313,7 @@ def test_a_dead_holders_lock_is_taken_over(data, tmp_path, capsys):
 
 KILLED = """
 from sprintdit.config import load_config
-from sprintdit.train import Trainer
+from sprintdit.trainer import Trainer
 trainer = Trainer(load_config(None, {args!r}), {run!r}, progress=False)
 print("ready", flush=True)
 trainer.fit()
@@ -493,7 +493,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(world, data, tmp_path, capsys,
 
 
 def test_ctrl_c_during_start_up_is_one_line(data, tmp_path, capsys, monkeypatch):
-    import sprintdit.train as train
+    import sprintdit.trainer as train
 
     def interrupted(cfg):
         raise KeyboardInterrupt

@@ -16,7 +16,7 @@ from sprintdit.errors import UserError
 from sprintdit.metrics.dinov2 import DINOv2ViT, ViTConfig
 from sprintdit.data import adm_center_crop, read_image
 from sprintdit.prepare import FeatureEncoder, PrepareConfig, prepare
-from sprintdit.train import Trainer, resolve_run_config
+from sprintdit.trainer import Trainer, resolve_run_config
 from sprintdit.vae import encode, load_vae
 
 RESOLUTION = 32  # pixels; the tiny VAE halves once -> 16x16x4 latents -> 8x8 tokens at patch 2

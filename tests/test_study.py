@@ -11,7 +11,7 @@ from sprintdit.errors import UserError
 from sprintdit.flops import train_step_flops
 from sprintdit.plots import read_metrics
 from sprintdit.study import eval_every, load_study, run_study, stage_steps_for_budget, with_steps
-from sprintdit.train import Trainer, resolve_run_config
+from sprintdit.trainer import Trainer, resolve_run_config
 from sprintdit.data import build_dataset
 
 TINY = [

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from sprintdit import checkpoint as ckpt
 from sprintdit.config import load_config
 from sprintdit.errors import Stopped, UserError
-from sprintdit.train import Trainer, ema_decay_at, stage_at, stage_lr
+from sprintdit.trainer import Trainer, ema_decay_at, stage_at, stage_lr
 
 
 def tiny_run(fmnist_dir, *extra):

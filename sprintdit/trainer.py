@@ -277,6 +277,19 @@ class Trainer:
         self.lock = None
         self.open_run()
 
+    def summary(self) -> str:
+        """What is about to run, in three lines (the CLI prints it at start-up)."""
+        cfg, t, m = self.cfg, self.cfg.train, self.cfg.model
+        params = sum(p.numel() for p in self.model.parameters())
+        stages = " -> ".join(f"{s.name} {s.steps} steps (mask {s.mask_ratio:g}{' ' + s.mask_type if s.mask_ratio else ''}, lr {s.lr:g}, "
+                             f"batch {s.batch_size or t.batch_size})" for s in cfg.stages)
+        where = f"{self.dist.world_size} ranks ({self.strategy})" if self.dist.active else "1 process"
+        latest = ckpt.list_checkpoints(self.run_dir)
+        start = f"resuming from step {self.step} of {total_steps(cfg)} ({latest[-1]})" if self.step else f"starting at step 0 of {total_steps(cfg)}"
+        return (f"{m.preset or 'model'} (arch {m.arch}, fusion {m.fusion}, {m.grid[0]}x{m.grid[1]} tokens): {params / 1e6:.2f}M parameters on "
+                f"{self.device} x {where}, {t.precision}, compile {'on' if t.compile else 'off'}, grad accumulation {t.grad_accum}\n"
+                f"stages: {stages}\n{start}; run folder {self.run_dir}")
+
     # ------------------------------------------------------------------ the run folder
 
     def open_run(self) -> None:
