@@ -28,6 +28,7 @@ from .metrics.inception import TF as INCEPTION_TF
 from .models.sit import ModelConfig
 from .objective import ObjectiveConfig
 from .sampling import SampleConfig
+from .tracking import check_loggers
 
 CONFIG_DIR = Path(str(resources.files("sprintdit") / "configs"))  # the shipped configs (package data; studies under studies/)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -85,6 +86,7 @@ class TrainConfig:
     ckpt_every: int = 1000  # also at every stage end
     sample_every: int = 1000  # sample grid from the EMA model; 0 disables
     keep_last: int = 3  # checkpoints kept (the newest K)
+    loggers: List[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (always) | tensorboard | wandb (see sprintdit.tracking)
     max_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient norm skipped (no update) before the run stops as diverged
     grid_rows: int = 10  # sample grid: one row per class (spread over the classes if there are more)
     grid_columns: int = 10  # samples per row (seeds 0, 1, ...)
@@ -231,6 +233,7 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"train.{name} must be >= 1, got {value}")
     if t.sample_every < 0 or t.max_nonfinite_steps < 0 or cfg.data.num_workers < 0:
         raise UserError("train.sample_every, train.max_nonfinite_steps and data.num_workers must be >= 0")
+    check_loggers(list(t.loggers))
     if cfg.data.resolution < 1:
         raise UserError(f"data.resolution must be >= 1, got {cfg.data.resolution}")
     if not 0.0 <= t.ema_decay < 1.0:

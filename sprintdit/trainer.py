@@ -19,7 +19,7 @@ import re
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ from .objective import ObjectiveConfig, build_objective
 from .runlock import lock_run
 from .sampling import DDPM_SAMPLERS, generate_on_ranks
 from .stopping import StopNow, StopSignals
+from .tracking import Tracker
 from .vae import pixel_decoder
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -274,7 +275,7 @@ class Trainer:
         self.stream_rows = None  # this rank's rows of each global batch (None: all)
         self.to_pixels = pixel_decoder(cfg.data, self.device)  # latents -> images for grids and evaluation
         self.config_yaml = to_yaml(cfg)
-        self.lock = None
+        self.lock, self.tracker = None, None  # rank 0: the run folder's lock; while fitting, the optional loggers
         self.open_run()
 
     def summary(self) -> str:
@@ -511,7 +512,11 @@ class Trainer:
         labels = [c for c in rows for _ in range(t.grid_columns)]
         images = generate_on_ranks(self.sampling_model(), self.objective, labels, list(range(len(labels))), self.cfg.sample, self.dist)
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
-        return save_grid(self.to_pixels(images), path, columns=t.grid_columns) if self.dist.is_main else path
+        if self.dist.is_main:
+            save_grid(self.to_pixels(images), path, columns=t.grid_columns)
+            if self.tracker is not None:
+                self.tracker.image("samples", path, self.step)
+        return path
 
     def evaluate(self) -> dict:
         """Metrics of eval.num_samples EMA samples (the `sample` settings), logged with the step, training FLOPs and
@@ -543,6 +548,8 @@ class Trainer:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
         except OSError as err:
             raise ckpt.write_error(err, "metrics.jsonl", self.run_dir, ckpt.MB) from None
+        if self.tracker is not None:
+            self.tracker.scalars(record)
 
     def grids_and_evaluation(self, end: int, stops: StopSignals, missing_only: bool = False) -> bool:
         """The sample grid and evaluation due at this step (with `missing_only`, those a stop at this step skipped);
@@ -578,12 +585,17 @@ class Trainer:
         end = total_steps(self.cfg) if stop_at is None else min(stop_at, total_steps(self.cfg))
         self.hold()
         try:
+            if self.dist.is_main:
+                self.tracker = Tracker(self.cfg.train.loggers, self.run_dir, asdict(self.cfg), self.step)
             with StopSignals() as stops:
                 last = ckpt.list_checkpoints(self.run_dir)
                 if self.step >= end:
                     return last[-1] if last else self.save()
                 return self.run_steps(end, stops, last[-1] if last else None)
         finally:
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
             self.release()
 
     def run_steps(self, end: int, stops: StopSignals, last: Path | None) -> Path:
