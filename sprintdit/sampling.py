@@ -19,7 +19,7 @@ from .distributed import Dist, batches_of_rank, gather_to_main
 from .errors import UserError
 from .objective import DDPM, DiffusionProcess, FlowMatching, spaced_steps
 
-FLOW_SAMPLERS = ("euler", "heun", "sde")
+FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
 DDPM_SAMPLERS = ("ddpm", "ddim")
 SAMPLERS = FLOW_SAMPLERS + DDPM_SAMPLERS
 GUIDANCES = ("none", "cfg", "pdg")
@@ -29,12 +29,14 @@ VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 @dataclass
 class SampleConfig:
-    sampler: str = "euler"  # flow: euler | heun (ODE) | sde (Euler-Maruyama, SiT's); ddpm objective: ddpm | ddim
+    sampler: str = "euler"  # flow: euler | heun | dopri5 (adaptive, torchdiffeq; steps unused) (ODE) | sde (Euler-Maruyama, SiT's); ddpm objective: ddpm | ddim
     steps: int = 50
     guidance: str = "pdg"  # none | cfg (classifier-free) | pdg (Path-Drop Guidance)
     scale: float = 2.0  # v = v_uncond + scale (v_cond - v_uncond) (DDPM: on eps)
     interval: List[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [low, high]
     sde_last_t: float = 0.04  # the SDE's noisy steps end here; a last deterministic step reaches t = 0
+    atol: float = 1e-6  # dopri5: absolute and relative error tolerances per step (SiT's ODE sampler defaults)
+    rtol: float = 1e-3
     batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -42,6 +44,8 @@ class SampleConfig:
             raise UserError(f"sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         if self.guidance not in GUIDANCES:
             raise UserError(f"guidance {self.guidance!r} is unknown; choose one of {', '.join(GUIDANCES)}")
+        if not (self.atol > 0 and self.rtol > 0):
+            raise UserError(f"sampling tolerances atol and rtol must be > 0, got {self.atol} and {self.rtol}")
         if not math.isfinite(self.scale):
             raise UserError(f"guidance scale must be a finite number, got {self.scale}")
         if self.steps < 1 or self.batch_size < 1:
@@ -83,6 +87,17 @@ def heun(v: VelocityFn, x: torch.Tensor, steps: int) -> torch.Tensor:
         x_pred = x + dt * d
         x = x + dt * 0.5 * (d + v(x_pred, t_next))
     return x
+
+
+def dopri5(v: VelocityFn, x: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
+    """Adaptive Dormand-Prince 5(4) from t = 1 to 0 (torchdiffeq, as SiT's ODE sampler). The step sizes follow
+    the error of the whole batch, so a sample matches its own run in another batch only up to the tolerance."""
+    try:
+        from torchdiffeq import odeint
+    except ImportError:
+        raise UserError("sampler dopri5 needs torchdiffeq: pip install torchdiffeq (or sprintdit[ode])") from None
+    ts = torch.tensor([1.0, 0.0], dtype=torch.float64, device=x.device)
+    return odeint(lambda t, z: v(z, float(t)), x, ts, method="dopri5", atol=atol, rtol=rtol)[-1]
 
 
 def euler_maruyama(
@@ -193,6 +208,8 @@ def generate(
             x = euler(v, x, cfg.steps)
         elif cfg.sampler == "heun":
             x = heun(v, x, cfg.steps)
+        elif cfg.sampler == "dopri5":
+            x = dopri5(v, x, cfg.atol, cfg.rtol)
         else:
             x = euler_maruyama(v, x, cfg.steps, objective, noise, cfg.sde_last_t)
         out.append(x.float().cpu())

@@ -5,7 +5,7 @@ import torch
 from conftest import perturbed_model, tiny_inputs
 
 from sprintdit.objective import FlowMatching, ObjectiveConfig
-from sprintdit.sampling import SampleConfig, SampleNoise, euler, euler_maruyama, generate, guided_output, heun
+from sprintdit.sampling import SampleConfig, SampleNoise, dopri5, euler, euler_maruyama, generate, guided_output, heun
 
 MU, SIGMA = 1.5, 0.5  # data distribution N(MU, SIGMA^2)
 
@@ -27,6 +27,26 @@ def test_euler_and_heun_converge_at_their_order():
         rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
         assert all(abs(r - order) < 0.25 for r in rates), (solver.__name__, errors, rates)
     assert (heun(gaussian_velocity, z.clone(), 64) - exact).abs().max() < 3e-4
+
+
+def test_dopri5_meets_its_tolerance_on_the_gaussian():
+    pytest.importorskip("torchdiffeq")
+    z = torch.linspace(-2, 2, 9, dtype=torch.float64)
+    exact = MU + SIGMA * z
+    calls = []
+
+    def counted(x, t):
+        calls.append(t)
+        return gaussian_velocity(x, t)
+
+    loose = (dopri5(counted, z.clone(), atol=1e-4, rtol=1e-4) - exact).abs().max()
+    cheap = len(calls)
+    tight = (dopri5(counted, z.clone(), atol=1e-10, rtol=1e-10) - exact).abs().max()
+    assert tight < 1e-8 and loose < 1e-2 and tight < loose and len(calls) - cheap > cheap  # tighter: more evaluations, smaller error
+    model = perturbed_model(dtype=torch.float32)
+    fm = FlowMatching(ObjectiveConfig(), model.null_class)
+    out = generate(model, fm, [1, 2], [0, 1], SampleConfig(sampler="dopri5", guidance="cfg", scale=1.5), "cpu")
+    assert out.shape == (2, 2, 16, 16) and torch.isfinite(out).all()
 
 
 def test_sde_reaches_the_data_distribution():
