@@ -210,6 +210,8 @@ def resolve_weights(target: str | Path, use_ema: bool = True) -> Path:
         return target
     if (target / name).is_file():
         return target / name
+    if (target / FILES[0]).is_file() and (target / "config.json").is_file():  # an exported folder: one set of weights
+        return target / FILES[0]
     if target.is_dir():
         ckpts = list_checkpoints(target)
         if ckpts:

@@ -1,4 +1,4 @@
-"""Command line: `sprintdit prepare | train | sample | evaluate | bench | convert | sparsify | demo | study | plot`. A thin
+"""Command line: `sprintdit prepare | train | sample | evaluate | bench | convert | export | sparsify | demo | study | plot`. A thin
 layer over the library; user mistakes end in one `error: ...` line and exit code 2. `train`, `sample` and
 `evaluate --checkpoint` also run under torchrun (see docs/distributed.md): the work is split over the
 ranks and rank 0 writes and prints."""
@@ -399,6 +399,14 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    folder = export(args.checkpoint, args.out, args.format, use_ema=not args.no_ema)
+    print(f"exported {args.checkpoint} as {args.format} -> {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sprintdit", description="Token-sparse diffusion transformers (SPRINT): train, sample, evaluate, demo.")
     parser.add_argument("--version", action="version", version=f"sprintdit {__version__}")
@@ -525,10 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs.png", help="PNG to write (default runs.png)")
     p.set_defaults(func=cmd_plot)
 
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face Hub-style folder (model card included) or a diffusers DiT folder")
+    p.add_argument("--checkpoint", required=True, help="run folder (latest checkpoint), checkpoint folder or .safetensors file")
+    p.add_argument("--out", required=True, help="new folder")
+    p.add_argument("--format", default="sprintdit", help="sprintdit (default: config.json, model.safetensors, README.md) | diffusers (DiTTransformer2DModel)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("convert", help="import a released SPRINT, SiT or DiT checkpoint as a run folder that sample and evaluate accept")
-    p.add_argument("--from", dest="source", required=True, choices=("sprint", "sit", "dit"),
-                   help="sprint: the SPRINT release; sit: willisma/SiT (linear path, velocity); dit: facebookresearch/DiT")
-    p.add_argument("--checkpoint", required=True, help=".safetensors, or .pt/.pth read with weights_only: a state dict or a training dict (model, ema)")
+    p.add_argument("--from", dest="source", required=True, choices=("sprint", "sit", "dit", "diffusers"),
+                   help="sprint: the SPRINT release; sit: willisma/SiT (linear path, velocity); dit: facebookresearch/DiT; diffusers: a DiTTransformer2DModel folder")
+    p.add_argument("--checkpoint", required=True, help=".safetensors, or .pt/.pth read with weights_only: a state dict or a training dict (model, ema); diffusers: the model folder")
     p.add_argument("--out", required=True, help="new run folder: config.yaml and checkpoints/step_00000000/{model,ema}.safetensors")
     p.add_argument("--input-size", help="model input N or H,W (latents: image side / 8); default from DiT/SiT pos_embed; required for sprint")
     p.add_argument("--patch-size", type=int, help="sprint only (its patch embedding is a Linear): default 2, the release's")

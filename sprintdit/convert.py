@@ -1,4 +1,5 @@
-"""Import released checkpoints as sprintdit run folders: the SPRINT release, willisma/SiT, facebookresearch/DiT.
+"""Import released checkpoints as sprintdit run folders: the SPRINT release, willisma/SiT, facebookresearch/DiT, and
+diffusers' DiTTransformer2DModel folders (e.g. facebook/DiT-XL-2-256's transformer/); export to the latter.
 
     sprintdit convert --from dit --checkpoint DiT-XL-2-256x256.pt --out runs/dit-xl-2
     -> OUT/config.yaml, OUT/model.safetensors, OUT/ema.safetensors (a checkpoint folder, no training state)
@@ -19,10 +20,15 @@ Weight changes per source (the converted model computes what the released networ
           fixed map [cos(t w), sin(t w)] -> [cos((1-t) w), sin((1-t) w)] (per frequency w). Flow objective.
   sprint  {encoder,middle,decoder}_blocks.i -> blocks.j in that order, renoise_linear -> fusion; all other
           tensors as they are (same patch order, RoPE, t = 1 is noise). projectors.* (REPA head) dropped.
+  diffusers  renamed to DiT's layout (to_q/to_k/to_v -> qkv, ff.net -> mlp, norm1.linear -> adaLN_modulation,
+          proj_out_1/2 -> final_layer), then as dit. Its blocks each carry a copy of the timestep and class
+          embedders (they must agree: ours has one); its timestep frequencies are exp(-ln(10000) i / (half - 1))
+          (model.time_freq_shift 1) and its block LayerNorms use config.json's norm_eps (the final one 1e-6).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import pickle
 import re
@@ -41,7 +47,11 @@ from .models.sit import PRESETS, SIZES, TIMESTEP_FREQ_DIM, ModelConfig, SiT, res
 from .objective import ObjectiveConfig
 from .sampling import SampleConfig
 
-SOURCES = ("sprint", "sit", "dit")
+SOURCES = ("sprint", "sit", "dit", "diffusers")
+DIFFUSERS_CLASS = "DiTTransformer2DModel"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_NORM_EPS = 1e-5  # DiTTransformer2DModel's default norm_eps (its blocks' LayerNorms)
+DIFFUSERS_FINAL_NORM_EPS = 1e-6  # its final LayerNorm, fixed
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
 TRAINING_ENTRIES = ("model", "ema")  # a training checkpoint's weights; "opt", "args", "steps" are ignored
 SAFE_PICKLE_TYPES = [argparse.Namespace]
@@ -128,6 +138,89 @@ def state_dicts(obj: object, path: Path) -> tuple[dict, dict]:
     ema_raw = entries.get("ema", model_raw)
     model = strip_wrappers(model_raw, path)
     return model, model if ema_raw is model_raw else strip_wrappers(ema_raw, path)
+
+
+# ----------------------------------------------------------------------------------- diffusers' DiT layout
+
+
+def read_diffusers(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, config.json) of a DiTTransformer2DModel folder (or a pipeline folder holding transformer/)."""
+    folder = path if path.is_dir() else path.parent
+    if (folder / "transformer" / "config.json").is_file():
+        folder = folder / "transformer"
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} has no config.json: give a diffusers DiTTransformer2DModel folder (e.g. DiT-XL-2-256/transformer)")
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS or config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
+        raise UserError(f"{folder / 'config.json'} describes a {config.get('_class_name')} ({config.get('norm_type')}); only {DIFFUSERS_CLASS} with ada_norm_zero converts")
+    weights = path if path.is_file() else folder / DIFFUSERS_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{weights} is missing (diffusers stores the weights as {DIFFUSERS_WEIGHTS})")
+    return state_dicts(read_checkpoint(weights), weights)[0], config
+
+
+def diffusers_block_map(i: int) -> dict[str, str]:
+    """DiT key -> diffusers key within block i (the attention projections are handled apart: three into qkv)."""
+    b = f"transformer_blocks.{i}."
+    return {f"blocks.{i}.adaLN_modulation.1.{w}": f"{b}norm1.linear.{w}" for w in ("weight", "bias")} | {
+        f"blocks.{i}.attn.proj.{w}": f"{b}attn1.to_out.0.{w}" for w in ("weight", "bias")} | {
+        f"blocks.{i}.mlp.fc1.{w}": f"{b}ff.net.0.proj.{w}" for w in ("weight", "bias")} | {
+        f"blocks.{i}.mlp.fc2.{w}": f"{b}ff.net.2.{w}" for w in ("weight", "bias")}
+
+
+DIFFUSERS_SHARED = {  # DiT key -> diffusers key (block 0's copy of the embedders)
+    "x_embedder.proj.weight": "pos_embed.proj.weight", "x_embedder.proj.bias": "pos_embed.proj.bias",
+    "t_embedder.mlp.0.weight": "norm1.emb.timestep_embedder.linear_1.weight", "t_embedder.mlp.0.bias": "norm1.emb.timestep_embedder.linear_1.bias",
+    "t_embedder.mlp.2.weight": "norm1.emb.timestep_embedder.linear_2.weight", "t_embedder.mlp.2.bias": "norm1.emb.timestep_embedder.linear_2.bias",
+    "y_embedder.embedding_table.weight": "norm1.emb.class_embedder.embedding_table.weight",
+    "final_layer.adaLN_modulation.1.weight": "proj_out_1.weight", "final_layer.adaLN_modulation.1.bias": "proj_out_1.bias",
+    "final_layer.linear.weight": "proj_out_2.weight", "final_layer.linear.bias": "proj_out_2.bias",
+}
+EMBEDDERS = ("t_embedder.", "y_embedder.")  # stored once per block by diffusers
+
+
+def diffusers_key(dit_key: str, block: int = 0) -> str:
+    """Where a shared DiT tensor lives in diffusers (embedders: in block `block`'s norm1)."""
+    key = DIFFUSERS_SHARED[dit_key]
+    return f"transformer_blocks.{block}.{key}" if dit_key.startswith(EMBEDDERS) else key
+
+
+def diffusers_to_dit(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """diffusers' DiTTransformer2DModel tensors in facebookresearch/DiT's layout (pos_embed: the sin-cos table)."""
+    depth = block_count(state, "transformer_blocks")
+    out = {}
+    for dit_key in DIFFUSERS_SHARED:
+        key = diffusers_key(dit_key)
+        if key not in state:
+            raise UserError(f"not a {DIFFUSERS_CLASS} state dict: it has no '{key}'")
+        out[dit_key] = state[key]
+        if dit_key.startswith(EMBEDDERS):
+            for i in range(1, depth):
+                if not torch.equal(state.get(diffusers_key(dit_key, i), state[key]), state[key]):
+                    raise UserError(f"block {i} has its own '{DIFFUSERS_SHARED[dit_key]}': sprintdit's DiT shares one timestep and class embedder")
+    for i in range(depth):
+        b = f"transformer_blocks.{i}.attn1."
+        for w in ("weight", "bias"):
+            out[f"blocks.{i}.attn.qkv.{w}"] = torch.cat([state[f"{b}to_{n}.{w}"] for n in "qkv"])
+        out.update({dit: state[src] for dit, src in diffusers_block_map(i).items()})
+    hidden, patch = out["x_embedder.proj.weight"].shape[0], out["x_embedder.proj.weight"].shape[-1]
+    side = config["sample_size"] // patch
+    out["pos_embed"] = sincos_2d((side, side), hidden)[None].float()
+    return out
+
+
+def dit_to_diffusers(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The inverse of diffusers_to_dit (pos_embed dropped: diffusers computes it); embedders copied into every block."""
+    out = {}
+    for dit_key in DIFFUSERS_SHARED:
+        for i in range(depth if dit_key.startswith(EMBEDDERS) else 1):
+            out[diffusers_key(dit_key, i)] = state[dit_key].clone()  # own storage per block (safetensors refuses shared tensors)
+    for i in range(depth):
+        for w in ("weight", "bias"):
+            for n, part in zip("qkv", state[f"blocks.{i}.attn.qkv.{w}"].chunk(3)):
+                out[f"transformer_blocks.{i}.attn1.to_{n}.{w}"] = part
+        out.update({src: state[dit] for dit, src in diffusers_block_map(i).items()})
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------- architecture
@@ -351,12 +444,49 @@ def convert(path: Path, opts: ConvertOptions) -> Converted:
     """Read a released checkpoint and convert its model (and EMA) weights; nothing is written."""
     if opts.source not in SOURCES:
         raise UserError(f"unknown source {opts.source!r}; choose one of {', '.join(SOURCES)}")
+    if opts.source == "diffusers":
+        return convert_diffusers(path, opts)
     model_state, ema_state = state_dicts(read_checkpoint(path), path)
     notes: list[str] = []
     cfg = infer_model_config(ema_state, opts, notes)
     ema = convert_weights(ema_state, cfg, opts.source, notes)
     model = ema if model_state is ema_state else convert_weights(model_state, cfg, opts.source, [])
     return Converted(cfg, model, ema, notes)
+
+
+def convert_diffusers(path: Path, opts: ConvertOptions) -> Converted:
+    state, config = read_diffusers(Path(path))
+    dit = diffusers_to_dit(state, config)
+    side = config["sample_size"]
+    notes = [f"diffusers' final LayerNorm has eps {DIFFUSERS_FINAL_NORM_EPS:g}, its blocks' {config.get('norm_eps', DIFFUSERS_NORM_EPS):g}: ours uses the latter for both"]
+    dit_opts = replace(opts, source="dit", num_heads=opts.num_heads or config["num_attention_heads"], input_size=opts.input_size or [side, side])
+    cfg = infer_model_config(dit, dit_opts, notes)
+    cfg = replace(cfg, norm_eps=float(config.get("norm_eps", DIFFUSERS_NORM_EPS)), time_freq_shift=1)
+    weights = convert_weights(dit, cfg, "dit", notes)
+    return Converted(cfg, weights, weights, notes)
+
+
+def export_diffusers(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, config.json) of a DiTTransformer2DModel computing what the dense DiT-style model `cfg` computes,
+    with diffusers' timestep = t * model.time_scale."""
+    needs = {"arch": (cfg.arch, "sit"), "fusion": (cfg.fusion, "none"), "pos_embed": (cfg.pos_embed, "sincos"), "qk_norm": (cfg.qk_norm, False),
+             "mlp": (cfg.mlp, "gelu"), "time_freq_shift": (cfg.time_freq_shift, 1)}
+    wrong = [f"model.{k} is {have!r} (needs {want!r})" for k, (have, want) in needs.items() if have != want]
+    if wrong or cfg.input_size[0] != cfg.input_size[1]:
+        why = "; ".join(wrong) or f"model.input_size {cfg.input_size} is not square"
+        raise UserError(f"{DIFFUSERS_CLASS} cannot hold this model: {why} (time_freq_shift 1: diffusers' timestep frequencies)")
+    dit = {k: v for k, v in weights.items() if k != "mask_token"}
+    dit["x_embedder.proj.weight"] = dit["x_embedder.proj.weight"].reshape(cfg.hidden_size, cfg.in_channels, cfg.patch_size, cfg.patch_size)
+    for name in ("final_layer.linear.weight", "final_layer.linear.bias"):  # ours (c, p_row, p_col) -> DiT's (p_row, p_col, c)
+        w = dit[name]
+        dit[name] = w.reshape(-1, cfg.patch_size, cfg.patch_size, *w.shape[1:]).movedim(0, 2).reshape(w.shape)
+    config = {
+        "_class_name": DIFFUSERS_CLASS, "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.hidden_size // cfg.num_heads,
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "num_layers": cfg.depth, "sample_size": cfg.input_size[0],
+        "patch_size": cfg.patch_size, "num_embeds_ada_norm": cfg.num_classes, "norm_eps": cfg.norm_eps, "activation_fn": "gelu-approximate",
+        "attention_bias": True, "norm_type": "ada_norm_zero", "norm_elementwise_affine": False, "dropout": 0.0,
+    }
+    return dit_to_diffusers(dit, cfg.depth), config
 
 
 # ----------------------------------------------------------------------------------- run folder
@@ -366,11 +496,12 @@ def run_config(model: ModelConfig, source: str) -> RunConfig:
     """A run config for converted weights: the source's objective and a guidance the network supports."""
     objective = {
         "dit": ObjectiveConfig(kind="ddpm"),
+        "diffusers": ObjectiveConfig(kind="ddpm"),
         "sit": ObjectiveConfig(time_sampling="uniform"),  # SiT trains on uniform t
         "sprint": ObjectiveConfig(),  # the release's logit-normal ("lognormal") t
     }[source]
     sample = SampleConfig() if model.fusion == "concat_linear" else SampleConfig(guidance="cfg", scale=DENSE_GUIDANCE_SCALE)
-    if source == "dit":
+    if source in ("dit", "diffusers"):
         sample = replace(sample, sampler="ddpm", steps=DIT_SAMPLING_STEPS)
     data = DataConfig(name="image_folder", root="")  # converted weights come without their data
     return RunConfig(model=model, objective=objective, data=data, sample=sample)
@@ -385,7 +516,7 @@ def write_run(out: Path, converted: Converted, source: str) -> Path:
 def describe(converted: Converted, source: str) -> str:
     """One line: preset-like name, sizes, parameter count."""
     m = converted.model
-    name = (m.preset or "custom").replace("SiT-", "DiT-") if source == "dit" else m.preset or "custom"
+    name = (m.preset or "custom").replace("SiT-", "DiT-") if source in ("dit", "diffusers") else m.preset or "custom"
     params = sum(v.numel() for k, v in converted.ema.items() if k != "mask_token")
     split = f", blocks {m.encoder_depth}/{m.middle_depth}/{m.decoder_depth}" if m.fusion == "concat_linear" else ""
     sigma = ", learned sigma" if m.learn_sigma else ""

@@ -61,6 +61,7 @@ class ModelConfig:
     init_std: float = 0.02  # normal init of the timestep MLP
     label_init_std: float = 0.02  # normal init of the label table (larger: class conditioning is learned sooner)
     time_scale: float = 1.0  # t is multiplied by this before the sinusoidal embedding (SiT: 1; DiT-style: 1000)
+    time_freq_shift: int = 0  # timestep frequencies exp(-ln(10000) i / (half - shift)): 0 as DiT and SiT, 1 as diffusers' DiT
     encoder_depth: int = 2  # dense shallow blocks; middle depth = depth - encoder_depth - decoder_depth
     decoder_depth: int = 2
     fusion: str = "concat_linear"  # concat_linear (SPRINT) | none (naive token dropping)
@@ -99,6 +100,8 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     for name, value in sizes.items():
         if value < 1:
             raise UserError(f"model.{name} must be >= 1, got {value}")
+    if cfg.time_freq_shift not in (0, 1):
+        raise UserError(f"model.time_freq_shift must be 0 (DiT, SiT) or 1 (diffusers' DiT), got {cfg.time_freq_shift}")
     if not cfg.mlp_ratio > 0:
         raise UserError(f"model.mlp_ratio must be > 0, got {cfg.mlp_ratio}")
     for name, value, choices in (("arch", cfg.arch, ARCHS), ("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("fusion", cfg.fusion, FUSIONS)):
@@ -225,21 +228,23 @@ class PatchEmbed(nn.Module):
         return self.proj(patchify(x, self.patch_size))  # (B, N, D)
 
 
-def timestep_frequencies(half: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(half,) frequencies of the sinusoidal timestep features: exp(-ln(10000) i / half), in float32 (as DiT)."""
-    return torch.exp(-math.log(10000) * torch.arange(half, device=device, dtype=torch.float32) / half)
+def timestep_frequencies(half: int, device: torch.device | str = "cpu", shift: int = 0) -> torch.Tensor:
+    """(half,) frequencies of the sinusoidal timestep features: exp(-ln(10000) i / (half - shift)), in float32
+    (shift 0: DiT, SiT; 1: diffusers' DiT, whose timestep projection uses downscale_freq_shift=1)."""
+    return torch.exp(-math.log(10000) * torch.arange(half, device=device, dtype=torch.float32) / (half - shift))
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, dim: int, time_scale: float, freq_dim: int = TIMESTEP_FREQ_DIM):
+    def __init__(self, dim: int, time_scale: float, freq_shift: int = 0, freq_dim: int = TIMESTEP_FREQ_DIM):
         super().__init__()
         self.freq_dim = freq_dim
         self.time_scale = time_scale
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         scaled = (t.double() * self.time_scale).float()  # in float64 first: t = k / 1000 (float64) gives exactly k
-        args = scaled[:, None] * timestep_frequencies(self.freq_dim // 2, t.device)  # (B, half)
+        args = scaled[:, None] * timestep_frequencies(self.freq_dim // 2, t.device, self.freq_shift)  # (B, half)
         features = torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype)
         return self.mlp(features)  # (B, D)
 
@@ -354,7 +359,7 @@ class Backbone(nn.Module):
         self.grad_checkpointing = False  # recompute block activations in backward (set by the trainer)
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d, cfg.time_scale)
+        self.t_embedder = TimestepEmbedder(d, cfg.time_scale, cfg.time_freq_shift)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d)
         self.build_body(cfg)
         self.final_layer = FinalLayer(cfg)
