@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from sprintdit.data import FashionMNIST, index_batches
 from sprintdit.metrics import class_agreement, feature_stats, frechet_distance
-from sprintdit.metrics.fmnist_classifier import WEIGHTS, FMNISTClassifier, classify, record_path, sha256
+from sprintdit.files import sha256_file
+from sprintdit.metrics.fmnist_classifier import WEIGHTS, FMNISTClassifier, classify, record_path
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 EPOCHS = 6
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out))
     record = {
-        "sha256": sha256(args.out),
+        "sha256": sha256_file(args.out),
         **scores,
         "test_images": len(test_set),
         "epochs": args.epochs,

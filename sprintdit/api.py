@@ -21,7 +21,8 @@ from .config import RunConfig
 from .images import to_uint8
 from .objective import build_objective
 from .sampling import SampleConfig, generate
-from .trainer import Trainer, pick_device
+from .distributed import pick_device
+from .trainer import Trainer
 from .vae import pixel_decoder
 
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import RunConfig, from_yaml_text
 from .errors import PICKLE_REFUSED, UserError
+from .files import atomic_folder, synced
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
@@ -35,16 +36,10 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}"
 
 
-def _fsync_write(path: Path, write) -> None:
-    write(path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _write_weights(folder: Path, model_state: dict, ema_state: dict, meta: dict) -> None:
     for name, state in zip(FILES[:2], (model_state, ema_state)):
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        _fsync_write(folder / name, lambda p, t=tensors: save_file(t, str(p), metadata=meta))
+        synced(folder / name, lambda p, t=tensors: save_file(t, str(p), metadata=meta))
 
 
 def nonfinite_tensors(state: dict) -> list[str]:
@@ -89,20 +84,13 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict
         if bad:
             raise UserError(f"refusing to write checkpoint step {step}: the {name} weights are not finite ({', '.join(bad[:3])}); earlier checkpoints are kept")
     root = run_dir / "checkpoints"
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    final = step_dir(run_dir, step)
     meta = {"config": config_yaml, "step": str(step), "format": "sprintdit"}
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _write_weights(tmp, model_state, ema_state, meta)
-        _fsync_write(tmp / "state.pt", lambda p: torch.save(train_state, p))
-        final = step_dir(run_dir, step)
-        if final.exists():  # the same step written again (e.g. a stop right after a periodic save)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        with atomic_folder(final, replace=True) as tmp:  # the same step written again (a stop right after a periodic save) replaces it
+            _write_weights(tmp, model_state, ema_state, meta)
+            synced(tmp / "state.pt", lambda p: torch.save(train_state, p))
     except (OSError, RuntimeError, SafetensorError) as err:  # torch.save and safetensors report a full disk in their own types
-        shutil.rmtree(tmp, ignore_errors=True)
         need = tensor_bytes([model_state, ema_state, train_state])
         if not isinstance(err, OSError):
             if not root.is_dir() or shutil.disk_usage(root).free >= need:
@@ -122,17 +110,12 @@ def save_weights_folder(folder: Path, model_state: dict, ema_state: dict, config
     folder = Path(folder)
     if folder.exists():
         raise UserError(f"{folder} already exists; choose a new --out")
-    tmp = folder.parent / f".tmp_{folder.name}_{os.getpid()}"
     meta = {"config": config_yaml, "step": "0", "format": "sprintdit"}
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        _write_weights(tmp, model_state, ema_state, meta)
-        _fsync_write(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
-        os.rename(tmp, folder)
+        with atomic_folder(folder) as tmp:
+            _write_weights(tmp, model_state, ema_state, meta)
+            synced(tmp / "config.yaml", lambda p: p.write_text(config_yaml))
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(err, folder.name, folder.parent, tensor_bytes([model_state, ema_state])) from None
     return folder
 

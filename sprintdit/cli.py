@@ -5,8 +5,6 @@ ranks and rank 0 writes and prints."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import signal
 import sys
 import time
@@ -43,7 +41,9 @@ def cmd_prepare(args) -> int:
         from .metrics.dinov2 import load_dinov2
 
         features = FeatureEncoder(load_dinov2(args.dinov2_weights, args.dinov2_model), args.dinov2_model, args.dinov2_weights)
-    with distributed_from_env():
+    from .distributed import process_group_from_env
+
+    with process_group_from_env():
         result = prepare(cfg, features)
     if result.manifest is not None:
         import json
@@ -52,22 +52,6 @@ def cmd_prepare(args) -> int:
         print(f"{manifest['count']} images in {len(manifest['shards'])} shards (encoded {len(result.encoded)}, kept {len(result.kept)}); "
               f"{len(manifest['skipped'])} unreadable images skipped; manifest: {result.manifest}")
     return 0
-
-
-@contextlib.contextmanager
-def distributed_from_env():
-    """Under torchrun (WORLD_SIZE > 1), a process group for the command's duration; otherwise nothing."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def cmd_train(args) -> int:
@@ -100,8 +84,7 @@ def cmd_train(args) -> int:
 def join_ranks(model, run, device_name: str):
     """(model on this rank's device, Dist) for a checkpoint's model: torchrun's process group (with the run's
     distributed.timeout_s) or a single process."""
-    from .distributed import init_from_env
-    from .trainer import pick_device
+    from .distributed import init_from_env, pick_device
 
     d = init_from_env(run.distributed, pick_device(device_name))
     return model.to(d.device), d
@@ -205,9 +188,8 @@ def evaluate_on_ranks(args) -> int:
 def evaluate_batch(args) -> int:
     """Score (or, with --write-ref, turn into a reference) an npz batch; rank 0's job alone."""
     from .config import DataConfig, EvalConfig
-    from .distributed import env_world
+    from .distributed import env_world, pick_device
     from .evaluate import Evaluator, batch_images, build_networks, choose_networks, read_npz, write_reference
-    from .trainer import pick_device
 
     if env_world()[0] != 0:
         return 0
@@ -324,7 +306,7 @@ def cmd_bench(args) -> int:
     import json
 
     from .bench import BenchConfig, format_report, run_bench
-    from .trainer import pick_device
+    from .distributed import pick_device
 
     try:
         ratios = [float(r) for r in args.mask_ratios.split(",")]
@@ -407,6 +389,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The sampling options `sample` and `evaluate` share; unset ones keep the checkpoint's `sample` section, and
+    SampleConfig validates every value (the choices live there)."""
+    g = p.add_argument_group("sampling (default: the checkpoint's sample section)")
+    g.add_argument("--sampler", help="flow: euler | heun | dopri5 (adaptive; --steps unused) | sde; ddpm objective: ddpm | ddim")
+    g.add_argument("--steps", type=int, help="sampling steps")
+    g.add_argument("--guidance", help="none | cfg (classifier-free) | pdg (Path-Drop Guidance)")
+    g.add_argument("--scale", type=float, help="guidance scale")
+    g.add_argument("--interval", help="guide only for t in LOW,HIGH (t=1 is noise), e.g. 0,0.7")
+    g.add_argument("--batch-size", type=int, help="samples per sampling batch")
+    g.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sprintdit", description="Token-sparse diffusion transformers (SPRINT): train, sample, evaluate, demo.")
     parser.add_argument("--version", action="version", version=f"sprintdit {__version__}")
@@ -441,16 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-label", type=int, default=1, help="samples per label (default 1); the grid has one row per label")
     p.add_argument("--seeds", help="one seed per sample, e.g. 0-99 (default: consecutive from --seed-start)")
     p.add_argument("--seed-start", type=int, default=0, help="first seed when --seeds is not given (default 0)")
-    p.add_argument("--sampler", help="flow: euler | heun | dopri5 (adaptive; --steps unused) | sde; ddpm objective: ddpm | ddim (default: the run's sample.sampler)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
-    p.add_argument("--guidance", choices=("none", "cfg", "pdg"), help="pdg: Path-Drop Guidance; cfg: classifier-free")
-    p.add_argument("--scale", type=float, help="guidance scale (default: the run's sample.scale)")
-    p.add_argument("--interval", help="guide only for t in LOW,HIGH (t=1 is noise), e.g. 0,0.7")
-    p.add_argument("--batch-size", type=int, help="samples per forward batch")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    add_sampling_options(p)
     p.add_argument("--grid-max", type=int, default=GRID_MAX, help=f"images in the PNG grid at most (whole rows; default {GRID_MAX}; 0: no grid)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="FID, precision/recall, IS, class agreement (and sFID, FDD) of a checkpoint or a sample batch")
@@ -468,15 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, help="images per feature-network forward")
     p.add_argument("--write-ref", help="with --samples REAL.npz: write a reference batch (the images and each network's statistics) here")
     p.add_argument("--save-samples", action="store_true", help="also write the generated batch as an ADM-layout npz")
-    p.add_argument("--sampler", help="flow: euler | heun | dopri5 (adaptive; --steps unused) | sde; ddpm objective: ddpm | ddim (default: the run's sample.sampler)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
-    p.add_argument("--guidance", choices=("none", "cfg", "pdg"), help="default: the run's sample.guidance")
-    p.add_argument("--scale", type=float, help="guidance scale (default: the run's sample.scale)")
-    p.add_argument("--interval", help="guide only for t in LOW,HIGH (t=1 is noise)")
-    p.add_argument("--batch-size", type=int, help="samples per sampling batch")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_sampling_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="training-step and sampling speed per mask ratio: ms, img/s, model FLOPs, TFLOP/s, MFU, memory")

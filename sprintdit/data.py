@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
+from .files import sha256_file
 
 IDX_IMAGES, IDX_LABELS = 0x0803, 0x0801
 FASHION_MNIST_FILES = {"train": "train-{}-idx{}-ubyte", "test": "t10k-{}-idx{}-ubyte"}
@@ -171,6 +172,9 @@ class ImageFolder:
         return images.float() / 127.5 - 1.0, labels
 
 
+FORMAT = "sprintdit-latents/1"  # the latent folder `sprintdit prepare` writes (layout: see sprintdit.prepare)
+MANIFEST = "manifest.json"
+SHARD_NAME = "shard_{:05d}.safetensors"
 SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 HEADER_BYTES = 8  # a safetensors file starts with its JSON header's length, little-endian uint64
 
@@ -193,8 +197,6 @@ class LatentDataset:
     `load` returns a `Batch` of the scaled posterior mean and std (and DINOv2 features if stored)."""
 
     def __init__(self, root: str | Path, resolution: int):
-        from .prepare import FORMAT, MANIFEST, sha256_file
-
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():

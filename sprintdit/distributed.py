@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator
@@ -75,6 +76,23 @@ def env_world() -> tuple[int, int, int]:
         raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
 
 
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def pick_device(name: str) -> torch.device:
+    if not DEVICE.match(name):
+        raise UserError(f"device {name!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} was asked for but no CUDA device is available; use auto or cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device 'mps' was asked for but Metal is not available; use auto or cpu")
+    return torch.device(name)
+
+
 def init_from_env(cfg: DistributedConfig, device: torch.device) -> Dist:
     """Join the process group torchrun describes (or reuse one already joined); a plain process without it.
 
@@ -93,6 +111,19 @@ def init_from_env(cfg: DistributedConfig, device: torch.device) -> Dist:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s), **kwargs)
     return Dist(rank, world, local, device, cfg.timeout_s)
+
+
+@contextlib.contextmanager
+def process_group_from_env() -> Iterator[None]:
+    """Under torchrun (WORLD_SIZE > 1), a process group for the command's duration; otherwise nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def shutdown() -> None:

@@ -29,6 +29,7 @@ import torch
 
 from .config import EvalConfig
 from .errors import UserError
+from .files import atomic_write_npz
 from .metrics import class_agreement, feature_stats, frechet_distance, inception_score, prdc
 from .metrics.fmnist_classifier import INPUT_SHAPE as FMNIST_SHAPE
 from .sampling import generate_on_ranks
@@ -208,13 +209,7 @@ def write_reference(images: torch.Tensor, networks: list[FeatureNet], path: str 
         for kind, values in (("main", feats.main), ("spatial", feats.spatial)):
             if values is not None:
                 arrays.update(zip(stat_keys(net.name, kind), feature_stats(values)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_npz(path, **arrays)
 
 
 def cache_dir() -> Path:
@@ -237,11 +232,7 @@ def fmnist_reference(root: str | Path, net: FMNISTFeatures) -> Reference:
         except (OSError, ValueError, KeyError):
             pass  # an unreadable cache is rebuilt below
     feats = net(data.images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, features=feats.main.numpy())
-    os.replace(tmp, path)
+    atomic_write_npz(path, features=feats.main.numpy())
     return Reference(f"Fashion-MNIST test split ({len(data)} images)", {"fmnist": Features(feats.main)})
 
 

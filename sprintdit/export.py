@@ -13,8 +13,6 @@ see convert.export_diffusers); nothing is uploaded.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from .checkpoint import FILES, load_weights, resolve_weights, write_error
 from .config import RunConfig, to_yaml
 from .convert import DIFFUSERS_WEIGHTS, export_diffusers
 from .errors import UserError
+from .files import atomic_folder, synced
 
 FORMATS = ("sprintdit", "diffusers")
 
@@ -81,18 +80,13 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "sprintdit", use_
         files["config.json"] = json.dumps({"library_name": "sprintdit", "sprintdit_version": __version__, "weights": "ema" if use_ema else "raw",
                                            "run": asdict(run)}, indent=2)
         files["README.md"] = model_card(run, evals, path)
-    tmp = out.parent / f".tmp_{out.name}_{os.getpid()}"
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for name, content in files.items():
-            if isinstance(content, tuple):
-                save_file(content[0], str(tmp / name), metadata=content[1])
-            else:
-                (tmp / name).write_text(content)
-        os.rename(tmp, out)
+        with atomic_folder(out) as tmp:
+            for name, content in files.items():
+                if isinstance(content, tuple):
+                    synced(tmp / name, lambda p, c=content: save_file(c[0], str(p), metadata=c[1]))
+                else:
+                    synced(tmp / name, lambda p, c=content: p.write_text(c))
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(err, out.name, out.parent, sum(t.numel() * t.element_size() for t in weights.values())) from None
     return out

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write_npz
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounding as the ADM sample scripts do."""
@@ -31,8 +33,5 @@ def save_grid(x: torch.Tensor, path: str | Path, columns: int, pad: int = 2) -> 
 
 def save_npz(x: torch.Tensor, labels: list[int], path: str | Path) -> Path:
     """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int64 labels; x (N, C, H, W) in [-1, 1], or already uint8."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     images = x.permute(0, 2, 3, 1).cpu().numpy() if x.dtype == torch.uint8 else to_uint8(x)
-    np.savez(path, images, np.asarray(labels, dtype=np.int64))
-    return path
+    return atomic_write_npz(path, images, np.asarray(labels, dtype=np.int64))

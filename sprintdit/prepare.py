@@ -23,13 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import IMAGE_ERRORS, read_image
+from .data import FORMAT, IMAGE_ERRORS, MANIFEST, SHARD_NAME, read_image
 from .errors import UserError
+from .files import atomic_write, atomic_write_text, sha256_file
 
-FORMAT = "sprintdit-latents/1"
-MANIFEST = "manifest.json"
-SHARD_NAME = "shard_{:05d}.safetensors"
-HASH_CHUNK = 1 << 24  # bytes read at a time when hashing a shard
 PIXEL_MAX = 255.0
 
 
@@ -62,25 +59,8 @@ class PrepareResult:
     kept: list[int] = field(default_factory=list)  # shard indices found complete and kept
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
-
-
 def write_json(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def rank_world() -> tuple[int, int]:
@@ -200,9 +180,7 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
         tensors, skipped = encode_shard(plan[i], vae, features, cfg, grid, bar)
         if not tensors:
             raise UserError(f"no readable image in shard {i} of {root} (first: {plan[i][0][0]})")
-        tmp = shard.with_name(f".{shard.name}.tmp")
-        save_file(tensors, str(tmp))
-        tmp.rename(shard)
+        atomic_write(shard, lambda p: save_file(tensors, str(p)))
         info = {"file": shard.name, "count": len(tensors["labels"]), "sha256": sha256_file(shard), "skipped": skipped,
                 "settings": settings, "files": files_fingerprint(plan[i], root)}
         write_json(sidecar_path(shard), info)

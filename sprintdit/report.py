@@ -9,6 +9,7 @@ from datetime import date
 from pathlib import Path
 
 from . import plots
+from .files import atomic_write_text
 
 NUMBERS = ("fid", "class_agreement", "precision", "recall", "train_tflops", "train_seconds", "steps", "sample_gflops", "sample_ms")
 COLUMNS = (  # (key, header, format)
@@ -120,7 +121,7 @@ def markdown(study, rows: dict[str, dict], claims: list[tuple], seeds: int, char
 
 def write_report(study, results: list[dict], seeds: int) -> dict:
     """results.md, results.json and the plots in the study folder, from the finished (run, seed) results."""
-    from .study import atomic_write, machine, row_ids
+    from .study import machine, row_ids
 
     out, spec = study.out, study.spec
     rows = aggregate(results, row_ids(spec))
@@ -144,10 +145,10 @@ def write_report(study, results: list[dict], seeds: int) -> dict:
             tradeoff.setdefault(name, ([], "/" in row_id))[0].append((row["mean"]["sample_gflops"], row["mean"]["sample_ms"], row["mean"]["fid"], label))
         charts.append(plots.tradeoff_chart(tradeoff, out / "fid_vs_sampling.png", ("sampling GFLOP per image", "sampling ms per image (this machine)")))
     wall = sum(r["wall_seconds"] for r in results)
-    atomic_write(out / "results.md", markdown(study, rows, claims, seeds, charts, wall, machine()))
+    atomic_write_text(out / "results.md", markdown(study, rows, claims, seeds, charts, wall, machine()))
     data = {
         "study": study.name, "size": study.size, "folder": str(out), "seeds": seeds, "rows": rows, "wall_seconds": wall,
         "claims": [{**asdict(c), "verdict": v, "evidence": e} for c, v, e in claims], "runs": results,
     }
-    atomic_write(out / "results.json", json.dumps(data, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(data, indent=2) + "\n")
     return data

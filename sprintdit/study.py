@@ -37,6 +37,7 @@ from .config import CONFIG_DIR, RunConfig, explain, find_config, find_shipped, l
 from .data import build_dataset
 from .density import SparseConfig
 from .errors import UserError
+from .files import atomic_write_text
 from .flops import sampling_flops, train_step_flops
 from .plots import read_metrics
 from .sampling import SampleConfig
@@ -295,13 +296,6 @@ def measure_step_seconds(cfg: RunConfig) -> list[float]:
 # ----------------------------------------------------------------------------------- records
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def row_values(scores: dict, record: dict, sample_gflops: float) -> dict:
     """The numbers a result row shows for one seed."""
     metrics = {k.split("/", 1)[1]: v for k, v in scores.items() if "/" in k}
@@ -341,7 +335,7 @@ class Study:
         text = OmegaConf.to_yaml(OmegaConf.structured(replace(self.spec, seeds=0)))
         if saved.is_file() and saved.read_text() != text:
             raise UserError(f"{self.out} holds another study (or this one changed since it started); use a new --out")
-        atomic_write(saved, text)
+        atomic_write_text(saved, text)
 
     def base_config(self, run: RunSpec, seed: int) -> RunConfig:
         """The run's config before its stage lengths are set: base, overrides, seed, evaluation settings."""
@@ -396,7 +390,7 @@ class Study:
             step_seconds = measure_step_seconds(resolved) if budget.kind == "seconds" else None
             steps = stage_steps_for_budget(resolved, budget.kind, value, run.split, step_seconds)
             plans[key] = {"steps": steps, "budget": {"kind": budget.kind, "value": value}, "step_seconds": step_seconds}
-            atomic_write(self.plan_path, json.dumps(plans, indent=2) + "\n")
+            atomic_write_text(self.plan_path, json.dumps(plans, indent=2) + "\n")
         steps = plans[key]["steps"]
         points = self.spec.evaluation.points if run.curve else 1
         cfg = with_steps(cfg, steps)
@@ -427,7 +421,7 @@ class Study:
             rows[f"{run.name}/{sweep.name}"] = row_values(scores, final, sampling_flops(model, trainer.objective, scfg) / GIGA)
         grid = self.sample_grid(trainer)
         result = {"run": run.name, "seed": seed, "rows": rows, "grid": grid, "overrides": self.describe(run), "wall_seconds": time.perf_counter() - tic}
-        atomic_write(done, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(done, json.dumps(result, indent=2) + "\n")
         self.log(f"{index} {run.name} seed {seed}: FID {rows[run.name]['fid']:.2f} after {final['train_flops'] / TERA:.1f} TFLOP, "
                  f"{final['train_seconds']:.0f} s of training ({result['wall_seconds']:.0f} s with evaluation)")
         return result
@@ -444,7 +438,7 @@ class Study:
         scored = generate_and_score(trainer.ema.eval(), trainer.objective, cfg.eval, scfg, trainer.dist, trainer.to_pixels, trainer.evaluator, data_root)
         trainer.evaluator = scored.evaluator
         scores = {**flatten(scored.results), "sample_seconds": scored.sample_seconds, "eval_samples": len(scored.labels), "sample": asdict(scfg)}
-        atomic_write(path, json.dumps(scores, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(scores, indent=2) + "\n")
         return scores
 
     def sample_grid(self, trainer) -> str:

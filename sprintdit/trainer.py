@@ -15,7 +15,6 @@ import contextlib
 import copy
 import json
 import math
-import re
 import signal
 import sys
 import time
@@ -35,6 +34,7 @@ from .distributed import (
     collective,
     env_world,
     init_from_env,
+    pick_device,
     mean_over_ranks,
     optimizer_state_by_index,
     optimizer_state_by_name,
@@ -42,6 +42,7 @@ from .distributed import (
     shard_rows,
 )
 from .errors import Diverged, Stopped, UserError
+from .files import atomic_write_text
 from .flops import train_flops
 from .images import save_grid
 from .masking import check_mask_ratio, make_mask
@@ -54,23 +55,6 @@ from .tracking import Tracker
 from .vae import pixel_decoder
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def pick_device(name: str) -> torch.device:
-    if not DEVICE.match(name):
-        raise UserError(f"device {name!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for but no CUDA device is available; use auto or cpu")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise UserError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device 'mps' was asked for but Metal is not available; use auto or cpu")
-    return torch.device(name)
 
 
 def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
@@ -193,10 +177,8 @@ def read_text(path: Path) -> str:
 
 def write_run_config(run_dir: Path, cfg: RunConfig) -> None:
     """RUN/config.yaml, written atomically (by the holder of the run's lock)."""
-    tmp = run_dir / ".config.yaml.tmp"
     try:
-        tmp.write_text(to_yaml(cfg))
-        tmp.rename(run_dir / "config.yaml")
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     except OSError as err:
         raise ckpt.write_error(err, "config.yaml", run_dir, len(to_yaml(cfg))) from None
 
@@ -336,7 +318,7 @@ class Trainer:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue
-        path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ state
 

@@ -6,13 +6,13 @@ diffusers is imported only when a VAE is loaded, so the pixel-space path does no
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .errors import UserError
+from .files import sha256_file
 
 CONFIG_FILE = "config.json"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -41,7 +41,7 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu"):
 
 def config_sha256(path: str | Path) -> str:
     """Fingerprint of the VAE folder's config.json (which VAE encoded a latent set)."""
-    return hashlib.sha256((Path(path) / CONFIG_FILE).read_bytes()).hexdigest()
+    return sha256_file(Path(path) / CONFIG_FILE)
 
 
 def scaling_factor(vae) -> float:

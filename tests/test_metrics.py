@@ -10,7 +10,8 @@ import torch
 from sprintdit.data import FashionMNIST
 from sprintdit.errors import UserError
 from sprintdit.metrics import class_agreement, classify, feature_stats, frechet_distance, inception_score, load_classifier, prdc
-from sprintdit.metrics.fmnist_classifier import FEATURE_DIM, NUM_CLASSES, WEIGHTS, read_record, record_path, sha256
+from sprintdit.files import sha256_file as sha256
+from sprintdit.metrics.fmnist_classifier import FEATURE_DIM, NUM_CLASSES, WEIGHTS, read_record, record_path
 
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 SPOT_CHECK_IMAGES = 2000

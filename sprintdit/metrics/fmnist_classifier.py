@@ -7,7 +7,6 @@ file whose checksum differs from the record.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..files import sha256_file
 
 WEIGHTS = Path(__file__).parent / "weights" / "fmnist_classifier.safetensors"
 INPUT_SHAPE = (1, 32, 32)  # (C, H, W)
@@ -56,10 +56,6 @@ class FMNISTClassifier(nn.Module):
         return self.features_and_logits(x)[1]
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def read_record(weights: Path = WEIGHTS) -> dict:
     path = record_path(weights)
     if not path.is_file():
@@ -74,7 +70,7 @@ def load_classifier(weights: str | Path = WEIGHTS, device: torch.device | str = 
     weights = Path(weights)
     if not weights.is_file():
         raise UserError(f"classifier weights {weights} are missing: {RETRAIN_HINT}")
-    expected, found = read_record(weights)["sha256"], sha256(weights)
+    expected, found = read_record(weights)["sha256"], sha256_file(weights)
     if found != expected:
         raise UserError(f"classifier weights {weights} have sha256 {found}, but {record_path(weights).name} records {expected}: {RETRAIN_HINT}")
     model = FMNISTClassifier()
