@@ -20,7 +20,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .data import FORMAT, IMAGE_ERRORS, MANIFEST, SHARD_NAME, read_image

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import signal
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import RunConfig, StageConfig, TrainConfig, from_yaml_text, to_yaml
+from .config import RunConfig, StageConfig, TrainConfig, to_yaml
 from .data import Batch, batches, build_dataset, posterior_sample
 from .distributed import (
     Dist,
@@ -42,13 +41,12 @@ from .distributed import (
     shard_rows,
 )
 from .errors import Diverged, Stopped, UserError
-from .files import atomic_write_text
 from .flops import train_flops
 from .images import save_grid
 from .masking import check_mask_ratio, make_mask
 from .models import ModelConfig, build_model, resolve_model_config
 from .objective import ObjectiveConfig, build_objective
-from .runlock import lock_run
+from .runfolder import RunFolder
 from .sampling import DDPM_SAMPLERS, generate_on_ranks
 from .stopping import StopNow, StopSignals
 from .tracking import Tracker
@@ -134,55 +132,6 @@ def total_steps(cfg: RunConfig) -> int:
     return sum(s.steps for s in cfg.stages)
 
 
-def config_diff(old: RunConfig, new: RunConfig) -> str:
-    """The first differing lines of two configs but for the sections a resumed run may change (sample, eval,
-    distributed); empty when they agree."""
-    a = to_yaml(replace(old, sample=new.sample, eval=new.eval, distributed=new.distributed)).splitlines()
-    b = to_yaml(new).splitlines()
-    return "; ".join([f"{x.strip()} -> {y.strip()}" for x, y in zip(a, b) if x != y][:3]) if a != b else ""
-
-
-def check_run_dir(run_dir: Path, cfg: RunConfig | None) -> tuple[RunConfig, str | None]:
-    """(the config to train `run_dir` with, a note or None); reads, never writes.
-
-    `cfg` None resumes with the folder's saved config. The config must match config.yaml and the one every checkpoint
-    was written with (the weights' own metadata, so a missing config.yaml or a step folder copied from another run is
-    caught). A folder with no checkpoint holds no training yet: another config starts it afresh."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} is a file; give --out a folder")
-    saved_path = run_dir / "config.yaml"
-    saved = [(from_yaml_text(read_text(saved_path), str(saved_path)), str(saved_path))] if saved_path.is_file() else []
-    latest = ckpt.list_checkpoints(run_dir)
-    saved += [(ckpt.read_config(folder / ckpt.FILES[0]), str(folder)) for folder in reversed(latest)]  # metadata only
-    note = None
-    if cfg is None:
-        if not saved:
-            raise UserError(f"{run_dir} is not a run folder (no config.yaml, no checkpoint); pass --config to start a run")
-        cfg = saved[0][0]
-    for old, source in saved:
-        diff = config_diff(old, cfg)
-        if diff and latest:
-            raise UserError(f"{source} was written with another config ({diff}); use a new --out or the same config")
-        if diff:
-            note = f"note: {run_dir} has no checkpoint yet; starting it afresh with this config ({diff})"
-    return cfg, note
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
-
-
-def write_run_config(run_dir: Path, cfg: RunConfig) -> None:
-    """RUN/config.yaml, written atomically (by the holder of the run's lock)."""
-    try:
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    except OSError as err:
-        raise ckpt.write_error(err, "config.yaml", run_dir, len(to_yaml(cfg))) from None
-
-
 def shard_model(model: torch.nn.Module) -> None:
     """FSDP2: each block and the root (embedders, fusion, final layer) become units of sharded parameters."""
     from torch.distributed.fsdp import fully_shard
@@ -202,10 +151,11 @@ def full_state_options(cpu_offload: bool):
 
 class Trainer:
     def __init__(self, cfg: RunConfig | None, run_dir: str | Path, progress: bool = True, dist: Dist | None = None):
-        self.run_dir = Path(run_dir)
+        self.folder = RunFolder(run_dir)
+        self.run_dir = self.folder.path
         rank, world, _ = env_world() if dist is None else (dist.rank, dist.world_size, dist.local_rank)
         if cfg is None:  # resume: the run folder's saved config
-            cfg = check_run_dir(self.run_dir, None)[0]
+            cfg = self.folder.check(None)[0]
             dataset = build_dataset(cfg.data)
         else:
             dataset = build_dataset(cfg.data)
@@ -213,7 +163,7 @@ class Trainer:
         t = cfg.train
         for i, stage in enumerate(cfg.stages):
             check_divisible(stage.batch_size or t.batch_size, world, t.grad_accum, f"stages.{i} ({stage.name})")
-        check_run_dir(self.run_dir, cfg)  # refused before anything is built; nothing is written before open_run
+        self.folder.check(cfg)  # refused before anything is built; nothing is written before open_run
         self.cfg, self.dataset = cfg, dataset
         self.dist = dist or init_from_env(cfg.distributed, pick_device(t.device))
         self.progress = progress and self.dist.is_main
@@ -225,7 +175,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # the model's initial weights (the same on every rank)
         self.model = build_model(cfg.model).to(self.device)
         self.model.grad_checkpointing = t.grad_checkpointing
-        if t.init_from is not None and not ckpt.list_checkpoints(self.run_dir):  # a fresh run starts from these weights (the EMA too)
+        if t.init_from is not None and not self.folder.checkpoints():  # a fresh run starts from these weights (the EMA too)
             source = ckpt.resolve_weights(t.init_from, use_ema=True)
             ckpt.load_state(self.model, ckpt.load_weights(source)[0], source)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -257,7 +207,7 @@ class Trainer:
         self.stream_rows = None  # this rank's rows of each global batch (None: all)
         self.to_pixels = pixel_decoder(cfg.data, self.device)  # latents -> images for grids and evaluation
         self.config_yaml = to_yaml(cfg)
-        self.lock, self.tracker = None, None  # rank 0: the run folder's lock; while fitting, the optional loggers
+        self.tracker = None  # while fitting (rank 0): the optional loggers
         self.open_run()
 
     def summary(self) -> str:
@@ -267,7 +217,7 @@ class Trainer:
         stages = " -> ".join(f"{s.name} {s.steps} steps (mask {s.mask_ratio:g}{' ' + s.mask_type if s.mask_ratio else ''}, lr {s.lr:g}, "
                              f"batch {s.batch_size or t.batch_size})" for s in cfg.stages)
         where = f"{self.dist.world_size} ranks ({self.strategy})" if self.dist.active else "1 process"
-        latest = ckpt.list_checkpoints(self.run_dir)
+        latest = self.folder.checkpoints()
         start = f"resuming from step {self.step} of {total_steps(cfg)} ({latest[-1]})" if self.step else f"starting at step 0 of {total_steps(cfg)}"
         return (f"{m.preset or 'model'} (arch {m.arch}, fusion {m.fusion}, {m.grid[0]}x{m.grid[1]} tokens): {params / 1e6:.2f}M parameters on "
                 f"{self.device} x {where}, {t.precision}, compile {'on' if t.compile else 'off'}, grad accumulation {t.grad_accum}\n"
@@ -277,48 +227,17 @@ class Trainer:
 
     def open_run(self) -> None:
         """Take the run folder (rank 0: its lock, config.yaml, stale temporary files) and resume its latest checkpoint."""
-        self.hold()
         try:
             if self.dist.is_main:
-                note = check_run_dir(self.run_dir, self.cfg)[1]  # again: the folder may have changed while we built
-                if note:
-                    print(note, file=sys.stderr)
-                write_run_config(self.run_dir, self.cfg)
-                ckpt.clean_temps(self.run_dir)
-            latest = ckpt.list_checkpoints(self.run_dir)
+                self.folder.take(self.cfg)
+            latest = self.folder.checkpoints()
             if latest:
                 self.load(latest[-1])
             if self.dist.is_main:
-                self.trim_metrics()
+                self.folder.trim(self.step)
         except BaseException:
-            self.release()
+            self.folder.release()
             raise
-
-    def hold(self) -> None:
-        """Rank 0 locks the run folder (see sprintdit.runlock) while this trainer may write to it."""
-        if self.dist.is_main and self.lock is None:
-            self.lock, note = lock_run(self.run_dir)
-            if note:
-                print(note, file=sys.stderr)
-
-    def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
-    def trim_metrics(self) -> None:
-        """Drop the metrics lines logged after the resumed step by a run that stopped (and a line cut by a kill)."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        kept = []
-        for line in read_text(path).splitlines():
-            try:
-                if json.loads(line)["step"] <= self.step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ state
 
@@ -493,7 +412,7 @@ class Trainer:
         rows = torch.linspace(0, classes - 1, min(classes, t.grid_rows)).round().long().tolist()
         labels = [c for c in rows for _ in range(t.grid_columns)]
         images = generate_on_ranks(self.sampling_model(), self.objective, labels, list(range(len(labels))), self.cfg.sample, self.dist)
-        path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
+        path = self.folder.grid_path(self.step)
         if self.dist.is_main:
             save_grid(self.to_pixels(images), path, columns=t.grid_columns)
             if self.tracker is not None:
@@ -521,25 +440,18 @@ class Trainer:
         return record
 
     def log(self, record: dict) -> None:
-        """One strict-JSON line in metrics.jsonl (non-finite numbers become null)."""
-        if not self.dist.is_main:
-            return
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        try:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
-        except OSError as err:
-            raise ckpt.write_error(err, "metrics.jsonl", self.run_dir, ckpt.MB) from None
-        if self.tracker is not None:
-            self.tracker.scalars(record)
+        if self.dist.is_main:
+            record = self.folder.log(record)
+            if self.tracker is not None:
+                self.tracker.scalars(record)
 
     def grids_and_evaluation(self, end: int, stops: StopSignals, missing_only: bool = False) -> bool:
         """The sample grid and evaluation due at this step (with `missing_only`, those a stop at this step skipped);
         a stop signal aborts them at once in a single process. Returns whether to stop."""
         t, every = self.cfg.train, self.cfg.eval.every
         due = lambda k: k and (self.step % k == 0 or self.step == end)
-        grid = due(t.sample_every) and not (missing_only and (self.run_dir / "samples" / f"step_{self.step:08d}.png").is_file())
-        scored = due(every) and not (missing_only and any(r.get("step") == self.step and "eval_samples" in r for r in self.metrics()))
+        grid = due(t.sample_every) and not (missing_only and self.folder.grid_path(self.step).is_file())
+        scored = due(every) and not (missing_only and self.folder.has_evaluation(self.step))
         if missing_only:  # rank 0 (which writes) decides for all
             mine = torch.tensor([grid, scored]) if self.dist.is_main else torch.zeros(2)
             grid, scored = any_over_ranks(self.dist, mine, "agreeing on the evaluations to catch up")
@@ -555,22 +467,19 @@ class Trainer:
             self.model.train()
         return False
 
-    def metrics(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
-        return [json.loads(line) for line in read_text(path).splitlines()] if path.is_file() else []
-
     def fit(self, stop_at: int | None = None) -> Path:
         """Run the remaining steps (up to global step `stop_at`, if given); returns the last checkpoint folder.
 
         A stop signal (see sprintdit.stopping) ends the run after the current step with a checkpoint and raises
         Stopped; a non-finite step beyond train.max_nonfinite_steps raises Diverged and writes nothing."""
         end = total_steps(self.cfg) if stop_at is None else min(stop_at, total_steps(self.cfg))
-        self.hold()
+        if self.dist.is_main:
+            self.folder.hold()
         try:
             if self.dist.is_main:
                 self.tracker = Tracker(self.cfg.train.loggers, self.run_dir, asdict(self.cfg), self.step)
             with StopSignals() as stops:
-                last = ckpt.list_checkpoints(self.run_dir)
+                last = self.folder.checkpoints()
                 if self.step >= end:
                     return last[-1] if last else self.save()
                 return self.run_steps(end, stops, last[-1] if last else None)
@@ -578,7 +487,7 @@ class Trainer:
             if self.tracker is not None:
                 self.tracker.close()
                 self.tracker = None
-            self.release()
+            self.folder.release()
 
     def run_steps(self, end: int, stops: StopSignals, last: Path | None) -> Path:
         from tqdm import tqdm
