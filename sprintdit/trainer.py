@@ -204,6 +204,7 @@ class Trainer:
         self.nonfinite_steps: list[int] = []  # steps skipped for a non-finite loss or gradient norm (train.max_nonfinite_steps)
         self.train_seconds = 0.0  # wall-clock of the training steps so far (evaluation and sample grids excluded), kept across resumes
         self.evaluator = None  # built at the first evaluation (feature networks, reference statistics)
+        self.stream, self.stream_stage = None, None  # the data stream and the stage it was made for (see next_batch)
         self.stream_rows = None  # this rank's rows of each global batch (None: all)
         self.to_pixels = pixel_decoder(cfg.data, self.device)  # latents -> images for grids and evaluation
         self.config_yaml = to_yaml(cfg)
@@ -490,52 +491,41 @@ class Trainer:
             self.folder.release()
 
     def run_steps(self, end: int, stops: StopSignals, last: Path | None) -> Path:
+        """The training loop: one optimizer step per iteration, then what is due at that step (a log line, a sample
+        grid, an evaluation, a checkpoint). `last` is the newest checkpoint; the return value too."""
         from tqdm import tqdm
 
         cfg, t = self.cfg, self.cfg.train
         interval = 0.5 if sys.stderr.isatty() else 30.0  # keep redirected logs (e.g. SLURM) short
         bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=interval)
-        stream, stream_stage = None, None
-        stop = self.step > 0 and self.grids_and_evaluation(end, stops, missing_only=True)  # those a stop at this step skipped
-        loss_sum, loss_count, tick, tick_step = torch.zeros((), device=self.device), 0, time.perf_counter(), self.step
+        meter = StepMeter(self.device, self.step)
+        self.stream_stage = None  # a fresh data stream from the saved position
+        # a run stopped right after a step skips that step's grid and evaluation: do them first
+        stop = self.step > 0 and self.grids_and_evaluation(end, stops, missing_only=True)
         try:
             while self.step < end and not stop:
                 began = time.perf_counter()
                 index, start = stage_at(cfg.stages, self.step)
                 stage = cfg.stages[index]
-                batch = stage.batch_size or t.batch_size
-                if stream_stage != index:
-                    self.stream_rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None
-                    stream, stream_stage = batches(self.dataset, batch, t.seed, self.position, cfg.data.num_workers, self.stream_rows), index
                 lr = stage_lr(stage, self.step - start)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 with collective(self.dist, f"training step {self.step + 1} (gradient all-reduce)"):
-                    loss = self.train_step(next(stream), stage)
-                    grad_norm, skipped, stop = self.update(loss, stops.signum is not None)
+                    loss = self.train_step(self.next_batch(index), stage)  # forward and backward of every micro-batch
+                    grad_norm, skipped, stop = self.update(loss, stops.signum is not None)  # one host sync per step
                 if skipped:
-                    self.nonfinite(loss, grad_norm, index, last)
+                    self.nonfinite(loss, grad_norm, index, last)  # past train.max_nonfinite_steps: Diverged, nothing saved
                 self.step += 1
-                self.position += batch
+                self.position += stage.batch_size or t.batch_size
                 self.train_seconds += time.perf_counter() - began
-                if not skipped:
-                    loss_sum, loss_count = loss_sum + loss.float(), loss_count + 1
+                meter.add(None if skipped else loss)
                 bar.update(1)
                 stage_end = self.step == start + stage.steps
-                if (self.step % t.log_every == 0 or stage_end or self.step == 1) and loss_count:  # the first step shows the run works
-                    rate = (self.step - tick_step) / (time.perf_counter() - tick)
-                    record = {
-                        "step": self.step, "stage": stage.name, "loss": mean_over_ranks(self.dist, loss_sum).item() / loss_count, "lr": lr,
-                        "grad_norm": float(grad_norm), "steps_per_s": rate, "images_per_s": rate * batch,
-                        "mask_ratio": stage.mask_ratio, "train_flops": train_flops(cfg, self.step), "train_seconds": self.train_seconds,
-                    }
-                    self.log(record)
-                    bar.set_postfix(stage=stage.name, loss=f"{record['loss']:.4f}", img_s=f"{rate * batch:.0f}")
-                    loss_sum, loss_count, tick, tick_step = torch.zeros_like(loss_sum), 0, time.perf_counter(), self.step
+                if self.step % t.log_every == 0 or stage_end or self.step == 1:  # the first step shows the run works
+                    self.log_progress(meter, stage, lr, grad_norm, bar)
                 stop = stop or (not self.dist.active and stops.signum is not None)  # one process need not wait for agreement
-                paused = time.perf_counter()
-                stop = stop or self.grids_and_evaluation(end, stops)
-                tick += time.perf_counter() - paused  # the step rate counts training time only
+                with meter.paused():  # the step rate counts training time only
+                    stop = stop or self.grids_and_evaluation(end, stops)
                 if stop or self.step % t.ckpt_every == 0 or stage_end or self.step == end:
                     with stops.saving():
                         last = self.save()
@@ -545,3 +535,58 @@ class Trainer:
         if stop and self.step < end:
             raise Stopped(f"{stops.name or 'stop requested on another rank'} at step {self.step}: saved {last}; run the same command to resume", stops.signum or signal.SIGTERM)
         return last
+
+    def next_batch(self, index: int) -> Batch:
+        """The next batch of stage `index` from the saved data position (a new stream when the stage, and so
+        possibly the batch size, changes); under torchrun this rank's rows of the global batch."""
+        if self.stream_stage != index:
+            t = self.cfg.train
+            batch = self.cfg.stages[index].batch_size or t.batch_size
+            self.stream_rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None
+            self.stream = batches(self.dataset, batch, t.seed, self.position, self.cfg.data.num_workers, self.stream_rows)
+            self.stream_stage = index
+        return next(self.stream)
+
+    def log_progress(self, meter: "StepMeter", stage: StageConfig, lr: float, grad_norm: torch.Tensor, bar) -> None:
+        """One metrics record: the mean loss since the last one (over ranks), rates and the run's FLOPs and seconds."""
+        if not meter.count:  # every step since the last record was skipped as non-finite
+            return
+        rate, batch = meter.rate(self.step), stage.batch_size or self.cfg.train.batch_size
+        record = {
+            "step": self.step, "stage": stage.name, "loss": meter.mean_loss(self.dist), "lr": lr,
+            "grad_norm": float(grad_norm), "steps_per_s": rate, "images_per_s": rate * batch,
+            "mask_ratio": stage.mask_ratio, "train_flops": train_flops(self.cfg, self.step), "train_seconds": self.train_seconds,
+        }
+        self.log(record)
+        bar.set_postfix(stage=stage.name, loss=f"{record['loss']:.4f}", img_s=f"{rate * batch:.0f}")
+        meter.reset(self.step)
+
+
+class StepMeter:
+    """The losses and training time since the last log record; losses stay on the device (no sync per step)."""
+
+    def __init__(self, device: torch.device, step: int):
+        self.device = device
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.loss_sum, self.count = torch.zeros((), device=self.device), 0
+        self.tick, self.tick_step = time.perf_counter(), step
+
+    def add(self, loss: torch.Tensor | None) -> None:
+        if loss is not None:
+            self.loss_sum, self.count = self.loss_sum + loss.float(), self.count + 1
+
+    def mean_loss(self, d: Dist) -> float:
+        return mean_over_ranks(d, self.loss_sum).item() / self.count
+
+    def rate(self, step: int) -> float:
+        return (step - self.tick_step) / (time.perf_counter() - self.tick)
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.tick += time.perf_counter() - began
