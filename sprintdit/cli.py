@@ -211,6 +211,7 @@ def evaluate_batch(args) -> int:
 def evaluate_checkpoint(args) -> int:
     """Generate --num-samples from a checkpoint (spread over torchrun's ranks) and score them on rank 0."""
     from .checkpoint import load_model, resolve_weights
+    from .config import reference_root
     from .evaluate import generate_and_score
     from .images import save_npz
     from .objective import build_objective
@@ -220,7 +221,7 @@ def evaluate_checkpoint(args) -> int:
     model, d = join_ranks(model, run, args.device)
     cfg, scfg = eval_config(args, run.eval), sample_config(args, run.sample)
     objective = build_objective(run.objective, run.model.num_classes, run.model.learn_sigma)
-    data_root = args.data_root or (run.data.root if run.data.name == "fashion_mnist" else None)
+    data_root = args.data_root or reference_root(run.data)
     scored = generate_and_score(model, objective, cfg, scfg, d, pixel_decoder(run.data, d.device), data_root=data_root, progress=not args.no_progress)
     if scored is None:  # rank 0 scores the gathered samples
         return 0
@@ -251,7 +252,7 @@ def cmd_demo(args) -> int:
 
     import torch
 
-    from .config import find_config, load_config
+    from .config import find_config, load_config, reference_root
     from .distributed import env_world
     from .evaluate import Evaluator, eval_labels_and_seeds, to_uint8_nchw
     from .images import save_grid
@@ -283,7 +284,7 @@ def cmd_demo(args) -> int:
         rows = [i for c in range(classes) for i in range(c, classes * args.per_class, classes)]  # one row per class
         grid = save_grid(images[rows], out / f"demo_{guidance}.png", columns=args.per_class)
         quantised = to_uint8_nchw(images)
-        evaluator = evaluator or Evaluator(run.eval, tuple(quantised.shape[1:]), trainer.device, run.data.root if run.data.name == "fashion_mnist" else None)
+        evaluator = evaluator or Evaluator(run.eval, tuple(quantised.shape[1:]), trainer.device, reference_root(run.data))
         scores = evaluator(quantised, torch.tensor(labels))
         results[guidance] = {"sample_seconds": seconds, "grid": str(grid), "guidance_scale": scfg.scale, **scores}
     shown = ("class_agreement", "fid", "precision", "recall", "is")

@@ -27,7 +27,7 @@ from .metrics.inception import CONVENTIONS as INCEPTION_RESIZES
 from .metrics.inception import TF as INCEPTION_TF
 from .models.sit import ModelConfig
 from .objective import ObjectiveConfig
-from .sampling import SampleConfig
+from .sampling import DDPM_SAMPLERS, FLOW_SAMPLERS, SampleConfig
 from .tracking import check_loggers
 
 CONFIG_DIR = Path(str(resources.files("sprintdit") / "configs"))  # the shipped configs (package data; studies under studies/)
@@ -251,9 +251,18 @@ def validate(cfg: RunConfig) -> None:
         if s.mask_type not in MASK_TYPES:
             raise UserError(f"stages.{i}.mask_type is {s.mask_type!r}; choose one of {', '.join(MASK_TYPES)}")
     validate_eval(cfg.eval)
+    if cfg.model.fusion == "none" and cfg.sample.guidance == "pdg":
+        raise UserError("sample.guidance 'pdg' needs model.fusion 'concat_linear'; use sample.guidance=cfg for fusion 'none'")
+    if (cfg.sample.sampler in DDPM_SAMPLERS) != (cfg.objective.kind == "ddpm"):
+        raise UserError(f"sample.sampler {cfg.sample.sampler!r} does not fit objective.kind {cfg.objective.kind!r} (ddpm: {' | '.join(DDPM_SAMPLERS)}; flow: {' | '.join(FLOW_SAMPLERS)})")
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise UserError(f"stage names must be unique, got {names}")
+
+
+def reference_root(data: DataConfig) -> str | None:
+    """The Fashion-MNIST folder whose test split is the default FID reference of a run on it (None for other data)."""
+    return data.root if data.name == "fashion_mnist" else None
 
 
 def validate_eval(e: EvalConfig) -> None:

@@ -33,7 +33,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import CONFIG_DIR, RunConfig, explain, find_config, find_shipped, load_config
+from .config import CONFIG_DIR, RunConfig, explain, find_config, find_shipped, load_config, reference_root
 from .data import build_dataset
 from .density import SparseConfig
 from .errors import UserError
@@ -434,8 +434,7 @@ class Study:
         if path.is_file():
             return json.loads(path.read_text())
         cfg = trainer.cfg
-        data_root = cfg.data.root if cfg.data.name == "fashion_mnist" else None
-        scored = generate_and_score(trainer.ema.eval(), trainer.objective, cfg.eval, scfg, trainer.dist, trainer.to_pixels, trainer.evaluator, data_root)
+        scored = generate_and_score(trainer.ema.eval(), trainer.objective, cfg.eval, scfg, trainer.dist, trainer.to_pixels, trainer.evaluator, reference_root(cfg.data))
         trainer.evaluator = scored.evaluator
         scores = {**flatten(scored.results), "sample_seconds": scored.sample_seconds, "eval_samples": len(scored.labels), "sample": asdict(scfg)}
         atomic_write_text(path, json.dumps(scores, indent=2) + "\n")
