@@ -248,58 +248,12 @@ def write_results(results: dict, out: Path) -> int:
 
 
 def cmd_demo(args) -> int:
-    import json
-
-    import torch
-
-    from .config import find_config, load_config, reference_root
-    from .distributed import env_world
-    from .evaluate import Evaluator, eval_labels_and_seeds, to_uint8_nchw
-    from .images import save_grid
-    from .sampling import SampleConfig, generate
-    from .trainer import Trainer
+    from .config import load_config
+    from .demo import run_demo
 
     if args.per_class < 1:
         raise UserError(f"--per-class must be >= 1, got {args.per_class}")
-    if env_world()[1] > 1:
-        raise UserError("demo runs in one process; under torchrun use train, sample and evaluate")
-    cfg = load_config(find_config(args.config), args.overrides)
-    out = Path(args.out)
-    start = tic = time.perf_counter()
-    trainer = Trainer(cfg, out, progress=not args.no_progress)
-    run = trainer.cfg
-    classes = run.model.num_classes
-    if run.eval.num_samples < classes * args.per_class:
-        raise UserError(f"eval.num_samples {run.eval.num_samples} is below {classes} classes x --per-class {args.per_class}")
-    print(f"demo: training {run.model.preset} on {run.data.name} ({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in run.stages)}) on {trainer.device}")
-    folder = trainer.fit()
-    results = {"train_seconds": time.perf_counter() - tic}
-    labels, seeds = eval_labels_and_seeds(run.eval, classes)
-    evaluator = None
-    for guidance in ("pdg", "cfg"):
-        scfg = SampleConfig(**{**vars(run.sample), "guidance": guidance})
-        tic = time.perf_counter()
-        images = generate(trainer.ema.eval(), trainer.objective, labels, seeds, scfg, trainer.device)
-        seconds = time.perf_counter() - tic
-        rows = [i for c in range(classes) for i in range(c, classes * args.per_class, classes)]  # one row per class
-        grid = save_grid(images[rows], out / f"demo_{guidance}.png", columns=args.per_class)
-        quantised = to_uint8_nchw(images)
-        evaluator = evaluator or Evaluator(run.eval, tuple(quantised.shape[1:]), trainer.device, reference_root(run.data))
-        scores = evaluator(quantised, torch.tensor(labels))
-        results[guidance] = {"sample_seconds": seconds, "grid": str(grid), "guidance_scale": scfg.scale, **scores}
-    shown = ("class_agreement", "fid", "precision", "recall", "is")
-    network = evaluator.networks[0].name
-    print(f"{len(labels)} samples per guidance ({run.sample.sampler}, {run.sample.steps} steps); {network} features vs {evaluator.ref.source}:")
-    print(f"{'guidance':<14}{'seconds':>9}" + "".join(f"{name:>17}" for name in shown))
-    for guidance in ("pdg", "cfg"):
-        r = results[guidance]
-        metrics = r["metrics"][network]
-        print(f"{guidance.upper() + ' scale ' + format(r['guidance_scale'], 'g'):<14}{r['sample_seconds']:>9.1f}"
-              + "".join(f"{metrics[name]:>17.4f}" if name in metrics else f"{'-':>17}" for name in shown))
-    print(f"grids (one row per class): {results['pdg']['grid']}, {results['cfg']['grid']}")
-    results["total_seconds"] = time.perf_counter() - start
-    print(f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: {folder.parent}; results: {out / 'demo.json'}")
-    (out / "demo.json").write_text(json.dumps(results, indent=2) + "\n")
+    run_demo(load_config(args.config, args.overrides), Path(args.out), args.per_class, progress=not args.no_progress)
     return 0
 
 
