@@ -119,12 +119,11 @@ def markdown(study, rows: dict[str, dict], claims: list[tuple], seeds: int, char
     return "\n".join(lines) + "\n"
 
 
-def write_report(study, results: list[dict], seeds: int) -> dict:
-    """results.md, results.json and the plots in the study folder, from the finished (run, seed) results."""
-    from .study import machine, row_ids
-
+def write_report(study, results: list[dict], seeds: int, row_names: list[str], machine: str) -> dict:
+    """results.md, results.json and the plots in the study folder, from the finished (run, seed) results; `row_names`
+    in table order, `machine` describing where they ran."""
     out, spec = study.out, study.spec
-    rows = aggregate(results, row_ids(spec))
+    rows = aggregate(results, row_names)
     claims = [(c, *judge(c, rows)) for c in spec.claims]
     charts = []
     series = [(r.name, s, plots.read_metrics(study.run_dir(r.name, s))) for s in range(seeds) for r in spec.runs]
@@ -145,7 +144,7 @@ def write_report(study, results: list[dict], seeds: int) -> dict:
             tradeoff.setdefault(name, ([], "/" in row_id))[0].append((row["mean"]["sample_gflops"], row["mean"]["sample_ms"], row["mean"]["fid"], label))
         charts.append(plots.tradeoff_chart(tradeoff, out / "fid_vs_sampling.png", ("sampling GFLOP per image", "sampling ms per image (this machine)")))
     wall = sum(r["wall_seconds"] for r in results)
-    atomic_write_text(out / "results.md", markdown(study, rows, claims, seeds, charts, wall, machine()))
+    atomic_write_text(out / "results.md", markdown(study, rows, claims, seeds, charts, wall, machine))
     data = {
         "study": study.name, "size": study.size, "folder": str(out), "seeds": seeds, "rows": rows, "wall_seconds": wall,
         "claims": [{**asdict(c), "verdict": v, "evidence": e} for c, v, e in claims], "runs": results,

@@ -482,7 +482,7 @@ class Study:
     def report(self, seeds: int) -> dict:
         from .report import write_report
 
-        return write_report(self, self.results(seeds), seeds)
+        return write_report(self, self.results(seeds), seeds, row_ids(self.spec), machine())
 
 
 def machine() -> str:
