@@ -55,24 +55,24 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import find_config, load_config
-    from .distributed import shutdown
+    return on_ranks(train_on_ranks, args)
+
+
+def train_on_ranks(args) -> int:
+    from .config import load_config
     from .trainer import Trainer
 
     if args.config is None and args.out is None:
         raise UserError("give --config CONFIG to start a run, or --out RUN_DIR to resume one")
-    cfg = load_config(find_config(args.config), args.overrides) if args.config else None
-    if cfg is None and args.overrides:
+    if args.config is None and args.overrides:
         raise UserError("overrides need --config (a resumed run keeps its saved config)")
+    cfg = load_config(args.config, args.overrides) if args.config else None
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    try:
-        trainer = Trainer(cfg, out, progress=not args.no_progress)  # joins torchrun's process group, if any
-        if trainer.dist.is_main:
-            print(trainer.summary(), flush=True)
-        start = trainer.step
-        folder = trainer.fit(stop_at=args.stop_at)
-    finally:
-        shutdown()
+    trainer = Trainer(cfg, out, progress=not args.no_progress)  # joins torchrun's process group, if any
+    if trainer.dist.is_main:
+        print(trainer.summary(), flush=True)
+    start = trainer.step
+    folder = trainer.fit(stop_at=args.stop_at)
     if trainer.dist.is_main:
         print(f"trained steps {start}..{trainer.step} in {out}; latest checkpoint: {folder}")
         written = [f"{name}: {out / name}" for name in ("metrics.jsonl", "samples") if (out / name).exists()]
@@ -102,13 +102,18 @@ def sample_config(args, base):
     return SampleConfig(**{**vars(base), **given})
 
 
-def cmd_sample(args) -> int:
+def on_ranks(command, args) -> int:
+    """Run a command that may join torchrun's process group, and leave the group however it ends."""
     from .distributed import shutdown
 
     try:
-        return sample_on_ranks(args)
+        return command(args)
     finally:
         shutdown()
+
+
+def cmd_sample(args) -> int:
+    return on_ranks(sample_on_ranks, args)
 
 
 def sample_on_ranks(args) -> int:
@@ -169,12 +174,7 @@ def eval_config(args, base):
 
 
 def cmd_evaluate(args) -> int:
-    from .distributed import shutdown
-
-    try:
-        return evaluate_on_ranks(args)
-    finally:
-        shutdown()
+    return on_ranks(evaluate_on_ranks, args)
 
 
 def evaluate_on_ranks(args) -> int:
