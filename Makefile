@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 FMNIST ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 
-.PHONY: demo test data env clean
+.PHONY: demo test data env clean gpu-check
 
 env: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ test: env
 	-@$(MAKE) --no-print-directory data
 	$(PY) -m pytest -q
 	scripts/check_wheel.sh $(PY) "$(TORCH)"
+
+gpu-check:  # on a GPU machine (its own Python; wheels in .whl/ for what it lacks): see scripts/gpu_check.sh
+	scripts/gpu_check.sh --out gpu_check
 
 clean:
 	rm -rf $(VENV) runs *.egg-info
