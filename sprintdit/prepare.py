@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .data import FORMAT, IMAGE_ERRORS, MANIFEST, SHARD_NAME, read_image
+from .distributed import pick_device
 from .errors import UserError
 from .files import atomic_write, atomic_write_text, sha256_file
 
@@ -129,9 +130,9 @@ def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig
 
 
 def pick_prepare_device(name: str) -> torch.device:
-    if name == "auto" and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu" if name == "auto" else name)
+    """distributed.pick_device, with a bare `cuda` meaning this rank's GPU (LOCAL_RANK under torchrun)."""
+    device = pick_device(name)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device.type == "cuda" and device.index is None else device
 
 
 def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> PrepareResult:
