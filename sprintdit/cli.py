@@ -5,13 +5,14 @@ ranks and rank 0 writes and prints."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError
+from .errors import Stopped, UserError
 
 DEMO_CONFIG = "fashion_mnist_sprint"
 GRID_MAX = 400  # sample: images in the PNG grid at most (1000 classes x 50 at 256 px would be a 10 GB grid)
@@ -499,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not (isinstance(err, Stopped) and os.environ.get("RANK", "0") != "0"):  # under torchrun rank 0 speaks for a stop
+            print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # before training installs its own handling (start-up), or in a command that writes nothing partial
         print("error: interrupted; files are written atomically, nothing partial was left", file=sys.stderr)

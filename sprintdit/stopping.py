@@ -25,7 +25,8 @@ class StopNow(Exception):
 class StopSignals:
     """Records the first stop signal while active (a context manager); handlers are restored on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet  # no notes (torchrun's other ranks: rank 0 speaks for them)
         self.signum: int | None = None
         self._abortable = False
         self._saving = False
@@ -47,7 +48,9 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if self.signum is None:
+        if self.quiet:
+            pass
+        elif self.signum is None:
             when = "once the checkpoint being written is complete" if self._saving else "after this step, with a checkpoint"
             print(f"\n{name}: stopping {when}", file=sys.stderr, flush=True)
         elif self._saving:

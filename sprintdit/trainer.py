@@ -474,7 +474,7 @@ class Trainer:
         try:
             if self.dist.is_main:
                 self.tracker = Tracker(self.cfg.train.loggers, self.run_dir, asdict(self.cfg), self.step)
-            with StopSignals() as stops:
+            with StopSignals(quiet=not self.dist.is_main) as stops:
                 last = self.folder.checkpoints()
                 if self.step >= end:
                     return last[-1] if last else self.save()
