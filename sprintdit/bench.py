@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from .density import SparseConfig, parse_schedule, side_at
+from .draws import Draws
 from .errors import UserError
 from .flops import forward_flops
 from .masking import check_mask_ratio, make_mask
@@ -126,7 +127,7 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
 
         def step():
             with autocast:
-                loss = objective.loss(forward, x, y, g, mask=mask)
+                loss = objective.loss(forward, x, y, Draws(g), mask=mask)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .draws import Draws
 from .errors import UserError
 from .files import sha256_file
 
@@ -285,13 +286,13 @@ def batches(dataset, batch: int, seed: int, position: int, num_workers: int = 0,
     return (Batch(*b) for b in loader)
 
 
-def posterior_sample(batch: Batch, generator: torch.Generator, rows: torch.Tensor | None = None, total: int | None = None) -> torch.Tensor:
-    """The training input: x itself, or for latents a fresh posterior sample x + std * noise (noise from `generator`).
+def posterior_sample(batch: Batch, draws: Draws, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The training input: x itself, or for latents a fresh posterior sample x + std * noise (noise from `draws`).
 
-    Under torchrun the batch holds one rank's `rows` of a global batch of `total`: the noise is drawn for all
-    of it and those rows kept, so every sample gets the same noise for any world size."""
+    Under torchrun the batch holds one rank's `rows` of the global batch: the noise is drawn for all of it and
+    those rows kept, so every sample gets the same noise for any world size."""
     if batch.std is None:
         return batch.x
-    if rows is None:
-        return batch.x + batch.std * torch.randn(batch.x.shape, generator=generator)
-    return batch.x + batch.std * torch.randn((total, *batch.x.shape[1:]), generator=generator)[rows]
+    shape = batch.x.shape[1:]
+    noise = draws.randn(batch.x.shape[0], *shape) if rows is None else draws.randn_at(rows, *shape)
+    return batch.x + batch.std * noise

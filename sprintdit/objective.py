@@ -18,12 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .distributed import Shard, shard_rows
+from .draws import Draws
 from .errors import UserError
 from .masking import gather_tokens
 
 KINDS = ("flow", "ddpm")
-SINGLE: Shard = (0, 1)  # one process: all rows
 
 PATHS = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -98,28 +97,18 @@ class FlowMatching:
         z = torch.randn(batch, generator=generator) * self.cfg.logit_std + self.cfg.logit_mean
         return torch.sigmoid(z)
 
-    def drop_labels(self, y: torch.Tensor, generator: torch.Generator | None = None, shard: Shard = SINGLE) -> torch.Tensor:
-        drop = shard_rows(torch.rand(y.shape[0] * shard[1], generator=generator), shard) < self.cfg.label_dropout
+    def drop_labels(self, y: torch.Tensor, draws: Draws) -> torch.Tensor:
+        drop = draws.rand(y.shape[0]) < self.cfg.label_dropout
         return torch.where(drop.to(y.device), torch.full_like(y, self.null_class), y)
 
-    def loss(
-        self,
-        model,
-        x0: torch.Tensor,
-        y: torch.Tensor,
-        generator: torch.Generator | None = None,
-        shard: Shard = SINGLE,
-        features: torch.Tensor | None = None,
-        **model_kwargs,
-    ) -> torch.Tensor:
+    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, draws: Draws, features: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
         """Mean squared velocity error over x0's rows, plus repa_weight * the REPA loss when `features` (B, N, D)
-        are given. Randomness (t, eps, label dropout) comes from `generator` (CPU), drawn for all `shard[1]`
-        ranks' rows (x0 is this rank's block), so it is the same for any world size."""
-        b = x0.shape[0] * shard[1]  # the global micro-batch
-        t = shard_rows(self.sample_t(b, generator), shard).to(x0.device)
-        eps = shard_rows(torch.randn((b, *x0.shape[1:]), generator=generator), shard).to(x0.device, x0.dtype)
+        are given. Randomness (t, eps, label dropout, in that order) comes from `draws`: drawn for every rank's rows
+        (x0 is this rank's block), so it is the same for any world size."""
+        t = draws.keep(self.sample_t(draws.total(x0.shape[0]), draws.generator)).to(x0.device)
+        eps = draws.randn(x0.shape[0], *x0.shape[1:]).to(x0.device, x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
-        labels = self.drop_labels(y, generator, shard)
+        labels = self.drop_labels(y, draws)
         if features is None or self.cfg.repa_weight == 0:
             pred = model(x_t, t, labels, **model_kwargs)[:, : x0.shape[1]]
             return (pred.float() - target.float()).pow(2).mean()
@@ -241,26 +230,17 @@ class DDPM:
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
         return torch.where(index.to(x0.device) == 0, nll, kl)
 
-    def loss(
-        self,
-        model,
-        x0: torch.Tensor,
-        y: torch.Tensor,
-        generator: torch.Generator | None = None,
-        shard: Shard = SINGLE,
-        features: torch.Tensor | None = None,
-        **model_kwargs,
-    ) -> torch.Tensor:
-        """MSE on eps (+ the variational bound when sigma is learned) over x0's rows. Randomness comes from
-        `generator` (CPU), drawn for all ranks' rows as in flow matching."""
+    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, draws: Draws, features: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+        """MSE on eps (+ the variational bound when sigma is learned) over x0's rows. Randomness (step, eps, label
+        dropout) comes from `draws`, for every rank's rows as in flow matching."""
         if features is not None:
             raise UserError("REPA (model.repa_depth) is implemented for flow matching only, not objective.kind ddpm")
-        b, channels = x0.shape[0] * shard[1], x0.shape[1]
-        index = shard_rows(torch.randint(0, self.cfg.num_timesteps, (b,), generator=generator), shard)
-        eps = shard_rows(torch.randn((b, *x0.shape[1:]), generator=generator), shard).to(x0.device, x0.dtype)
+        channels = x0.shape[1]
+        index = draws.randint(self.cfg.num_timesteps, x0.shape[0])
+        eps = draws.randn(x0.shape[0], *x0.shape[1:]).to(x0.device, x0.dtype)
         x_t = self.process.q_sample(x0, eps, index)
         t = self.process.noise_level(index).to(x0.device)
-        out = model(x_t, t, self.drop_labels(y, generator, shard), **model_kwargs).float()
+        out = model(x_t, t, self.drop_labels(y, draws), **model_kwargs).float()
         pred, v = self.split(out, channels)
         mse = (pred - eps.float()).pow(2).flatten(1).mean(1)
         if v is None:

@@ -38,12 +38,12 @@ from .distributed import (
     optimizer_state_by_index,
     optimizer_state_by_name,
     rank_rows,
-    shard_rows,
 )
 from .errors import Diverged, Stopped, UserError
 from .flops import train_flops
 from .images import save_grid
-from .masking import check_mask_ratio, make_mask
+from .draws import Draws
+from .masking import check_mask_ratio
 from .models import ModelConfig, build_model, resolve_model_config
 from .objective import ObjectiveConfig, build_objective
 from .runfolder import RunFolder
@@ -328,22 +328,21 @@ class Trainer:
     def train_step(self, batch: Batch, stage: StageConfig) -> torch.Tensor:
         """Forward and backward over `grad_accum` micro-batches (gradients summed); returns this rank's mean loss.
 
-        The batch holds this rank's rows (its block of each micro-batch); every random draw is made for the
-        global batch or micro-batch and sliced, so the ranks together compute exactly one process's step."""
-        t, m, shard = self.cfg.train, self.cfg.model, self.dist.shard
+        The batch holds this rank's rows (its block of each micro-batch); every random draw (sliced by `Draws`)
+        is made for the global batch or micro-batch, so the ranks together compute exactly one process's step."""
+        t, m = self.cfg.train, self.cfg.model
+        draws = Draws(self.generator, self.dist.shard)
         total = torch.zeros((), device=self.device)
-        x = posterior_sample(batch, self.generator, self.stream_rows, batch.x.shape[0] * self.dist.world_size)  # latents: a fresh posterior sample
+        x = posterior_sample(batch, draws, self.stream_rows)  # latents: a fresh posterior sample
         features = batch.features.chunk(t.grad_accum) if m.repa_depth else [None] * t.grad_accum
         for i, (xm, ym, fm) in enumerate(zip(x.chunk(t.grad_accum), batch.y.chunk(t.grad_accum), features)):
-            b = xm.shape[0]
-            n = b * self.dist.world_size  # the global micro-batch
-            mask = make_mask(n, m.grid, stage.mask_ratio, stage.mask_type, self.generator)
-            mask = None if mask is None else mask.rows(self.dist.rank * b, (self.dist.rank + 1) * b)
-            path_drop = shard_rows(torch.rand(n, generator=self.generator) < m.path_drop_prob, shard) if m.path_drop_prob > 0 else None
+            b = xm.shape[0]  # this rank's rows of the micro-batch
+            mask = draws.mask(b, m.grid, stage.mask_ratio, stage.mask_type)
+            path_drop = draws.rand(b) < m.path_drop_prob if m.path_drop_prob > 0 else None
             with self.grad_sync(last=i == t.grad_accum - 1):
                 with self.autocast():
                     loss = self.objective.loss(
-                        self.forward, xm.to(self.device), ym.to(self.device), self.generator, shard=shard,
+                        self.forward, xm.to(self.device), ym.to(self.device), draws,
                         mask=None if mask is None else mask.to(self.device),
                         path_drop=None if path_drop is None else path_drop.to(self.device),
                         features=None if fm is None else fm.to(self.device),

@@ -9,6 +9,7 @@ import torch
 from conftest import randomised
 from PIL import Image
 
+from sprintdit.draws import Draws
 from sprintdit.cli import main
 from sprintdit.config import CONFIG_DIR, load_config
 from sprintdit.data import LatentDataset, posterior_sample
@@ -159,10 +160,10 @@ def test_latent_batches_are_scaled_posterior_samples(image_tree, vae_dir, tmp_pa
     assert batch.y.tolist() == [1, 0, 1] and batch.features.shape == (3, 64, TINY_VIT.dim)
     torch.testing.assert_close(batch.features[2], three["dinov2"][0].float())
     g = torch.Generator().manual_seed(3)
-    x = posterior_sample(batch, g)
+    x = posterior_sample(batch, Draws(g))
     noise = torch.randn(batch.x.shape, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(x, batch.x + batch.std * noise)  # a fresh sample from the given generator
-    assert not torch.equal(posterior_sample(batch, g), x)
+    assert not torch.equal(posterior_sample(batch, Draws(g)), x)
 
 
 def latent_run(out, **extra) -> list[str]:

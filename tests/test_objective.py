@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from sprintdit.draws import Draws
 from sprintdit.errors import UserError
 from sprintdit.objective import FlowMatching, ObjectiveConfig
 
@@ -32,7 +33,7 @@ def test_logit_normal_and_uniform_timesteps():
 
 def test_label_dropout_uses_null_class_at_rate():
     fm = FlowMatching(ObjectiveConfig(label_dropout=0.25), null_class=7)
-    y = fm.drop_labels(torch.zeros(20000, dtype=torch.long), torch.Generator().manual_seed(0))
+    y = fm.drop_labels(torch.zeros(20000, dtype=torch.long), Draws(torch.Generator().manual_seed(0)))
     assert set(y.unique().tolist()) == {0, 7}
     assert abs((y == 7).float().mean() - 0.25) < 0.015
 
@@ -47,8 +48,8 @@ def test_loss_is_zero_for_the_exact_velocity():
     eps = torch.randn(x0.shape, generator=g)
     g.set_state(state)
     oracle = lambda x_t, tt, y: eps - x0  # noqa: E731
-    assert fm.loss(oracle, x0, torch.zeros(5, dtype=torch.long), g).item() == 0.0
-    assert fm.loss(lambda x_t, tt, y: 0 * x_t, x0, torch.zeros(5, dtype=torch.long), g).item() > 0.1
+    assert fm.loss(oracle, x0, torch.zeros(5, dtype=torch.long), Draws(g)).item() == 0.0
+    assert fm.loss(lambda x_t, tt, y: 0 * x_t, x0, torch.zeros(5, dtype=torch.long), Draws(g)).item() > 0.1
 
 
 @pytest.mark.parametrize("bad", [dict(path="vp"), dict(time_sampling="beta"), dict(label_dropout=1.0), dict(logit_std=0.0)])

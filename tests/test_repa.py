@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import perturbed_model, tiny_inputs
 
+from sprintdit.draws import Draws
 from sprintdit.errors import UserError
 from sprintdit.masking import make_mask
 from sprintdit.objective import FlowMatching, ObjectiveConfig, repa_loss
@@ -51,7 +52,7 @@ def test_model_returns_projected_tokens_of_the_repa_block(repa_depth, sparse):
 
 def loss_of(model, x, t, y, features, mask, weight: float, **kw):
     fm = FlowMatching(ObjectiveConfig(repa_weight=weight), null_class=model.config.num_classes)
-    return fm.loss(model, x, y, torch.Generator().manual_seed(5), features=features, mask=mask, **kw)
+    return fm.loss(model, x, y, Draws(torch.Generator().manual_seed(5)), features=features, mask=mask, **kw)
 
 
 def test_features_of_dropped_tokens_do_not_change_the_loss():
@@ -92,7 +93,7 @@ def _noised(model, x, y, mask):
     t = fm.sample_t(x.shape[0], g)
     eps = torch.randn(x.shape, generator=g).to(x.dtype)
     x_t, _ = fm.interpolate(x, eps, t)
-    return x_t, t, fm.drop_labels(y, g)
+    return x_t, t, fm.drop_labels(y, Draws(g))
 
 
 def test_return_repa_needs_a_projector():

@@ -1,0 +1,52 @@
+"""The random numbers of a training step, as one rank sees them.
+
+Every draw is made for the global batch (or micro-batch) from one CPU generator, and this rank keeps its rows: W
+ranks together draw exactly what one process would, so the samples, noise, times, masks, label and path drops of a
+step do not depend on the world size. `Draws` is the one place that does this slicing; the trainer makes one per
+step (its generator is checkpointed with the run), the objective and the data path take it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .distributed import Shard, shard_rows
+from .masking import TokenMask, make_mask
+
+SINGLE: Shard = (0, 1)  # one process: all rows
+
+
+class Draws:
+    def __init__(self, generator: torch.Generator | None = None, shard: Shard = SINGLE):
+        self.generator = generator
+        self.shard = shard
+
+    def total(self, rows: int) -> int:
+        """The global count of which this rank holds `rows`."""
+        return rows * self.shard[1]
+
+    def keep(self, drawn: torch.Tensor) -> torch.Tensor:
+        """This rank's block of rows of a global draw (N, ...) -> (N / world, ...)."""
+        return shard_rows(drawn, self.shard)
+
+    def rand(self, rows: int) -> torch.Tensor:
+        """(rows,) uniform in [0, 1)."""
+        return self.keep(torch.rand(self.total(rows), generator=self.generator))
+
+    def randn(self, rows: int, *shape: int) -> torch.Tensor:
+        """(rows, *shape) standard normal."""
+        return self.keep(torch.randn((self.total(rows), *shape), generator=self.generator))
+
+    def randint(self, high: int, rows: int) -> torch.Tensor:
+        """(rows,) integers in [0, high)."""
+        return self.keep(torch.randint(0, high, (self.total(rows),), generator=self.generator))
+
+    def randn_at(self, index: torch.Tensor, *shape: int) -> torch.Tensor:
+        """(len(index), *shape): rows `index` of a global standard-normal draw of len(index) x world rows (a rank's
+        rows need not be one block: with gradient accumulation they are a block of every micro-batch)."""
+        return torch.randn((self.total(len(index)), *shape), generator=self.generator)[index]
+
+    def mask(self, rows: int, grid: tuple[int, int], ratio: float, mask_type: str) -> TokenMask | None:
+        """This rank's rows of a token mask drawn for the global micro-batch (None when nothing is dropped)."""
+        mask = make_mask(self.total(rows), grid, ratio, mask_type, self.generator)
+        rank = self.shard[0]
+        return None if mask is None else mask.rows(rank * rows, (rank + 1) * rows)
