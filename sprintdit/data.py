@@ -3,7 +3,7 @@
 A dataset has `num_classes`, `channels`, `resolution` (H, W), `len()` and `load(indices) -> (x, y)` with
 x float in [-1, 1] of shape (B, C, H, W) and y int64 labels. The latent dataset returns a `Batch` (a tuple
 that also carries the posterior std and optional REPA features): the trainer draws the posterior sample
-x + std * noise from its own checkpointed generator. The order of samples is a fresh permutation
+x + std * noise from the step's draws (sprintdit.draws). The order of samples is a fresh permutation
 per epoch, seeded by (seed, epoch), so a position (samples consumed) is all that resume needs. Under
 torchrun every rank walks the same global order and loads only its rows of each global batch, so the
 position counts global samples and does not depend on the world size.

@@ -3,7 +3,8 @@
 Every draw is made for the global batch (or micro-batch) from one CPU generator, and this rank keeps its rows: W
 ranks together draw exactly what one process would, so the samples, noise, times, masks, label and path drops of a
 step do not depend on the world size. `Draws` is the one place that does this slicing; the trainer makes one per
-step (its generator is checkpointed with the run), the objective and the data path take it.
+step with `Draws.for_step`, whose generator is seeded from (seed, step) alone: resume needs no generator state,
+and any step's draws can be reproduced on their own. The objective and the data path take it.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ class Draws:
     def __init__(self, generator: torch.Generator | None = None, shard: Shard = SINGLE):
         self.generator = generator
         self.shard = shard
+
+    @classmethod
+    def for_step(cls, seed: int, step: int, shard: Shard = SINGLE) -> "Draws":
+        """The draws of global step `step` (0-based) of a run with train.seed `seed`."""
+        return cls(torch.Generator().manual_seed(hash((seed, step)) & (2**63 - 1)), shard)
 
     def total(self, rows: int) -> int:
         """The global count of which this rank holds `rows`."""

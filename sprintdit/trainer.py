@@ -1,8 +1,9 @@
 """The training loop: one run = the config's stages in order (e.g. masked pre-training, full-token fine-tune).
 
-Every random draw of a step (data order aside) comes from one CPU generator whose state is checkpointed
-with the optimizer, scaler, step and data position, so stopping and re-running the same command on the
-same run folder continues exactly as if it had never stopped.
+Every random draw of a step (data order aside) comes from a CPU generator seeded from (train.seed, step)
+(sprintdit.draws), and the data order from (seed, epoch); the checkpoint holds the optimizer, scaler, step and
+data position, so stopping and re-running the same command on the same run folder continues exactly as if it
+had never stopped.
 
 Under torchrun (see docs/distributed.md) every rank draws the random numbers of the whole global batch and
 keeps its rows, and loads its rows of the same global data order, so W ranks train on exactly the samples
@@ -186,7 +187,6 @@ class Trainer:
             eps=t.optim.eps, fused=self.device.type == "cuda",
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
-        self.generator = torch.Generator().manual_seed(t.seed)
         self.objective = build_objective(cfg.objective, cfg.model.num_classes, cfg.model.learn_sigma)
         self.ddp = None
         if self.dist.active and not self.fsdp:  # buffers are fixed and equal on every rank: no broadcast
@@ -238,7 +238,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def train_state(self, generator_state: torch.Tensor, optimizer_state: dict) -> dict:
+    def train_state(self, optimizer_state: dict) -> dict:
         return {
             "step": self.step,
             "position": self.position,
@@ -248,7 +248,6 @@ class Trainer:
             "strategy": self.strategy,
             "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(),
-            "generator": generator_state,
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -269,7 +268,7 @@ class Trainer:
         """Rank 0 writes the checkpoint (atomically) once every rank's part is gathered; the others wait."""
         model, ema, optim = self.full_states()
         if self.dist.is_main:
-            state = self.train_state(self.generator.get_state(), optim)
+            state = self.train_state(optim)
             ckpt.save_checkpoint(self.run_dir, self.step, model, ema, state, self.config_yaml, self.cfg.train.keep_last)
         barrier(self.dist, f"waiting for rank 0 to write checkpoint step {self.step}")
         return ckpt.step_dir(self.run_dir, self.step)
@@ -292,7 +291,6 @@ class Trainer:
             ckpt.load_state(self.ema, weights[1], folder / "ema.safetensors")
             self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.position = state["step"], state["position"]
         self.nonfinite_steps = list(state.get("nonfinite_steps", []))
@@ -331,7 +329,7 @@ class Trainer:
         The batch holds this rank's rows (its block of each micro-batch); every random draw (sliced by `Draws`)
         is made for the global batch or micro-batch, so the ranks together compute exactly one process's step."""
         t, m = self.cfg.train, self.cfg.model
-        draws = Draws(self.generator, self.dist.shard)
+        draws = Draws.for_step(t.seed, self.step, self.dist.shard)
         total = torch.zeros((), device=self.device)
         x = posterior_sample(batch, draws, self.stream_rows)  # latents: a fresh posterior sample
         features = batch.features.chunk(t.grad_accum) if m.repa_depth else [None] * t.grad_accum

@@ -202,11 +202,9 @@ def test_latent_training_resumes_exactly(image_tree, vae_dir, tmp_path):
     assert resumed.step == 1
     resumed.fit()
     assert all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()))
-    # the trainer trains on a posterior sample: with the same generator state, a zero std gives another loss
+    # the trainer trains on a posterior sample: with the same draws (the same step), a zero std gives another loss
     batch = straight.dataset.load(torch.arange(4))
-    state = straight.generator.get_state()
     sampled = straight.train_step(batch, cfg.stages[1])
-    straight.generator.set_state(state)
     assert straight.train_step(batch._replace(std=torch.zeros_like(batch.std)), cfg.stages[1]) != sampled
 
 
