@@ -19,7 +19,7 @@ from .errors import UserError
 from .flops import forward_flops
 from .masking import check_mask_ratio, make_mask
 from .models import SiT, SparseDiT, resolve_model_config
-from .models.sit import ModelConfig
+from .models.sit import ModelConfig, SprintConfig
 from .models.sparsedit import sparsify_state_dict
 from .objective import FlowMatching, ObjectiveConfig
 from .sampling import SampleConfig, euler, guided_output, time_grid
@@ -93,7 +93,7 @@ def build_model(cfg: BenchConfig, device: torch.device) -> SiT:
     if side * cfg.latent_factor != cfg.resolution:
         raise UserError(f"--resolution {cfg.resolution} is not a multiple of the latent factor {cfg.latent_factor}")
     mc = ModelConfig(preset=cfg.preset, input_size=[side, side], in_channels=cfg.channels, num_classes=cfg.num_classes,
-                     encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth)
+                     sprint=SprintConfig(encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth))
     model = SiT(mc).to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     return model
@@ -189,7 +189,7 @@ def sparsedit_configs(mc: ModelConfig, cfg: BenchConfig) -> tuple[ModelConfig, l
     """The dense source (the preset without SPRINT's fusion) and one SparseDiT per schedule."""
     if len(cfg.sparse_layout) != 4:
         raise UserError(f"--sparse-layout needs 4 numbers (Poolingformers, modules, sparse, dense), got {cfg.sparse_layout}")
-    dense = resolve_model_config(replace(mc, fusion="none", path_drop_prob=0.0))
+    dense = resolve_model_config(replace(mc, sprint=replace(mc.sprint, fusion="none", path_drop_prob=0.0)))
     layout = dict(zip(("pool_depth", "modules", "sparse_depth", "dense_depth"), cfg.sparse_layout))
     return dense, [resolve_model_config(replace(dense, arch="sparsedit", sparse=SparseConfig(grid=g, **layout))) for g in cfg.sparse_grids]
 

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .distributed import DistributedConfig
-from .errors import UserError
+from .errors import UserError, warn
 from .masking import MASK_TYPES
 from .metrics.inception import CONVENTIONS as INCEPTION_RESIZES
 from .metrics.inception import TF as INCEPTION_TF
@@ -35,8 +35,13 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DATASETS = ("fashion_mnist", "image_folder", "latents")
 FEATURE_NETWORKS = ("auto", "fmnist", "inception", "dinov2")
 LR_DECAYS = ("constant", "cosine")
-
-
+# The flat model keys of sprintdit 0.1 and their sections now; still read (YAML, overrides, saved configs and
+# checkpoints) with a one-line warning, until 0.3.
+MOVED_MODEL_KEYS = {
+    "encoder_depth": "sprint.encoder_depth", "decoder_depth": "sprint.decoder_depth", "fusion": "sprint.fusion",
+    "path_drop_prob": "sprint.path_drop_prob", "mask_token_std": "sprint.mask_token_std",
+    "repa_depth": "repa.depth", "repa_dim": "repa.dim", "repa_hidden": "repa.hidden",
+}
 
 @dataclass
 class DataConfig:
@@ -178,7 +183,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             layer = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors come in several types
             raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        layers.append((mapping(layer, str(path)), str(path)))
+        layers.append((upgrade_moved_keys(mapping(layer, str(path)), str(path)), str(path)))
     cfg = base
     for layer, source in layers:
         cfg = merge(cfg, layer, source)
@@ -186,6 +191,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"override {item!r} must look like key=value (e.g. train.batch_size=32)")
+        key = moved_override_key(key)
         _check_list_indices(cfg, key)
         try:
             OmegaConf.update(cfg, key, yaml.safe_load(text) if text else "", merge=True)
@@ -251,8 +257,8 @@ def validate(cfg: RunConfig) -> None:
         if s.mask_type not in MASK_TYPES:
             raise UserError(f"stages.{i}.mask_type is {s.mask_type!r}; choose one of {', '.join(MASK_TYPES)}")
     validate_eval(cfg.eval)
-    if cfg.model.fusion == "none" and cfg.sample.guidance == "pdg":
-        raise UserError("sample.guidance 'pdg' needs model.fusion 'concat_linear'; use sample.guidance=cfg for fusion 'none'")
+    if cfg.model.sprint.fusion == "none" and cfg.sample.guidance == "pdg":
+        raise UserError("sample.guidance 'pdg' needs model.sprint.fusion 'concat_linear'; use sample.guidance=cfg for fusion 'none'")
     if (cfg.sample.sampler in DDPM_SAMPLERS) != (cfg.objective.kind == "ddpm"):
         raise UserError(f"sample.sampler {cfg.sample.sampler!r} does not fit objective.kind {cfg.objective.kind!r} (ddpm: {' | '.join(DDPM_SAMPLERS)}; flow: {' | '.join(FLOW_SAMPLERS)})")
     names = [s.name for s in cfg.stages]
@@ -307,10 +313,42 @@ def from_yaml_text(text: str, source: str) -> RunConfig:
         parsed = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise UserError(f"{source} is not valid YAML: {str(err).splitlines()[0]}") from None
-    node = mapping(OmegaConf.create(parsed) if isinstance(parsed, (dict, list)) else parsed, source)
+    node = upgrade_moved_keys(mapping(OmegaConf.create(parsed) if isinstance(parsed, (dict, list)) else parsed, source), source)
     try:
         run = OmegaConf.to_object(merge(OmegaConf.structured(RunConfig), node, source))
     except OmegaConfBaseException as err:
         raise explain(err, source) from None
     validate(run)
     return run
+
+
+def moved_warning(source: str, old: list[str]) -> None:
+    new = [MOVED_MODEL_KEYS[k] for k in old]
+    warn(f"{source}: model.{', model.'.join(old)} {'is' if len(old) == 1 else 'are'} now model.{', model.'.join(new)} (the old keys are read until sprintdit 0.3)")
+
+
+def upgrade_moved_keys(node, source: str):
+    """A parsed config with the flat model keys of sprintdit 0.1 moved into their sections (`model.sprint`, `model.repa`)."""
+    model = node.get("model")
+    if not OmegaConf.is_dict(model):
+        return node
+    old = [k for k in MOVED_MODEL_KEYS if k in model]
+    for key in old:
+        section, name = MOVED_MODEL_KEYS[key].split(".")
+        if model.get(section) is None:
+            model[section] = {}
+        if name in model[section]:
+            raise UserError(f"{source} sets both model.{key} and model.{section}.{name}; keep model.{section}.{name}")
+        model[section][name] = model.pop(key)
+    if old:
+        moved_warning(source, old)
+    return node
+
+
+def moved_override_key(key: str) -> str:
+    """`model.fusion` -> `model.sprint.fusion` (with a warning) for the flat keys of sprintdit 0.1; other keys as given."""
+    section, _, name = key.partition(".")
+    if section != "model" or name not in MOVED_MODEL_KEYS:
+        return key
+    moved_warning(f"override {key}", [name])
+    return f"model.{MOVED_MODEL_KEYS[name]}"

@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 from .checkpoint import save_weights_folder
 from .config import DataConfig, RunConfig, to_yaml
 from .errors import UserError
-from .models.sit import PRESETS, SIZES, TIMESTEP_FREQ_DIM, ModelConfig, SiT, resolve_model_config, sincos_2d, timestep_frequencies
+from .models.sit import PRESETS, SIZES, TIMESTEP_FREQ_DIM, ModelConfig, SiT, SprintConfig, resolve_model_config, sincos_2d, timestep_frequencies
 from .objective import ObjectiveConfig
 from .sampling import SampleConfig
 
@@ -336,10 +336,12 @@ def infer_model_config(state: dict, opts: ConvertOptions, notes: list[str]) -> M
         qk_norm=f"{first}attn.q_norm.weight" in state,
         learn_sigma=out_rows == 2 * patch * patch * channels,
         time_scale=float(DDPM_STEPS) if opts.source == "dit" else 1.0,
-        encoder_depth=block_count(state, SPRINT_STAGES[0]) if opts.source == "sprint" else 0,
-        decoder_depth=block_count(state, SPRINT_STAGES[2]) if opts.source == "sprint" else 0,
-        fusion=fusion,
-        path_drop_prob=SPRINT_PATH_DROP if fusion == "concat_linear" else 0.0,
+        sprint=SprintConfig(
+            encoder_depth=block_count(state, SPRINT_STAGES[0]) if opts.source == "sprint" else 0,
+            decoder_depth=block_count(state, SPRINT_STAGES[2]) if opts.source == "sprint" else 0,
+            fusion=fusion,
+            path_drop_prob=SPRINT_PATH_DROP if fusion == "concat_linear" else 0.0,
+        ),
     )
     cfg = resolve_model_config(cfg)
     matching = next((name for name, p in PRESETS.items() if p == {k: getattr(cfg, k) for k in p}), None)
@@ -352,7 +354,7 @@ def infer_model_config(state: dict, opts: ConvertOptions, notes: list[str]) -> M
 def key_map(cfg: ModelConfig, source: str, prefixes: list[str]) -> dict[str, str]:
     """Our key prefix -> the source's, for the renamed parts (blocks, fusion)."""
     renamed = {f"blocks.{i}.": prefix for i, prefix in enumerate(prefixes)}
-    if source == "sprint" and cfg.fusion == "concat_linear":
+    if source == "sprint" and cfg.sprint.fusion == "concat_linear":
         renamed["fusion."] = "renoise_linear."
     return renamed
 
@@ -436,7 +438,7 @@ def convert_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, source: st
         out["x_embedder.proj.weight"] = out["x_embedder.proj.weight"].flatten(1)  # (D, C, p, p) -> (D, C*p*p), same order
         for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
             out[name] = dit_final_rows(out[name], cfg.patch_size)
-        out["mask_token"] = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(MASK_TOKEN_SEED)) * cfg.mask_token_std
+        out["mask_token"] = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(MASK_TOKEN_SEED)) * cfg.sprint.mask_token_std
     return fold_sit_time(out, cfg) if source == "sit" else out
 
 
@@ -469,7 +471,7 @@ def convert_diffusers(path: Path, opts: ConvertOptions) -> Converted:
 def export_diffusers(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, config.json) of a DiTTransformer2DModel computing what the dense DiT-style model `cfg` computes,
     with diffusers' timestep = t * model.time_scale."""
-    needs = {"arch": (cfg.arch, "sit"), "fusion": (cfg.fusion, "none"), "pos_embed": (cfg.pos_embed, "sincos"), "qk_norm": (cfg.qk_norm, False),
+    needs = {"arch": (cfg.arch, "sit"), "sprint.fusion": (cfg.sprint.fusion, "none"), "pos_embed": (cfg.pos_embed, "sincos"), "qk_norm": (cfg.qk_norm, False),
              "mlp": (cfg.mlp, "gelu"), "time_freq_shift": (cfg.time_freq_shift, 1)}
     wrong = [f"model.{k} is {have!r} (needs {want!r})" for k, (have, want) in needs.items() if have != want]
     if wrong or cfg.input_size[0] != cfg.input_size[1]:
@@ -500,7 +502,7 @@ def run_config(model: ModelConfig, source: str) -> RunConfig:
         "sit": ObjectiveConfig(time_sampling="uniform"),  # SiT trains on uniform t
         "sprint": ObjectiveConfig(),  # the release's logit-normal ("lognormal") t
     }[source]
-    sample = SampleConfig() if model.fusion == "concat_linear" else SampleConfig(guidance="cfg", scale=DENSE_GUIDANCE_SCALE)
+    sample = SampleConfig() if model.sprint.fusion == "concat_linear" else SampleConfig(guidance="cfg", scale=DENSE_GUIDANCE_SCALE)
     if source in ("dit", "diffusers"):
         sample = replace(sample, sampler="ddpm", steps=DIT_SAMPLING_STEPS)
     data = DataConfig(name="image_folder", root="")  # converted weights come without their data
@@ -518,7 +520,7 @@ def describe(converted: Converted, source: str) -> str:
     m = converted.model
     name = (m.preset or "custom").replace("SiT-", "DiT-") if source in ("dit", "diffusers") else m.preset or "custom"
     params = sum(v.numel() for k, v in converted.ema.items() if k != "mask_token")
-    split = f", blocks {m.encoder_depth}/{m.middle_depth}/{m.decoder_depth}" if m.fusion == "concat_linear" else ""
+    split = f", blocks {m.sprint.encoder_depth}/{m.middle_depth}/{m.sprint.decoder_depth}" if m.sprint.fusion == "concat_linear" else ""
     sigma = ", learned sigma" if m.learn_sigma else ""
     return (f"{source} {name} (width {m.hidden_size}, depth {m.depth}, {m.num_heads} heads, patch {m.patch_size}, "
             f"input {m.in_channels}x{m.input_size[0]}x{m.input_size[1]}, {m.num_classes} classes{sigma}{split}), {params / 1e6:.2f}M params")

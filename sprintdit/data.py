@@ -101,6 +101,10 @@ class Batch(NamedTuple):
     std: Optional[torch.Tensor] = None  # (B, C, H, W) scaled posterior std: training uses x + std * noise
     features: Optional[torch.Tensor] = None  # (B, T, D) REPA targets (DINOv2 patch tokens)
 
+    def to(self, device: torch.device) -> "Batch":
+        """Every tensor on `device` (copies from pinned host memory overlap with compute)."""
+        return Batch(*(None if v is None else v.to(device, non_blocking=True) for v in self))
+
 
 def scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class names (sorted sub-folder names) and (image path, label) pairs, sorted within each class."""

@@ -93,6 +93,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def rank_device(name: str) -> torch.device:
+    """pick_device, with a bare `cuda` meaning this rank's GPU (LOCAL_RANK under torchrun)."""
+    device = pick_device(name)
+    return torch.device("cuda", env_world()[2]) if device.type == "cuda" and device.index is None else device
+
+
+def joined(device: torch.device) -> Dist:
+    """This process's place in the process group it has joined (e.g. in `process_group_from_env`); one process otherwise."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Dist(device=device)
+    return Dist(dist.get_rank(), dist.get_world_size(), env_world()[2], device)
+
+
 def init_from_env(cfg: DistributedConfig, device: torch.device) -> Dist:
     """Join the process group torchrun describes (or reuse one already joined); a plain process without it.
 

@@ -1,4 +1,6 @@
-"""The exceptions a user sees as one line: `error: <message>` and a non-zero exit code."""
+"""The exceptions a user sees as one line (`error: <message>` and a non-zero exit code), and warnings as one line."""
+
+import sys
 
 # torch.load(weights_only=True) refused a file; torch's own message goes on to suggest weights_only=False, which
 # would run whatever code the file carries
@@ -24,3 +26,13 @@ class Stopped(UserError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+_warned: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """One line `warning: <message>` on stderr, once per process for the same message."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)

@@ -31,7 +31,8 @@ FORMATS = ("sprintdit", "diffusers")
 def model_card(run: RunConfig, evals: dict[str, dict], source: Path) -> str:
     m, t = run.model, run.train
     params = "see model.safetensors"
-    split = f"; SPRINT split {m.encoder_depth}/{m.middle_depth}/{m.decoder_depth} blocks, fusion {m.fusion}, path-drop {m.path_drop_prob:g}" if m.fusion != "none" else ""
+    sp = m.sprint
+    split = f"; SPRINT split {sp.encoder_depth}/{m.middle_depth}/{sp.decoder_depth} blocks, fusion {sp.fusion}, path-drop {sp.path_drop_prob:g}" if sp.fusion != "none" else ""
     stages = "\n".join(f"| {s.name} | {s.steps} | {s.mask_ratio:g} ({s.mask_type}) | {s.lr:g} | {s.batch_size or t.batch_size} |" for s in run.stages)
     lines = [
         "---", "library_name: sprintdit", "tags: [diffusion, diffusion-transformer, class-conditional, sprintdit]", "---", "",

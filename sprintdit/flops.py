@@ -69,10 +69,10 @@ def forward_flops(cfg: ModelConfig, batch: int, mask_ratio: float = 0.0, middle_
             raise ValueError("SparseDiT FLOPs need the sparse grid side")
         total += sparsedit_body_flops(cfg, batch, side)
     else:
-        total += (cfg.encoder_depth + cfg.decoder_depth) * block_flops(cfg, batch, n)
+        total += (cfg.sprint.encoder_depth + cfg.sprint.decoder_depth) * block_flops(cfg, batch, n)
         if rows:
             total += cfg.middle_depth * block_flops(cfg, rows, num_kept_random(mask_ratio, n))  # = N k / g^2 for structured masks
-        if cfg.fusion == "concat_linear":
+        if cfg.sprint.fusion == "concat_linear":
             total += linear(batch * n, 2 * d, d)
     total += linear(batch, d, 2 * d) + linear(batch * n, d, patch_features * (cfg.out_channels // cfg.in_channels))
     return total

@@ -90,11 +90,16 @@ def check_mask_ratio(ratio: float, mask_type: str, grid: tuple[int, int]) -> Non
         structured_group(ratio, grid)
 
 
+def generator_device(generator: torch.Generator | None) -> torch.device | None:
+    """The device a draw from `generator` is made on (None: torch's default generator, the default device)."""
+    return None if generator is None else generator.device
+
+
 def random_mask(batch: int, grid: tuple[int, int], ratio: float, generator: torch.Generator | None = None) -> TokenMask:
     """Keep round(N (1 - ratio)) tokens chosen uniformly at random, independently per sample."""
     n = grid[0] * grid[1]
     keep = num_kept_random(ratio, n)
-    scores = torch.rand(batch, n, generator=generator)  # (B, N)
+    scores = torch.rand(batch, n, generator=generator, device=generator_device(generator))  # (B, N)
     ranks = torch.argsort(torch.argsort(scores, dim=1), dim=1)
     return mask_from_dropped(ranks >= keep)
 
@@ -104,12 +109,13 @@ def structured_mask(batch: int, grid: tuple[int, int], ratio: float, generator: 
     g, k = structured_group(ratio, grid)
     h, w = grid
     gh, gw = h // g, w // g
-    scores = torch.rand(batch, gh, gw, g * g, generator=generator)  # (B, gh, gw, g*g)
+    device = generator_device(generator)
+    scores = torch.rand(batch, gh, gw, g * g, generator=generator, device=device)  # (B, gh, gw, g*g)
     ranks = torch.argsort(torch.argsort(scores, dim=-1), dim=-1)
     dropped = (ranks >= k).view(batch, gh, gw, g, g).permute(0, 1, 3, 2, 4).reshape(batch, h, w)
-    offset = torch.randint(0, g, (batch, 2), generator=generator)  # (B, 2) lattice shift (rows, cols)
-    rows = (torch.arange(h) - offset[:, :1]) % h  # (B, h) source row of each row after the shift
-    cols = (torch.arange(w) - offset[:, 1:]) % w  # (B, w)
+    offset = torch.randint(0, g, (batch, 2), generator=generator, device=device)  # (B, 2) lattice shift (rows, cols)
+    rows = (torch.arange(h, device=offset.device) - offset[:, :1]) % h  # (B, h) source row of each row after the shift
+    cols = (torch.arange(w, device=offset.device) - offset[:, 1:]) % w  # (B, w)
     source = (rows[:, :, None] * w + cols[:, None, :]).reshape(batch, h * w)
     return mask_from_dropped(torch.gather(dropped.reshape(batch, h * w), 1, source))
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from .draws import Draws
 from .errors import UserError
-from .masking import gather_tokens
+from .masking import gather_tokens, generator_device
+from .models.sit import RepaTap
 
 KINDS = ("flow", "ddpm")
 
@@ -39,7 +40,7 @@ class ObjectiveConfig:
     num_timesteps: int = 1000  # ddpm: diffusion steps T
     beta_start: float = 1e-4  # ddpm: linear betas from beta_start to beta_end
     beta_end: float = 0.02
-    repa_weight: float = 0.5  # REPA alignment loss weight (used when model.repa_depth > 0)
+    repa_weight: float = 0.5  # REPA alignment loss weight (used when model.repa.depth > 0)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -93,8 +94,8 @@ class FlowMatching:
 
     def sample_t(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.cfg.time_sampling == "uniform":
-            return torch.rand(batch, generator=generator)
-        z = torch.randn(batch, generator=generator) * self.cfg.logit_std + self.cfg.logit_mean
+            return torch.rand(batch, generator=generator, device=generator_device(generator))
+        z = torch.randn(batch, generator=generator, device=generator_device(generator)) * self.cfg.logit_std + self.cfg.logit_mean
         return torch.sigmoid(z)
 
     def drop_labels(self, y: torch.Tensor, draws: Draws) -> torch.Tensor:
@@ -105,16 +106,17 @@ class FlowMatching:
         """Mean squared velocity error over x0's rows, plus repa_weight * the REPA loss when `features` (B, N, D)
         are given. Randomness (t, eps, label dropout, in that order) comes from `draws`: drawn for every rank's rows
         (x0 is this rank's block), so it is the same for any world size."""
-        t = draws.keep(self.sample_t(draws.total(x0.shape[0]), draws.generator)).to(x0.device)
+        t = draws.keep(self.sample_t(draws.total(x0.shape[0]), draws.generator)).to(x0.device)  # no copy when drawn on x0's device
         eps = draws.randn(x0.shape[0], *x0.shape[1:]).to(x0.device, x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
         labels = self.drop_labels(y, draws)
         if features is None or self.cfg.repa_weight == 0:
             pred = model(x_t, t, labels, **model_kwargs)[:, : x0.shape[1]]
             return (pred.float() - target.float()).pow(2).mean()
-        pred, projected, ids_keep = model(x_t, t, labels, return_repa=True, **model_kwargs)
+        tap = RepaTap()
+        pred = model(x_t, t, labels, repa=tap, **model_kwargs)
         mse = (pred[:, : x0.shape[1]].float() - target.float()).pow(2).mean()
-        return mse + self.cfg.repa_weight * repa_loss(projected, features, ids_keep)
+        return mse + self.cfg.repa_weight * repa_loss(tap.projected, features, tap.ids_keep)
 
 
 def repa_loss(projected: torch.Tensor, features: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
@@ -234,7 +236,7 @@ class DDPM:
         """MSE on eps (+ the variational bound when sigma is learned) over x0's rows. Randomness (step, eps, label
         dropout) comes from `draws`, for every rank's rows as in flow matching."""
         if features is not None:
-            raise UserError("REPA (model.repa_depth) is implemented for flow matching only, not objective.kind ddpm")
+            raise UserError("REPA (model.repa.depth) is implemented for flow matching only, not objective.kind ddpm")
         channels = x0.shape[1]
         index = draws.randint(self.cfg.num_timesteps, x0.shape[0])
         eps = draws.randn(x0.shape[0], *x0.shape[1:]).to(x0.device, x0.dtype)

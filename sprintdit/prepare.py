@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .data import FORMAT, IMAGE_ERRORS, MANIFEST, SHARD_NAME, read_image
-from .distributed import pick_device
+from .distributed import barrier, joined, rank_device
 from .errors import UserError
 from .files import atomic_write, atomic_write_text, sha256_file
 
@@ -61,22 +60,6 @@ class PrepareResult:
 
 def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-def rank_world() -> tuple[int, int]:
-    """This process's rank and the world size (0, 1 without torch.distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def files_fingerprint(files: list[tuple[Path, int]], root: Path) -> str:
@@ -129,12 +112,6 @@ def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig
     return tensors, skipped
 
 
-def pick_prepare_device(name: str) -> torch.device:
-    """distributed.pick_device, with a bare `cuda` meaning this rank's GPU (LOCAL_RANK under torchrun)."""
-    device = pick_device(name)
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device.type == "cuda" and device.index is None else device
-
-
 def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> PrepareResult:
     """Encode every pending shard of this rank; rank 0 then writes the manifest. Re-running resumes."""
     from safetensors.torch import save_file
@@ -147,10 +124,11 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
         raise UserError("--resolution, --shard-size, --batch-size and --patch-size must be >= 1")
     root, out = Path(cfg.images), Path(cfg.out)
     classes, files = scan_class_folders(root)
-    rank, world = rank_world()
-    device = pick_prepare_device(cfg.device)
+    device = rank_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # this rank's GPU (NCCL's barrier uses the current device)
+    d = joined(device)
+    rank, world = d.shard
     vae = load_vae(cfg.vae, device)
     factor = downsample_factor(vae)
     if cfg.resolution % (factor * cfg.patch_size):
@@ -186,7 +164,7 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
         write_json(sidecar_path(shard), info)
         result.encoded.append(i)
     bar.close()
-    barrier()
+    barrier(d, "waiting for every rank's shards before the manifest")
     if rank == 0:
         result.manifest = write_manifest(out, plan, classes, settings, vae, cfg, features)
     return result

@@ -32,8 +32,8 @@ def sparsify(checkpoint: str | Path, out: str | Path, layout: SparseConfig, use_
     path = resolve_weights(checkpoint, use_ema=use_ema)
     state, run = load_weights(path)
     dense = run.model
-    if dense.arch != "sit" or dense.fusion != "none":
-        raise UserError(f"{path} is not a dense DiT/SiT (arch {dense.arch}, fusion {dense.fusion}); SparseDiT starts from a dense model")
+    if dense.arch != "sit" or dense.sprint.fusion != "none":
+        raise UserError(f"{path} is not a dense DiT/SiT (arch {dense.arch}, fusion {dense.sprint.fusion}); SparseDiT starts from a dense model")
     with torch.device("meta"):  # shapes only
         check_state(build_model(dense), state, path)
     sparse_cfg = resolve_model_config(replace(dense, arch="sparsedit", sparse=layout))

@@ -18,8 +18,9 @@ import math
 import signal
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -63,16 +64,18 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
         data = replace(data, vae=dataset.vae_path)
     from_data = {"input_size": list(dataset.resolution), "in_channels": dataset.channels, "num_classes": dataset.num_classes}
     features = getattr(dataset, "feature_shape", None)  # (T, D) REPA targets stored with the data
-    if m.repa_depth:
+    if m.repa.depth:
         if features is None:
-            raise UserError("model.repa_depth needs DINOv2 features stored with the data: run `sprintdit prepare` with --dinov2-weights, train on data.name=latents")
-        from_data["repa_dim"] = features[1]
+            raise UserError("model.repa.depth needs DINOv2 features stored with the data: run `sprintdit prepare` with --dinov2-weights, train on data.name=latents")
+        if m.repa.dim is not None and m.repa.dim != features[1]:
+            raise UserError(f"model.repa.dim is {m.repa.dim} but the data's features have {features[1]}; leave it unset to follow the data")
+        m = replace(m, repa=replace(m.repa, dim=features[1]))
     for key, value in from_data.items():
         given = getattr(m, key)
         if given is not None and (list(given) if key == "input_size" else given) != value:
             raise UserError(f"model.{key} is {given} but the data has {value}; leave it unset to follow the data")
     m = resolve_model_config(replace(m, **{k: v for k, v in from_data.items() if getattr(m, k) is None}))
-    if m.repa_depth and features[0] != m.grid[0] * m.grid[1]:
+    if m.repa.depth and features[0] != m.grid[0] * m.grid[1]:
         raise UserError(f"the stored DINOv2 features have {features[0]} tokens but the model's token grid is {m.grid[0]}x{m.grid[1]}; prepare with --patch-size {m.patch_size}")
     for i, stage in enumerate(cfg.stages):
         if m.arch == "sparsedit" and stage.mask_ratio > 0:
@@ -146,6 +149,52 @@ def full_state_options(cpu_offload: bool):
     return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
 
 
+@dataclass
+class Networks:
+    """What one training process updates: the model, its EMA, the optimizer over the trainable parameters, and
+    the callable a step runs forward (the model, DDP-wrapped and/or compiled)."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ddp: torch.nn.Module | None
+    forward: Callable
+    param_names: list[str]  # the optimizer's order: its saved state is keyed by index
+    params: list[torch.nn.Parameter]
+    ema_params: list[torch.nn.Parameter]
+
+
+def build_networks(cfg: RunConfig, d: Dist, fsdp: bool, init_from: str | None = None) -> Networks:
+    """Model (initial weights from train.seed, the same on every rank, or the weights of `init_from`), EMA,
+    FSDP2 or DDP wrapping, AdamW and the loss scaler, on d.device."""
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model).to(d.device)
+    model.grad_checkpointing = t.grad_checkpointing
+    if init_from is not None:  # the EMA starts from them too
+        source = ckpt.resolve_weights(init_from, use_ema=True)
+        ckpt.load_state(model, ckpt.load_weights(source)[0], source)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if fsdp:  # the EMA is sharded like the model: each rank averages its own shards
+        shard_model(model)
+        shard_model(ema)
+    trainable = [(n, p, e) for (n, p), e in zip(model.named_parameters(), ema.parameters()) if p.requires_grad]
+    params = [p for _, p, _ in trainable]
+    optimizer = torch.optim.AdamW(params, lr=cfg.stages[0].lr, betas=tuple(t.optim.betas), weight_decay=t.optim.weight_decay,
+                                  eps=t.optim.eps, fused=d.device.type == "cuda")
+    ddp = None
+    if d.active and not fsdp:  # buffers are fixed and equal on every rank: no broadcast
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    wrapped = ddp or model
+    forward = torch.compile(wrapped, mode=t.compile_mode, fullgraph=t.compile_fullgraph, dynamic=False) if t.compile else wrapped
+    return Networks(model, ema, optimizer, torch.amp.GradScaler(d.device.type, enabled=t.precision == "fp16"), ddp, forward,
+                    [n for n, _, _ in trainable], params, [e for _, _, e in trainable])
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig | None, run_dir: str | Path, progress: bool = True, dist: Dist | None = None):
         self.folder = RunFolder(run_dir)
@@ -169,33 +218,12 @@ class Trainer:
         self.fsdp = self.dist.active and self.strategy == "fsdp"
         if self.fsdp and t.precision == "fp16":
             raise UserError("train.precision fp16 is not supported with distributed.strategy fsdp (per-shard loss scaling); use bf16")
-        torch.manual_seed(t.seed)  # the model's initial weights (the same on every rank)
-        self.model = build_model(cfg.model).to(self.device)
-        self.model.grad_checkpointing = t.grad_checkpointing
-        if t.init_from is not None and not self.folder.checkpoints():  # a fresh run starts from these weights (the EMA too)
-            source = ckpt.resolve_weights(t.init_from, use_ema=True)
-            ckpt.load_state(self.model, ckpt.load_weights(source)[0], source)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        if self.fsdp:  # the EMA is sharded like the model: each rank averages its own shards
-            shard_model(self.model)
-            shard_model(self.ema)
-        trainable = [(n, p, e) for (n, p), e in zip(self.model.named_parameters(), self.ema.parameters()) if p.requires_grad]
-        self.param_names = [n for n, _, _ in trainable]  # the optimizer's order: its saved state is keyed by index
-        self.params, self.ema_params = [p for _, p, _ in trainable], [e for _, _, e in trainable]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.stages[0].lr, betas=tuple(t.optim.betas), weight_decay=t.optim.weight_decay,
-            eps=t.optim.eps, fused=self.device.type == "cuda",
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
+        fresh = not self.folder.checkpoints()  # a fresh run starts from train.init_from's weights, if given
+        nets = build_networks(cfg, self.dist, self.fsdp, init_from=t.init_from if fresh else None)
+        self.model, self.ema, self.ddp, self.forward = nets.model, nets.ema, nets.ddp, nets.forward
+        self.optimizer, self.scaler = nets.optimizer, nets.scaler
+        self.param_names, self.params, self.ema_params = nets.param_names, nets.params, nets.ema_params
         self.objective = build_objective(cfg.objective, cfg.model.num_classes, cfg.model.learn_sigma)
-        self.ddp = None
-        if self.dist.active and not self.fsdp:  # buffers are fixed and equal on every rank: no broadcast
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
-        wrapped = self.ddp or self.model
-        self.forward = torch.compile(wrapped, mode=t.compile_mode, fullgraph=t.compile_fullgraph, dynamic=False) if t.compile else wrapped
         self.step, self.position = 0, 0
         self.nonfinite_steps: list[int] = []  # steps skipped for a non-finite loss or gradient norm (train.max_nonfinite_steps)
         self.train_seconds = 0.0  # wall-clock of the training steps so far (evaluation and sample grids excluded), kept across resumes
@@ -216,7 +244,7 @@ class Trainer:
         where = f"{self.dist.world_size} ranks ({self.strategy})" if self.dist.active else "1 process"
         latest = self.folder.checkpoints()
         start = f"resuming from step {self.step} of {total_steps(cfg)} ({latest[-1]})" if self.step else f"starting at step 0 of {total_steps(cfg)}"
-        return (f"{m.preset or 'model'} (arch {m.arch}, fusion {m.fusion}, {m.grid[0]}x{m.grid[1]} tokens): {params / 1e6:.2f}M parameters on "
+        return (f"{m.preset or 'model'} (arch {m.arch}, fusion {m.sprint.fusion}, {m.grid[0]}x{m.grid[1]} tokens): {params / 1e6:.2f}M parameters on "
                 f"{self.device} x {where}, {t.precision}, compile {'on' if t.compile else 'off'}, grad accumulation {t.grad_accum}\n"
                 f"stages: {stages}\n{start}; run folder {self.run_dir}")
 
@@ -329,22 +357,18 @@ class Trainer:
         The batch holds this rank's rows (its block of each micro-batch); every random draw (sliced by `Draws`)
         is made for the global batch or micro-batch, so the ranks together compute exactly one process's step."""
         t, m = self.cfg.train, self.cfg.model
-        draws = Draws.for_step(t.seed, self.step, self.dist.shard)
+        draws = Draws.for_step(t.seed, self.step, self.dist.shard, self.device)  # drawn on the device: no copies
+        batch = batch.to(self.device)
         total = torch.zeros((), device=self.device)
         x = posterior_sample(batch, draws, self.stream_rows)  # latents: a fresh posterior sample
-        features = batch.features.chunk(t.grad_accum) if m.repa_depth else [None] * t.grad_accum
+        features = batch.features.chunk(t.grad_accum) if m.repa.depth else [None] * t.grad_accum
         for i, (xm, ym, fm) in enumerate(zip(x.chunk(t.grad_accum), batch.y.chunk(t.grad_accum), features)):
             b = xm.shape[0]  # this rank's rows of the micro-batch
             mask = draws.mask(b, m.grid, stage.mask_ratio, stage.mask_type)
-            path_drop = draws.rand(b) < m.path_drop_prob if m.path_drop_prob > 0 else None
+            path_drop = draws.rand(b) < m.sprint.path_drop_prob if m.sprint.path_drop_prob > 0 else None
             with self.grad_sync(last=i == t.grad_accum - 1):
                 with self.autocast():
-                    loss = self.objective.loss(
-                        self.forward, xm.to(self.device), ym.to(self.device), draws,
-                        mask=None if mask is None else mask.to(self.device),
-                        path_drop=None if path_drop is None else path_drop.to(self.device),
-                        features=None if fm is None else fm.to(self.device),
-                    )
+                    loss = self.objective.loss(self.forward, xm, ym, draws, mask=mask, path_drop=path_drop, features=fm)
                 self.scaler.scale(loss / t.grad_accum).backward()
             total += loss.detach() / t.grad_accum
         return total

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from sprintdit.models import ModelConfig, SiT
+from sprintdit.models.sit import SprintConfig
+
+DENSE = SprintConfig(fusion="none", path_drop_prob=0.0)  # no SPRINT fusion or path drop: a dense SiT
 
 
 def write_idx(path, array: np.ndarray, magic: int, compress: bool = True) -> None:

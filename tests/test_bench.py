@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import DENSE
 
 from sprintdit.bench import BenchConfig, run_bench
 from sprintdit.cli import main
@@ -60,6 +61,6 @@ def test_bench_compares_sparsedit_with_its_dense_source(tmp_path):
     assert main(argv) == 0
     rows = json.loads(out.read_text())["sparsedit"]
     assert [r["grid"] for r in rows] == ["dense", "2:4", "8"]
-    dense_cfg = SiT(ModelConfig(preset="SiT-Nano/4", input_size=[32, 32], in_channels=1, num_classes=10, fusion="none", path_drop_prob=0.0)).config
+    dense_cfg = SiT(ModelConfig(preset="SiT-Nano/4", input_size=[32, 32], in_channels=1, num_classes=10, sprint=DENSE)).config
     assert rows[0]["gflops_per_image"] * 4 * 1e9 == pytest.approx(2 * forward_flops(dense_cfg, 2 * 4))  # 2 CFG steps of 2 x 4
     assert rows[1]["flops_vs_dense"] < rows[2]["flops_vs_dense"] < 1.0 and rows[0]["speedup_vs_dense"] == 1.0

@@ -91,7 +91,7 @@ def test_help_documents_every_option(command, capsys):
     assert all(a.option_strings[-1] in text for a in sub._actions if a.option_strings)
 
 
-DENSE = ["model.preset=SiT-Nano/4", "model.fusion=none", "model.path_drop_prob=0", "train.batch_size=4", "train.log_every=1",
+DENSE = ["model.preset=SiT-Nano/4", "model.sprint.fusion=none", "model.sprint.path_drop_prob=0", "train.batch_size=4", "train.log_every=1",
          "train.sample_every=0", "stages=[{name: dense, steps: 2, mask_ratio: 0}]", "sample.steps=2", "sample.guidance=cfg"]
 
 

@@ -51,3 +51,29 @@ def test_shipped_configs_load():
     for path in shipped:
         load_config(path)
     assert load_config("fashion_mnist_sprint") == load_config(CONFIG_DIR / "fashion_mnist_sprint.yaml")  # shipped names too
+
+
+FLAT = "model:\n  preset: SiT-Ti/4\n  fusion: none\n  path_drop_prob: 0.0\n  encoder_depth: 1\n  repa_hidden: 64\nsample: {guidance: cfg}\n"
+NESTED = "sample: {guidance: cfg}\nmodel:\n  preset: SiT-Ti/4\n  sprint: {fusion: none, path_drop_prob: 0.0, encoder_depth: 1}\n  repa: {hidden: 64}\n"
+
+
+def test_flat_model_keys_of_0_1_still_load_with_one_warning(tmp_path, capsys):
+    (tmp_path / "flat.yaml").write_text(FLAT)
+    (tmp_path / "nested.yaml").write_text(NESTED)
+    nested = load_config(tmp_path / "nested.yaml")
+    assert capsys.readouterr().err == ""
+    assert load_config(tmp_path / "flat.yaml") == nested
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.encoder_depth, model.fusion, model.path_drop_prob, model.repa_hidden are now model.sprint.encoder_depth" in err[0]
+    assert load_config(tmp_path / "nested.yaml", ["model.decoder_depth=1"]).model.sprint.decoder_depth == 1  # an old override
+    assert "override model.decoder_depth: model.decoder_depth is now model.sprint.decoder_depth" in capsys.readouterr().err
+    # a config saved by 0.1 (a run's config.yaml, a checkpoint's metadata) reads as the nested one
+    saved = to_yaml(nested).replace("  sprint:\n    encoder_depth: 1\n", "  encoder_depth: 1\n  sprint:\n")
+    assert "  encoder_depth: 1\n  sprint:\n" in saved
+    assert from_yaml_text(saved, "config.yaml") == nested
+
+
+def test_a_key_set_both_flat_and_nested_is_refused(tmp_path):
+    (tmp_path / "both.yaml").write_text(NESTED + "  fusion: concat_linear\n")
+    with pytest.raises(UserError, match="sets both model.fusion and model.sprint.fusion"):
+        load_config(tmp_path / "both.yaml")

@@ -222,7 +222,7 @@ def test_dit_matches_reference_forward(tmp_path, learn_sigma):
     torch.save(sd, path)
     converted = convert(path, ConvertOptions("dit"))
     cfg = converted.model
-    assert (cfg.pos_embed, cfg.qk_norm, cfg.fusion, cfg.learn_sigma, cfg.time_scale) == ("sincos", False, "none", learn_sigma, 1000.0)
+    assert (cfg.pos_embed, cfg.qk_norm, cfg.sprint.fusion, cfg.learn_sigma, cfg.time_scale) == ("sincos", False, "none", learn_sigma, 1000.0)
     assert (cfg.num_heads, cfg.depth, cfg.input_size) == (HEADS, 3, [SIDE, SIDE])  # heads from the size of width 64: no q_norm, no --num-heads
     x, _, y = inputs()
     k = torch.tensor([0.0, 417.0, 999.0], dtype=torch.float64)  # DiT: integer steps into the sinusoids; ours: t = k / T
@@ -252,7 +252,7 @@ def test_sprint_matches_reference_dense_and_token_dropped(tmp_path, capsys):
     torch.save({"model": sd, "ema": sd, "steps": 10, "args": argparse.Namespace(model="SiT-XL/2", lr=1e-4)}, path)
     converted = convert(path, ConvertOptions("sprint", input_size=[SIDE, SIDE]))
     cfg = converted.model
-    assert (cfg.encoder_depth, cfg.middle_depth, cfg.decoder_depth, cfg.num_heads, cfg.qk_norm, cfg.fusion) == (1, 2, 1, HEADS, True, "concat_linear")
+    assert (cfg.sprint.encoder_depth, cfg.middle_depth, cfg.sprint.decoder_depth, cfg.num_heads, cfg.qk_norm, cfg.sprint.fusion) == (1, 2, 1, HEADS, True, "concat_linear")
     assert any("projectors" in note for note in converted.notes)
     model = ours(converted.ema, cfg)
     x, t, y = inputs()

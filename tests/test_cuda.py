@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sprintdit.config import load_config
+from sprintdit.draws import Draws, step_seed
 from sprintdit.trainer import Trainer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -25,16 +26,29 @@ def weights(trainer):
     return {k: v.detach().float().cpu() for k, v in trainer.model.state_dict().items()}
 
 
-def test_training_on_cuda_matches_cpu(fmnist_dir, tmp_path):
-    """Same draws (the CPU generator), same data: fused AdamW, device-side masks and noise agree with the CPU run."""
+def test_training_on_cuda_matches_cpu(fmnist_dir, tmp_path, monkeypatch):
+    """Same draws (the CPU generator's, handed out on the GPU), same data: fused AdamW and the GPU kernels agree with
+    the CPU run. (A CUDA run draws with a CUDA generator, whose numbers differ from the CPU's.)"""
     cpu = Trainer(tiny(fmnist_dir, "train.device=cpu"), tmp_path / "cpu", progress=False)
     cpu.fit()
+    cpu_draws = lambda seed, step, shard, device: Draws(torch.Generator().manual_seed(step_seed(seed, step)), shard, device)
+    monkeypatch.setattr(Draws, "for_step", staticmethod(cpu_draws))
     gpu = Trainer(tiny(fmnist_dir, "train.device=cuda"), tmp_path / "gpu", progress=False)
     assert gpu.optimizer.defaults["fused"]
     gpu.fit()
     a, b = weights(cpu), weights(gpu)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=ATOL, msg=k)
+
+
+def test_draws_on_cuda_are_made_there_and_split_over_ranks():
+    whole = Draws.for_step(0, 7, device="cuda")
+    noise, mask = whole.randn(4, 3), whole.mask(4, (4, 4), 0.75, "structured")
+    assert noise.is_cuda and mask.ids_keep.is_cuda and whole.generator.device.type == "cuda"
+    halves = [Draws.for_step(0, 7, (r, 2), "cuda") for r in range(2)]
+    parts = [(d.randn(2, 3), d.mask(2, (4, 4), 0.75, "structured")) for d in halves]
+    assert torch.equal(torch.cat([n for n, _ in parts]), noise)
+    assert torch.equal(torch.cat([m.ids_keep for _, m in parts]), mask.ids_keep)
 
 
 def test_resume_on_cuda_is_exact(fmnist_dir, tmp_path):
@@ -84,13 +98,13 @@ def test_compiled_forward_matches_eager():
 
 
 def test_sparsedit_grids_on_cuda_match_cpu():
-    from conftest import tiny_config
+    from conftest import DENSE, tiny_config
 
     from sprintdit.density import SparseConfig
     from sprintdit.models import SparseDiT, resolve_model_config
 
     torch.manual_seed(0)
-    cfg = resolve_model_config(tiny_config(arch="sparsedit", fusion="none", path_drop_prob=0.0, input_size=[32, 32], depth=8,
+    cfg = resolve_model_config(tiny_config(arch="sparsedit", sprint=DENSE, input_size=[32, 32], depth=8,
                                            sparse=SparseConfig(grid="4:8", pool_depth=1, modules=2, sparse_depth=1, dense_depth=0)))
     model = SparseDiT(cfg).eval()  # an 8x8 token grid pooled to 4..8 per side as t falls
     x, t, y = torch.randn(4, 2, 32, 32), torch.tensor([0.05, 0.3, 0.6, 0.95]), torch.tensor([0, 1, 2, 5])

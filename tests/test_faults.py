@@ -407,7 +407,7 @@ def world(data, tmp_path_factory):
     save_file(wrong, str(root / "wrong_shape.safetensors"), metadata=meta)
     save_file({k: v.contiguous() for k, v in ema.items()}, str(root / "bad_meta.safetensors"), metadata={**meta, "config": "model: [unclosed"})
     other = load_config(None, ["model.preset=SiT-Nano/4", "model.hidden_size=64", "model.input_size=[32,32]", "model.in_channels=1",
-                               "model.num_classes=10", "model.fusion=none", "model.path_drop_prob=0", "sample.guidance=cfg"])
+                               "model.num_classes=10", "model.sprint.fusion=none", "model.sprint.path_drop_prob=0", "sample.guidance=cfg"])
     save_file({k: v.contiguous() for k, v in ema.items()}, str(root / "other_arch.safetensors"), metadata={**meta, "config": to_yaml(other)})
     (root / "list.yaml").write_text("- model\n- train\n")
     (root / "stages_map.yaml").write_text("stages: {name: pre, steps: 2}\n")

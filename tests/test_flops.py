@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import DENSE, tiny_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -31,7 +31,7 @@ def test_forward_flops_match_torch_counter(mlp, learn_sigma):
 
 
 def test_dense_sit_flops_without_fusion():
-    model = SiT(tiny_config(fusion="none", path_drop_prob=0.0))
+    model = SiT(tiny_config(sprint=DENSE))
     cfg = model.config
     x, t, y = torch.randn(2, cfg.in_channels, *cfg.input_size), torch.rand(2), torch.zeros(2, dtype=torch.long)
     assert counted(model, x, t, y) == forward_flops(cfg, 2)

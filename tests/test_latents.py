@@ -13,6 +13,7 @@ from sprintdit.draws import Draws
 from sprintdit.cli import main
 from sprintdit.config import CONFIG_DIR, load_config
 from sprintdit.data import LatentDataset, posterior_sample
+from sprintdit.distributed import Dist
 from sprintdit.errors import UserError
 from sprintdit.metrics.dinov2 import DINOv2ViT, ViTConfig
 from sprintdit.data import adm_center_crop, read_image
@@ -112,10 +113,11 @@ def test_ranks_encode_interleaved_shards_and_rank0_writes_the_manifest(image_tre
     import sprintdit.prepare as prep
 
     out = tmp_path / "latents"
-    monkeypatch.setattr(prep, "rank_world", lambda: (1, 2))
+    monkeypatch.setattr(prep, "barrier", lambda d, what: None)  # one process plays each rank in turn
+    monkeypatch.setattr(prep, "joined", lambda device: Dist(1, 2, device=device))
     second = prepare(tiny_prepare(image_tree, vae_dir, out))
     assert second.encoded == [1, 3] and second.manifest is None and not (out / "manifest.json").exists()
-    monkeypatch.setattr(prep, "rank_world", lambda: (0, 2))
+    monkeypatch.setattr(prep, "joined", lambda device: Dist(0, 2, device=device))
     first = prepare(tiny_prepare(image_tree, vae_dir, out))
     assert first.encoded == [0, 2] and json.loads(first.manifest.read_text())["count"] == 6
 
@@ -167,8 +169,8 @@ def test_latent_batches_are_scaled_posterior_samples(image_tree, vae_dir, tmp_pa
 
 
 def latent_run(out, **extra) -> list[str]:
-    return [f"data.root={out}", f"data.resolution={RESOLUTION}", "model.preset=SiT-Nano/2", "model.hidden_size=32", "model.encoder_depth=1",
-            "model.decoder_depth=1", "train.batch_size=4", "train.log_every=1", "train.sample_every=3", "train.grid_rows=2", "train.grid_columns=2",
+    return [f"data.root={out}", f"data.resolution={RESOLUTION}", "model.preset=SiT-Nano/2", "model.hidden_size=32", "model.sprint.encoder_depth=1",
+            "model.sprint.decoder_depth=1", "train.batch_size=4", "train.log_every=1", "train.sample_every=3", "train.grid_rows=2", "train.grid_columns=2",
             "train.precision=fp32", "data.num_workers=0", "stages=[{name: pre, steps: 2, lr: 1.0e-3, mask_ratio: 0.75}, {name: ft, steps: 1, lr: 1.0e-3, mask_ratio: 0}]",
             "sample.steps=2", "sample.sampler=euler", "sample.batch_size=4", "train.device=cpu", *[f"{k}={v}" for k, v in extra.items()]]
 
@@ -177,10 +179,10 @@ def test_prepare_train_sample_decode_end_to_end(image_tree, vae_dir, tmp_path, c
     latents = tmp_path / "latents"
     prepare(tiny_prepare(image_tree, vae_dir, latents), tiny_features())
     run = tmp_path / "run"
-    args = latent_run(latents, **{"model.repa_depth": 2, "model.repa_hidden": 16, "data.num_workers": 1})  # batches (and features) via a worker
+    args = latent_run(latents, **{"model.repa.depth": 2, "model.repa.hidden": 16, "data.num_workers": 1})  # batches (and features) via a worker
     assert main(["train", "--config", "imagenet256_sprint_repa", "--out", str(run), "--no-progress", *args]) == 0
     saved = load_config(run / "config.yaml")
-    assert saved.data.vae == str(Path(vae_dir).resolve()) and saved.model.repa_dim == TINY_VIT.dim
+    assert saved.data.vae == str(Path(vae_dir).resolve()) and saved.model.repa.dim == TINY_VIT.dim
     with Image.open(run / "samples" / "step_00000003.png") as grid:  # decoded: 2x2 RGB images of 32 pixels
         assert grid.mode == "RGB" and min(grid.size) > 2 * RESOLUTION
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -215,14 +217,14 @@ def test_shipped_imagenet_configs_resolve(name, latent_side):
     data = SimpleNamespace(resolution=(latent_side, latent_side), channels=4, num_classes=1000, feature_shape=(tokens, 768), vae_path="/vae")
     run = resolve_run_config(cfg, data)
     m = run.model
-    assert (m.hidden_size, m.depth, m.patch_size, m.encoder_depth, m.decoder_depth) == (1152, 28, 2, 2, 2)
+    assert (m.hidden_size, m.depth, m.patch_size, m.sprint.encoder_depth, m.sprint.decoder_depth) == (1152, 28, 2, 2, 2)
     assert run.data.vae == "/vae" and run.train.precision == "bf16" and run.train.ema_decay == 0.9999
     if name != "imagenet256_dense":
         pre, fine = run.stages
         assert (pre.mask_ratio, pre.lr, pre.batch_size or run.train.batch_size) == (0.75, 1e-4, 256)
         assert (fine.mask_ratio, fine.batch_size, fine.warmup_steps, fine.warmup_start) == (0.0, 1024, 5000, 0.01)
         assert fine.lr == (1.5e-4 if "512" in name else 2e-4)
-    assert m.repa_dim == (768 if name.endswith("repa") else None)
+    assert m.repa.dim == (768 if name.endswith("repa") else None)
 
 
 def test_repa_needs_matching_stored_features():

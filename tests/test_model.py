@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
-from conftest import perturbed_model, tiny_config, tiny_inputs
+from conftest import DENSE, perturbed_model, tiny_config, tiny_inputs
 
 from sprintdit.errors import UserError
 from sprintdit.masking import make_mask, random_mask
 from sprintdit.models import PRESETS, ModelConfig, SiT, resolve_model_config
-from sprintdit.models.sit import patchify, unpatchify
+from sprintdit.models.sit import SprintConfig, patchify, unpatchify
 
 
 def test_mask_ratio_zero_equals_dense():
@@ -32,7 +32,7 @@ def plain_sit_forward(model, x, t, y):
 
 @pytest.mark.parametrize("split", [(2, 2), (0, 0), (1, 4)])
 def test_fusion_none_without_mask_is_a_dense_sit(split):
-    model = perturbed_model(fusion="none", path_drop_prob=0.0, encoder_depth=split[0], decoder_depth=split[1])
+    model = perturbed_model(sprint=SprintConfig(fusion="none", path_drop_prob=0.0, encoder_depth=split[0], decoder_depth=split[1]))
     x, t, y = tiny_inputs(model)
     torch.testing.assert_close(model(x, t, y), plain_sit_forward(model, x, t, y), rtol=0, atol=1e-12)
     assert "fusion.weight" not in model.state_dict()
@@ -142,10 +142,10 @@ def test_published_preset_sizes():
     assert PRESETS["SiT-XL/2"] == dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2)
     assert PRESETS["SiT-B/4"] == dict(hidden_size=768, depth=12, num_heads=12, patch_size=4)
     cfg = ModelConfig(preset="SiT-XL/2", input_size=[32, 32], in_channels=4, num_classes=1000, learn_sigma=True,
-                      qk_norm=False, pos_embed="sincos", fusion="none", path_drop_prob=0.0)
+                      qk_norm=False, pos_embed="sincos", sprint=DENSE)
     with torch.device("meta"):
         dense = SiT(cfg)
-        sprint = SiT(resolve_model_config(ModelConfig(**{**vars(cfg), "fusion": "concat_linear", "path_drop_prob": 0.1})))
+        sprint = SiT(resolve_model_config(ModelConfig(**{**vars(cfg), "sprint": SprintConfig(fusion="concat_linear", path_drop_prob=0.1)})))
     n_dense = sum(p.numel() for p in dense.parameters())
     n_sprint = sum(p.numel() for p in sprint.parameters())
     assert abs(n_dense / 675e6 - 1) < 0.005  # DiT-XL/2: 675M parameters
@@ -155,8 +155,8 @@ def test_published_preset_sizes():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(preset="SiT-XXL/2"), dict(fusion="sum"), dict(encoder_depth=4, decoder_depth=3), dict(input_size=[15, 16]),
-     dict(num_heads=3), dict(fusion="none", path_drop_prob=0.1), dict(hidden_size=None, preset=None)],
+    [dict(preset="SiT-XXL/2"), dict(sprint=SprintConfig(fusion="sum")), dict(sprint=SprintConfig(encoder_depth=4, decoder_depth=3)), dict(input_size=[15, 16]),
+     dict(num_heads=3), dict(sprint=SprintConfig(fusion="none", path_drop_prob=0.1)), dict(hidden_size=None, preset=None)],
 )
 def test_bad_model_configs_rejected(bad):
     with pytest.raises(UserError):

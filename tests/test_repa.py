@@ -8,6 +8,7 @@ from conftest import perturbed_model, tiny_inputs
 from sprintdit.draws import Draws
 from sprintdit.errors import UserError
 from sprintdit.masking import make_mask
+from sprintdit.models.sit import RepaConfig, RepaTap, SprintConfig
 from sprintdit.objective import FlowMatching, ObjectiveConfig, repa_loss
 
 REPA_DIM = 6
@@ -27,7 +28,7 @@ def test_repa_loss_matches_a_hand_computation():
 
 def repa_model(repa_depth: int):
     # 6 blocks: encoder 2, middle 2, decoder 2; depth 3 or 4 is a middle (sparse) block, 1-2 encoder, 5-6 decoder
-    return perturbed_model(encoder_depth=2, decoder_depth=2, repa_depth=repa_depth, repa_dim=REPA_DIM, repa_hidden=8)
+    return perturbed_model(sprint=SprintConfig(encoder_depth=2, decoder_depth=2), repa=RepaConfig(depth=repa_depth, dim=REPA_DIM, hidden=8))
 
 
 @pytest.mark.parametrize("repa_depth,sparse", [(1, False), (3, True), (4, True), (6, False)])
@@ -35,7 +36,9 @@ def test_model_returns_projected_tokens_of_the_repa_block(repa_depth, sparse):
     model = repa_model(repa_depth)
     x, t, y = tiny_inputs(model, batch=2)
     mask = make_mask(2, model.config.grid, 0.75, "structured", torch.Generator().manual_seed(0))
-    out, projected, ids = model(x, t, y, mask=mask, return_repa=True)
+    tap = RepaTap()
+    out = model(x, t, y, mask=mask, repa=tap)
+    projected, ids = tap.projected, tap.ids_keep
     torch.testing.assert_close(out, model(x, t, y, mask=mask))  # the prediction is unchanged
     n = model.config.grid[0] * model.config.grid[1]
     if sparse:
@@ -78,9 +81,11 @@ def test_repa_weight_zero_or_no_features_is_the_plain_loss():
     torch.testing.assert_close(loss_of(model, x, t, y, features, mask, 0.0), plain, rtol=0, atol=0)
     with_repa = loss_of(model, x, t, y, features, mask, 0.5)
     # the total is the plain loss plus weight * the alignment of the projected tokens at the kept ids
-    _, projected, ids = model(*_noised(model, x, y, mask), return_repa=True, mask=mask)
+    tap = RepaTap()
+    model(*_noised(model, x, y, mask), repa=tap, mask=mask)
+    projected, ids = tap.projected, tap.ids_keep
     torch.testing.assert_close(with_repa, plain + 0.5 * repa_loss(projected, features, ids))
-    off = perturbed_model(encoder_depth=2, decoder_depth=2)  # REPA off: no projector, the same weights otherwise
+    off = perturbed_model(sprint=SprintConfig(encoder_depth=2, decoder_depth=2))  # REPA off: no projector, the same weights otherwise
     off.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("repa_projector.")})
     assert off.repa_projector is None
     torch.testing.assert_close(loss_of(off, x, t, y, None, mask, 0.5), plain, rtol=0, atol=0)
@@ -99,7 +104,7 @@ def _noised(model, x, y, mask):
 def test_return_repa_needs_a_projector():
     model = perturbed_model()
     x, t, y = tiny_inputs(model)
-    with pytest.raises(UserError, match="repa_depth"):
-        model(x, t, y, return_repa=True)
-    with pytest.raises(UserError, match="repa_depth"):
-        perturbed_model(repa_depth=7, repa_dim=REPA_DIM)  # beyond the 6 blocks
+    with pytest.raises(UserError, match="repa.depth"):
+        model(x, t, y, repa=RepaTap())
+    with pytest.raises(UserError, match="repa.depth"):
+        perturbed_model(repa=RepaConfig(depth=7, dim=REPA_DIM))  # beyond the 6 blocks

@@ -1,13 +1,13 @@
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import DENSE, tiny_config
 from test_flops import counted
 
 from sprintdit.density import SparseConfig, parse_schedule, pooled_centres, side_at
 from sprintdit.errors import UserError
 from sprintdit.flops import forward_flops
 from sprintdit.models import SiT, SparseDiT, resolve_model_config
-from sprintdit.models.sit import modulate
+from sprintdit.models.sit import SprintConfig, modulate
 from sprintdit.models.sparsedit import PoolingAttention, Recover, pool_tokens, sparsify_state_dict, upsample_tokens
 
 LAYOUT = SparseConfig(grid="2:4", pool_depth=1, modules=2, sparse_depth=1, dense_depth=0)  # 1 + 2 x 3 blocks, 1 top
@@ -16,7 +16,7 @@ LAYOUT = SparseConfig(grid="2:4", pool_depth=1, modules=2, sparse_depth=1, dense
 def dense_and_sparse(pos_embed="rope", grid="2:4", seed=0, recover="fuse"):
     """A dense model with every weight random and the SparseDiT sparsified from it (float64)."""
     torch.manual_seed(seed)
-    cfg = tiny_config(input_size=[32, 32], depth=8, fusion="none", path_drop_prob=0.0, pos_embed=pos_embed)  # 8 x 8 tokens
+    cfg = tiny_config(input_size=[32, 32], depth=8, sprint=DENSE, pos_embed=pos_embed)  # 8 x 8 tokens
     dense = SiT(cfg).double().eval()
     with torch.no_grad():
         for p in dense.parameters():
@@ -135,13 +135,13 @@ def test_bad_schedules_are_one_line_errors(text):
 
 
 def test_layout_and_grid_are_checked():
-    base = tiny_config(input_size=[32, 32], depth=8, fusion="none", path_drop_prob=0.0, arch="sparsedit")
+    base = tiny_config(input_size=[32, 32], depth=8, sprint=DENSE, arch="sparsedit")
     with pytest.raises(UserError, match="exceed depth"):
         resolve_model_config(tiny_config(**{**vars(base), "sparse": SparseConfig(modules=3, pool_depth=1, sparse_depth=1, dense_depth=0)}))
     with pytest.raises(UserError, match="exceeds"):
         resolve_model_config(tiny_config(**{**vars(base), "sparse": SparseConfig(**{**vars(LAYOUT), "grid": "4:9"})}))
     with pytest.raises(UserError, match="fusion"):
-        resolve_model_config(tiny_config(**{**vars(base), "fusion": "concat_linear", "sparse": LAYOUT}))
+        resolve_model_config(tiny_config(**{**vars(base), "sprint": SprintConfig(), "sparse": LAYOUT}))
 
 
 @pytest.mark.parametrize("side", [2, 3, 4, 8])
@@ -149,7 +149,7 @@ def test_flops_at_each_grid_match_torch_counter(side):
     _, sparse = dense_and_sparse()
     x, t, y = inputs(sparse, batch=2)
     assert counted(sparse, x, t, y, side=side) == forward_flops(sparse.config, 2, side=side)
-    dense_flops = forward_flops(resolve_model_config(tiny_config(input_size=[32, 32], depth=8, fusion="none", path_drop_prob=0.0)), 2)
+    dense_flops = forward_flops(resolve_model_config(tiny_config(input_size=[32, 32], depth=8, sprint=DENSE)), 2)
     assert forward_flops(sparse.config, 2, side=side) < dense_flops  # even at the full grid: the Poolingformer has no N x N attention
 
 

@@ -31,7 +31,7 @@ def study_file(tmp_path, fmnist_dir, body: str = "") -> str:
         evaluation: {{num_samples: 10, steps: 2, points: 3, grid_columns: 2}}
         runs:
           - name: dense
-            overrides: [model.fusion=none, model.path_drop_prob=0, stages.0.mask_ratio=0]
+            overrides: [model.sprint.fusion=none, model.sprint.path_drop_prob=0, stages.0.mask_ratio=0]
             split: [0.5, 0.5]
           - name: sprint
             split: [0.5, 0.5]
@@ -161,7 +161,7 @@ def test_sparsify_run_fine_tunes_a_share_of_its_teachers_steps(fmnist_dir, tmp_p
     body = """
     runs:
       - name: teacher
-        overrides: [model.fusion=none, model.path_drop_prob=0, stages.0.mask_ratio=0]
+        overrides: [model.sprint.fusion=none, model.sprint.path_drop_prob=0, stages.0.mask_ratio=0]
         budget: {kind: steps, value: 4}
       - name: sparse
         base: fashion_mnist_sparsedit

@@ -41,6 +41,26 @@ TIMESTEP_FREQ_DIM = 256  # sinusoidal timestep features fed to the timestep MLP
 
 
 @dataclass
+class SprintConfig:
+    """SPRINT: `blocks` split into a dense encoder, a middle on the kept tokens and a dense decoder, the two paths fused."""
+
+    encoder_depth: int = 2  # dense shallow blocks; middle depth = depth - encoder_depth - decoder_depth
+    decoder_depth: int = 2
+    fusion: str = "concat_linear"  # concat_linear (SPRINT) | none (naive token dropping; with no mask, a dense SiT)
+    path_drop_prob: float = 0.1  # per-sample probability of replacing the sparse path by MASK in training
+    mask_token_std: float = 0.02  # the fixed (untrained) MASK token is drawn from N(0, std^2)
+
+
+@dataclass
+class RepaConfig:
+    """REPA: an MLP projects the output of one block onto frozen DINOv2 features stored with the data."""
+
+    depth: int = 0  # the block whose output is aligned (1-based; 0 = off; REPA uses 8 for XL)
+    dim: Optional[int] = None  # width of the targets (DINOv2's D); default: the data's features
+    hidden: int = 2048  # projector: Linear(D, H) SiLU Linear(H, H) SiLU Linear(H, dim)
+
+
+@dataclass
 class ModelConfig:
     arch: str = "sit"  # sit (dense / SPRINT) | sparsedit (SparseDiT; see model.sparse and sprintdit.models.sparsedit)
     preset: Optional[str] = None  # e.g. "SiT-XL/2": fills hidden_size, depth, num_heads, patch_size left unset
@@ -62,15 +82,9 @@ class ModelConfig:
     label_init_std: float = 0.02  # normal init of the label table (larger: class conditioning is learned sooner)
     time_scale: float = 1.0  # t is multiplied by this before the sinusoidal embedding (SiT: 1; DiT-style: 1000)
     time_freq_shift: int = 0  # timestep frequencies exp(-ln(10000) i / (half - shift)): 0 as DiT and SiT, 1 as diffusers' DiT
-    encoder_depth: int = 2  # dense shallow blocks; middle depth = depth - encoder_depth - decoder_depth
-    decoder_depth: int = 2
-    fusion: str = "concat_linear"  # concat_linear (SPRINT) | none (naive token dropping)
-    path_drop_prob: float = 0.1  # per-sample probability of replacing the sparse path by MASK in training
-    mask_token_std: float = 0.02  # the fixed (untrained) MASK token is drawn from N(0, std^2)
+    sprint: SprintConfig = field(default_factory=SprintConfig)  # arch sit: the encoder / middle / decoder split and the fusion
+    repa: RepaConfig = field(default_factory=RepaConfig)  # arch sit: representation alignment (off by default)
     sparse: SparseConfig = field(default_factory=SparseConfig)  # arch sparsedit only
-    repa_depth: int = 0  # REPA: align the output of block repa_depth (1-based; 0 = off; REPA uses 8 for XL)
-    repa_dim: Optional[int] = None  # width of the REPA targets (DINOv2's D); default: the data's features
-    repa_hidden: int = 2048  # REPA projector: Linear(D, H) SiLU Linear(H, H) SiLU Linear(H, repa_dim)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -78,7 +92,7 @@ class ModelConfig:
 
     @property
     def middle_depth(self) -> int:
-        return self.depth - self.encoder_depth - self.decoder_depth
+        return self.depth - self.sprint.encoder_depth - self.sprint.decoder_depth
 
     @property
     def out_channels(self) -> int:
@@ -91,8 +105,9 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         if cfg.preset not in PRESETS:
             raise UserError(f"unknown model preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
         cfg = replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None})
-    optional = ("preset",) if cfg.repa_depth else ("preset", "repa_dim")
-    missing = [f.name for f in fields(cfg) if f.name not in optional and getattr(cfg, f.name) is None]
+    missing = [f.name for f in fields(cfg) if f.name != "preset" and getattr(cfg, f.name) is None]
+    if cfg.repa.depth and cfg.repa.dim is None:
+        missing.append("repa.dim")
     if missing:
         raise UserError(f"model config needs {', '.join('model.' + m for m in missing)} (or a model.preset)")
     sizes = {"patch_size": cfg.patch_size, "hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads,
@@ -104,7 +119,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise UserError(f"model.time_freq_shift must be 0 (DiT, SiT) or 1 (diffusers' DiT), got {cfg.time_freq_shift}")
     if not cfg.mlp_ratio > 0:
         raise UserError(f"model.mlp_ratio must be > 0, got {cfg.mlp_ratio}")
-    for name, value, choices in (("arch", cfg.arch, ARCHS), ("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("fusion", cfg.fusion, FUSIONS)):
+    for name, value, choices in (("arch", cfg.arch, ARCHS), ("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("sprint.fusion", cfg.sprint.fusion, FUSIONS)):
         if value not in choices:
             raise UserError(f"model.{name} is {value!r}; choose one of {', '.join(choices)}")
     if len(cfg.input_size) != 2 or any(s % cfg.patch_size for s in cfg.input_size):
@@ -115,14 +130,15 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise UserError(f"2D RoPE needs a head dim divisible by 4, got {cfg.hidden_size // cfg.num_heads}")
     if cfg.pos_embed == "sincos" and cfg.hidden_size % 4:
         raise UserError(f"2D sin-cos positions need hidden_size divisible by 4, got {cfg.hidden_size}")
-    if min(cfg.encoder_depth, cfg.decoder_depth) < 0 or cfg.middle_depth < 0:
-        raise UserError(f"encoder_depth {cfg.encoder_depth} + decoder_depth {cfg.decoder_depth} exceed depth {cfg.depth}")
-    if not 0.0 <= cfg.path_drop_prob < 1.0:
-        raise UserError(f"model.path_drop_prob must be in [0, 1), got {cfg.path_drop_prob}")
-    if not 0 <= cfg.repa_depth <= cfg.depth or cfg.repa_hidden < 1:
-        raise UserError(f"model.repa_depth must be in [0, depth {cfg.depth}] (0: off) and repa_hidden >= 1, got {cfg.repa_depth}, {cfg.repa_hidden}")
-    if cfg.fusion == "none" and cfg.path_drop_prob > 0:
-        raise UserError("model.path_drop_prob needs a dense path to fall back on: set it to 0 with fusion 'none'")
+    sp, repa = cfg.sprint, cfg.repa
+    if min(sp.encoder_depth, sp.decoder_depth) < 0 or cfg.middle_depth < 0:
+        raise UserError(f"model.sprint: encoder_depth {sp.encoder_depth} + decoder_depth {sp.decoder_depth} exceed depth {cfg.depth}")
+    if not 0.0 <= sp.path_drop_prob < 1.0:
+        raise UserError(f"model.sprint.path_drop_prob must be in [0, 1), got {sp.path_drop_prob}")
+    if not 0 <= repa.depth <= cfg.depth or repa.hidden < 1:
+        raise UserError(f"model.repa.depth must be in [0, depth {cfg.depth}] (0: off) and repa.hidden >= 1, got {repa.depth}, {repa.hidden}")
+    if sp.fusion == "none" and sp.path_drop_prob > 0:
+        raise UserError("model.sprint.path_drop_prob needs a dense path to fall back on: set it to 0 with fusion 'none'")
     if cfg.arch == "sparsedit":
         check_sparsedit(cfg)
     return replace(cfg, input_size=[int(s) for s in cfg.input_size])
@@ -130,10 +146,10 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
 
 def check_sparsedit(cfg: ModelConfig) -> None:
     sp = cfg.sparse
-    if cfg.repa_depth:
-        raise UserError("model.repa_depth (REPA) is not available with model.arch 'sparsedit'; set it to 0")
-    if cfg.fusion != "none" or cfg.path_drop_prob > 0:
-        raise UserError("model.arch 'sparsedit' has no SPRINT fusion: set model.fusion=none and model.path_drop_prob=0")
+    if cfg.repa.depth:
+        raise UserError("model.repa.depth (REPA) is not available with model.arch 'sparsedit'; set it to 0")
+    if cfg.sprint.fusion != "none" or cfg.sprint.path_drop_prob > 0:
+        raise UserError("model.arch 'sparsedit' has no SPRINT fusion: set model.sprint.fusion=none and model.sprint.path_drop_prob=0")
     if min(sp.pool_depth, sp.sparse_depth, sp.dense_depth) < 0 or sp.modules < 1:
         raise UserError("model.sparse needs modules >= 1 and pool_depth, sparse_depth, dense_depth >= 0")
     if sp.recover not in RECOVERS:
@@ -371,8 +387,8 @@ class Backbone(nn.Module):
             self.register_buffer("pos_embed", sincos_2d(cfg.grid, d).unsqueeze(0), persistent=False)  # (1, N, D)
         # REPA head (training only), built after the MASK token so that it is drawn alike with REPA on or off
         self.repa_projector = (
-            nn.Sequential(nn.Linear(d, cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_hidden), nn.SiLU(), nn.Linear(cfg.repa_hidden, cfg.repa_dim))
-            if cfg.repa_depth
+            nn.Sequential(nn.Linear(d, cfg.repa.hidden), nn.SiLU(), nn.Linear(cfg.repa.hidden, cfg.repa.hidden), nn.SiLU(), nn.Linear(cfg.repa.hidden, cfg.repa.dim))
+            if cfg.repa.depth
             else None
         )
         self.initialize_weights()
@@ -406,7 +422,7 @@ class Backbone(nn.Module):
 
     @property
     def repa_block(self) -> nn.Module | None:
-        return self.blocks[self.config.repa_depth - 1] if self.config.repa_depth else None
+        return self.blocks[self.config.repa.depth - 1] if self.config.repa.depth else None
 
     def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, rope, taps: list | None = None, **context) -> torch.Tensor:
         """The blocks in order; `taps` (if given) receives the output of the REPA block when it is among them;
@@ -432,25 +448,34 @@ class Backbone(nn.Module):
         return unpatchify(self.final_layer(h, c), self.config.patch_size, self.config.grid)
 
 
+@dataclass
+class RepaTap:
+    """Filled by `SiT.forward(..., repa=tap)`: the REPA block's projected tokens (B, K, repa.dim) and the token ids
+    they are at (B, K), or None when the block saw all N tokens. (A plain object: DDP and FSDP pass it through.)"""
+
+    projected: torch.Tensor | None = None
+    ids_keep: torch.Tensor | None = None
+
+
 class SiT(Backbone):
     def build_body(self, cfg: ModelConfig) -> None:
         d = cfg.hidden_size
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.fusion = nn.Linear(2 * d, d) if cfg.fusion == "concat_linear" else None
-        self.register_buffer("mask_token", torch.randn(1, 1, d) * cfg.mask_token_std)  # fixed, never trained
+        self.fusion = nn.Linear(2 * d, d) if cfg.sprint.fusion == "concat_linear" else None
+        self.register_buffer("mask_token", torch.randn(1, 1, d) * cfg.sprint.mask_token_std)  # fixed, never trained
 
     # The three stages are views of `blocks`, so the weights layout is a dense SiT's.
     @property
     def encoder(self) -> nn.ModuleList:
-        return self.blocks[: self.config.encoder_depth]
+        return self.blocks[: self.config.sprint.encoder_depth]
 
     @property
     def middle(self) -> nn.ModuleList:
-        return self.blocks[self.config.encoder_depth : self.config.depth - self.config.decoder_depth]
+        return self.blocks[self.config.sprint.encoder_depth : self.config.depth - self.config.sprint.decoder_depth]
 
     @property
     def decoder(self) -> nn.ModuleList:
-        return self.blocks[self.config.depth - self.config.decoder_depth :]
+        return self.blocks[self.config.depth - self.config.sprint.decoder_depth :]
 
     def sparse_path(self, h: torch.Tensor, c: torch.Tensor, mask: TokenMask | None, rows: int, taps: list | None = None) -> torch.Tensor:
         """Middle blocks on the kept tokens of the first `rows` samples; (rows, N, D) with MASK at dropped."""
@@ -474,23 +499,23 @@ class SiT(Backbone):
         mask: TokenMask | None = None,
         path_drop: torch.Tensor | None = None,
         middle_rows: int | None = None,
-        return_repa: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        repa: RepaTap | None = None,
+    ) -> torch.Tensor:
         """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) labels (num_classes = null) -> (B, C_out, H, W).
 
         mask: tokens the middle blocks see (None: all). path_drop: (B,) bool, samples whose sparse path
         is replaced by MASK tokens before fusion. middle_rows: only the first `middle_rows` samples run
         the middle blocks, the rest take the path-dropped branch (Path-Drop Guidance's cheap pass).
-        return_repa (training, needs model.repa_depth): also return the REPA block's projected tokens
-        (B, K, repa_dim) and the token ids they are at, (B, K), or None when the block saw all N tokens.
+        repa (training, needs model.repa.depth): a RepaTap that receives the REPA block's projected tokens
+        (an argument rather than a second return value: one return type, and DDP's hooks wrap `forward`).
         """
         b = x.shape[0]
         rows = b if middle_rows is None else middle_rows
         if (rows < b or path_drop is not None) and self.fusion is None:
-            raise UserError("path drop / Path-Drop Guidance needs fusion 'concat_linear' (fusion 'none' has no dense path)")
-        if return_repa and (self.repa_projector is None or rows < b):
-            raise UserError("return_repa needs model.repa_depth > 0 and every sample through the middle blocks")
-        taps = [] if return_repa else None
+            raise UserError("path drop / Path-Drop Guidance needs model.sprint.fusion 'concat_linear' (fusion 'none' has no dense path)")
+        if repa is not None and (self.repa_projector is None or rows < b):
+            raise UserError("the REPA output needs model.repa.depth > 0 and every sample through the middle blocks")
+        taps = [] if repa is not None else None
         rope = self.rope
         h, c = self.embed(x, t, y)  # (B, N, D), (B, D)
         h = self.run_blocks(self.encoder, h, c, rope, taps)  # (B, N, D) dense path
@@ -501,9 +526,7 @@ class SiT(Backbone):
             sparse = torch.where(path_drop[:, None, None], self.mask_token.to(sparse.dtype), sparse)
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, h], dim=-1))  # (B, N, D)
         h = self.run_blocks(self.decoder, h, c, rope, taps)
-        out = self.head(h, c)  # (B, C_out, H, W)
-        if not return_repa:
-            return out
-        cfg = self.config
-        sparse_tap = mask is not None and cfg.encoder_depth < cfg.repa_depth <= cfg.depth - cfg.decoder_depth
-        return out, self.repa_projector(taps[0]), mask.ids_keep if sparse_tap else None  # (B, K, repa_dim), (B, K)
+        if repa is not None:
+            sparse_tap = mask is not None and len(self.encoder) < self.config.repa.depth <= len(self.encoder) + len(self.middle)
+            repa.projected, repa.ids_keep = self.repa_projector(taps[0]), mask.ids_keep if sparse_tap else None
+        return self.head(h, c)  # (B, C_out, H, W)
