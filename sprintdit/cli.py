@@ -35,8 +35,8 @@ def parse_ints(text: str, what: str) -> list[int]:
 def cmd_prepare(args) -> int:
     from .prepare import FeatureEncoder, PrepareConfig, prepare
 
-    cfg = PrepareConfig(images=args.images, out=args.out, vae=args.vae, resolution=args.resolution, shard_size=args.shard_size,
-                        batch_size=args.batch_size, patch_size=args.patch_size, device=args.device, progress=not args.no_progress)
+    given = {k: getattr(args, k) for k in ("resolution", "shard_size", "batch_size", "patch_size", "device") if getattr(args, k) is not None}
+    cfg = PrepareConfig(images=args.images, out=args.out, vae=args.vae, progress=not args.no_progress, **given)  # its defaults for the rest
     features = None
     if args.dinov2_weights is not None:
         from .metrics.dinov2 import load_dinov2
@@ -361,6 +361,9 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and option, one block per command in `sprintdit --help` order (long, but a declaration: nothing
+    here but argparse calls). Defaults that a config dataclass holds are left unset here (None) and filled by it;
+    nothing below imports torch, so `--help` stays fast."""
     parser = argparse.ArgumentParser(prog="sprintdit", description="Token-sparse diffusion transformers (SPRINT): train, sample, evaluate, demo.")
     parser.add_argument("--version", action="version", version=f"sprintdit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -369,13 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="image tree, one sub-folder per class (ImageNet train layout)")
     p.add_argument("--out", required=True, help="latent folder: shard_*.safetensors, their .json sidecars and manifest.json; re-run to resume")
     p.add_argument("--vae", required=True, help="local AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema: config.json + weights)")
-    p.add_argument("--resolution", type=int, default=256, help="image side after ADM's centre crop (default 256)")
-    p.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward (default 32)")
+    p.add_argument("--resolution", type=int, help="image side after ADM's centre crop (default 256)")
+    p.add_argument("--shard-size", type=int, help="images per shard (default 10000)")
+    p.add_argument("--batch-size", type=int, help="images per encoder forward (default 32)")
     p.add_argument("--dinov2-weights", help="DINOv2 weights (e.g. dinov2_vitb14_pretrain.pth): also store its patch tokens for REPA")
     p.add_argument("--dinov2-model", default="ViT-B/14", help="DINOv2 size of --dinov2-weights: ViT-S/14 | ViT-B/14 (default, REPA's) | ViT-L/14 | ViT-g/14")
-    p.add_argument("--patch-size", type=int, default=2, help="patch size of the model to be trained: DINOv2 tokens form a (latent side / patch) grid (default 2)")
-    p.add_argument("--device", default="auto", help="auto (this rank's GPU if present) | cpu | cuda | cuda:N")
+    p.add_argument("--patch-size", type=int, help="patch size of the model to be trained: DINOv2 tokens form a (latent side / patch) grid (default 2)")
+    p.add_argument("--device", help="auto (default: this rank's GPU if present) | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
