@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 FMNIST ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 
-.PHONY: demo test data env clean gpu-check
+.PHONY: demo demo-text test data env clean gpu-check
 
 env: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ data:
 
 demo: env data
 	$(VENV)/bin/sprintdit demo
+
+demo-text: env data  # text-to-image: captioned 2x2 layouts of garments (sprintdit/configs/fashion_mnist_text.yaml)
+	$(VENV)/bin/sprintdit demo --config fashion_mnist_text --out runs/demo-text
 
 test: env
 	-@$(MAKE) --no-print-directory data

@@ -250,11 +250,15 @@ def write_results(results: dict, out: Path) -> int:
 
 def cmd_demo(args) -> int:
     from .config import load_config
-    from .demo import run_demo
+    from .demo import run_demo, run_text_demo
 
     if args.per_class < 1:
         raise UserError(f"--per-class must be >= 1, got {args.per_class}")
-    run_demo(load_config(args.config, args.overrides), Path(args.out), args.per_class, progress=not args.no_progress)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.condition == "text":
+        run_text_demo(cfg, Path(args.out), progress=not args.no_progress)
+    else:
+        run_demo(cfg, Path(args.out), args.per_class, progress=not args.no_progress)
     return 0
 
 
@@ -452,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="start from the raw weights instead of the EMA")
     p.set_defaults(func=cmd_sparsify)
 
-    p = sub.add_parser("demo", help="train SPRINT on Fashion-MNIST in both stages, then sample and score with PDG and CFG")
+    p = sub.add_parser("demo", help="train SPRINT on Fashion-MNIST in both stages, then sample and score with PDG and CFG (--config fashion_mnist_text: the text-to-image demo)")
     p.add_argument("--config", default=DEMO_CONFIG, help=f"demo config (default {DEMO_CONFIG})")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo); an existing one is resumed")
     p.add_argument("--per-class", type=int, default=10, help="samples per class shown in the grids (default 10); all eval.num_samples are scored")

@@ -32,7 +32,7 @@ from .tracking import check_loggers
 
 CONFIG_DIR = Path(str(resources.files("sprintdit") / "configs"))  # the shipped configs (package data; studies under studies/)
 PRECISIONS = ("fp32", "bf16", "fp16")
-DATASETS = ("fashion_mnist", "image_folder", "latents")
+DATASETS = ("fashion_mnist", "fashion_mnist_layouts", "image_folder", "latents")
 FEATURE_NETWORKS = ("auto", "fmnist", "inception", "dinov2")
 LR_DECAYS = ("constant", "cosine")
 # The flat model keys of sprintdit 0.1 and their sections now; still read (YAML, overrides, saved configs and
@@ -45,9 +45,9 @@ MOVED_MODEL_KEYS = {
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | image_folder | latents (written by `sprintdit prepare`)
+    name: str = "fashion_mnist"  # fashion_mnist | fashion_mnist_layouts (captioned 2x2 layouts; sprintdit.layouts) | image_folder | latents (written by `sprintdit prepare`)
     root: str = "/usr/share/datasets/fashion-mnist"  # IDX files, one folder per class, or a latent folder
-    split: str = "train"  # fashion_mnist: train | test
+    split: str = "train"  # fashion_mnist: train | test; fashion_mnist_layouts: train | held_out
     resolution: int = 32  # pixels: fashion_mnist pads 28 -> 32; image_folder resizes and centre-crops; latents: as prepared
     num_workers: int = 0  # data-loading processes (image_folder, latents)
     vae: Optional[str] = None  # latents: the VAE folder that decodes samples (default: the one in the manifest)
@@ -261,6 +261,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("sample.guidance 'pdg' needs model.sprint.fusion 'concat_linear'; use sample.guidance=cfg for fusion 'none'")
     if (cfg.sample.sampler in DDPM_SAMPLERS) != (cfg.objective.kind == "ddpm"):
         raise UserError(f"sample.sampler {cfg.sample.sampler!r} does not fit objective.kind {cfg.objective.kind!r} (ddpm: {' | '.join(DDPM_SAMPLERS)}; flow: {' | '.join(FLOW_SAMPLERS)})")
+    if cfg.model.condition == "text" and cfg.eval.every:
+        raise UserError("eval.every: in-training evaluation scores class-conditional samples; a text model is scored by its demo (sprintdit.layouts)")
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise UserError(f"stage names must be unique, got {names}")

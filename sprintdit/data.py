@@ -246,6 +246,12 @@ def build_dataset(cfg) -> FashionMNIST | ImageFolder | LatentDataset:
         return FashionMNIST(cfg.root, cfg.split, cfg.resolution)
     if cfg.name == "latents":
         return LatentDataset(cfg.root, cfg.resolution)
+    if cfg.name == "fashion_mnist_layouts":
+        from .layouts import CANVAS, FashionMNISTLayouts  # layouts builds on this module
+
+        if cfg.resolution != CANVAS:
+            raise UserError(f"data.resolution for fashion_mnist_layouts is {CANVAS} (2x2 cells of 16), got {cfg.resolution}")
+        return FashionMNISTLayouts(cfg.root, cfg.split)
     return ImageFolder(cfg.root, cfg.resolution)
 
 

@@ -99,8 +99,8 @@ class FlowMatching:
         return torch.sigmoid(z)
 
     def drop_labels(self, y: torch.Tensor, draws: Draws) -> torch.Tensor:
-        drop = draws.rand(y.shape[0]) < self.cfg.label_dropout
-        return torch.where(drop.to(y.device), torch.full_like(y, self.null_class), y)
+        drop = draws.rand(y.shape[0]) < self.cfg.label_dropout  # (B,)
+        return torch.where(drop.to(y.device).view(-1, *[1] * (y.dim() - 1)), null_like(y, self.null_class), y)
 
     def loss(self, model, x0: torch.Tensor, y: torch.Tensor, draws: Draws, features: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
         """Mean squared velocity error over x0's rows, plus repa_weight * the REPA loss when `features` (B, N, D)
@@ -117,6 +117,11 @@ class FlowMatching:
         pred = model(x_t, t, labels, repa=tap, **model_kwargs)
         mse = (pred[:, : x0.shape[1]].float() - target.float()).pow(2).mean()
         return mse + self.cfg.repa_weight * repa_loss(tap.projected, features, tap.ids_keep)
+
+
+def null_like(y: torch.Tensor, null: int | torch.Tensor) -> torch.Tensor:
+    """The unconditional input for every row of y: the null label (y (B,)) or the empty text's ids (y (B, L))."""
+    return torch.as_tensor(null, dtype=y.dtype, device=y.device).expand_as(y)
 
 
 def repa_loss(projected: torch.Tensor, features: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:

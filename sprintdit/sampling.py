@@ -17,7 +17,8 @@ import torch
 
 from .distributed import Dist, batches_of_rank, gather_to_main
 from .errors import UserError
-from .objective import DDPM, DiffusionProcess, FlowMatching, spaced_steps
+from .objective import DDPM, DiffusionProcess, FlowMatching, null_like, spaced_steps
+from .text import check_token_ids
 
 FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
 DDPM_SAMPLERS = ("ddpm", "ddim")
@@ -144,7 +145,7 @@ def guided_output(model, y: torch.Tensor, cfg: SampleConfig, channels: int) -> V
     come from the conditional half. PDG: the unconditional half takes the path-dropped branch (null label,
     middle blocks skipped).
     """
-    null = torch.full_like(y, model.null_class)
+    null = null_like(y, model.null_class)  # (B,) null labels or (B, L) empty texts
     low, high = cfg.interval
 
     def v(x: torch.Tensor, t: float) -> torch.Tensor:
@@ -168,9 +169,12 @@ def check_request(model, objective: FlowMatching | DDPM, labels: list[int], seed
     if len(labels) != len(seeds):
         raise UserError(f"got {len(labels)} labels but {len(seeds)} seeds")
     mc = model.config
-    bad = [y for y in labels if not 0 <= y < mc.num_classes]
-    if bad:
-        raise UserError(f"labels must be in [0, {mc.num_classes - 1}], got {bad[:5]}")
+    if mc.condition == "text":
+        check_token_ids(labels, mc)
+    else:
+        bad = [y for y in labels if not 0 <= y < mc.num_classes]
+        if bad:
+            raise UserError(f"labels must be in [0, {mc.num_classes - 1}], got {bad[:5]}")
     if cfg.guidance == "pdg" and model.fusion is None:
         raise UserError("Path-Drop Guidance needs fusion 'concat_linear'; use guidance cfg or none")
     ddpm = isinstance(objective, DDPM)

@@ -47,6 +47,7 @@ from .images import save_grid
 from .draws import Draws
 from .masking import check_mask_ratio
 from .models import ModelConfig, build_model, resolve_model_config
+from .models.sit import null_condition
 from .objective import ObjectiveConfig, build_objective
 from .runfolder import RunFolder
 from .sampling import generate_on_ranks
@@ -70,6 +71,7 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
         if m.repa.dim is not None and m.repa.dim != features[1]:
             raise UserError(f"model.repa.dim is {m.repa.dim} but the data's features have {features[1]}; leave it unset to follow the data")
         m = replace(m, repa=replace(m.repa, dim=features[1]))
+    m = text_from_data(m, dataset)
     for key, value in from_data.items():
         given = getattr(m, key)
         if given is not None and (list(given) if key == "input_size" else given) != value:
@@ -85,6 +87,20 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
         except UserError as err:
             raise UserError(f"stages.{i} ({stage.name}): {err}") from None
     return replace(cfg, model=m, data=data)
+
+
+def text_from_data(m: ModelConfig, dataset) -> ModelConfig:
+    """model.text's vocabulary and length from captioned data (checked when given); class data needs condition class."""
+    vocabulary = getattr(dataset, "vocabulary", None)
+    if (vocabulary is not None) != (m.condition == "text"):
+        kind = "captions" if vocabulary is not None else "class labels"
+        raise UserError(f"the data has {kind} but model.condition is {m.condition!r}; set model.condition={'text' if vocabulary is not None else 'class'}")
+    if vocabulary is None:
+        return m
+    tx = m.text
+    if tx.vocabulary is not None and list(tx.vocabulary) != list(vocabulary):
+        raise UserError(f"model.text.vocabulary differs from the data's {len(vocabulary)} words; leave it unset to follow the data")
+    return replace(m, text=replace(tx, vocabulary=list(vocabulary), max_tokens=dataset.max_tokens))
 
 
 def apply_init_from(cfg: RunConfig) -> RunConfig:
@@ -223,7 +239,7 @@ class Trainer:
         self.model, self.ema, self.ddp, self.forward = nets.model, nets.ema, nets.ddp, nets.forward
         self.optimizer, self.scaler = nets.optimizer, nets.scaler
         self.param_names, self.params, self.ema_params = nets.param_names, nets.params, nets.ema_params
-        self.objective = build_objective(cfg.objective, cfg.model.num_classes, cfg.model.learn_sigma)
+        self.objective = build_objective(cfg.objective, null_condition(cfg.model), cfg.model.learn_sigma)
         self.step, self.position = 0, 0
         self.nonfinite_steps: list[int] = []  # steps skipped for a non-finite loss or gradient norm (train.max_nonfinite_steps)
         self.train_seconds = 0.0  # wall-clock of the training steps so far (evaluation and sample grids excluded), kept across resumes
@@ -427,7 +443,10 @@ class Trainer:
         """EMA samples, one row per class (classes spread evenly when there are more rows than fit); the
         sampling batches are spread over the ranks, rank 0 writes the grid."""
         t, classes = self.cfg.train, self.cfg.model.num_classes
-        rows = torch.linspace(0, classes - 1, min(classes, t.grid_rows)).round().long().tolist()
+        if self.cfg.model.condition == "text":  # one row per caption of the first training items
+            rows = self.dataset.load(torch.arange(min(t.grid_rows, len(self.dataset))))[1].tolist()
+        else:
+            rows = torch.linspace(0, classes - 1, min(classes, t.grid_rows)).round().long().tolist()
         labels = [c for c in rows for _ in range(t.grid_columns)]
         images = generate_on_ranks(self.sampling_model(), self.objective, labels, list(range(len(labels))), self.cfg.sample, self.dist)
         path = self.folder.grid_path(self.step)

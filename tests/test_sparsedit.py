@@ -59,7 +59,7 @@ def test_residual_recover_at_the_full_grid_starts_as_the_dense_model(pos_embed):
     cross-attention is self-attention: straight after sparsify the SparseDiT is the dense model with Poolingformers below."""
     dense, sparse = dense_and_sparse(pos_embed, grid="8", recover="residual")
     x, t, y = inputs(dense)
-    h, c = dense.embed(x, t, y)
+    h, c, _ = dense.embed(x, t, y)
     h = sparse.blocks[0](h, c, None)
     expected = dense.head(dense.run_blocks(dense.blocks[1:], h, c, dense.rope), c)
     torch.testing.assert_close(sparse(x, t, y), expected)
@@ -87,7 +87,7 @@ def test_full_grid_with_w1_identity_equals_the_plain_blocks(pos_embed):
             recover.w1.weight.copy_(torch.eye(recover.w1.weight.shape[0]))
             recover.w2.weight.zero_()
     x, t, y = inputs(dense)
-    h, c = dense.embed(x, t, y)
+    h, c, _ = dense.embed(x, t, y)
     h = sparse.blocks[0](h, c, None)
     expected = dense.head(dense.run_blocks(dense.blocks[1:], h, c, dense.rope), c)
     torch.testing.assert_close(sparse(x, t, y), expected)

@@ -34,6 +34,10 @@ PRESETS = {
     for p in PATCH_SIZES
 }
 ARCHS = ("sit", "sparsedit")
+CONDITIONS = ("class", "text")
+TEXT_ENCODERS = ("learned",)
+PAD, START = 0, 1  # token ids of the padding and of the start token every caption begins with (the empty text: START alone)
+SPECIAL_TOKENS = 2
 FUSIONS = ("concat_linear", "none")
 POS_EMBEDS = ("rope", "sincos")
 MLPS = ("gelu", "swiglu")
@@ -61,8 +65,19 @@ class RepaConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text conditioning (model.condition text): every block cross-attends from the image tokens to the caption's."""
+
+    encoder: str = "learned"  # learned: word embeddings and a small transformer trained with the model (closed vocabularies)
+    vocabulary: Optional[List[str]] = None  # learned: the words, in token order (ids 2, 3, ...; 0 pads, 1 starts); default: the data's
+    max_tokens: int = 16  # caption tokens including the start token; longer captions are truncated
+    depth: int = 2  # learned: transformer layers over the caption
+
+
+@dataclass
 class ModelConfig:
     arch: str = "sit"  # sit (dense / SPRINT) | sparsedit (SparseDiT; see model.sparse and sprintdit.models.sparsedit)
+    condition: str = "class"  # class (a label table added to the timestep embedding) | text (cross-attention to a caption; model.text)
     preset: Optional[str] = None  # e.g. "SiT-XL/2": fills hidden_size, depth, num_heads, patch_size left unset
     input_size: Optional[List[int]] = None  # [H, W] of the model input (pixels or latents); default: the data's
     in_channels: Optional[int] = None  # default: the data's
@@ -85,6 +100,7 @@ class ModelConfig:
     sprint: SprintConfig = field(default_factory=SprintConfig)  # arch sit: the encoder / middle / decoder split and the fusion
     repa: RepaConfig = field(default_factory=RepaConfig)  # arch sit: representation alignment (off by default)
     sparse: SparseConfig = field(default_factory=SparseConfig)  # arch sparsedit only
+    text: TextConfig = field(default_factory=TextConfig)  # condition text only
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -99,19 +115,32 @@ class ModelConfig:
         return self.in_channels * (2 if self.learn_sigma else 1)
 
 
+def null_condition(cfg: ModelConfig) -> int | torch.Tensor:
+    """What the unconditional pass is given: the null label (index num_classes), or the empty text (max_tokens,)."""
+    if cfg.condition == "class":
+        return cfg.num_classes
+    empty = torch.full((cfg.text.max_tokens,), PAD, dtype=torch.long)
+    empty[0] = START
+    return empty
+
+
 def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     """Fill unset sizes from the preset and check every value; returns a new, complete config."""
     if cfg.preset is not None:
         if cfg.preset not in PRESETS:
             raise UserError(f"unknown model preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
         cfg = replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None})
+    if cfg.condition == "text":  # no class table
+        cfg = replace(cfg, num_classes=0 if cfg.num_classes is None else cfg.num_classes)
     missing = [f.name for f in fields(cfg) if f.name != "preset" and getattr(cfg, f.name) is None]
     if cfg.repa.depth and cfg.repa.dim is None:
         missing.append("repa.dim")
     if missing:
         raise UserError(f"model config needs {', '.join('model.' + m for m in missing)} (or a model.preset)")
     sizes = {"patch_size": cfg.patch_size, "hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads,
-             "in_channels": cfg.in_channels, "num_classes": cfg.num_classes, **{f"input_size.{i}": v for i, v in enumerate(cfg.input_size)}}
+             "in_channels": cfg.in_channels, **{f"input_size.{i}": v for i, v in enumerate(cfg.input_size)}}
+    if cfg.condition == "class":
+        sizes["num_classes"] = cfg.num_classes
     for name, value in sizes.items():
         if value < 1:
             raise UserError(f"model.{name} must be >= 1, got {value}")
@@ -119,7 +148,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise UserError(f"model.time_freq_shift must be 0 (DiT, SiT) or 1 (diffusers' DiT), got {cfg.time_freq_shift}")
     if not cfg.mlp_ratio > 0:
         raise UserError(f"model.mlp_ratio must be > 0, got {cfg.mlp_ratio}")
-    for name, value, choices in (("arch", cfg.arch, ARCHS), ("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("sprint.fusion", cfg.sprint.fusion, FUSIONS)):
+    for name, value, choices in (("arch", cfg.arch, ARCHS), ("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("sprint.fusion", cfg.sprint.fusion, FUSIONS), ("condition", cfg.condition, CONDITIONS)):
         if value not in choices:
             raise UserError(f"model.{name} is {value!r}; choose one of {', '.join(choices)}")
     if len(cfg.input_size) != 2 or any(s % cfg.patch_size for s in cfg.input_size):
@@ -139,9 +168,27 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise UserError(f"model.repa.depth must be in [0, depth {cfg.depth}] (0: off) and repa.hidden >= 1, got {repa.depth}, {repa.hidden}")
     if sp.fusion == "none" and sp.path_drop_prob > 0:
         raise UserError("model.sprint.path_drop_prob needs a dense path to fall back on: set it to 0 with fusion 'none'")
+    if cfg.condition == "text":
+        check_text(cfg)
     if cfg.arch == "sparsedit":
         check_sparsedit(cfg)
     return replace(cfg, input_size=[int(s) for s in cfg.input_size])
+
+
+def check_text(cfg: ModelConfig) -> None:
+    tx = cfg.text
+    if tx.encoder not in TEXT_ENCODERS:
+        raise UserError(f"model.text.encoder is {tx.encoder!r}; choose one of {', '.join(TEXT_ENCODERS)}")
+    if not tx.vocabulary:
+        raise UserError("model.text.vocabulary is empty: train on captioned data (it fills the vocabulary) or list the words")
+    if len(set(tx.vocabulary)) != len(tx.vocabulary) or any(not w or w != w.strip().lower() or " " in w for w in tx.vocabulary):
+        raise UserError("model.text.vocabulary must hold distinct lower-case words without spaces")
+    if tx.max_tokens < 2 or tx.depth < 0:
+        raise UserError(f"model.text.max_tokens must be >= 2 (the start token and a word) and depth >= 0, got {tx.max_tokens}, {tx.depth}")
+    if cfg.num_classes:
+        raise UserError(f"model.condition text has no class table: leave model.num_classes unset (got {cfg.num_classes})")
+    if cfg.arch != "sit":
+        raise UserError("model.condition text is implemented for model.arch sit (dense and SPRINT), not yet for sparsedit")
 
 
 def check_sparsedit(cfg: ModelConfig) -> None:
@@ -304,6 +351,48 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to the caption's tokens (keys, values), padding masked out (PixArt-alpha's)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D), text (B, L, D), keep (B, L) bool (False at padding; at least one True per row) -> (B, N, D)."""
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, dh)
+        k, v = self.kv(text).view(b, text.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x (B, h, L, dh)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # (B, h, N, dh)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class TextEncoder(nn.Module):
+    """The learned caption encoder: word and position embeddings, then `depth` pre-norm transformer layers."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, tx = cfg.hidden_size, cfg.text
+        self.words = nn.Embedding(len(tx.vocabulary) + SPECIAL_TOKENS, d, padding_idx=PAD)
+        self.positions = nn.Parameter(torch.zeros(1, tx.max_tokens, d))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, cfg.num_heads, int(d * cfg.mlp_ratio), dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+            for _ in range(tx.depth)
+        )
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, L) token ids (PAD after the caption) -> tokens (B, L, D), keep (B, L) bool."""
+        keep = ids != PAD
+        h = self.words(ids) + self.positions[:, : ids.shape[1]]
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=~keep)
+        return self.norm(h), keep
+
+
 def mlp_hidden(cfg: ModelConfig) -> int:
     """MLP width; SwiGLU has two input projections, so 2/3 of the width keeps the GELU MLP's parameter count."""
     hidden = int(cfg.hidden_size * cfg.mlp_ratio)
@@ -337,14 +426,18 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.cross_attn = CrossAttention(d, cfg.num_heads) if cfg.condition == "text" else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope, context: torch.Tensor | None = None, context_rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope, context: torch.Tensor | None = None, context_rope=None, text=None) -> torch.Tensor:
         """x (B, N, D), c (B, D). With `context` (B, M, D) the attention is cross-attention to it (SparseDiT's
-        merge and recover blocks); the context goes through the same norm and modulation as x."""
+        merge and recover blocks); the context goes through the same norm and modulation as x. text: (tokens
+        (B, L, D), keep (B, L)) of the caption, cross-attended between attention and MLP, unmodulated (PixArt-alpha)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, D)
         if context is not None:
             context = modulate(self.norm1(context), shift_a, scale_a)
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, context, context_rope)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(x, *text)
         return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
 
 
@@ -376,7 +469,7 @@ class Backbone(nn.Module):
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, cfg.time_scale, cfg.time_freq_shift)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, d)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d) if cfg.condition == "class" else TextEncoder(cfg)
         self.build_body(cfg)
         self.final_layer = FinalLayer(cfg)
         if cfg.pos_embed == "rope":
@@ -397,8 +490,9 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     @property
-    def null_class(self) -> int:
-        return self.config.num_classes
+    def null_class(self) -> int | torch.Tensor:
+        """The unconditional input: the null label, or the empty text's token ids (max_tokens,)."""
+        return null_condition(self.config)
 
     @property
     def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -410,12 +504,17 @@ class Backbone(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.config.label_init_std)
+        if self.config.condition == "class":
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.config.label_init_std)
+        else:
+            nn.init.normal_(self.y_embedder.words.weight, std=self.config.init_std)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=self.config.init_std)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if getattr(block, "cross_attn", None) is not None:  # each block starts as the unconditioned one
+                nn.init.zeros_(block.cross_attn.proj.weight)
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -436,12 +535,15 @@ class Backbone(nn.Module):
                 taps.append(x)
         return x
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens (B, N, D) with absolute positions if any, and the conditioning c (B, D)."""
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+        """Tokens (B, N, D) with absolute positions if any, the modulation c (B, D), and the caption (tokens
+        (B, L, D), keep (B, L)) for a text model, else None. y: labels (B,), or token ids (B, L)."""
         h = self.x_embedder(x)  # (B, N, D)
         if self.config.pos_embed == "sincos":
             h = h + self.pos_embed
-        return h, self.t_embedder(t) + self.y_embedder(y)
+        if self.config.condition == "text":
+            return h, self.t_embedder(t), self.y_embedder(y)
+        return h, self.t_embedder(t) + self.y_embedder(y), None
 
     def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens -> (B, C_out, H, W)."""
@@ -477,16 +579,18 @@ class SiT(Backbone):
     def decoder(self) -> nn.ModuleList:
         return self.blocks[self.config.depth - self.config.sprint.decoder_depth :]
 
-    def sparse_path(self, h: torch.Tensor, c: torch.Tensor, mask: TokenMask | None, rows: int, taps: list | None = None) -> torch.Tensor:
-        """Middle blocks on the kept tokens of the first `rows` samples; (rows, N, D) with MASK at dropped."""
+    def sparse_path(self, h: torch.Tensor, c: torch.Tensor, mask: TokenMask | None, rows: int, taps: list | None = None, text=None) -> torch.Tensor:
+        """Middle blocks on the kept tokens of the first `rows` samples (which cross-attend to every caption token);
+        (rows, N, D) with MASK at dropped."""
         h, c = h[:rows], c[:rows]  # (rows, N, D), (rows, D)
+        text = None if text is None else tuple(part[:rows] for part in text)
         rope = self.rope
         if mask is not None:
             ids_keep = mask.ids_keep[:rows]  # (rows, K)
             h = gather_tokens(h, ids_keep)  # (rows, K, D)
             if rope is not None:  # the kept tokens keep the angles of their true positions
                 rope = tuple(gather_tokens(table.expand(rows, -1, -1), ids_keep).unsqueeze(1) for table in rope)
-        h = self.run_blocks(self.middle, h, c, rope, taps)
+        h = self.run_blocks(self.middle, h, c, rope, taps, text=text)
         if mask is not None:
             h = restore_tokens(h, TokenMask(ids_keep, mask.ids_restore[:rows], mask.dropped[:rows]), self.mask_token[0, 0])
         return h
@@ -501,7 +605,8 @@ class SiT(Backbone):
         middle_rows: int | None = None,
         repa: RepaTap | None = None,
     ) -> torch.Tensor:
-        """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) labels (num_classes = null) -> (B, C_out, H, W).
+        """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) labels (num_classes = null) or (B, L) caption token ids
+        (the empty text = START alone) -> (B, C_out, H, W).
 
         mask: tokens the middle blocks see (None: all). path_drop: (B,) bool, samples whose sparse path
         is replaced by MASK tokens before fusion. middle_rows: only the first `middle_rows` samples run
@@ -517,15 +622,15 @@ class SiT(Backbone):
             raise UserError("the REPA output needs model.repa.depth > 0 and every sample through the middle blocks")
         taps = [] if repa is not None else None
         rope = self.rope
-        h, c = self.embed(x, t, y)  # (B, N, D), (B, D)
-        h = self.run_blocks(self.encoder, h, c, rope, taps)  # (B, N, D) dense path
-        sparse = self.sparse_path(h, c, mask, rows, taps) if rows > 0 else h[:0]  # (rows, N, D)
+        h, c, text = self.embed(x, t, y)  # (B, N, D), (B, D), caption or None
+        h = self.run_blocks(self.encoder, h, c, rope, taps, text=text)  # (B, N, D) dense path
+        sparse = self.sparse_path(h, c, mask, rows, taps, text) if rows > 0 else h[:0]  # (rows, N, D)
         if rows < b:
             sparse = torch.cat([sparse, self.mask_token.to(h.dtype).expand(b - rows, *h.shape[1:])])  # (B, N, D)
         if path_drop is not None:
             sparse = torch.where(path_drop[:, None, None], self.mask_token.to(sparse.dtype), sparse)
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, h], dim=-1))  # (B, N, D)
-        h = self.run_blocks(self.decoder, h, c, rope, taps)
+        h = self.run_blocks(self.decoder, h, c, rope, taps, text=text)
         if repa is not None:
             sparse_tap = mask is not None and len(self.encoder) < self.config.repa.depth <= len(self.encoder) + len(self.middle)
             repa.projected, repa.ids_keep = self.repa_projector(taps[0]), mask.ids_keep if sparse_tap else None

@@ -154,7 +154,7 @@ class SparseDiT(Backbone):
         if any(v is not None for v in sprint_only.values()):
             raise UserError(f"SparseDiT takes no {', '.join(k for k, v in sprint_only.items() if v is not None)} (SPRINT masks / path drop)")
         cfg = self.config
-        h, c = self.embed(x, t, y)  # (B, N, D), (B, D)
+        h, c, _ = self.embed(x, t, y)  # (B, N, D), (B, D), no caption (class-conditional only)
         h = self.run_blocks(self.blocks[: cfg.sparse.pool_depth], h, c, None)
         sides = [side] * x.shape[0] if side is not None else self.sides(t)
         if len(set(sides)) == 1:
