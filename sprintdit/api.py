@@ -6,6 +6,7 @@ the same library functions).
     sprintdit.train(cfg, out="runs/fm")
     pipe = sprintdit.Pipeline.from_pretrained("runs/fm", device="cpu")
     images = pipe(labels=[0, 1, 2], seeds=[0, 1, 2], steps=25, guidance="pdg", scale=2.0)  # PIL images
+    images = text_pipe(prompts=["a bag top left"], seeds=[0])  # a text-conditioned run (model.condition text)
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from .images import to_uint8
 from .objective import build_objective
 from .sampling import SampleConfig, generate
 from .distributed import pick_device
+from .errors import UserError
+from .models.sit import null_condition
+from .text_encoders import encode_prompts
 from .trainer import Trainer
 from .vae import pixel_decoder
 
@@ -33,25 +37,26 @@ def train(cfg: RunConfig, out: str | Path, stop_at: int | None = None, progress:
 
 
 class Pipeline:
-    """Class-conditional sampling from a checkpoint: labels and per-sample seeds in, PIL images out.
+    """Sampling from a checkpoint: class labels (or, for a text model, prompts) and per-sample seeds in, PIL images out.
 
     The network, objective (flow matching or DDPM, and so the null class for guidance) and default sampling
     settings come from the checkpoint; latent models decode with the run's VAE and every image is clamped to
     [-1, 1] and rounded to uint8 as the ADM sample scripts do. An image depends only on its label and seed."""
 
-    def __init__(self, model: torch.nn.Module, run: RunConfig, device: torch.device):
+    def __init__(self, model: torch.nn.Module, run: RunConfig, device: torch.device, text_encoder_path: str | None = None):
         self.model = model.eval()
         self.run = run
-        self.objective = build_objective(run.objective, run.model.num_classes, run.model.learn_sigma)
+        self.objective = build_objective(run.objective, null_condition(run.model), run.model.learn_sigma)
+        self.text_encoder_path = text_encoder_path
         self.device = device
         self.to_pixels = pixel_decoder(run.data, device)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "auto", use_ema: bool = True) -> "Pipeline":
+    def from_pretrained(cls, path: str | Path, device: str = "auto", use_ema: bool = True, text_encoder_path: str | None = None) -> "Pipeline":
         """A run folder (its latest checkpoint), a checkpoint folder, an exported folder or a .safetensors file."""
         target = pick_device(device)
         model, run = load_model(path, use_ema=use_ema, device=target)
-        return cls(model, run, target)
+        return cls(model, run, target, text_encoder_path)
 
     def to(self, device: str | torch.device) -> "Pipeline":
         self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
@@ -64,11 +69,15 @@ class Pipeline:
         return self.run.model.num_classes
 
     def __call__(
-        self, labels: Sequence[int], seeds: Sequence[int] | None = None, steps: int | None = None, guidance: str | None = None,
+        self, labels: Sequence[int] | None = None, seeds: Sequence[int] | None = None, steps: int | None = None, guidance: str | None = None,
         scale: float | None = None, sampler: str | None = None, interval: Sequence[float] | None = None, batch_size: int | None = None,
-        progress: bool = False,
+        progress: bool = False, prompts: Sequence[str] | None = None,
     ) -> list[Image.Image]:
-        """One image per label (seed i + its position when `seeds` is not given); unset settings: the run's `sample`."""
+        """One image per label or prompt (seed: its position when `seeds` is not given); unset settings: the run's `sample`."""
+        if (labels is None) == (prompts is None):
+            raise UserError("give labels (a class model) or prompts (a text model)")
+        if prompts is not None:
+            labels = list(encode_prompts(self.run.model, list(prompts), self.text_encoder_path, self.device).cpu())
         given = {"steps": steps, "guidance": guidance, "scale": scale, "sampler": sampler, "batch_size": batch_size,
                  "interval": None if interval is None else [float(v) for v in interval]}
         cfg = replace(self.run.sample, **{k: v for k, v in given.items() if v is not None})

@@ -35,8 +35,9 @@ def parse_ints(text: str, what: str) -> list[int]:
 def cmd_prepare(args) -> int:
     from .prepare import FeatureEncoder, PrepareConfig, prepare
 
-    given = {k: getattr(args, k) for k in ("resolution", "shard_size", "batch_size", "patch_size", "device") if getattr(args, k) is not None}
-    cfg = PrepareConfig(images=args.images, out=args.out, vae=args.vae, progress=not args.no_progress, **given)  # its defaults for the rest
+    keys = ("vae", "resolution", "shard_size", "batch_size", "patch_size", "device", "captions", "text_encoder", "text_encoder_path", "max_tokens")
+    given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    cfg = PrepareConfig(images=args.images, out=args.out, progress=not args.no_progress, **given)  # its defaults for the rest
     features = None
     if args.dinov2_weights is not None:
         from .metrics.dinov2 import load_dinov2
@@ -46,7 +47,9 @@ def cmd_prepare(args) -> int:
 
     with process_group_from_env():
         result = prepare(cfg, features)
-    if result.manifest is not None:
+    if result.manifest is not None and cfg.vae is None:
+        print(f"caption embeddings: {result.manifest} (train pixels on them with data.captions={cfg.out})")
+    elif result.manifest is not None:
         import json
 
         manifest = json.loads(result.manifest.read_text())
@@ -117,9 +120,22 @@ def cmd_sample(args) -> int:
     return on_ranks(sample_on_ranks, args)
 
 
+def read_prompts(args) -> list[str]:
+    """--prompt (repeatable), then the lines of --prompts FILE (blank lines skipped)."""
+    prompts = list(args.prompt or [])
+    if args.prompts is not None:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise UserError(f"--prompts {path} does not exist (one prompt per line)")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts
+
+
 def sample_on_ranks(args) -> int:
     from .checkpoint import load_model
+    from .files import atomic_write_text
     from .images import save_grid, save_npz
+    from .models.sit import null_condition
     from .objective import build_objective
     from .sampling import generate_on_ranks
     from .vae import pixel_decoder
@@ -130,15 +146,22 @@ def sample_on_ranks(args) -> int:
     model, cfg = load_model(args.checkpoint, use_ema=not args.no_ema)
     model, d = join_ranks(model, cfg, args.device)
     scfg = sample_config(args, cfg.sample)
-    if args.labels is not None:
-        labels = parse_ints(args.labels, "--labels")
-    else:
-        labels = list(range(cfg.model.num_classes))
     if args.per_label < 1:
         raise UserError(f"--per-label must be >= 1, got {args.per_label}")
-    labels = [y for y in labels for _ in range(args.per_label)]
+    prompts = read_prompts(args)
+    if cfg.model.condition == "text":
+        if not prompts or args.labels is not None:
+            raise UserError("this model is text-conditioned: give --prompt TEXT (repeatable) or --prompts FILE (one per line), not --labels")
+        from .text_encoders import encode_prompts
+
+        labels = list(encode_prompts(cfg.model, [p for p in prompts for _ in range(args.per_label)], args.text_encoder_path, d.device).cpu())
+    elif prompts:
+        raise UserError("this model is class-conditional: give --labels, not --prompt or --prompts")
+    else:
+        labels = parse_ints(args.labels, "--labels") if args.labels is not None else list(range(cfg.model.num_classes))
+        labels = [y for y in labels for _ in range(args.per_label)]
     seeds = parse_ints(args.seeds, "--seeds") if args.seeds else list(range(args.seed_start, args.seed_start + len(labels)))
-    objective = build_objective(cfg.objective, cfg.model.num_classes, cfg.model.learn_sigma)
+    objective = build_objective(cfg.objective, null_condition(cfg.model), cfg.model.learn_sigma)
     tic = time.perf_counter()
     samples = generate_on_ranks(model, objective, labels, seeds, scfg, d, progress=not args.no_progress)
     images = pixel_decoder(cfg.data, d.device)(samples) if d.is_main else None
@@ -146,12 +169,15 @@ def sample_on_ranks(args) -> int:
     if not d.is_main:
         return 0
     stem = f"{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}"
-    npz = save_npz(images, labels, out / f"{stem}.npz")
+    npz = save_npz(images, None if prompts else labels, out / f"{stem}.npz")
+    if prompts:  # sample i is prompt i // per_label
+        atomic_write_text(out / f"{stem}.prompts.txt", "".join(p + "\n" for p in prompts))
     shown = "no grid"
     if args.grid_max > 0:  # a PNG for people: the first --grid-max images (a 50k ADM batch lives in the npz)
-        columns = args.per_label if args.per_label > 1 else min(len(labels), 10)
+        columns = args.per_label if args.per_label > 1 or prompts else min(len(labels), 10)
         count = min(len(labels), args.grid_max - args.grid_max % columns or columns)
-        shown = f"grid: {save_grid(images[:count], out / f'{stem}.png', columns=columns)}" + (f" (first {count})" if count < len(labels) else "")
+        grid = save_grid(images[:count], out / f"{stem}.png", columns=columns, row_labels=prompts)
+        shown = f"grid: {grid}" + (f" (first {count})" if count < len(labels) else "")
     where = f"{d.world_size} ranks ({d.device.type})" if d.active else str(d.device)
     print(f"{len(labels)} samples in {seconds:.1f}s ({len(labels) / seconds:.2f} img/s) on {where}; {shown}; batch: {npz}")
     return 0
@@ -373,9 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="encode a class-per-folder image tree into sharded VAE latents (resumable; shards across torchrun ranks)")
-    p.add_argument("--images", required=True, help="image tree, one sub-folder per class (ImageNet train layout)")
+    p.add_argument("--images", required=True, help="image tree, one sub-folder per class (ImageNet train layout); with --captions any images under it")
     p.add_argument("--out", required=True, help="latent folder: shard_*.safetensors, their .json sidecars and manifest.json; re-run to resume")
-    p.add_argument("--vae", required=True, help="local AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema: config.json + weights)")
+    p.add_argument("--vae", help="local AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema: config.json + weights); without it, only --captions' embeddings")
+    p.add_argument("--captions", help="captions.jsonl ({\"file\": ..., \"caption\": ...} per line): store the captions' embeddings for model.text.encoder t5 | clip")
+    p.add_argument("--text-encoder", choices=("t5", "clip"), help="the encoder at --text-encoder-path (default t5)")
+    p.add_argument("--text-encoder-path", help="local transformers folder of the text encoder (e.g. DeepFloyd/t5-v1_1-xxl, as PixArt-alpha)")
+    p.add_argument("--max-tokens", type=int, help="caption tokens kept (default 120, PixArt-alpha's; CLIP: 77); longer ones are truncated")
     p.add_argument("--resolution", type=int, help="image side after ADM's centre crop (default 256)")
     p.add_argument("--shard-size", type=int, help="images per shard (default 10000)")
     p.add_argument("--batch-size", type=int, help="images per encoder forward (default 32)")
@@ -398,7 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run folder (latest checkpoint), checkpoint folder or .safetensors file")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
     p.add_argument("--labels", help="class labels, e.g. 0,3,5 or 0-9 (default: every class)")
-    p.add_argument("--per-label", type=int, default=1, help="samples per label (default 1); the grid has one row per label")
+    p.add_argument("--prompt", action="append", help="text models: a caption to sample (repeat for more)")
+    p.add_argument("--prompts", help="text models: a file of captions, one per line")
+    p.add_argument("--text-encoder-path", help="text models on t5 / clip embeddings: the encoder folder (default: the run's model.text.path)")
+    p.add_argument("--per-label", type=int, default=1, help="samples per label or prompt (default 1); the grid has one row per label or prompt")
     p.add_argument("--seeds", help="one seed per sample, e.g. 0-99 (default: consecutive from --seed-start)")
     p.add_argument("--seed-start", type=int, default=0, help="first seed when --seeds is not given (default 0)")
     add_sampling_options(p)

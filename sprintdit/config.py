@@ -51,6 +51,7 @@ class DataConfig:
     resolution: int = 32  # pixels: fashion_mnist pads 28 -> 32; image_folder resizes and centre-crops; latents: as prepared
     num_workers: int = 0  # data-loading processes (image_folder, latents)
     vae: Optional[str] = None  # latents: the VAE folder that decodes samples (default: the one in the manifest)
+    captions: Optional[str] = None  # image_folder: captions.jsonl (model.text.encoder learned) or a folder `prepare --captions` wrote (t5, clip); see sprintdit.captions
 
 
 @dataclass

@@ -24,7 +24,7 @@ from PIL import Image
 
 from .draws import Draws
 from .errors import UserError
-from .files import sha256_file
+from .files import read_format_json, sha256_file
 
 IDX_IMAGES, IDX_LABELS = 0x0803, 0x0801
 FASHION_MNIST_FILES = {"train": "train-{}-idx{}-ubyte", "test": "t10k-{}-idx{}-ubyte"}
@@ -97,7 +97,7 @@ class FashionMNIST:
 
 class Batch(NamedTuple):
     x: torch.Tensor  # (B, C, H, W): the data, or for latents the scaled posterior mean
-    y: torch.Tensor  # (B,) int64 labels
+    y: torch.Tensor  # (B,) int64 labels, or captions: (B, L) token ids or (B, L, E) embeddings
     std: Optional[torch.Tensor] = None  # (B, C, H, W) scaled posterior std: training uses x + std * noise
     features: Optional[torch.Tensor] = None  # (B, T, D) REPA targets (DINOv2 patch tokens)
 
@@ -142,16 +142,41 @@ def read_image(path: Path, resolution: int) -> torch.Tensor:
 
 class ImageFolder:
     """Class-per-folder images (root/CLASS/*.png ...), labels by sorted folder name; RGB, ADM-cropped to
-    `resolution` (the crop `sprintdit prepare` uses)."""
+    `resolution` (the crop `sprintdit prepare` uses). With `captions` (data.captions: a captions.jsonl, or the
+    folder `prepare --captions` wrote), any images under root with a caption, and y is the caption (token ids
+    (B, L) or embeddings (B, L, E)); see sprintdit.captions for missing, empty and long captions."""
 
     channels = 3
 
-    def __init__(self, root: str | Path, resolution: int):
+    def __init__(self, root: str | Path, resolution: int, captions: str | None = None):
         self.root = Path(root)
-        self.classes, self.files = scan_class_folders(self.root)
-        self.num_classes = len(self.classes)
         self.unreadable: set[Path] = set()
         self.resolution = (resolution, resolution)
+        self.caption_table = self.learned_captions = None
+        if captions is None:
+            self.classes, self.files = scan_class_folders(self.root)
+            self.num_classes = len(self.classes)
+            return
+        from .captions import CaptionTable, LearnedCaptions, captioned_files, read_captions_jsonl
+
+        self.classes, self.num_classes = [], 0
+        if Path(captions).is_dir():  # embeddings prepared for a t5 / clip encoder: label = table row
+            self.caption_table = CaptionTable.open(captions)
+            row_of = self.caption_table.row_of()
+            self.files = [(self.root / f, row_of[f]) for f in captioned_files(self.root, row_of, IMAGE_SUFFIXES)]
+        else:
+            text = read_captions_jsonl(captions)
+            names = captioned_files(self.root, text, IMAGE_SUFFIXES)
+            self.learned_captions = LearnedCaptions([text[f] for f in names])
+            self.files = [(self.root / f, i) for i, f in enumerate(names)]
+
+    @property
+    def vocabulary(self) -> list[str] | None:
+        return None if self.learned_captions is None else self.learned_captions.vocabulary
+
+    @property
+    def max_tokens(self) -> int:
+        return (self.learned_captions or self.caption_table).max_tokens
 
     def __len__(self) -> int:
         return len(self.files)
@@ -171,16 +196,18 @@ class ImageFolder:
         raise UserError(f"no readable image under {self.root}")
 
     def load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, R, R) in [-1, 1] and labels (B,), or captions (B, L) ids or (B, L, E) embeddings."""
         pairs = [self._readable(i) for i in indices.tolist()]
         images = torch.stack([image for image, _ in pairs])
-        labels = torch.tensor([label for _, label in pairs], dtype=torch.int64)
-        return images.float() / 127.5 - 1.0, labels
+        labels = np.array([label for _, label in pairs], dtype=np.int64)
+        captions = self.learned_captions or self.caption_table
+        return images.float() / 127.5 - 1.0, torch.from_numpy(labels) if captions is None else captions.rows(labels)
 
 
 FORMAT = "sprintdit-latents/1"  # the latent folder `sprintdit prepare` writes (layout: see sprintdit.prepare)
 MANIFEST = "manifest.json"
 SHARD_NAME = "shard_{:05d}.safetensors"
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "BOOL": np.bool_}
 HEADER_BYTES = 8  # a safetensors file starts with its JSON header's length, little-endian uint64
 
 
@@ -203,12 +230,7 @@ class LatentDataset:
 
     def __init__(self, root: str | Path, resolution: int):
         root = Path(root)
-        path = root / MANIFEST
-        if not path.is_file():
-            raise UserError(f"no {MANIFEST} in {root}: run `sprintdit prepare --images IMAGES --out {root} --vae VAE` first")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
-            raise UserError(f"{path} is not a {FORMAT} manifest")
+        manifest = read_format_json(root / MANIFEST, FORMAT, f"no {MANIFEST} in {root}: run `sprintdit prepare --images IMAGES --out {root} --vae VAE` first")
         if manifest["resolution"] != resolution:
             raise UserError(f"data.resolution is {resolution} but {root} was prepared at {manifest['resolution']}")
         shards = []
@@ -222,6 +244,12 @@ class LatentDataset:
         self.vae_path = manifest["vae"]["path"]
         self.classes = list(manifest["classes"])
         self.num_classes = len(self.classes)
+        self.caption_table, self.vocabulary = None, None  # prepared with --captions: shards hold `caption` rows of the table
+        if manifest.get("captions"):
+            from .captions import CaptionTable
+
+            self.caption_table = CaptionTable.open(root)
+            self.max_tokens = self.caption_table.max_tokens
         self.channels = manifest["latent_shape"][0]
         self.resolution = tuple(manifest["latent_shape"][1:])
         dinov2 = manifest["dinov2"]
@@ -237,7 +265,11 @@ class LatentDataset:
     def load(self, indices: torch.Tensor) -> Batch:
         ids = indices.numpy()
         features = self._gather("dinov2", ids).float() if self.feature_shape is not None else None
-        return Batch(self._gather("mean", ids) * self.scale, self._gather("labels", ids), self._gather("std", ids) * self.scale, features)
+        if self.caption_table is None:
+            y = self._gather("labels", ids)  # (B,)
+        else:
+            y = self.caption_table.rows(self._gather("caption", ids).numpy())  # (B, L, E)
+        return Batch(self._gather("mean", ids) * self.scale, y, self._gather("std", ids) * self.scale, features)
 
 
 def build_dataset(cfg) -> FashionMNIST | ImageFolder | LatentDataset:
@@ -252,7 +284,7 @@ def build_dataset(cfg) -> FashionMNIST | ImageFolder | LatentDataset:
         if cfg.resolution != CANVAS:
             raise UserError(f"data.resolution for fashion_mnist_layouts is {CANVAS} (2x2 cells of 16), got {cfg.resolution}")
         return FashionMNISTLayouts(cfg.root, cfg.split)
-    return ImageFolder(cfg.root, cfg.resolution)
+    return ImageFolder(cfg.root, cfg.resolution, cfg.captions)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

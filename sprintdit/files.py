@@ -1,9 +1,10 @@
 """Files that a crash never leaves half-written: atomic file and folder writes (written under a hidden name,
-fsynced, renamed into place) and file checksums. Every writer in sprintdit goes through here."""
+fsynced, renamed into place), file checksums and format-stamped JSON. Every writer in sprintdit goes through here."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -75,3 +76,15 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_format_json(path: Path, fmt: str, missing: str) -> dict:
+    """A JSON file that names its format (a manifest); `missing` is the one-line error when it is not there."""
+    from .errors import UserError
+
+    if not path.is_file():
+        raise UserError(missing)
+    info = json.loads(path.read_text())
+    if info.get("format") != fmt:
+        raise UserError(f"{path} is not a {fmt} file")
+    return info

@@ -14,24 +14,33 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(x: torch.Tensor, path: str | Path, columns: int, pad: int = 2) -> Path:
-    """Save images (N, C, H, W) in [-1, 1] as one PNG, `columns` images per row."""
-    from PIL import Image
+def save_grid(x: torch.Tensor, path: str | Path, columns: int, pad: int = 2, row_labels: list[str] | None = None) -> Path:
+    """Save images (N, C, H, W) in [-1, 1] as one PNG, `columns` images per row; `row_labels` (e.g. the prompts)
+    are written to the left of their rows."""
+    from PIL import Image, ImageDraw, ImageFont
 
     images = to_uint8(x)  # (N, H, W, C)
     n, h, w, c = images.shape
     rows = -(-n // columns)
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
+    font = ImageFont.load_default()
+    margin = 0 if not row_labels else int(max(font.getlength(s) for s in row_labels)) + 2 * pad
+    grid = np.full((rows * (h + pad) + pad, margin + columns * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i, img in enumerate(images):
         r, col = divmod(i, columns)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+        left = margin + pad + col * (w + pad)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, left : left + w] = img
+    picture = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    if row_labels:
+        draw = ImageDraw.Draw(picture)
+        for r, label in enumerate(row_labels[:rows]):
+            draw.text((pad, pad + r * (h + pad) + h // 2), label, fill=0, font=font, anchor="lm")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    picture.save(path)
     return path
 
 
-def save_npz(x: torch.Tensor, labels: list[int], path: str | Path) -> Path:
-    """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int64 labels; x (N, C, H, W) in [-1, 1], or already uint8."""
+def save_npz(x: torch.Tensor, labels: list[int] | None, path: str | Path) -> Path:
+    """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int64 labels (none for prompts); x (N, C, H, W) in [-1, 1], or already uint8."""
     images = x.permute(0, 2, 3, 1).cpu().numpy() if x.dtype == torch.uint8 else to_uint8(x)
-    return atomic_write_npz(path, images, np.asarray(labels, dtype=np.int64))
+    return atomic_write_npz(path, images) if labels is None else atomic_write_npz(path, images, np.asarray(labels, dtype=np.int64))

@@ -8,6 +8,10 @@ Layout of the output folder:
   fingerprint of the shard's file list. A shard with a valid sidecar is complete; resuming keeps it.
 - `manifest.json` (written last, atomically, by rank 0): resolution, latent shape, VAE path, config hash and
   scaling factor, DINOv2 settings, class name -> index, count, sha256 per shard, skipped images with reasons.
+- With `--captions captions.jsonl` (any images under --images that have a caption; see sprintdit.captions): first
+  the caption-embedding table `captions.safetensors` / `captions.json` from the T5 or CLIP encoder at
+  `--text-encoder-path`, then shards whose `caption` (N,) int64 holds each image's table row instead of `labels`.
+  Without --vae only the table is written: pixel training reads it with data.captions=OUT.
 
 Images are cropped as ADM does (`data.adm_center_crop`, as the image-folder reader). Shard i of the (sorted) file list goes to rank
 i mod world, so torchrun processes share the work; every rank writes its own shards and sidecars.
@@ -21,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .data import FORMAT, IMAGE_ERRORS, MANIFEST, SHARD_NAME, read_image
+from .captions import TABLE_INFO, caption_table_matches, captioned_files, read_captions_jsonl, write_caption_table
+from .data import FORMAT, IMAGE_ERRORS, IMAGE_SUFFIXES, MANIFEST, SHARD_NAME, read_image
 from .distributed import barrier, joined, rank_device
 from .errors import UserError
 from .files import atomic_write, atomic_write_text, sha256_file
@@ -33,7 +38,11 @@ PIXEL_MAX = 255.0
 class PrepareConfig:
     images: str  # class-per-folder image tree (ImageNet train layout)
     out: str  # latent folder
-    vae: str  # local AutoencoderKL folder (config.json + weights)
+    vae: str | None = None  # local AutoencoderKL folder (config.json + weights); None: only the caption table (needs captions)
+    captions: str | None = None  # captions.jsonl: store caption embeddings (and caption rows in the shards)
+    text_encoder: str = "t5"  # t5 | clip (sprintdit.text_encoders)
+    text_encoder_path: str | None = None  # its local transformers folder
+    max_tokens: int = 120  # caption tokens (PixArt-alpha's T5: 120; CLIP: 77)
     resolution: int = 256  # image side after the ADM centre crop
     shard_size: int = 10000  # images per shard
     batch_size: int = 32  # images per VAE forward
@@ -83,10 +92,12 @@ def complete_shard(shard: Path, settings: dict, fingerprint: str) -> dict | None
 
 
 def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, bar) -> tuple[dict, list]:
-    """Tensors of one shard and the images skipped as unreadable ([{path, reason}])."""
+    """Tensors of one shard and the images skipped as unreadable ([{path, reason}]). files: (path, label) pairs,
+    the label a class index, or with captions a caption-table row (stored as `caption`)."""
     from .vae import encode
 
-    parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "labels": [], "dinov2": []}
+    label_key = "caption" if cfg.captions else "labels"
+    parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], label_key: [], "dinov2": []}
     skipped = []
     for start in range(0, len(files), cfg.batch_size):
         images, labels = [], []
@@ -103,7 +114,7 @@ def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig
         mean, std = encode(vae, pixels.float() / (PIXEL_MAX / 2) - 1)  # (B, C, h, w) each
         parts["mean"].append(mean.cpu())
         parts["std"].append(std.cpu())
-        parts["labels"].append(torch.tensor(labels, dtype=torch.int64))
+        parts[label_key].append(torch.tensor(labels, dtype=torch.int64))
         if features is not None:
             from .metrics.dinov2 import dinov2_patch_features
 
@@ -122,13 +133,20 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
 
     if cfg.resolution < 1 or cfg.shard_size < 1 or cfg.batch_size < 1 or cfg.patch_size < 1:
         raise UserError("--resolution, --shard-size, --batch-size and --patch-size must be >= 1")
+    if cfg.vae is None and cfg.captions is None:
+        raise UserError("prepare needs --vae (latents) or --captions (caption embeddings), or both")
     root, out = Path(cfg.images), Path(cfg.out)
-    classes, files = scan_class_folders(root)
     device = rank_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # this rank's GPU (NCCL's barrier uses the current device)
     d = joined(device)
     rank, world = d.shard
+    if cfg.captions:
+        classes, files = [], prepare_captions(cfg, root, out, device, d)
+    else:
+        classes, files = scan_class_folders(root)
+    if cfg.vae is None:
+        return PrepareResult(manifest=out / TABLE_INFO if rank == 0 else None)
     vae = load_vae(cfg.vae, device)
     factor = downsample_factor(vae)
     if cfg.resolution % (factor * cfg.patch_size):
@@ -140,6 +158,7 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
         "resolution": cfg.resolution,
         "vae_config_sha256": config_sha256(cfg.vae),
         "dinov2": None if features is None else {"model": features.name, "weights": str(features.weights), "grid": grid},
+        "captions": None if cfg.captions is None else json.loads((out / TABLE_INFO).read_text())["sha256"],
     }
     out.mkdir(parents=True, exist_ok=True)
     plan = [files[i : i + cfg.shard_size] for i in range(0, len(files), cfg.shard_size)]
@@ -159,7 +178,7 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
         if not tensors:
             raise UserError(f"no readable image in shard {i} of {root} (first: {plan[i][0][0]})")
         atomic_write(shard, lambda p: save_file(tensors, str(p)))
-        info = {"file": shard.name, "count": len(tensors["labels"]), "sha256": sha256_file(shard), "skipped": skipped,
+        info = {"file": shard.name, "count": len(tensors["mean"]), "sha256": sha256_file(shard), "skipped": skipped,
                 "settings": settings, "files": files_fingerprint(plan[i], root)}
         write_json(sidecar_path(shard), info)
         result.encoded.append(i)
@@ -168,6 +187,23 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     if rank == 0:
         result.manifest = write_manifest(out, plan, classes, settings, vae, cfg, features)
     return result
+
+
+def prepare_captions(cfg: PrepareConfig, root: Path, out: Path, device: torch.device, d) -> list[tuple[Path, int]]:
+    """Rank 0 writes the caption table (kept when it is already there and the same); every rank gets the
+    captioned images as (path, table row) pairs."""
+    from .text_encoders import PretrainedTextEncoder
+
+    text = read_captions_jsonl(cfg.captions)
+    names = captioned_files(root, text, IMAGE_SUFFIXES)
+    if d.shard[0] == 0:
+        if cfg.text_encoder_path is None:
+            raise UserError("--captions needs --text-encoder-path: the local T5 or CLIP folder that embeds them")
+        encoder = PretrainedTextEncoder(cfg.text_encoder, cfg.text_encoder_path, cfg.max_tokens, device)
+        if not caption_table_matches(out, names, [text[f] for f in names], encoder):
+            write_caption_table(out, names, [text[f] for f in names], encoder)
+    barrier(d, "waiting for the caption table")
+    return [(root / f, i + 1) for i, f in enumerate(names)]
 
 
 def write_manifest(out: Path, plan: list, classes: list[str], settings: dict, vae, cfg: PrepareConfig, features: FeatureEncoder | None) -> Path:
@@ -193,6 +229,7 @@ def write_manifest(out: Path, plan: list, classes: list[str], settings: dict, va
                 "scaling_factor": scaling_factor(vae), "downsample": downsample_factor(vae)},
         "dinov2": None if features is None else {**settings["dinov2"], "tokens": dinov2_shape[0], "dim": dinov2_shape[1], "dtype": "float16"},
         "classes": {name: i for i, name in enumerate(classes)},
+        "captions": None if cfg.captions is None else TABLE_INFO,  # shards hold `caption` rows of this table
         "count": sum(info["count"] for info in infos),
         "shards": [{"file": info["file"], "count": info["count"], "sha256": info["sha256"]} for info in infos],
         "skipped": [s for info in infos for s in info["skipped"]],

@@ -169,8 +169,12 @@ def check_request(model, objective: FlowMatching | DDPM, labels: list[int], seed
     if len(labels) != len(seeds):
         raise UserError(f"got {len(labels)} labels but {len(seeds)} seeds")
     mc = model.config
-    if mc.condition == "text":
+    if mc.condition == "text" and mc.text.encoder == "learned":
         check_token_ids(labels, mc)
+    elif mc.condition == "text":
+        shape = (mc.text.max_tokens, mc.text.dim)
+        if any(tuple(torch.as_tensor(row).shape) != shape for row in labels):
+            raise UserError(f"caption embeddings must each be {shape} (max_tokens, dim) for this model")
     else:
         bad = [y for y in labels if not 0 <= y < mc.num_classes]
         if bad:
@@ -185,9 +189,10 @@ def check_request(model, objective: FlowMatching | DDPM, labels: list[int], seed
 
 @torch.no_grad()
 def generate(
-    model, objective: FlowMatching | DDPM, labels: list[int], seeds: list[int], cfg: SampleConfig, device, progress: bool = False
+    model, objective: FlowMatching | DDPM, labels: list, seeds: list[int], cfg: SampleConfig, device, progress: bool = False
 ) -> torch.Tensor:
-    """Samples (N, C, H, W) in the model's data space for the given labels and per-sample seeds."""
+    """Samples (N, C, H, W) in the model's data space for the given conditions (labels, or captions: token-id
+    rows or embeddings, e.g. from text_encoders.encode_prompts) and per-sample seeds."""
     check_request(model, objective, labels, seeds, cfg)
     mc = model.config
     ddpm = isinstance(objective, DDPM)
@@ -198,7 +203,7 @@ def generate(
 
         chunks = tqdm(chunks, desc="sampling", unit="batch")
     for start in chunks:
-        y = torch.tensor(labels[start : start + cfg.batch_size], device=device)
+        y = torch.stack([torch.as_tensor(row) for row in labels[start : start + cfg.batch_size]]).to(device)  # (B,), (B, L) or (B, L, E)
         noise = SampleNoise(seeds[start : start + cfg.batch_size], device)
         x = noise.randn((mc.in_channels, *mc.input_size))
         out_fn = guided_output(model, y, cfg, mc.in_channels)

@@ -90,14 +90,24 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
 
 
 def text_from_data(m: ModelConfig, dataset) -> ModelConfig:
-    """model.text's vocabulary and length from captioned data (checked when given); class data needs condition class."""
-    vocabulary = getattr(dataset, "vocabulary", None)
-    if (vocabulary is not None) != (m.condition == "text"):
-        kind = "captions" if vocabulary is not None else "class labels"
-        raise UserError(f"the data has {kind} but model.condition is {m.condition!r}; set model.condition={'text' if vocabulary is not None else 'class'}")
-    if vocabulary is None:
+    """model.text from captioned data (checked when given): the learned encoder's vocabulary and length, or a
+    prepared table's encoder, folder, width and length. Class data needs condition class, and captions text."""
+    vocabulary, table = getattr(dataset, "vocabulary", None), getattr(dataset, "caption_table", None)
+    captioned = vocabulary is not None or table is not None
+    if captioned != (m.condition == "text"):
+        kind = "captions" if captioned else "class labels"
+        raise UserError(f"the data has {kind} but model.condition is {m.condition!r}; set model.condition={'text' if captioned else 'class'}")
+    if not captioned:
         return m
     tx = m.text
+    if table is not None:
+        if tx.encoder != table.encoder:
+            raise UserError(f"the data holds {table.encoder} caption embeddings ({table.folder}); set model.text.encoder={table.encoder}")
+        if tx.dim not in (None, table.dim):
+            raise UserError(f"model.text.dim is {tx.dim} but the data's embeddings have {table.dim}; leave it unset to follow the data")
+        return replace(m, text=replace(tx, dim=table.dim, max_tokens=table.max_tokens, path=tx.path or table.path))
+    if tx.encoder != "learned":
+        raise UserError(f"model.text.encoder {tx.encoder} reads embeddings prepared by `sprintdit prepare --captions`; this data has raw captions (use encoder learned)")
     if tx.vocabulary is not None and list(tx.vocabulary) != list(vocabulary):
         raise UserError(f"model.text.vocabulary differs from the data's {len(vocabulary)} words; leave it unset to follow the data")
     return replace(m, text=replace(tx, vocabulary=list(vocabulary), max_tokens=dataset.max_tokens))
@@ -181,12 +191,15 @@ class Networks:
     ema_params: list[torch.nn.Parameter]
 
 
-def build_networks(cfg: RunConfig, d: Dist, fsdp: bool, init_from: str | None = None) -> Networks:
+def build_networks(cfg: RunConfig, d: Dist, fsdp: bool, init_from: str | None = None, empty_text: torch.Tensor | None = None) -> Networks:
     """Model (initial weights from train.seed, the same on every rank, or the weights of `init_from`), EMA,
-    FSDP2 or DDP wrapping, AdamW and the loss scaler, on d.device."""
+    FSDP2 or DDP wrapping, AdamW and the loss scaler, on d.device. `empty_text` (L, E): the data's embedding of
+    the empty caption, which a model on precomputed caption embeddings keeps as its unconditional input."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(d.device)
+    if empty_text is not None:
+        model.y_embedder.empty.copy_(empty_text)
     model.grad_checkpointing = t.grad_checkpointing
     if init_from is not None:  # the EMA starts from them too
         source = ckpt.resolve_weights(init_from, use_ema=True)
@@ -235,7 +248,8 @@ class Trainer:
         if self.fsdp and t.precision == "fp16":
             raise UserError("train.precision fp16 is not supported with distributed.strategy fsdp (per-shard loss scaling); use bf16")
         fresh = not self.folder.checkpoints()  # a fresh run starts from train.init_from's weights, if given
-        nets = build_networks(cfg, self.dist, self.fsdp, init_from=t.init_from if fresh else None)
+        table = getattr(dataset, "caption_table", None)
+        nets = build_networks(cfg, self.dist, self.fsdp, init_from=t.init_from if fresh else None, empty_text=None if table is None else table.empty)
         self.model, self.ema, self.ddp, self.forward = nets.model, nets.ema, nets.ddp, nets.forward
         self.optimizer, self.scaler = nets.optimizer, nets.scaler
         self.param_names, self.params, self.ema_params = nets.param_names, nets.params, nets.ema_params

@@ -11,10 +11,10 @@ from sprintdit.text import detokenize, tokenize
 VOCAB = ["a", "bag", "left", "top"]
 
 
-def text_model(**overrides):
+def text_model(pooled=False, **overrides):
     torch.manual_seed(0)
     cfg = ModelConfig(preset="SiT-Nano/4", input_size=[16, 16], in_channels=1, depth=6, condition="text",
-                      text=TextConfig(vocabulary=VOCAB, max_tokens=6), **overrides)
+                      text=TextConfig(vocabulary=VOCAB, max_tokens=6, pooled=pooled), **overrides)
     model = SiT(cfg).double().eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -41,8 +41,9 @@ def test_tokenize_round_trips_and_refuses_unknown_words():
         tokenize("a shoe", VOCAB, 6)
 
 
-def test_empty_text_cfg_at_scale_1_equals_the_conditional_model_and_pdg_is_its_composition():
-    model = text_model()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_empty_text_cfg_at_scale_1_equals_the_conditional_model_and_pdg_is_its_composition(pooled):
+    model = text_model(pooled)
     x, t = torch.randn(2, 1, 16, 16, dtype=torch.float64), 0.4
     y = torch.tensor([tokenize("a bag top left", VOCAB, 6), tokenize("a bag", VOCAB, 6)])
     tt = torch.full((2,), t, dtype=torch.float64)

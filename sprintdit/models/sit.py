@@ -35,7 +35,7 @@ PRESETS = {
 }
 ARCHS = ("sit", "sparsedit")
 CONDITIONS = ("class", "text")
-TEXT_ENCODERS = ("learned",)
+TEXT_ENCODERS = ("learned", "t5", "clip")  # learned: trained with the model; t5, clip: frozen transformers models (sprintdit.text_encoders)
 PAD, START = 0, 1  # token ids of the padding and of the start token every caption begins with (the empty text: START alone)
 SPECIAL_TOKENS = 2
 FUSIONS = ("concat_linear", "none")
@@ -68,10 +68,13 @@ class RepaConfig:
 class TextConfig:
     """Text conditioning (model.condition text): every block cross-attends from the image tokens to the caption's."""
 
-    encoder: str = "learned"  # learned: word embeddings and a small transformer trained with the model (closed vocabularies)
+    encoder: str = "learned"  # learned: word embeddings and a small transformer trained with the model (closed vocabularies) | t5 | clip: embeddings precomputed by `sprintdit prepare --captions`
     vocabulary: Optional[List[str]] = None  # learned: the words, in token order (ids 2, 3, ...; 0 pads, 1 starts); default: the data's
-    max_tokens: int = 16  # caption tokens including the start token; longer captions are truncated
+    max_tokens: int = 16  # caption tokens (learned: including the start token; t5, clip: the tokenizer's); longer captions are truncated; default for t5, clip: the data's
     depth: int = 2  # learned: transformer layers over the caption
+    path: Optional[str] = None  # t5, clip: the local transformers folder the embeddings came from (sampling encodes prompts with it); default: the data's
+    dim: Optional[int] = None  # t5, clip: the embedding width (T5-XXL: 4096); default: the data's
+    pooled: bool = False  # also add the caption's mean kept token, through a linear layer, to the timestep embedding (as SD3 and Flux add a pooled text vector); PixArt-alpha: off
 
 
 @dataclass
@@ -116,9 +119,12 @@ class ModelConfig:
 
 
 def null_condition(cfg: ModelConfig) -> int | torch.Tensor:
-    """What the unconditional pass is given: the null label (index num_classes), or the empty text (max_tokens,)."""
+    """What the unconditional pass is given: the null label (index num_classes), the empty text's ids (max_tokens,),
+    or for precomputed embeddings an all-zero caption (max_tokens, dim), which the network reads as the empty text."""
     if cfg.condition == "class":
         return cfg.num_classes
+    if cfg.text.encoder != "learned":
+        return torch.zeros(cfg.text.max_tokens, cfg.text.dim)
     empty = torch.full((cfg.text.max_tokens,), PAD, dtype=torch.long)
     empty[0] = START
     return empty
@@ -179,9 +185,12 @@ def check_text(cfg: ModelConfig) -> None:
     tx = cfg.text
     if tx.encoder not in TEXT_ENCODERS:
         raise UserError(f"model.text.encoder is {tx.encoder!r}; choose one of {', '.join(TEXT_ENCODERS)}")
-    if not tx.vocabulary:
+    if tx.encoder != "learned":
+        if tx.dim is None or tx.dim < 1 or tx.vocabulary:
+            raise UserError(f"model.text.encoder {tx.encoder} reads embeddings of width model.text.dim (>= 1; default: the data's) and has no vocabulary")
+    elif not tx.vocabulary:
         raise UserError("model.text.vocabulary is empty: train on captioned data (it fills the vocabulary) or list the words")
-    if len(set(tx.vocabulary)) != len(tx.vocabulary) or any(not w or w != w.strip().lower() or " " in w for w in tx.vocabulary):
+    elif len(set(tx.vocabulary)) != len(tx.vocabulary) or any(not w or w != w.strip().lower() or " " in w for w in tx.vocabulary):
         raise UserError("model.text.vocabulary must hold distinct lower-case words without spaces")
     if tx.max_tokens < 2 or tx.depth < 0:
         raise UserError(f"model.text.max_tokens must be >= 2 (the start token and a word) and depth >= 0, got {tx.max_tokens}, {tx.depth}")
@@ -393,6 +402,24 @@ class TextEncoder(nn.Module):
         return self.norm(h), keep
 
 
+class CaptionProjection(nn.Module):
+    """Precomputed caption embeddings (T5, CLIP) into the model width: Linear, GELU (tanh), Linear (PixArt-alpha's).
+    Padding rows of a caption are zero; an all-zero caption is the unconditional one and becomes `empty`, the
+    encoder's embedding of the empty text (filled from the data at a run's start, saved with the weights)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, tx = cfg.hidden_size, cfg.text
+        self.fc1, self.fc2 = nn.Linear(tx.dim, d), nn.Linear(d, d)
+        self.register_buffer("empty", torch.zeros(tx.max_tokens, tx.dim))  # (L, E)
+
+    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """emb (B, L, E) -> tokens (B, L, D), keep (B, L) bool."""
+        null = ~emb.ne(0).any(dim=(1, 2))  # (B,) the unconditional rows
+        emb = torch.where(null[:, None, None], self.empty.to(emb.dtype), emb)
+        return self.fc2(F.gelu(self.fc1(emb), approximate="tanh")), emb.ne(0).any(dim=-1)
+
+
 def mlp_hidden(cfg: ModelConfig) -> int:
     """MLP width; SwiGLU has two input projections, so 2/3 of the width keeps the GELU MLP's parameter count."""
     hidden = int(cfg.hidden_size * cfg.mlp_ratio)
@@ -469,7 +496,8 @@ class Backbone(nn.Module):
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, cfg.time_scale, cfg.time_freq_shift)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, d) if cfg.condition == "class" else TextEncoder(cfg)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d) if cfg.condition == "class" else TextEncoder(cfg) if cfg.text.encoder == "learned" else CaptionProjection(cfg)
+        self.text_pool = nn.Linear(d, d) if cfg.condition == "text" and cfg.text.pooled else None
         self.build_body(cfg)
         self.final_layer = FinalLayer(cfg)
         if cfg.pos_embed == "rope":
@@ -506,7 +534,7 @@ class Backbone(nn.Module):
                 nn.init.zeros_(module.bias)
         if self.config.condition == "class":
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.config.label_init_std)
-        else:
+        elif self.config.text.encoder == "learned":
             nn.init.normal_(self.y_embedder.words.weight, std=self.config.init_std)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=self.config.init_std)
@@ -537,13 +565,18 @@ class Backbone(nn.Module):
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         """Tokens (B, N, D) with absolute positions if any, the modulation c (B, D), and the caption (tokens
-        (B, L, D), keep (B, L)) for a text model, else None. y: labels (B,), or token ids (B, L)."""
+        (B, L, D), keep (B, L)) for a text model, else None. y: labels (B,), token ids (B, L) or caption embeddings (B, L, E)."""
         h = self.x_embedder(x)  # (B, N, D)
         if self.config.pos_embed == "sincos":
             h = h + self.pos_embed
-        if self.config.condition == "text":
-            return h, self.t_embedder(t), self.y_embedder(y)
-        return h, self.t_embedder(t) + self.y_embedder(y), None
+        if self.config.condition == "class":
+            return h, self.t_embedder(t) + self.y_embedder(y), None
+        tokens, keep = self.y_embedder(y)  # (B, L, D), (B, L)
+        c = self.t_embedder(t)  # (B, D)
+        if self.text_pool is not None:
+            w = keep.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
+            c = c + self.text_pool((tokens * w).sum(1) / w.sum(1))
+        return h, c, (tokens, keep)
 
     def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens -> (B, C_out, H, W)."""
