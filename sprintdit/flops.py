@@ -25,19 +25,42 @@ def mlp_flops(cfg: ModelConfig, rows: int) -> int:
     return linear(rows, d, hidden) * (2 if cfg.mlp == "swiglu" else 1) + linear(rows, hidden, d)
 
 
+def attention_flops(d: int, batch: int, tokens: int, keys: int) -> int:
+    """q from `tokens`, k and v from `keys`, QK^T and AV, and the output projection (width d)."""
+    rows = batch * tokens
+    return linear(rows, d, d) + linear(batch * keys, d, 2 * d) + 2 * (2 * rows * keys * d) + linear(rows, d, d)
+
+
+def caption_cross_flops(cfg: ModelConfig, batch: int, tokens: int) -> int:
+    """A text model's cross-attention from `tokens` image tokens to the max_tokens caption tokens (0 for class models)."""
+    return attention_flops(cfg.hidden_size, batch, tokens, cfg.text.max_tokens) if cfg.condition == "text" else 0
+
+
+def caption_encoder_flops(cfg: ModelConfig, batch: int) -> int:
+    """The caption's way into the model width: the learned encoder's layers, or the embeddings' projection; and the pooled vector."""
+    if cfg.condition != "text":
+        return 0
+    d, tx = cfg.hidden_size, cfg.text
+    rows = batch * tx.max_tokens
+    if tx.encoder == "learned":
+        layer = attention_flops(d, batch, tx.max_tokens, tx.max_tokens) + linear(rows, d, int(d * cfg.mlp_ratio)) + linear(rows, int(d * cfg.mlp_ratio), d)
+        total = tx.depth * layer
+    else:
+        total = linear(rows, tx.dim, d) + linear(rows, d, d)
+    return total + (linear(batch, d, d) if tx.pooled else 0)
+
+
 def block_flops(cfg: ModelConfig, batch: int, tokens: int, context: int | None = None) -> int:
-    """One adaLN-Zero block on (batch, tokens, D); with `context` tokens, cross-attention to them."""
+    """One adaLN-Zero block on (batch, tokens, D); with `context` tokens, its attention is cross-attention to them."""
     d, rows = cfg.hidden_size, batch * tokens
-    keys = tokens if context is None else context
-    attention = 2 * (2 * batch * tokens * keys * d)  # QK^T and AV
-    qkv = linear(rows, d, d) + linear(batch * keys, d, 2 * d)
-    return linear(batch, d, 6 * d) + qkv + attention + linear(rows, d, d) + mlp_flops(cfg, rows)
+    attention = attention_flops(d, batch, tokens, tokens if context is None else context)
+    return linear(batch, d, 6 * d) + attention + caption_cross_flops(cfg, batch, tokens) + mlp_flops(cfg, rows)
 
 
 def pooling_block_flops(cfg: ModelConfig, batch: int, tokens: int) -> int:
     """A Poolingformer block: V and the output projection act on one mean token per sample."""
     d = cfg.hidden_size
-    return linear(batch, d, 6 * d) + 2 * linear(batch, d, d) + mlp_flops(cfg, batch * tokens)
+    return linear(batch, d, 6 * d) + 2 * linear(batch, d, d) + caption_cross_flops(cfg, batch, tokens) + mlp_flops(cfg, batch * tokens)
 
 
 def sparsedit_body_flops(cfg: ModelConfig, batch: int, side: int) -> int:
@@ -64,6 +87,7 @@ def forward_flops(cfg: ModelConfig, batch: int, mask_ratio: float = 0.0, middle_
     patch_features = cfg.in_channels * cfg.patch_size**2
     total = linear(batch * n, patch_features, d)  # patch embedding
     total += linear(batch, TIMESTEP_FREQ_DIM, d) + linear(batch, d, d)  # timestep MLP
+    total += caption_encoder_flops(cfg, batch)
     if cfg.arch == "sparsedit":
         if side is None:
             raise ValueError("SparseDiT FLOPs need the sparse grid side")

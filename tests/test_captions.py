@@ -166,3 +166,19 @@ def test_learned_captions_from_jsonl_train_and_sample_prompts_from_the_cli(capti
         assert grid.size[1] == 3 * 18 + 2 and grid.size[0] > 2 * 18 + 2 + 40
     assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "t"), "--prompt", "a purple bag", "--steps", "2"]) == 2
     assert "'purple'" in capsys.readouterr().err
+
+
+def test_sparsify_keeps_the_text_path_and_samples_prompts(captioned_images, tmp_path):
+    from sprintdit.density import SparseConfig
+    from sprintdit.sparsify import sparsify
+
+    root, jsonl, _ = captioned_images
+    run = tmp_path / "dense"
+    assert main(tiny_text_run(root, jsonl, run, "model.sprint.fusion=none", "model.sprint.path_drop_prob=0", "sample.guidance=cfg",
+                              "stages=[{name: dense, steps: 2, mask_ratio: 0}]")) == 0
+    result = sparsify(run, tmp_path / "sparse", SparseConfig(grid="2:3", pool_depth=1, modules=1, sparse_depth=1, dense_depth=0))
+    assert result.config.condition == "text" and result.flops_ratio < 1
+    pipe = Pipeline.from_pretrained(tmp_path / "sparse", device="cpu")
+    assert any("cross_attn" in k for k, _ in pipe.model.named_parameters())
+    images = pipe(prompts=["a red bag", ""], seeds=[0, 1], steps=2)
+    assert len(images) == 2 and images[0].size == (16, 16)

@@ -8,6 +8,7 @@ from sprintdit.config import RunConfig, StageConfig
 from sprintdit.flops import forward_flops, train_flops, train_step_flops
 from sprintdit.masking import make_mask
 from sprintdit.models import SiT
+from sprintdit.models.sit import TextConfig
 
 
 def counted(model, *args, **kwargs) -> int:
@@ -28,6 +29,19 @@ def test_forward_flops_match_torch_counter(mlp, learn_sigma):
         mask = make_mask(b, cfg.grid, ratio, "structured", torch.Generator().manual_seed(0))
         assert counted(model, x, t, y, mask=mask) == forward_flops(cfg, b, ratio)
     assert counted(model, x, t, y, middle_rows=1) == forward_flops(cfg, b, middle_rows=1)  # a PDG step
+
+
+@pytest.mark.parametrize("encoder", ["learned", "t5"])
+def test_text_model_flops_match_torch_counter(encoder):
+    """Cross-attention to the caption in every block, the caption encoder (or projection) and the pooled vector."""
+    text = TextConfig(encoder=encoder, vocabulary=["a", "b"] if encoder == "learned" else None, dim=None if encoder == "learned" else 12, max_tokens=4, pooled=True)
+    model = SiT(tiny_config(condition="text", num_classes=None, text=text)).train()  # train mode: the plain (counted) encoder layers
+    cfg, b = model.config, 2
+    x, t = torch.randn(b, cfg.in_channels, *cfg.input_size), torch.rand(b)
+    y = torch.tensor([[1, 2, 3, 0], [1, 0, 0, 0]]) if encoder == "learned" else torch.randn(b, 4, 12)
+    assert counted(model, x, t, y) == forward_flops(cfg, b)
+    mask = make_mask(b, cfg.grid, 0.75, "structured", torch.Generator().manual_seed(0))
+    assert counted(model, x, t, y, mask=mask) == forward_flops(cfg, b, 0.75)
 
 
 def test_dense_sit_flops_without_fusion():

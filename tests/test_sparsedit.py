@@ -7,20 +7,25 @@ from sprintdit.density import SparseConfig, parse_schedule, pooled_centres, side
 from sprintdit.errors import UserError
 from sprintdit.flops import forward_flops
 from sprintdit.models import SiT, SparseDiT, resolve_model_config
-from sprintdit.models.sit import SprintConfig, modulate
+from sprintdit.models.sit import SprintConfig, TextConfig, modulate
 from sprintdit.models.sparsedit import PoolingAttention, Recover, pool_tokens, sparsify_state_dict, upsample_tokens
 
 LAYOUT = SparseConfig(grid="2:4", pool_depth=1, modules=2, sparse_depth=1, dense_depth=0)  # 1 + 2 x 3 blocks, 1 top
 
 
-def dense_and_sparse(pos_embed="rope", grid="2:4", seed=0, recover="fuse"):
+TEXT = dict(condition="text", num_classes=None, text=TextConfig(encoder="t5", dim=8, max_tokens=5, pooled=True))  # caption embeddings (B, 5, 8)
+
+
+def dense_and_sparse(pos_embed="rope", grid="2:4", seed=0, recover="fuse", condition="class"):
     """A dense model with every weight random and the SparseDiT sparsified from it (float64)."""
     torch.manual_seed(seed)
-    cfg = tiny_config(input_size=[32, 32], depth=8, sprint=DENSE, pos_embed=pos_embed)  # 8 x 8 tokens
+    cfg = tiny_config(input_size=[32, 32], depth=8, sprint=DENSE, pos_embed=pos_embed, **(TEXT if condition == "text" else {}))  # 8 x 8 tokens
     dense = SiT(cfg).double().eval()
     with torch.no_grad():
         for p in dense.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
+        if condition == "text":
+            dense.y_embedder.empty.copy_(torch.randn(5, 8) * (torch.arange(5) < 2)[:, None])  # the empty text: 2 tokens
     sparse_cfg = resolve_model_config(tiny_config(**{**vars(dense.config), "arch": "sparsedit", "sparse": SparseConfig(**{**vars(LAYOUT), "grid": grid, "recover": recover})}))
     sparse = SparseDiT(sparse_cfg).double().eval()
     sparse.load_state_dict(sparsify_state_dict(dense.state_dict(), sparse_cfg))
@@ -28,10 +33,16 @@ def dense_and_sparse(pos_embed="rope", grid="2:4", seed=0, recover="fuse"):
 
 
 def inputs(model, batch=3, seed=1):
+    """x, t and labels (the null label among them), or captions of 1 to 5 tokens (the all-zero empty text among them)."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     x = torch.randn(batch, cfg.in_channels, *cfg.input_size, generator=g, dtype=torch.float64)
-    return x, torch.rand(batch, generator=g, dtype=torch.float64), torch.randint(0, cfg.num_classes + 1, (batch,), generator=g)
+    t = torch.rand(batch, generator=g, dtype=torch.float64)
+    if cfg.condition == "class":
+        return x, t, torch.randint(0, cfg.num_classes + 1, (batch,), generator=g)
+    lengths = torch.arange(batch) % (cfg.text.max_tokens + 1)  # 0: the unconditional caption
+    keep = torch.arange(cfg.text.max_tokens)[None] < lengths[:, None]  # (B, L)
+    return x, t, torch.randn(batch, cfg.text.max_tokens, cfg.text.dim, generator=g, dtype=torch.float64) * keep[..., None]
 
 
 def test_poolingformer_equals_uniform_attention():
@@ -77,24 +88,26 @@ def test_sparsify_maps_every_block_to_the_same_depth():
     assert SparseDiT.block_kinds(sparse.config) == ["pool", "merge", "sparse", "recover", "merge", "sparse", "recover", "top"]
 
 
-@pytest.mark.parametrize("pos_embed", ["rope", "sincos"])
-def test_full_grid_with_w1_identity_equals_the_plain_blocks(pos_embed):
+@pytest.mark.parametrize("pos_embed,condition", [("rope", "class"), ("sincos", "class"), ("rope", "text")])
+def test_full_grid_with_w1_identity_equals_the_plain_blocks(pos_embed, condition):
     """At sparse grid = dense grid, pooling and upsampling are identities; with W1 = I, W2 = 0 the merge and
-    recover cross-attentions become self-attention, so SparseDiT is the dense model with Poolingformers below."""
-    dense, sparse = dense_and_sparse(pos_embed, grid="8")
+    recover cross-attentions become self-attention, so SparseDiT is the dense model with Poolingformers below.
+    A text model's blocks keep their cross-attention to the caption."""
+    dense, sparse = dense_and_sparse(pos_embed, grid="8", condition=condition)
     with torch.no_grad():
         for recover in sparse.recovers:
             recover.w1.weight.copy_(torch.eye(recover.w1.weight.shape[0]))
             recover.w2.weight.zero_()
-    x, t, y = inputs(dense)
-    h, c, _ = dense.embed(x, t, y)
-    h = sparse.blocks[0](h, c, None)
-    expected = dense.head(dense.run_blocks(dense.blocks[1:], h, c, dense.rope), c)
+    x, t, y = inputs(dense, batch=6)
+    h, c, text = dense.embed(x, t, y)
+    h = sparse.blocks[0](h, c, None, text=text)
+    expected = dense.head(dense.run_blocks(dense.blocks[1:], h, c, dense.rope, text=text), c)
     torch.testing.assert_close(sparse(x, t, y), expected)
 
 
-def test_mixed_noise_levels_in_a_batch_equal_one_sample_at_a_time():
-    _, sparse = dense_and_sparse()
+@pytest.mark.parametrize("condition", ["class", "text"])
+def test_mixed_noise_levels_in_a_batch_equal_one_sample_at_a_time(condition):
+    _, sparse = dense_and_sparse(condition=condition)
     x, _, y = inputs(sparse, batch=4)
     t = torch.tensor([0.05, 0.5, 0.95, 0.3], dtype=torch.float64)
     assert len(set(sparse.sides(t))) == 3
@@ -144,9 +157,9 @@ def test_layout_and_grid_are_checked():
         resolve_model_config(tiny_config(**{**vars(base), "sprint": SprintConfig(), "sparse": LAYOUT}))
 
 
-@pytest.mark.parametrize("side", [2, 3, 4, 8])
-def test_flops_at_each_grid_match_torch_counter(side):
-    _, sparse = dense_and_sparse()
+@pytest.mark.parametrize("side,condition", [(2, "class"), (3, "class"), (4, "class"), (8, "class"), (3, "text")])
+def test_flops_at_each_grid_match_torch_counter(side, condition):
+    _, sparse = dense_and_sparse(condition=condition)
     x, t, y = inputs(sparse, batch=2)
     assert counted(sparse, x, t, y, side=side) == forward_flops(sparse.config, 2, side=side)
     dense_flops = forward_flops(resolve_model_config(tiny_config(input_size=[32, 32], depth=8, sprint=DENSE)), 2)

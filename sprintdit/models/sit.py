@@ -196,8 +196,6 @@ def check_text(cfg: ModelConfig) -> None:
         raise UserError(f"model.text.max_tokens must be >= 2 (the start token and a word) and depth >= 0, got {tx.max_tokens}, {tx.depth}")
     if cfg.num_classes:
         raise UserError(f"model.condition text has no class table: leave model.num_classes unset (got {cfg.num_classes})")
-    if cfg.arch != "sit":
-        raise UserError("model.condition text is implemented for model.arch sit (dense and SPRINT), not yet for sparsedit")
 
 
 def check_sparsedit(cfg: ModelConfig) -> None:

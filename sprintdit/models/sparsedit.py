@@ -123,8 +123,9 @@ class SparseDiT(Backbone):
         (h, w), d = self.config.grid, self.config.hidden_size
         return sincos_at(pooled_centres(side, h), pooled_centres(side, w), d).to(like).unsqueeze(0)
 
-    def modules_at(self, h: torch.Tensor, c: torch.Tensor, side: int) -> torch.Tensor:
-        """The sparse-dense token modules on (B, N, D) tokens that all use a side x side sparse grid."""
+    def modules_at(self, h: torch.Tensor, c: torch.Tensor, side: int, text=None) -> torch.Tensor:
+        """The sparse-dense token modules on (B, N, D) tokens that all use a side x side sparse grid; `text`: the
+        caption (tokens, keep) of a text model, cross-attended by every block, sparse and dense."""
         sp, grid = self.config.sparse, self.config.grid
         dense_rope, sparse_rope = self.rope, self.sparse_rope(side, h.device)
         for m, recover in enumerate(self.recovers):
@@ -132,13 +133,13 @@ class SparseDiT(Backbone):
             merge, *sparse, recover_block = self.blocks[start : start + sp.sparse_depth + 2]
             dense = self.blocks[start + sp.sparse_depth + 2 : start + sp.module_depth]
             pooled = pool_tokens(h, grid, side) + self.sparse_pos(side, h)  # (B, side^2, D)
-            s = self.run_blocks([merge], pooled, c, sparse_rope, context=h, context_rope=dense_rope)
-            s = self.run_blocks(sparse, s, c, sparse_rope)
+            s = self.run_blocks([merge], pooled, c, sparse_rope, context=h, context_rope=dense_rope, text=text)
+            s = self.run_blocks(sparse, s, c, sparse_rope, text=text)
             m = recover(upsample_tokens(s - pooled if sp.recover == "residual" else s, side, grid), h)  # (B, N, D)
             if sp.readd_pos:
                 m = m + self.pos_embed
-            h = self.run_blocks([recover_block], m, c, dense_rope, context=s, context_rope=sparse_rope)
-            h = self.run_blocks(dense, h, c, dense_rope)
+            h = self.run_blocks([recover_block], m, c, dense_rope, context=s, context_rope=sparse_rope, text=text)
+            h = self.run_blocks(dense, h, c, dense_rope, text=text)
         return h
 
     def sides(self, t: torch.Tensor) -> list[int]:
@@ -147,26 +148,26 @@ class SparseDiT(Backbone):
         return sides_for(self.schedule, t, grid[0] * grid[1])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, side: int | None = None, **sprint_only) -> torch.Tensor:
-        """x: (B, C, H, W), t: (B,) noise level in [0, 1], y: (B,) labels -> (B, C_out, H, W).
+        """x: (B, C, H, W), t: (B,) noise level in [0, 1], y: (B,) labels or captions -> (B, C_out, H, W).
 
         side: one sparse grid side for the whole batch (default: each sample's from the density schedule).
         """
         if any(v is not None for v in sprint_only.values()):
             raise UserError(f"SparseDiT takes no {', '.join(k for k, v in sprint_only.items() if v is not None)} (SPRINT masks / path drop)")
         cfg = self.config
-        h, c, _ = self.embed(x, t, y)  # (B, N, D), (B, D), no caption (class-conditional only)
-        h = self.run_blocks(self.blocks[: cfg.sparse.pool_depth], h, c, None)
+        h, c, text = self.embed(x, t, y)  # (B, N, D), (B, D), the caption (tokens, keep) or None
+        h = self.run_blocks(self.blocks[: cfg.sparse.pool_depth], h, c, None, text=text)
         sides = [side] * x.shape[0] if side is not None else self.sides(t)
         if len(set(sides)) == 1:
-            h = self.modules_at(h, c, sides[0])
+            h = self.modules_at(h, c, sides[0], text)
         else:  # one group per grid side
             out = torch.empty_like(h)
             for s in sorted(set(sides)):
                 rows = torch.tensor([i for i, v in enumerate(sides) if v == s], device=h.device)
-                out[rows] = self.modules_at(h[rows], c[rows], s)
+                out[rows] = self.modules_at(h[rows], c[rows], s, None if text is None else tuple(part[rows] for part in text))
             h = out
         top = cfg.sparse.pool_depth + cfg.sparse.modules * cfg.sparse.module_depth
-        h = self.run_blocks(self.blocks[top:], h, c, self.rope)
+        h = self.run_blocks(self.blocks[top:], h, c, self.rope, text=text)
         return self.head(h, c)  # (B, C_out, H, W)
 
 
