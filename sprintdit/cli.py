@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="latent folder: shard_*.safetensors, their .json sidecars and manifest.json; re-run to resume")
     p.add_argument("--vae", help="local AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema: config.json + weights); without it, only --captions' embeddings")
     p.add_argument("--captions", help="captions.jsonl ({\"file\": ..., \"caption\": ...} per line): store the captions' embeddings for model.text.encoder t5 | clip")
-    p.add_argument("--text-encoder", choices=("t5", "clip"), help="the encoder at --text-encoder-path (default t5)")
+    p.add_argument("--text-encoder", help="t5 (default) | clip: the encoder at --text-encoder-path")
     p.add_argument("--text-encoder-path", help="local transformers folder of the text encoder (e.g. DeepFloyd/t5-v1_1-xxl, as PixArt-alpha)")
     p.add_argument("--max-tokens", type=int, help="caption tokens kept (default 120, PixArt-alpha's; CLIP: 77); longer ones are truncated")
     p.add_argument("--resolution", type=int, help="image side after ADM's centre crop (default 256)")
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-start", type=int, help="sample i uses seed SEED_START + i (default 0)")
     p.add_argument("--features", help="feature networks, comma-separated: auto | fmnist | inception | dinov2 (default auto)")
     p.add_argument("--inception-weights", help="InceptionV3 FID weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)")
-    p.add_argument("--inception-resize", choices=("tf", "pytorch-fid"), help="tf (default): as the ADM evaluator and torch-fidelity; pytorch-fid: torch bilinear")
+    p.add_argument("--inception-resize", help="tf (default): as the ADM evaluator and torch-fidelity; pytorch-fid: torch bilinear")
     p.add_argument("--dinov2-weights", help="DINOv2 ViT-L/14 weights (dinov2_vitl14_pretrain.pth) for FDD")
     p.add_argument("--dinov2-model", help="DINOv2 size of --dinov2-weights: ViT-S/14 | ViT-B/14 | ViT-L/14 (default) | ViT-g/14")
     p.add_argument("--data-root", help="Fashion-MNIST folder for the default reference (default: the run's data.root)")
@@ -518,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="import a released SPRINT, SiT or DiT checkpoint as a run folder that sample and evaluate accept")
-    p.add_argument("--from", dest="source", required=True, choices=("sprint", "sit", "dit", "diffusers"),
+    p.add_argument("--from", dest="source", required=True,
                    help="sprint: the SPRINT release; sit: willisma/SiT (linear path, velocity); dit: facebookresearch/DiT; diffusers: a DiTTransformer2DModel folder")
     p.add_argument("--checkpoint", required=True, help=".safetensors, or .pt/.pth read with weights_only: a state dict or a training dict (model, ema); diffusers: the model folder")
     p.add_argument("--out", required=True, help="new run folder: config.yaml and checkpoints/step_00000000/{model,ema}.safetensors")
