@@ -76,3 +76,17 @@ def test_layouts_are_deterministic_and_captions_parse_back(fmnist_dir):
     assert not any(held_out(a.item(i)[0]) for i in range(8))
     held = FashionMNISTLayouts(str(fmnist_dir), "held_out", size=8)
     assert all(held_out(held.item(i)[0]) for i in range(8))
+
+
+def test_the_learned_encoder_reads_word_order_from_the_start():
+    """Two captions with the same words in another order (which garment stands where) must encode differently at
+    init: without position embeddings the encoder is a bag of words and its mean token cannot tell them apart."""
+    vocab = ["a", "and", "bag", "bottom", "left", "right", "shirt", "top"]
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="SiT-Nano/4", input_size=[16, 16], in_channels=1, condition="text", text=TextConfig(vocabulary=vocab, max_tokens=12))
+    encoder = SiT(cfg).eval().y_embedder
+    ids = torch.tensor([tokenize(c, vocab, 12) for c in ("a bag top left and a shirt bottom right", "a shirt top left and a bag bottom right")])
+    with torch.no_grad():
+        tokens, keep = encoder(ids)
+    means = tokens.sum(1) / keep.sum(1, keepdim=True)  # (2, D)
+    assert (means[0] - means[1]).abs().max() > 1e-3

@@ -532,8 +532,9 @@ class Backbone(nn.Module):
                 nn.init.zeros_(module.bias)
         if self.config.condition == "class":
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.config.label_init_std)
-        elif self.config.text.encoder == "learned":
+        elif self.config.text.encoder == "learned":  # positions too: at zero the encoder would read a bag of words
             nn.init.normal_(self.y_embedder.words.weight, std=self.config.init_std)
+            nn.init.normal_(self.y_embedder.positions, std=self.config.init_std)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=self.config.init_std)
         for block in self.blocks:
