@@ -19,6 +19,7 @@ from PIL import Image
 
 from .checkpoint import load_model
 from .config import RunConfig
+from .models import ModelConfig
 from .images import to_uint8
 from .objective import build_objective
 from .sampling import SampleConfig, generate
@@ -34,6 +35,21 @@ def train(cfg: RunConfig, out: str | Path, stop_at: int | None = None, progress:
     """Train (or resume) the run `cfg` in the folder `out`; returns its latest checkpoint folder. A stop signal
     raises sprintdit.errors.Stopped after saving (re-run to resume); divergence raises Diverged."""
     return Trainer(cfg, out, progress=progress).fit(stop_at=stop_at)
+
+
+def sample_conditions(model: ModelConfig, labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None, per_label: int = 1,
+                      text_encoder_path: str | None = None, device: str | torch.device = "cpu") -> list:
+    """One condition per sample, each label or prompt `per_label` times in a row: class labels (default: every
+    class) for a class model; for a text model its prompts as token ids or embeddings (text_encoders.encode_prompts)."""
+    if per_label < 1:
+        raise UserError(f"per_label (--per-label) must be >= 1, got {per_label}")
+    if model.condition == "text":
+        if not prompts or labels is not None:
+            raise UserError("this model is text-conditioned: give prompts (--prompt TEXT, --prompts FILE), not labels")
+        return list(encode_prompts(model, [p for p in prompts for _ in range(per_label)], text_encoder_path, device).cpu())
+    if prompts:
+        raise UserError("this model is class-conditional: give labels, not prompts")
+    return [int(y) for y in (range(model.num_classes) if labels is None else labels) for _ in range(per_label)]
 
 
 class Pipeline:
@@ -74,10 +90,9 @@ class Pipeline:
         progress: bool = False, prompts: Sequence[str] | None = None,
     ) -> list[Image.Image]:
         """One image per label or prompt (seed: its position when `seeds` is not given); unset settings: the run's `sample`."""
-        if (labels is None) == (prompts is None):
+        if labels is None and prompts is None:
             raise UserError("give labels (a class model) or prompts (a text model)")
-        if prompts is not None:
-            labels = list(encode_prompts(self.run.model, list(prompts), self.text_encoder_path, self.device).cpu())
+        labels = sample_conditions(self.run.model, labels, prompts, 1, self.text_encoder_path, self.device)
         given = {"steps": steps, "guidance": guidance, "scale": scale, "sampler": sampler, "batch_size": batch_size,
                  "interval": None if interval is None else [float(v) for v in interval]}
         cfg = replace(self.run.sample, **{k: v for k, v in given.items() if v is not None})

@@ -132,9 +132,9 @@ def read_prompts(args) -> list[str]:
 
 
 def sample_on_ranks(args) -> int:
+    from .api import sample_conditions
     from .checkpoint import load_model
-    from .files import atomic_write_text
-    from .images import save_grid, save_npz
+    from .images import save_samples
     from .models.sit import null_condition
     from .objective import build_objective
     from .sampling import generate_on_ranks
@@ -146,40 +146,21 @@ def sample_on_ranks(args) -> int:
     model, cfg = load_model(args.checkpoint, use_ema=not args.no_ema)
     model, d = join_ranks(model, cfg, args.device)
     scfg = sample_config(args, cfg.sample)
-    if args.per_label < 1:
-        raise UserError(f"--per-label must be >= 1, got {args.per_label}")
-    prompts = read_prompts(args)
-    if cfg.model.condition == "text":
-        if not prompts or args.labels is not None:
-            raise UserError("this model is text-conditioned: give --prompt TEXT (repeatable) or --prompts FILE (one per line), not --labels")
-        from .text_encoders import encode_prompts
-
-        labels = list(encode_prompts(cfg.model, [p for p in prompts for _ in range(args.per_label)], args.text_encoder_path, d.device).cpu())
-    elif prompts:
-        raise UserError("this model is class-conditional: give --labels, not --prompt or --prompts")
-    else:
-        labels = parse_ints(args.labels, "--labels") if args.labels is not None else list(range(cfg.model.num_classes))
-        labels = [y for y in labels for _ in range(args.per_label)]
-    seeds = parse_ints(args.seeds, "--seeds") if args.seeds else list(range(args.seed_start, args.seed_start + len(labels)))
+    prompts = read_prompts(args) or None
+    labels = None if args.labels is None else parse_ints(args.labels, "--labels")
+    conditions = sample_conditions(cfg.model, labels, prompts, args.per_label, args.text_encoder_path, d.device)
+    seeds = parse_ints(args.seeds, "--seeds") if args.seeds else list(range(args.seed_start, args.seed_start + len(conditions)))
     objective = build_objective(cfg.objective, null_condition(cfg.model), cfg.model.learn_sigma)
     tic = time.perf_counter()
-    samples = generate_on_ranks(model, objective, labels, seeds, scfg, d, progress=not args.no_progress)
+    samples = generate_on_ranks(model, objective, conditions, seeds, scfg, d, progress=not args.no_progress)
     images = pixel_decoder(cfg.data, d.device)(samples) if d.is_main else None
     seconds = time.perf_counter() - tic
     if not d.is_main:
         return 0
     stem = f"{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}"
-    npz = save_npz(images, None if prompts else labels, out / f"{stem}.npz")
-    if prompts:  # sample i is prompt i // per_label
-        atomic_write_text(out / f"{stem}.prompts.txt", "".join(p + "\n" for p in prompts))
-    shown = "no grid"
-    if args.grid_max > 0:  # a PNG for people: the first --grid-max images (a 50k ADM batch lives in the npz)
-        columns = args.per_label if args.per_label > 1 or prompts else min(len(labels), 10)
-        count = min(len(labels), args.grid_max - args.grid_max % columns or columns)
-        grid = save_grid(images[:count], out / f"{stem}.png", columns=columns, row_labels=prompts)
-        shown = f"grid: {grid}" + (f" (first {count})" if count < len(labels) else "")
+    written = save_samples(images, out / stem, None if prompts else conditions, prompts, args.per_label, args.grid_max)
     where = f"{d.world_size} ranks ({d.device.type})" if d.active else str(d.device)
-    print(f"{len(labels)} samples in {seconds:.1f}s ({len(labels) / seconds:.2f} img/s) on {where}; {shown}; batch: {npz}")
+    print(f"{len(conditions)} samples in {seconds:.1f}s ({len(conditions) / seconds:.2f} img/s) on {where}; {'; '.join(written)}")
     return 0
 
 

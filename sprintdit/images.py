@@ -44,3 +44,25 @@ def save_npz(x: torch.Tensor, labels: list[int] | None, path: str | Path) -> Pat
     """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int64 labels (none for prompts); x (N, C, H, W) in [-1, 1], or already uint8."""
     images = x.permute(0, 2, 3, 1).cpu().numpy() if x.dtype == torch.uint8 else to_uint8(x)
     return atomic_write_npz(path, images) if labels is None else atomic_write_npz(path, images, np.asarray(labels, dtype=np.int64))
+
+
+def save_samples(x: torch.Tensor, stem: Path, labels: list[int] | None, prompts: list[str] | None, per_label: int, grid_max: int) -> list[str]:
+    """What `sprintdit sample` writes for images (N, C, H, W) in [-1, 1], each label or prompt `per_label` times in a
+    row: STEM.npz (ADM layout; labels only for class models), STEM.prompts.txt (sample i: prompt i // per_label)
+    and a PNG grid of at most `grid_max` images in whole rows (0: none). Returns what it wrote, for people."""
+    from .files import atomic_write_text
+
+    def named(suffix: str) -> Path:  # not with_suffix: a stem like pdg_euler25_s1.5 has a dot of its own
+        return stem.parent / (stem.name + suffix)
+
+    written = [f"batch: {save_npz(x, labels, named('.npz'))}"]
+    if prompts:
+        written.append(f"prompts: {atomic_write_text(named('.prompts.txt'), ''.join(p + chr(10) for p in prompts))}")
+    if grid_max > 0:  # a PNG for people (a 50k ADM batch lives in the npz)
+        columns = per_label if per_label > 1 or prompts else min(len(x), 10)
+        count = min(len(x), grid_max - grid_max % columns or columns)
+        grid = save_grid(x[:count], named(".png"), columns=columns, row_labels=prompts)
+        written.append(f"grid: {grid}" + (f" (first {count})" if count < len(x) else ""))
+    else:
+        written.append("no grid")
+    return written

@@ -48,6 +48,7 @@ def test_train_then_sample_end_to_end(fmnist_dir, tmp_path, capsys):
         (["sample", "--checkpoint", "RUN", "--labels", "x"], "--labels must be non-negative integers"),
         (["sample", "--checkpoint", "RUN", "--labels", "12"], "labels must be in [0, 9]"),
         (["sample", "--checkpoint", "RUN", "--per-label", "0"], "--per-label"),
+        (["sample", "--checkpoint", "RUN", "--prompt", "a bag"], "class-conditional"),
         (["sample", "--checkpoint", "RUN", "--seeds", "0-3"], "labels but 4 seeds"),
         (["sample", "--checkpoint", "RUN", "--guidance", "cfg", "--interval", "0.5,0.2"], "interval"),
     ],
