@@ -21,22 +21,38 @@ WORDS = ["a", "red", "blue", "bag", "shoe", "on", "the", "left", "right"]
 T5_DIM, MAX_TOKENS = 16, 6
 
 
-@pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory):
-    """A 1-layer T5 encoder with random weights and a word-level tokenizer that appends </s>, saved as a folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """errors.warn says a message once per process; these tests check that it is said."""
+    from sprintdit import errors
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    monkeypatch.setattr(errors, "_warned", set())
+
+
+VOCAB = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+
+
+def tiny_encoder_folder(folder, kind: str):
+    """A 1-layer T5 encoder or CLIP text model with random weights and a word-level tokenizer that appends </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    folder = tmp_path_factory.mktemp("t5")
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
     torch.manual_seed(0)
-    config = T5Config(vocab_size=len(vocab), d_model=T5_DIM, d_kv=8, num_heads=2, num_layers=1, d_ff=32, decoder_start_token_id=0)
-    T5EncoderModel(config).save_pretrained(folder)
+    if kind == "t5":
+        T5EncoderModel(T5Config(vocab_size=len(VOCAB), d_model=T5_DIM, d_kv=8, num_heads=2, num_layers=1, d_ff=32, decoder_start_token_id=0)).save_pretrained(folder)
+    else:
+        CLIPTextModel(CLIPTextConfig(vocab_size=len(VOCAB), hidden_size=T5_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     max_position_embeddings=16, pad_token_id=0, eos_token_id=1, bos_token_id=1)).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    return tiny_encoder_folder(tmp_path_factory.mktemp("t5"), "t5")
 
 
 @pytest.fixture
@@ -53,17 +69,19 @@ def captioned_images(tmp_path):
     return root, tmp_path / "captions.jsonl", [line["caption"] for line in lines]
 
 
-def test_t5_encoder_from_a_local_folder_gives_embeddings_of_the_documented_shape(t5_dir, capsys):
-    from transformers import AutoTokenizer, T5EncoderModel
+@pytest.mark.parametrize("kind", ["t5", "clip"])
+def test_encoder_from_a_local_folder_gives_embeddings_of_the_documented_shape(kind, tmp_path, capsys):
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-    encoder = PretrainedTextEncoder("t5", t5_dir, MAX_TOKENS)
+    folder = tiny_encoder_folder(tmp_path, kind)
+    encoder = PretrainedTextEncoder(kind, folder, MAX_TOKENS)
     emb, keep = encoder(["a red bag", "", "a blue shoe on the left a red bag"])
     assert emb.shape == (3, MAX_TOKENS, T5_DIM) and emb.dtype == torch.float32 and keep.shape == (3, MAX_TOKENS)
     assert keep.sum(1).tolist() == [4, 1, MAX_TOKENS]  # 3 words + </s>; the empty text is </s> alone; truncated
     assert torch.equal(emb[~keep], torch.zeros_like(emb[~keep])) and emb[keep].abs().sum(-1).min() > 0
     assert "1 of 3 captions are longer than 6 tokens" in capsys.readouterr().err
-    ids = AutoTokenizer.from_pretrained(str(t5_dir))(["a red bag"], return_tensors="pt")["input_ids"]  # unpadded
-    plain = T5EncoderModel.from_pretrained(str(t5_dir))(input_ids=ids).last_hidden_state[0]  # (4, E)
+    ids = AutoTokenizer.from_pretrained(str(folder))(["a red bag"], return_tensors="pt")["input_ids"]  # unpadded
+    plain = (T5EncoderModel if kind == "t5" else CLIPTextModel).from_pretrained(str(folder))(input_ids=ids).last_hidden_state[0]  # (4, E)
     torch.testing.assert_close(emb[0, :4], plain)  # padding changes nothing at the caption's tokens
 
 
