@@ -222,13 +222,14 @@ def evaluate_checkpoint(args) -> int:
     from .config import reference_root
     from .evaluate import generate_and_score
     from .images import save_npz
+    from .models.sit import null_condition
     from .objective import build_objective
     from .vae import pixel_decoder
 
     model, run = load_model(args.checkpoint, use_ema=not args.no_ema)
     model, d = join_ranks(model, run, args.device)
     cfg, scfg = eval_config(args, run.eval), sample_config(args, run.sample)
-    objective = build_objective(run.objective, run.model.num_classes, run.model.learn_sigma)
+    objective = build_objective(run.objective, null_condition(run.model), run.model.learn_sigma)
     data_root = args.data_root or reference_root(run.data)
     scored = generate_and_score(model, objective, cfg, scfg, d, pixel_decoder(run.data, d.device), data_root=data_root, progress=not args.no_progress)
     if scored is None:  # rank 0 scores the gathered samples
@@ -248,8 +249,9 @@ def write_results(results: dict, out: Path) -> int:
     import json
 
     from .evaluate import format_table
+    from .files import atomic_write_text
 
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     print(format_table(results))
     print(f"written: {out}")
     return 0

@@ -320,6 +320,8 @@ def generate_and_score(model, objective, cfg: EvalConfig, scfg, d, to_pixels, ev
     """Generate cfg.num_samples images with the sampling settings `scfg` (labels cycle through the classes, sample i
     has seed seed_start + i), spread over the ranks of `d`, and score them on rank 0 (the other ranks get None).
     `evaluator` (built for these images when None) carries the feature networks and reference between calls."""
+    if model.config.condition != "class":
+        raise UserError("evaluate scores class-conditional models; a text model needs captions to sample from (the text demo scores its own: sprintdit demo --config fashion_mnist_text)")
     labels, seeds = eval_labels_and_seeds(cfg, model.config.num_classes)
     tic = time.perf_counter()
     samples = generate_on_ranks(model, objective, labels, seeds, scfg, d, progress)

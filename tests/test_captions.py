@@ -184,6 +184,10 @@ def test_learned_captions_from_jsonl_train_and_sample_prompts_from_the_cli(capti
         assert grid.size[1] == 3 * 18 + 2 and grid.size[0] > 2 * 18 + 2 + 40
     assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "t"), "--prompt", "a purple bag", "--steps", "2"]) == 2
     assert "'purple'" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "t"), "--labels", "0", "--steps", "2"]) == 2
+    assert "text-conditioned" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(run), "--num-samples", "4"]) == 2
+    assert "class-conditional" in capsys.readouterr().err
 
 
 def test_sparsify_keeps_the_text_path_and_samples_prompts(captioned_images, tmp_path):
