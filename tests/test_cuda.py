@@ -142,3 +142,23 @@ def test_ddp_with_nccl_averages_like_the_plain_model(monkeypatch):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
     finally:
         shutdown()
+
+
+def text_guidance_samples(device: str) -> dict:
+    """A text model's PDG and CFG samples (padding-masked cross-attention, the empty text as null) on `device`."""
+    from test_text import VOCAB, text_model
+
+    from sprintdit.objective import FlowMatching, ObjectiveConfig
+    from sprintdit.sampling import SampleConfig, generate
+    from sprintdit.text import tokenize
+
+    model = text_model(pooled=True).float().to(device)
+    ids = [tokenize(c, VOCAB, 6) for c in ("a bag top left", "a bag", "")]
+    fm = FlowMatching(ObjectiveConfig(), model.null_class)
+    return {g: generate(model, fm, ids, [5, 6, 7], SampleConfig(steps=4, guidance=g, batch_size=3), device) for g in ("pdg", "cfg")}
+
+
+def test_text_model_guidance_on_cuda_matches_cpu():
+    cpu, gpu = text_guidance_samples("cpu"), text_guidance_samples("cuda")
+    for guidance in cpu:
+        torch.testing.assert_close(gpu[guidance], cpu[guidance], rtol=1e-3, atol=ATOL)
