@@ -125,7 +125,6 @@ def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig
 
 def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> PrepareResult:
     """Encode every pending shard of this rank; rank 0 then writes the manifest. Re-running resumes."""
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from .data import scan_class_folders
@@ -162,31 +161,30 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     }
     out.mkdir(parents=True, exist_ok=True)
     plan = [files[i : i + cfg.shard_size] for i in range(0, len(files), cfg.shard_size)]
-    mine = range(rank, len(plan), world)
     result = PrepareResult(manifest=None)
-    pending = []
-    for i in mine:
-        shard = out / SHARD_NAME.format(i)
-        if complete_shard(shard, settings, files_fingerprint(plan[i], root)) is None:
-            pending.append(i)
-        else:
-            result.kept.append(i)
-    bar = tqdm(total=sum(len(plan[i]) for i in pending), disable=not cfg.progress, unit="img", desc=f"encoding (rank {rank})", dynamic_ncols=True)
-    for i in pending:
-        shard = out / SHARD_NAME.format(i)
-        tensors, skipped = encode_shard(plan[i], vae, features, cfg, grid, bar)
-        if not tensors:
-            raise UserError(f"no readable image in shard {i} of {root} (first: {plan[i][0][0]})")
-        atomic_write(shard, lambda p: save_file(tensors, str(p)))
-        info = {"file": shard.name, "count": len(tensors["mean"]), "sha256": sha256_file(shard), "skipped": skipped,
-                "settings": settings, "files": files_fingerprint(plan[i], root)}
-        write_json(sidecar_path(shard), info)
-        result.encoded.append(i)
+    for i in range(rank, len(plan), world):  # this rank's shards: kept when complete, else (re-)encoded below
+        done = complete_shard(out / SHARD_NAME.format(i), settings, files_fingerprint(plan[i], root)) is not None
+        (result.kept if done else result.encoded).append(i)
+    bar = tqdm(total=sum(len(plan[i]) for i in result.encoded), disable=not cfg.progress, unit="img", desc=f"encoding (rank {rank})", dynamic_ncols=True)
+    for i in result.encoded:
+        write_shard(out / SHARD_NAME.format(i), plan[i], vae, features, cfg, grid, settings, root, bar)
     bar.close()
     barrier(d, "waiting for every rank's shards before the manifest")
     if rank == 0:
         result.manifest = write_manifest(out, plan, classes, settings, vae, cfg, features)
     return result
+
+
+def write_shard(shard: Path, files: list, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, settings: dict, root: Path, bar) -> None:
+    """Encode one shard and write it, then its sidecar (both atomically: a sidecar means a complete shard)."""
+    from safetensors.torch import save_file
+
+    tensors, skipped = encode_shard(files, vae, features, cfg, grid, bar)
+    if not tensors:
+        raise UserError(f"no readable image in {shard.name} of {root} (first: {files[0][0]})")
+    atomic_write(shard, lambda p: save_file(tensors, str(p)))
+    write_json(sidecar_path(shard), {"file": shard.name, "count": len(tensors["mean"]), "sha256": sha256_file(shard), "skipped": skipped,
+                                     "settings": settings, "files": files_fingerprint(files, root)})
 
 
 def prepare_captions(cfg: PrepareConfig, root: Path, out: Path, device: torch.device, d) -> list[tuple[Path, int]]:
