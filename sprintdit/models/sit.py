@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..density import RECOVERS, SparseConfig, check_schedule, parse_schedule
-from ..errors import UserError
+from ..errors import UserError, warn
 from ..masking import TokenMask, gather_tokens, restore_tokens
 
 # (hidden size, depth, heads). S/B/L/XL are the published DiT/SiT sizes; Ti, Mini (narrow and deep: room for a
@@ -196,6 +196,9 @@ def check_text(cfg: ModelConfig) -> None:
         raise UserError(f"model.text.max_tokens must be >= 2 (the start token and a word) and depth >= 0, got {tx.max_tokens}, {tx.depth}")
     if cfg.num_classes:
         raise UserError(f"model.condition text has no class table: leave model.num_classes unset (got {cfg.num_classes})")
+    if cfg.pos_embed == "rope":  # measured: the layout demo's captions were ignored with rope (docs/results.md)
+        warn("model.condition text with model.pos_embed rope: image tokens carry no absolute position, so captions that name places "
+             "('top left') are not followed; model.pos_embed=sincos gives them one")
 
 
 def check_sparsedit(cfg: ModelConfig) -> None:
