@@ -112,7 +112,8 @@ class CaptionTable:
         return cls(folder, info["encoder"]["kind"], info["encoder"]["path"], info["max_tokens"], info["dim"], info["files"],
                    info["captions"], arrays["embeddings"], arrays["keep"])
 
-    def row_of(self) -> dict[str, int]:
+    def rows_by_file(self) -> dict[str, int]:
+        """image file -> its table row."""
         return {f: i + 1 for i, f in enumerate(self.files)}
 
     def rows(self, rows: np.ndarray) -> torch.Tensor:

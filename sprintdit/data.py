@@ -162,7 +162,7 @@ class ImageFolder:
         self.classes, self.num_classes = [], 0
         if Path(captions).is_dir():  # embeddings prepared for a t5 / clip encoder: label = table row
             self.caption_table = CaptionTable.open(captions)
-            row_of = self.caption_table.row_of()
+            row_of = self.caption_table.rows_by_file()
             self.files = [(self.root / f, row_of[f]) for f in captioned_files(self.root, row_of, IMAGE_SUFFIXES)]
         else:
             text = read_captions_jsonl(captions)
