@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 FMNIST ?= /usr/share/datasets/fashion-mnist
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-text test data env clean gpu-check
+.PHONY: demo demo-text demo-video test data env clean gpu-check
 
 env: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ demo: env data
 
 demo-text: env data  # text-to-image: captioned 2x2 layouts of garments (sprintdit/configs/fashion_mnist_text.yaml)
 	$(VENV)/bin/sprintdit demo --config fashion_mnist_text --out runs/demo-text
+
+demo-video: env data  # video: moving Fashion-MNIST clips (sprintdit/configs/fashion_mnist_video.yaml)
+	$(VENV)/bin/sprintdit demo --config fashion_mnist_video --out runs/demo-video
 
 test: env
 	-@$(MAKE) --no-print-directory data

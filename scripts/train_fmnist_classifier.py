@@ -1,9 +1,10 @@
 """Train the Fashion-MNIST classifier behind the metrics; write its weights and their JSON record.
 
-    python scripts/train_fmnist_classifier.py [--root /usr/share/datasets/fashion-mnist] [--epochs 6]
+    python scripts/train_fmnist_classifier.py [--root /usr/share/datasets/fashion-mnist] [--epochs 6] [--garment-side 16]
 
 Writes sprintdit/metrics/weights/fmnist_classifier.safetensors and fmnist_classifier.json (sha256, test
-accuracy, settings, training time) unless --out names another .safetensors path. CPU only and
+accuracy, settings, training time) unless --out names another .safetensors path. With --garment-side S it trains
+and tests on garments shrunk to S x S and grown back (what `classify_garments` reads), into fmnist_garment16.*. CPU only and
 deterministic: fixed seeds, deterministic algorithms, a fixed thread count, the library's seeded batch order.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from safetensors.torch import save_file
 from sprintdit.data import FashionMNIST, index_batches
 from sprintdit.metrics import class_agreement, feature_stats, frechet_distance
 from sprintdit.files import sha256_file
-from sprintdit.metrics.fmnist_classifier import WEIGHTS, FMNISTClassifier, classify, record_path
+from sprintdit.layouts import shrink
+from sprintdit.metrics.fmnist_classifier import GARMENT_WEIGHTS, WEIGHTS, FMNISTClassifier, classify, record_path, regrown
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 EPOCHS = 6
@@ -45,6 +47,20 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     dy, dx = torch.randint(0, 2 * MAX_SHIFT + 1, (2, b, 1), generator=gen)
     rows, cols = dy + torch.arange(h), dx + torch.arange(w)  # (B, H), (B, W)
     return padded[torch.arange(b)[:, None, None], 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)  # (B, 1, H, W)
+
+
+class Shrunk:
+    """A Fashion-MNIST split with every garment shrunk to side x side and grown back to 28x28 in the 32x32 frame."""
+
+    def __init__(self, data: FashionMNIST, side: int):
+        garments = shrink(data.images[:, 0, 2:-2, 2:-2], side) * 2 - 1  # (N, side, side) in [-1, 1]
+        self.images, self.labels = regrown(garments), data.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[indices], self.labels[indices]
 
 
 def learning_rate(step: int, total: int) -> float:
@@ -94,14 +110,18 @@ def train(train_set: FashionMNIST, epochs: int) -> FMNISTClassifier:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=DEFAULT_ROOT, help="folder with the Fashion-MNIST IDX files")
-    parser.add_argument("--out", type=Path, default=WEIGHTS, help="weights file; the JSON record goes beside it")
+    parser.add_argument("--out", type=Path, help="weights file; the JSON record goes beside it (default: the shipped one)")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--garment-side", type=int, help="train and test on garments shrunk to this side and grown back (16: moving clips)")
     args = parser.parse_args(argv)
+    args.out = args.out or (GARMENT_WEIGHTS if args.garment_side else WEIGHTS)
 
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
     start = time.perf_counter()
     train_set, test_set = FashionMNIST(args.root, "train"), FashionMNIST(args.root, "test")
+    if args.garment_side:
+        train_set, test_set = Shrunk(train_set, args.garment_side), Shrunk(test_set, args.garment_side)
     model = train(train_set, args.epochs)
     seconds = time.perf_counter() - start
     scores = evaluate(model, train_set, test_set)
@@ -113,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         **scores,
         "test_images": len(test_set),
         "epochs": args.epochs,
+        "garment_side": args.garment_side,
         "seed": SEED,
         "threads": THREADS,
         "train_seconds": round(seconds),

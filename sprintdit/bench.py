@@ -36,6 +36,8 @@ class BenchConfig:
     resolution: int = 256  # image side in pixels
     latent_factor: int = 8  # the model sees resolution / latent_factor (SD-VAE: 8); 1 for pixel space
     channels: int = 4  # model input channels (SD-VAE latents: 4)
+    frames: int = 0  # video: frames per clip (0: images); throughputs are then clips per second
+    patch_size_t: int = 1  # video: frames per token
     num_classes: int = 1000
     batch: int = 64
     mask_ratios: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75, 0.875])
@@ -92,8 +94,10 @@ def build_model(cfg: BenchConfig, device: torch.device) -> SiT:
     side = cfg.resolution // cfg.latent_factor
     if side * cfg.latent_factor != cfg.resolution:
         raise UserError(f"--resolution {cfg.resolution} is not a multiple of the latent factor {cfg.latent_factor}")
-    mc = ModelConfig(preset=cfg.preset, input_size=[side, side], in_channels=cfg.channels, num_classes=cfg.num_classes,
-                     sprint=SprintConfig(encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth))
+    if cfg.frames < 0:
+        raise UserError(f"--frames must be >= 1 for video or 0 for images, got {cfg.frames}")
+    mc = ModelConfig(preset=cfg.preset, input_size=[cfg.frames] * bool(cfg.frames) + [side, side], patch_size_t=cfg.patch_size_t,
+                     in_channels=cfg.channels, num_classes=cfg.num_classes, sprint=SprintConfig(encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth))
     model = SiT(mc).to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     return model
@@ -196,7 +200,7 @@ def sparsedit_configs(mc: ModelConfig, cfg: BenchConfig) -> tuple[ModelConfig, l
 
 def sampling_flops(mc: ModelConfig, batch: int, steps: int) -> int:
     """Model FLOPs of a CFG-guided Euler run (2 x batch per step), the grid following each step's t."""
-    ts, n = time_grid(steps)[:-1], mc.grid[0] * mc.grid[1]
+    ts, n = time_grid(steps)[:-1], mc.frame_tokens
     if mc.arch != "sparsedit":
         return steps * forward_flops(mc, 2 * batch)
     schedule = parse_schedule(mc.sparse.grid)
@@ -241,7 +245,8 @@ def device_name(device: torch.device) -> str:
 
 def format_report(report: dict) -> str:
     c = report["config"]
-    lines = [f"{c['preset']} at {c['resolution']}px (model input {c['resolution'] // c['latent_factor']}), batch {c['batch']}, "
+    clips = f"{c['frames']}-frame clips (frames per token {c['patch_size_t']}) " if c.get("frames") else ""
+    lines = [f"{c['preset']} on {clips}at {c['resolution']}px (model input {c['resolution'] // c['latent_factor']}), batch {c['batch']}, "
              f"{c['precision']}{', compiled' if c['compile'] else ''} on {report['device']}, torch {report['torch']}; "
              f"peak {report['peak_tflops']:.3g} TFLOP/s"]
     lines.append(f"{'mask':>6}{'step ms':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'vs dense':>10}{'mem GiB':>9}")

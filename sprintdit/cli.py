@@ -259,13 +259,15 @@ def write_results(results: dict, out: Path) -> int:
 
 def cmd_demo(args) -> int:
     from .config import load_config
-    from .demo import run_demo, run_text_demo
+    from .demo import run_demo, run_text_demo, run_video_demo
 
     if args.per_class < 1:
         raise UserError(f"--per-class must be >= 1, got {args.per_class}")
     cfg = load_config(args.config, args.overrides)
     if cfg.model.condition == "text":
         run_text_demo(cfg, Path(args.out), progress=not args.no_progress)
+    elif cfg.data.name == "moving_fashion_mnist":
+        run_video_demo(cfg, Path(args.out), progress=not args.no_progress)
     else:
         run_demo(cfg, Path(args.out), args.per_class, progress=not args.no_progress)
     return 0
@@ -305,7 +307,7 @@ def cmd_sparsify(args) -> int:
     layout = {k: getattr(args, k) for k in ("pool_depth", "modules", "sparse_depth", "dense_depth", "recover") if getattr(args, k) is not None}
     done = sparsify(args.checkpoint, args.out, SparseConfig(grid=args.sparse_grid, **layout), use_ema=not args.no_ema)
     grid = done.config.grid
-    print(f"SparseDiT from {done.source}: grid {done.config.sparse.grid} on {grid[0]}x{grid[1]} tokens, "
+    print(f"SparseDiT from {done.source}: grid {done.config.sparse.grid} on {'x'.join(map(str, grid))} tokens, "
           f"forward FLOPs {done.flops_ratio:.1%} of dense (average over t); wrote {done.folder}")
     return 0
 
@@ -445,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-factor", type=int, help="model input = resolution / factor (default 8, SD-VAE; 1: pixel space)")
     p.add_argument("--channels", type=int, help="model input channels (default 4)")
     p.add_argument("--num-classes", type=int, help="classes (default 1000)")
+    p.add_argument("--frames", type=int, help="video: frames per clip, e.g. 16 (default 0: images; throughputs are then clips/s)")
+    p.add_argument("--patch-size-t", type=int, help="video: frames per token (default 1)")
     p.add_argument("--batch", type=int, default=64, help="samples per training step and per guided half (default 64)")
     p.add_argument("--mask-ratios", default="0,0.5,0.75,0.875", help="comma-separated token-drop ratios of the middle blocks")
     p.add_argument("--precision", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
@@ -472,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="start from the raw weights instead of the EMA")
     p.set_defaults(func=cmd_sparsify)
 
-    p = sub.add_parser("demo", help="train SPRINT on Fashion-MNIST in both stages, then sample and score with PDG and CFG (--config fashion_mnist_text: the text-to-image demo)")
+    p = sub.add_parser("demo", help="train SPRINT on Fashion-MNIST in both stages, then sample and score with PDG and CFG (--config fashion_mnist_text: the text-to-image demo; fashion_mnist_video: video)")
     p.add_argument("--config", default=DEMO_CONFIG, help=f"demo config (default {DEMO_CONFIG})")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo); an existing one is resumed")
     p.add_argument("--per-class", type=int, default=10, help="samples per class shown in the grids (default 10); all eval.num_samples are scored")

@@ -32,7 +32,8 @@ from .tracking import check_loggers
 
 CONFIG_DIR = Path(str(resources.files("sprintdit") / "configs"))  # the shipped configs (package data; studies under studies/)
 PRECISIONS = ("fp32", "bf16", "fp16")
-DATASETS = ("fashion_mnist", "fashion_mnist_layouts", "image_folder", "latents")
+DATASETS = ("fashion_mnist", "fashion_mnist_layouts", "moving_fashion_mnist", "image_folder", "clip_folder", "latents")
+VIDEO_DATASETS = ("moving_fashion_mnist", "clip_folder")
 FEATURE_NETWORKS = ("auto", "fmnist", "inception", "dinov2")
 LR_DECAYS = ("constant", "cosine")
 # The flat model keys of sprintdit 0.1 and their sections now; still read (YAML, overrides, saved configs and
@@ -45,9 +46,10 @@ MOVED_MODEL_KEYS = {
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | fashion_mnist_layouts (captioned 2x2 layouts; sprintdit.layouts) | image_folder | latents (written by `sprintdit prepare`)
+    name: str = "fashion_mnist"  # fashion_mnist | fashion_mnist_layouts (captioned 2x2 layouts; sprintdit.layouts) | moving_fashion_mnist (clips; sprintdit.moving) | image_folder | clip_folder | latents (written by `sprintdit prepare`)
     root: str = "/usr/share/datasets/fashion-mnist"  # IDX files, one folder per class, or a latent folder
-    split: str = "train"  # fashion_mnist: train | test; fashion_mnist_layouts: train | held_out
+    split: str = "train"  # fashion_mnist, moving_fashion_mnist: train | test; fashion_mnist_layouts: train | held_out
+    frames: Optional[int] = None  # video data: frames per clip (moving_fashion_mnist: default 8; clip_folder: default the first clip's)
     resolution: int = 32  # pixels: fashion_mnist pads 28 -> 32; image_folder resizes and centre-crops; latents: as prepared
     num_workers: int = 0  # data-loading processes (image_folder, latents)
     vae: Optional[str] = None  # latents: the VAE folder that decodes samples (default: the one in the manifest)
@@ -233,6 +235,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"data.name is {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
     if cfg.data.vae is not None and cfg.data.name != "latents":
         raise UserError(f"data.vae is for data.name latents, not {cfg.data.name}")
+    if cfg.data.frames is not None and cfg.data.name not in VIDEO_DATASETS:
+        raise UserError(f"data.frames is for video data ({', '.join(VIDEO_DATASETS)}), not {cfg.data.name}")
+    if cfg.data.name in VIDEO_DATASETS and cfg.eval.every > 0:
+        raise UserError("eval.every scores images; video runs are scored by the video demo (sprintdit.moving.score_clips): set eval.every=0")
     counts = {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "keep_last": t.keep_last, "log_every": t.log_every,
               "ckpt_every": t.ckpt_every, "grid_rows": t.grid_rows, "grid_columns": t.grid_columns}
     for name, value in counts.items():

@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 from .checkpoint import save_weights_folder
 from .config import DataConfig, RunConfig, to_yaml
 from .errors import UserError
-from .models.sit import PRESETS, SIZES, TIMESTEP_FREQ_DIM, ModelConfig, SiT, SprintConfig, resolve_model_config, sincos_2d, timestep_frequencies
+from .models.sit import PRESETS, SIZES, TIMESTEP_FREQ_DIM, ModelConfig, SiT, SprintConfig, resolve_model_config, sincos_table, timestep_frequencies
 from .objective import ObjectiveConfig
 from .sampling import SampleConfig
 
@@ -205,7 +205,7 @@ def diffusers_to_dit(state: dict[str, torch.Tensor], config: dict) -> dict[str, 
         out.update({dit: state[src] for dit, src in diffusers_block_map(i).items()})
     hidden, patch = out["x_embedder.proj.weight"].shape[0], out["x_embedder.proj.weight"].shape[-1]
     side = config["sample_size"] // patch
-    out["pos_embed"] = sincos_2d((side, side), hidden)[None].float()
+    out["pos_embed"] = sincos_table((side, side), hidden)[None].float()
     return out
 
 
@@ -375,7 +375,7 @@ def source_shapes(cfg: ModelConfig, source: str, mapping: dict[str, str]) -> dic
     if source != "sprint":  # Conv2d patch embedding, fixed positions, no MASK token
         d, p = cfg.hidden_size, cfg.patch_size
         shapes["x_embedder.proj.weight"] = torch.Size([d, cfg.in_channels, p, p])
-        shapes["pos_embed"] = torch.Size([1, cfg.grid[0] * cfg.grid[1], d])
+        shapes["pos_embed"] = torch.Size([1, cfg.num_tokens, d])
         del shapes["mask_token"]
     return shapes
 
@@ -400,7 +400,7 @@ def dit_final_rows(w: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def check_pos_embed(pos: torch.Tensor, cfg: ModelConfig) -> None:
-    diff = (pos[0].double() - sincos_2d(cfg.grid, cfg.hidden_size).double()).abs().max().item()
+    diff = (pos[0].double() - sincos_table(cfg.grid, cfg.hidden_size).double()).abs().max().item()
     if diff > POS_EMBED_ATOL:
         raise UserError(f"pos_embed is not the fixed 2D sin-cos table of a {cfg.grid[0]}x{cfg.grid[1]} grid (max difference {diff:.3g}); was it trained?")
 

@@ -122,6 +122,69 @@ def scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
+class ClipFolder:
+    """`data.name: clip_folder`: one sub-folder per class holding clips, each an `.npy` array (F, H, W, C) uint8 or a
+    folder of numbered frames (images sorted by name). Every clip must have `frames` frames (default: the first
+    clip's) of resolution x resolution pixels and the same channels (1 or 3); all are checked when the data set opens."""
+
+    def __init__(self, root: str | Path, resolution: int, frames: int | None = None):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(f"clip folder {self.root} does not exist")
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.clips = [(p, label) for label, name in enumerate(self.classes) for p in sorted((self.root / name).iterdir()) if p.suffix == ".npy" or p.is_dir()]
+        if not self.clips:
+            raise UserError(f"no clips found under {self.root} (expected one sub-folder per class of .npy clips or frame folders)")
+        shapes = {path: self.shape_of(path) for path, _ in self.clips}  # (F, H, W, C)
+        frames = frames or shapes[self.clips[0][0]][0]
+        channels = shapes[self.clips[0][0]][3]
+        for path, shape in shapes.items():
+            if shape != (frames, resolution, resolution, channels) or channels not in (1, 3):
+                raise UserError(f"clip {path} is {'x'.join(map(str, shape))} (F, H, W, C); every clip must be {frames}x{resolution}x{resolution}x{channels} "
+                                f"(data.frames, data.resolution; 1 or 3 channels)")
+        self.num_classes, self.channels = len(self.classes), channels
+        self.resolution = (frames, resolution, resolution)
+
+    @staticmethod
+    def frame_files(path: Path) -> list[Path]:
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+    def shape_of(self, path: Path) -> tuple[int, ...]:
+        try:
+            if path.suffix == ".npy":
+                array = np.load(path, mmap_mode="r")
+                return tuple(array.shape) if array.ndim == 4 and array.dtype == np.uint8 else (-1,) * 4
+            frames = self.frame_files(path)
+            if not frames:
+                return (0, 0, 0, 0)
+            with Image.open(frames[0]) as first:
+                w, h = first.size
+                c = 1 if first.mode in ("L", "1", "I;16") else 3
+            return (len(frames), h, w, c)
+        except IMAGE_ERRORS as err:
+            raise UserError(f"clip {path} is unreadable ({type(err).__name__}: {err})") from None
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def read(self, path: Path) -> np.ndarray:
+        """(F, H, W, C) uint8."""
+        if path.suffix == ".npy":
+            return np.load(path)
+        mode = "L" if self.channels == 1 else "RGB"
+        frames = [np.asarray(Image.open(p).convert(mode), dtype=np.uint8) for p in self.frame_files(path)]
+        array = np.stack(frames)
+        if array.shape[1:3] != self.resolution[1:]:
+            raise UserError(f"clip {path} has frames of {array.shape[2]}x{array.shape[1]} pixels; data.resolution is {self.resolution[1]}")
+        return array.reshape(*array.shape[:3], self.channels)
+
+    def load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, F, R, R) in [-1, 1] and labels (B,)."""
+        clips = [torch.from_numpy(self.read(self.clips[i][0])) for i in indices.tolist()]
+        x = torch.stack(clips).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+        return x, torch.tensor([self.clips[i][1] for i in indices.tolist()])
+
+
 def adm_center_crop(img, resolution: int):
     """ADM's crop: halve with BOX while the short side is >= 2 * resolution, resize with BICUBIC so the short side
     is `resolution`, then take the centre square."""
@@ -284,6 +347,14 @@ def build_dataset(cfg) -> FashionMNIST | ImageFolder | LatentDataset:
         if cfg.resolution != CANVAS:
             raise UserError(f"data.resolution for fashion_mnist_layouts is {CANVAS} (2x2 cells of 16), got {cfg.resolution}")
         return FashionMNISTLayouts(cfg.root, cfg.split)
+    if cfg.name == "moving_fashion_mnist":
+        from .moving import CANVAS, MovingFashionMNIST  # moving builds on this module
+
+        if cfg.resolution != CANVAS:
+            raise UserError(f"data.resolution for moving_fashion_mnist is {CANVAS}, got {cfg.resolution}")
+        return MovingFashionMNIST(cfg.root, cfg.split, cfg.frames)
+    if cfg.name == "clip_folder":
+        return ClipFolder(cfg.root, cfg.resolution, cfg.frames)
     return ImageFolder(cfg.root, cfg.resolution, cfg.captions)
 
 

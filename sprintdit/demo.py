@@ -119,3 +119,71 @@ def run_text_demo(cfg: RunConfig, out: Path, per_kind: int = 250, progress: bool
     log(f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: {folder.parent}; results: {out / 'demo.json'}")
     atomic_write_text(out / "demo.json", json.dumps(results, indent=2) + "\n")
     return results
+
+
+def stage_rates(rows: list[dict]) -> dict[float, float]:
+    """Median logged steps per second of each mask ratio in a run's metrics (the first log of a stage, which
+    includes its start-up, left out)."""
+    rates: dict[float, list[float]] = {}
+    for previous, row in zip([None] + rows[:-1], rows):
+        if "steps_per_s" in row and previous is not None and previous.get("mask_ratio") == row["mask_ratio"]:
+            rates.setdefault(row["mask_ratio"], []).append(row["steps_per_s"])
+    return {ratio: sorted(v)[len(v) // 2] for ratio, v in rates.items()}
+
+
+def run_video_demo(cfg: RunConfig, out: Path, shown: int = 2, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Train a class-conditional video config on moving Fashion-MNIST into `out`, then sample eval.num_samples clips
+    (classes cycling) with PDG and with CFG; scores (sprintdit.moving.score_clips) against real test clips, the
+    same scores of real clips as the ceiling, and the stage-1 (masked) speed over the dense stage's from the run's
+    log. Writes out/demo.json, a frame-strip grid (`shown` clips per class), one GIF per class and an npz per guidance."""
+    from .images import save_gif, save_npz
+    from .moving import MovingFashionMNIST, load_readers, real_frame_stats, score_clips
+
+    if env_world()[1] > 1:
+        raise UserError("demo runs in one process; under torchrun use train and sample")
+    if cfg.data.name != "moving_fashion_mnist":
+        raise UserError(f"the video demo trains on data.name moving_fashion_mnist, not {cfg.data.name}")
+    start = tic = time.perf_counter()
+    trainer = Trainer(cfg, out, progress=progress)
+    run = trainer.cfg
+    log(f"demo: training {run.model.preset} on moving Fashion-MNIST clips {'x'.join(map(str, run.model.input_size))}, "
+        f"{'x'.join(map(str, run.model.grid))} tokens ({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in run.stages)}) on {trainer.device}")
+    folder = trainer.fit()
+    results: dict = {"train_seconds": time.perf_counter() - tic}
+    rates = stage_rates(trainer.folder.metrics())
+    masked = max(run.stages, key=lambda s: s.mask_ratio).mask_ratio
+    if 0.0 in rates and masked in rates:
+        results["steps_per_s"] = {str(k): v for k, v in rates.items()}
+        results["stage1_speedup"] = rates[masked] / rates[0.0]
+    classes = run.model.num_classes
+    labels, seeds = eval_labels_and_seeds(run.eval, classes)
+    readers = load_readers(trainer.device)
+    real_data = MovingFashionMNIST(run.data.root, "test", run.data.frames)
+    real, real_labels = real_data.load(torch.arange(len(labels)))
+    real_stats = real_frame_stats(real, readers)
+    results["real"] = score_clips(real, real_labels, readers, real_frame_stats(real_data.load(torch.arange(len(labels)) + len(labels))[0], readers))
+    rows = [i for c in range(classes) for i in range(c, classes * shown, classes)]  # `shown` clips per class, a row each
+    for guidance in GUIDANCES:
+        scfg = SampleConfig(**{**vars(run.sample), "guidance": guidance})
+        tic = time.perf_counter()
+        clips = generate(trainer.ema.eval(), trainer.objective, labels, seeds, scfg, trainer.device).clamp(-1, 1)
+        seconds = time.perf_counter() - tic
+        r = {"sample_seconds": seconds, "guidance_scale": scfg.scale, **score_clips(clips, torch.tensor(labels), readers, real_stats)}
+        r["grid"] = str(save_grid(clips[rows], out / f"demo_{guidance}.png", columns=1))
+        r["npz"] = str(save_npz(clips, labels, out / f"demo_{guidance}.npz"))
+        for c in range(classes):
+            save_gif(clips[c], out / f"demo_{guidance}_gifs" / f"class{c}.gif")
+        results[guidance] = r
+    log(f"{len(labels)} clips per guidance ({run.sample.sampler}, {run.sample.steps} steps), read frame by frame (sprintdit.moving.Readers):")
+    log(f"{'':<14}{'seconds':>9}{'frame class':>13}{'clip consistent':>17}{'path residual px':>18}{'frame FID':>11}")
+    for name in ("real", *GUIDANCES):
+        r = results[name]
+        head = "real test clips" if name == "real" else f"{name.upper()} scale {r['guidance_scale']:g}"
+        log(f"{head:<14}{r.get('sample_seconds', 0.0):>9.1f}{r['frame_class_agreement']:>13.1%}{r['clip_consistency']:>17.1%}{r['path_residual_px']:>18.2f}{r['frame_fid']:>11.2f}")
+    if "stage1_speedup" in results:
+        log(f"stage 1 (mask {masked:g}) runs {results['stage1_speedup']:.2f}x the dense stage's steps/s at the same clip size")
+    log(f"frame strips ({shown} clips per class, a row each): {results['pdg']['grid']}, {results['cfg']['grid']}; GIFs: {out}/demo_<guidance>_gifs")
+    results["total_seconds"] = time.perf_counter() - start
+    log(f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: {folder.parent}; results: {out / 'demo.json'}")
+    atomic_write_text(out / "demo.json", json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,4 +1,5 @@
 """SparseDiT's token density: how large the sparse token grid is at each noise level (pure functions).
+(Video: the grid and its pruning rate are per frame.)
 
 A schedule is written as text, the form `model.sparse.grid` and `sprintdit sparsify --sparse-grid` take:
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -34,6 +36,7 @@ class SparseConfig:
     modules: int = 4  # sparse-dense token modules (SDTM)
     sparse_depth: int = 3  # per module: ordinary blocks on the sparse tokens (after the merge block)
     dense_depth: int = 1  # per module: ordinary blocks on all tokens (after the recover block)
+    frames: Optional[int] = None  # video: frames of the sparse grid (pools time too; default: every frame of the token grid)
     readd_pos: bool = False  # add the sin-cos positions again to pooled tokens and to recovered tokens (sincos models)
     recover: str = "fuse"  # fuse: W1 up(s) + W2 h, W1 = 0, W2 = I (the paper) | residual: h + up(what the module's sparse blocks added)
 
@@ -74,9 +77,10 @@ def parse_schedule(text: str) -> DensitySchedule:
     return DensitySchedule(knots)
 
 
-def check_schedule(schedule: DensitySchedule, dense_grid: tuple[int, int]) -> None:
-    if schedule.sides[1] > min(dense_grid):
-        raise UserError(f"sparse grid {schedule.sides[1]} exceeds the {dense_grid[0]}x{dense_grid[1]} token grid")
+def check_schedule(schedule: DensitySchedule, dense_grid: tuple[int, ...]) -> None:
+    """The schedule's sides fit the (per-frame) token grid (rows, columns)."""
+    if schedule.sides[1] > min(dense_grid[-2:]):
+        raise UserError(f"sparse grid {schedule.sides[1]} exceeds the {'x'.join(map(str, dense_grid[-2:]))} token grid (per frame)")
 
 
 def pruning_rate(side: int, dense_tokens: int) -> float:

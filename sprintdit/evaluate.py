@@ -322,6 +322,8 @@ def generate_and_score(model, objective, cfg: EvalConfig, scfg, d, to_pixels, ev
     `evaluator` (built for these images when None) carries the feature networks and reference between calls."""
     if model.config.condition != "class":
         raise UserError("evaluate scores class-conditional models; a text model needs captions to sample from (the text demo scores its own: sprintdit demo --config fashion_mnist_text)")
+    if model.config.video:
+        raise UserError("evaluate scores images; a video model's clips are scored frame by frame by the video demo (sprintdit demo --config fashion_mnist_video, sprintdit.moving.score_clips)")
     labels, seeds = eval_labels_and_seeds(cfg, model.config.num_classes)
     tic = time.perf_counter()
     samples = generate_on_ranks(model, objective, labels, seeds, scfg, d, progress)

@@ -39,8 +39,8 @@ def model_card(run: RunConfig, evals: dict[str, dict], source: Path) -> str:
         f"# {m.preset or 'sprintdit model'} ({m.arch})", "",
         f"Exported by sprintdit {__version__} from `{source}`.", "",
         "## Architecture", "",
-        f"{m.arch} with {m.depth} blocks, width {m.hidden_size}, {m.num_heads} heads, patch {m.patch_size} on a {m.in_channels}x{m.input_size[0]}x{m.input_size[1]} "
-        f"input ({m.grid[0]}x{m.grid[1]} tokens), {m.num_classes} classes, {m.pos_embed} positions, qk-norm {m.qk_norm}{split}. Objective: "
+        f"{m.arch} with {m.depth} blocks, width {m.hidden_size}, {m.num_heads} heads, patch {m.patch_size} on a {'x'.join(map(str, [m.in_channels, *m.input_size]))} "
+        f"input ({'x'.join(map(str, m.grid))} tokens), {m.num_classes} classes, {m.pos_embed} positions, qk-norm {m.qk_norm}{split}. Objective: "
         f"{run.objective.kind}; parameters: {params}.", "",
         "## Training recipe", "",
         f"Data: {run.data.name} at {run.data.resolution} px; global batch {t.batch_size}, {t.precision}, AdamW (betas {list(t.optim.betas)}, "

@@ -6,6 +6,7 @@ A training step costs 3x its forward (the backward computes two products per for
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -14,6 +15,7 @@ from .config import RunConfig
 from .density import parse_schedule, side_at
 from .masking import num_kept_random
 from .models.sit import TIMESTEP_FREQ_DIM, ModelConfig, mlp_hidden
+from .models.sparsedit import sparse_shape
 
 
 def linear(rows: int, fan_in: int, fan_out: int) -> int:
@@ -64,9 +66,9 @@ def pooling_block_flops(cfg: ModelConfig, batch: int, tokens: int) -> int:
 
 
 def sparsedit_body_flops(cfg: ModelConfig, batch: int, side: int) -> int:
-    """SparseDiT's blocks (and recover fusions) with a side x side sparse grid."""
-    sp, n, d = cfg.sparse, cfg.grid[0] * cfg.grid[1], cfg.hidden_size
-    m = side * side
+    """SparseDiT's blocks (and recover fusions) with a side x side sparse grid (per frame)."""
+    sp, n, d = cfg.sparse, cfg.num_tokens, cfg.hidden_size
+    m = math.prod(sparse_shape(cfg, side))
     module = (
         block_flops(cfg, batch, m, context=n)  # merge: sparse queries, dense keys/values
         + sp.sparse_depth * block_flops(cfg, batch, m)
@@ -81,10 +83,10 @@ def sparsedit_body_flops(cfg: ModelConfig, batch: int, side: int) -> int:
 def forward_flops(cfg: ModelConfig, batch: int, mask_ratio: float = 0.0, middle_rows: int | None = None, side: int | None = None) -> int:
     """One forward of `batch` samples. SiT: the middle blocks see the kept tokens of `middle_rows` samples
     (default all: training; fewer: the cheap half of a Path-Drop Guidance step). SparseDiT: with a
-    side x side sparse grid."""
-    n, d = cfg.grid[0] * cfg.grid[1], cfg.hidden_size
+    side x side sparse grid (per frame)."""
+    n, d = cfg.num_tokens, cfg.hidden_size
     rows = batch if middle_rows is None else middle_rows
-    patch_features = cfg.in_channels * cfg.patch_size**2
+    patch_features = cfg.in_channels * math.prod(cfg.patch)
     total = linear(batch * n, patch_features, d)  # patch embedding
     total += linear(batch, TIMESTEP_FREQ_DIM, d) + linear(batch, d, d)  # timestep MLP
     total += caption_encoder_flops(cfg, batch)
@@ -106,7 +108,7 @@ def mean_forward_flops(cfg: ModelConfig, batch: int, mask_ratio: float = 0.0, le
     """forward_flops averaged over noise levels uniform in (0, 1): SparseDiT's grid follows t; SiT's does not."""
     if cfg.arch != "sparsedit":
         return forward_flops(cfg, batch, mask_ratio)
-    schedule, n = parse_schedule(cfg.sparse.grid), cfg.grid[0] * cfg.grid[1]
+    schedule, n = parse_schedule(cfg.sparse.grid), cfg.frame_tokens
     sides = [side_at(schedule, (i + 0.5) / levels, n) for i in range(levels)]
     return sum(forward_flops(cfg, batch, side=s) * sides.count(s) for s in set(sides)) / levels
 
@@ -151,7 +153,7 @@ def sampling_flops(model, objective, scfg) -> int:
     generate(recorder, objective, [0], [0], replace(scfg, batch_size=1), "cpu")
     cfg = model.config
     schedule = parse_schedule(cfg.sparse.grid) if cfg.arch == "sparsedit" else None
-    n = cfg.grid[0] * cfg.grid[1]
+    n = cfg.frame_tokens
     total = 0
     for batch, t, middle_rows in recorder.calls:
         side = side_at(schedule, t, n) if schedule is not None else None

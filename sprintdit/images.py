@@ -1,4 +1,5 @@
-"""Image tensors to files: PNG grids for people, npz batches in the ADM layout for evaluators."""
+"""Image and clip tensors to files: PNG grids for people (a clip as a strip of its frames), animated GIFs, npz
+batches in the ADM layout for evaluators (clips: uint8 (N, F, H, W, C))."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,20 +7,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write_npz
+from .files import atomic_write, atomic_write_npz
+
+STRIP_GAP = 1  # white pixels between the frames of a clip's strip
+GIF_FRAME_MS = 125  # GIF frame duration: 8 frames per second
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounding as the ADM sample scripts do."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """(N, C, H, W) or clips (N, C, F, H, W) in [-1, 1] -> (N, H, W, C) or (N, F, H, W, C) uint8, rounding as the
+    ADM sample scripts do."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).movedim(1, -1).cpu().numpy()
+
+
+def frame_strips(clips: torch.Tensor) -> torch.Tensor:
+    """clips (N, C, F, H, W) -> (N, C, H, F W + (F - 1) STRIP_GAP): each clip's frames left to right, white between."""
+    n, c, f, h, w = clips.shape
+    strips = torch.ones(n, c, h, f * (w + STRIP_GAP) - STRIP_GAP, dtype=clips.dtype, device=clips.device)
+    for i in range(f):
+        strips[..., i * (w + STRIP_GAP) : i * (w + STRIP_GAP) + w] = clips[:, :, i]
+    return strips
+
+
+def save_gif(clip: torch.Tensor, path: str | Path) -> Path:
+    """One clip (C, F, H, W) in [-1, 1] as an animated GIF that loops (grey levels are kept exactly; colour is
+    quantised to GIF's 256-colour palette)."""
+    from PIL import Image
+
+    frames = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in to_uint8(clip[None])[0]]  # F x (H, W[, 3])
+    return atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0, optimize=False))
 
 
 def save_grid(x: torch.Tensor, path: str | Path, columns: int, pad: int = 2, row_labels: list[str] | None = None) -> Path:
     """Save images (N, C, H, W) in [-1, 1] as one PNG, `columns` images per row; `row_labels` (e.g. the prompts)
-    are written to the left of their rows."""
+    are written to the left of their rows. Clips (N, C, F, H, W) are shown as strips of their frames."""
     from PIL import Image, ImageDraw, ImageFont
 
-    images = to_uint8(x)  # (N, H, W, C)
+    images = to_uint8(frame_strips(x) if x.ndim == 5 else x)  # (N, H, W, C)
     n, h, w, c = images.shape
     rows = -(-n // columns)
     font = ImageFont.load_default()
@@ -41,25 +64,31 @@ def save_grid(x: torch.Tensor, path: str | Path, columns: int, pad: int = 2, row
 
 
 def save_npz(x: torch.Tensor, labels: list[int] | None, path: str | Path) -> Path:
-    """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int64 labels (none for prompts); x (N, C, H, W) in [-1, 1], or already uint8."""
-    images = x.permute(0, 2, 3, 1).cpu().numpy() if x.dtype == torch.uint8 else to_uint8(x)
+    """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int64 labels (none for prompts); x (N, C, H, W) in [-1, 1], or
+    already uint8. Clips (N, C, F, H, W) give arr_0 (N, F, H, W, C)."""
+    images = x.movedim(1, -1).cpu().numpy() if x.dtype == torch.uint8 else to_uint8(x)
     return atomic_write_npz(path, images) if labels is None else atomic_write_npz(path, images, np.asarray(labels, dtype=np.int64))
 
 
 def save_samples(x: torch.Tensor, stem: Path, labels: list[int] | None, prompts: list[str] | None, per_label: int, grid_max: int) -> list[str]:
     """What `sprintdit sample` writes for images (N, C, H, W) in [-1, 1], each label or prompt `per_label` times in a
     row: STEM.npz (ADM layout; labels only for class models), STEM.prompts.txt (sample i: prompt i // per_label)
-    and a PNG grid of at most `grid_max` images in whole rows (0: none). Returns what it wrote, for people."""
+    and a PNG grid of at most `grid_max` images in whole rows (0: none). Clips (N, C, F, H, W) also get one GIF each,
+    STEM_gifs/NNNNN.gif, and their grid shows each clip as a strip of frames. Returns what it wrote, for people."""
     from .files import atomic_write_text
 
     def named(suffix: str) -> Path:  # not with_suffix: a stem like pdg_euler25_s1.5 has a dot of its own
         return stem.parent / (stem.name + suffix)
 
     written = [f"batch: {save_npz(x, labels, named('.npz'))}"]
+    if x.ndim == 5:
+        for i, clip in enumerate(x):
+            save_gif(clip, stem.parent / f"{stem.name}_gifs" / f"{i:05d}.gif")
+        written.append(f"{len(x)} GIFs: {stem.parent / (stem.name + '_gifs')}")
     if prompts:
         written.append(f"prompts: {atomic_write_text(named('.prompts.txt'), ''.join(p + chr(10) for p in prompts))}")
     if grid_max > 0:  # a PNG for people (a 50k ADM batch lives in the npz)
-        columns = per_label if per_label > 1 or prompts else min(len(x), 10)
+        columns = per_label if per_label > 1 or prompts else min(len(x), 1 if x.ndim == 5 else 10)
         count = min(len(x), grid_max - grid_max % columns or columns)
         grid = save_grid(x[:count], named(".png"), columns=columns, row_labels=prompts)
         written.append(f"grid: {grid}" + (f" (first {count})" if count < len(x) else ""))

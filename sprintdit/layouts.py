@@ -70,9 +70,9 @@ VOCABULARY = vocabulary_of([caption_of(layout) for layout in all_layouts()])
 MAX_TOKENS = 1 + max(len(words_of(caption_of(layout))) for layout in all_layouts())  # START + the longest caption
 
 
-def shrink(images: torch.Tensor) -> torch.Tensor:
-    """(N, 28, 28) uint8 -> (N, 16, 16) float in [0, 1] (area-averaged)."""
-    return F.interpolate(images[:, None].float() / 255.0, size=(CELL, CELL), mode="area")[:, 0]
+def shrink(images: torch.Tensor, side: int = CELL) -> torch.Tensor:
+    """(N, 28, 28) uint8 -> (N, side, side) float in [0, 1] (area-averaged)."""
+    return F.interpolate(images[:, None].float() / 255.0, size=(side, side), mode="area")[:, 0]
 
 
 def render(layout: Layout, garments: list[torch.Tensor]) -> torch.Tensor:
@@ -126,15 +126,12 @@ class FashionMNISTLayouts:
 def cell_contents(images: torch.Tensor, classifier) -> torch.Tensor:
     """(N, 1, 32, 32) in [-1, 1] -> (N, 4) each cell's class as the classifier reads it (the cell scaled back to
     28x28 and padded to 32, as it was trained), or EMPTY when the cell holds no ink."""
-    from .metrics.fmnist_classifier import classify
+    from .metrics.fmnist_classifier import classify_garments
 
     n = images.shape[0]
     cells = images[:, 0].unflatten(1, (2, CELL)).unflatten(3, (2, CELL)).permute(0, 1, 3, 2, 4).reshape(n * 4, CELL, CELL)  # (N*4, 16, 16)
     ink = ((cells + 1) / 2).flatten(1).amax(1)  # (N*4,)
-    grown = F.interpolate(cells[:, None], size=(GARMENT, GARMENT), mode="bilinear", align_corners=False)
-    pad = (CANVAS - GARMENT) // 2
-    padded = F.pad(grown, (pad, pad, pad, pad), value=-1.0).clamp(-1, 1)  # (N*4, 1, 32, 32)
-    _, logits = classify(classifier, padded)
+    logits = classify_garments(classifier, cells)
     read = torch.where(ink < EMPTY_INK, torch.full((n * 4,), EMPTY), logits.argmax(1))
     return read.view(n, 4)
 

@@ -5,7 +5,10 @@ restores the full sequence, and a bool mask (True = dropped). `make_mask` builds
 type; `gather_tokens` applies it; `restore_tokens` undoes it, filling dropped positions.
 
 Structured masks split the token grid into g x g groups and keep k tokens per group (ratio 1 - k/g^2),
-with the group lattice shifted by a random offset per sample (groups wrap around the grid edges).
+with the group lattice shifted by a random offset per sample (groups wrap around the grid edges). On a video's
+(frames, rows, columns) grid the groups are g_t x g x g, g_t the largest divisor of the frames up to g (space-time
+groups as cubic as the grid allows; g_t = 1 for one frame, which is then the image mask draw for draw), and the
+lattice is offset in time as well.
 """
 from __future__ import annotations
 
@@ -54,22 +57,31 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def achievable_structured_ratios(grid: tuple[int, int], max_group: int | None = None) -> list[Fraction]:
-    """Every drop ratio 1 - k/g^2 (1 <= k <= g^2) with g dividing both grid sides (g <= max_group)."""
-    groups = [g for g in _divisors(math.gcd(*grid)) if max_group is None or g <= max_group]
-    return sorted({1 - Fraction(k, g * g) for g in groups for k in range(1, g * g + 1)})
+def group_shape(g: int, grid: tuple[int, ...]) -> tuple[int, ...]:
+    """A structured mask's group for spatial side g: (g, g), or on a video grid (g_t, g, g) with g_t the largest
+    divisor of the frames that is <= g."""
+    return tuple(max(d for d in _divisors(grid[0]) if d <= g) for _ in range(len(grid) == 3)) + (g, g)
 
 
-def structured_group(ratio: float, grid: tuple[int, int]) -> tuple[int, int]:
-    """The smallest group size g (dividing both grid sides) and keep count k with 1 - k/g^2 == ratio."""
-    for g in _divisors(math.gcd(*grid)):
-        k = (1.0 - ratio) * g * g
-        if abs(k - round(k)) < RATIO_TOLERANCE * g * g and 1 <= round(k) <= g * g:
+def achievable_structured_ratios(grid: tuple[int, ...], max_group: int | None = None) -> list[Fraction]:
+    """Every drop ratio 1 - k/|group| (1 <= k <= |group|) with the side g dividing both spatial grid sides (g <= max_group)."""
+    sizes = [math.prod(group_shape(g, grid)) for g in _divisors(math.gcd(*grid[-2:])) if max_group is None or g <= max_group]
+    return sorted({1 - Fraction(k, size) for size in sizes for k in range(1, size + 1)})
+
+
+def structured_group(ratio: float, grid: tuple[int, ...]) -> tuple[int, int]:
+    """The smallest spatial group side g (dividing both spatial grid sides) and the keep count k per group
+    (`group_shape(g, grid)`) with 1 - k/|group| == ratio."""
+    for g in _divisors(math.gcd(*grid[-2:])):
+        size = math.prod(group_shape(g, grid))
+        k = (1.0 - ratio) * size
+        if abs(k - round(k)) < RATIO_TOLERANCE * size and 1 <= round(k) <= size:
             return g, round(k)
     shown = ", ".join(f"{float(r):g}" for r in achievable_structured_ratios(grid, max_group=4))
+    groups = "groups up to 4x4" + (" (x up to 4 frames)" if len(grid) == 3 else "")
     raise UserError(
-        f"structured mask ratio {ratio:g} is not achievable on a {grid[0]}x{grid[1]} token grid; "
-        f"achievable with groups up to 4x4: {shown} (larger groups dividing the grid add finer ratios)"
+        f"structured mask ratio {ratio:g} is not achievable on a {'x'.join(map(str, grid))} token grid; "
+        f"achievable with {groups}: {shown} (larger groups dividing the grid add finer ratios)"
     )
 
 
@@ -85,7 +97,7 @@ def check_mask_ratio(ratio: float, mask_type: str, grid: tuple[int, int]) -> Non
     if mask_type not in MASK_TYPES:
         raise UserError(f"unknown mask type {mask_type!r}; choose one of {', '.join(MASK_TYPES)}")
     if mask_type == "random":
-        num_kept_random(ratio, grid[0] * grid[1])
+        num_kept_random(ratio, math.prod(grid))
     else:
         structured_group(ratio, grid)
 
@@ -97,27 +109,41 @@ def generator_device(generator: torch.Generator | None) -> torch.device | None:
 
 def random_mask(batch: int, grid: tuple[int, int], ratio: float, generator: torch.Generator | None = None) -> TokenMask:
     """Keep round(N (1 - ratio)) tokens chosen uniformly at random, independently per sample."""
-    n = grid[0] * grid[1]
+    n = math.prod(grid)
     keep = num_kept_random(ratio, n)
     scores = torch.rand(batch, n, generator=generator, device=generator_device(generator))  # (B, N)
     ranks = torch.argsort(torch.argsort(scores, dim=1), dim=1)
     return mask_from_dropped(ranks >= keep)
 
 
-def structured_mask(batch: int, grid: tuple[int, int], ratio: float, generator: torch.Generator | None = None) -> TokenMask:
-    """Keep k random tokens in every g x g group; the group lattice is offset at random per sample."""
+def lattice_layout(group_dropped: torch.Tensor, group: tuple[int, ...], offset: torch.Tensor) -> torch.Tensor:
+    """Place per-group drop patterns on the grid. group_dropped (B, n_0/g_0, n_1/g_1, ..., |group|) bool: which of
+    each group's tokens (raster order inside the group) are dropped; offset (B, d) shifts the lattice along each
+    axis (wrapping around). -> dropped (B, N) over the grid in raster order."""
+    b, *counts, _ = group_dropped.shape
+    d = len(group)
+    grid = [c * g for c, g in zip(counts, group)]
+    layout = group_dropped.view(b, *counts, *group).permute(0, *[v for i in range(d) for v in (1 + i, 1 + d + i)]).reshape(b, -1)
+    source = torch.zeros(b, *[1] * d, dtype=torch.long, device=offset.device)  # (B, 1, ..., 1)
+    for axis, n in enumerate(grid):  # the unshifted position each token of the shifted lattice reads
+        index = (torch.arange(n, device=offset.device) - offset[:, axis : axis + 1]) % n  # (B, n)
+        source = source * n + index.view(b, *[n if a == axis else 1 for a in range(d)])
+    return torch.gather(layout, 1, source.reshape(b, -1))
+
+
+def structured_mask(batch: int, grid: tuple[int, ...], ratio: float, generator: torch.Generator | None = None) -> TokenMask:
+    """Keep k random tokens in every group (g x g, or g_t x g x g on a video grid); the group lattice is offset at
+    random per sample."""
     g, k = structured_group(ratio, grid)
-    h, w = grid
-    gh, gw = h // g, w // g
+    group = group_shape(g, grid)
     device = generator_device(generator)
-    scores = torch.rand(batch, gh, gw, g * g, generator=generator, device=device)  # (B, gh, gw, g*g)
+    scores = torch.rand(batch, *[n // s for n, s in zip(grid, group)], math.prod(group), generator=generator, device=device)  # (B, groups..., |group|)
     ranks = torch.argsort(torch.argsort(scores, dim=-1), dim=-1)
-    dropped = (ranks >= k).view(batch, gh, gw, g, g).permute(0, 1, 3, 2, 4).reshape(batch, h, w)
     offset = torch.randint(0, g, (batch, 2), generator=generator, device=device)  # (B, 2) lattice shift (rows, cols)
-    rows = (torch.arange(h, device=offset.device) - offset[:, :1]) % h  # (B, h) source row of each row after the shift
-    cols = (torch.arange(w, device=offset.device) - offset[:, 1:]) % w  # (B, w)
-    source = (rows[:, :, None] * w + cols[:, None, :]).reshape(batch, h * w)
-    return mask_from_dropped(torch.gather(dropped.reshape(batch, h * w), 1, source))
+    if len(grid) == 3:  # drawn after the spatial shift, and only when it can move: one frame stays the image mask
+        shift_t = torch.randint(0, group[0], (batch, 1), generator=generator, device=device) if group[0] > 1 else offset[:, :1] * 0
+        offset = torch.cat([shift_t, offset], dim=1)  # (B, 3)
+    return mask_from_dropped(lattice_layout(ranks >= k, group, offset))
 
 
 def make_mask(

@@ -77,7 +77,7 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
         if given is not None and (list(given) if key == "input_size" else given) != value:
             raise UserError(f"model.{key} is {given} but the data has {value}; leave it unset to follow the data")
     m = resolve_model_config(replace(m, **{k: v for k, v in from_data.items() if getattr(m, k) is None}))
-    if m.repa.depth and features[0] != m.grid[0] * m.grid[1]:
+    if m.repa.depth and features[0] != m.num_tokens:
         raise UserError(f"the stored DINOv2 features have {features[0]} tokens but the model's token grid is {m.grid[0]}x{m.grid[1]}; prepare with --patch-size {m.patch_size}")
     for i, stage in enumerate(cfg.stages):
         if m.arch == "sparsedit" and stage.mask_ratio > 0:
@@ -274,7 +274,7 @@ class Trainer:
         where = f"{self.dist.world_size} ranks ({self.strategy})" if self.dist.active else "1 process"
         latest = self.folder.checkpoints()
         start = f"resuming from step {self.step} of {total_steps(cfg)} ({latest[-1]})" if self.step else f"starting at step 0 of {total_steps(cfg)}"
-        return (f"{m.preset or 'model'} (arch {m.arch}, fusion {m.sprint.fusion}, {m.grid[0]}x{m.grid[1]} tokens): {params / 1e6:.2f}M parameters on "
+        return (f"{m.preset or 'model'} (arch {m.arch}, fusion {m.sprint.fusion}, {'x'.join(map(str, m.grid))} tokens): {params / 1e6:.2f}M parameters on "
                 f"{self.device} x {where}, {t.precision}, compile {'on' if t.compile else 'off'}, grad accumulation {t.grad_accum}\n"
                 f"stages: {stages}\n{start}; run folder {self.run_dir}")
 

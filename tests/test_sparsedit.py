@@ -119,9 +119,9 @@ def test_mixed_noise_levels_in_a_batch_equal_one_sample_at_a_time(condition):
 
 def test_pooling_and_upsampling_of_the_token_grid():
     h = torch.arange(16.0).reshape(1, 16, 1)  # 4 x 4 grid, value = raster index
-    pooled = pool_tokens(h, (4, 4), 2)
+    pooled = pool_tokens(h, (4, 4), (2, 2))
     torch.testing.assert_close(pooled.flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
-    up = upsample_tokens(pooled, 2, (4, 4)).reshape(4, 4)
+    up = upsample_tokens(pooled, (2, 2), (4, 4)).reshape(4, 4)
     assert torch.equal(up[:2, :2], torch.full((2, 2), 2.5)) and torch.equal(up[2:, 2:], torch.full((2, 2), 12.5))
     torch.testing.assert_close(pooled_centres(2, 4), torch.tensor([0.5, 2.5], dtype=torch.float64))
     torch.testing.assert_close(pooled_centres(4, 4), torch.arange(4.0, dtype=torch.float64))

@@ -11,13 +11,18 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 from ..files import sha256_file
 
 WEIGHTS = Path(__file__).parent / "weights" / "fmnist_classifier.safetensors"
+# The same network trained on garments shrunk to 16x16 and grown back (`regrown`): the reader of shrunk garments in
+# moving clips, which the full-size classifier reads at 77% (scripts/train_fmnist_classifier.py --garment-side 16)
+GARMENT_WEIGHTS = Path(__file__).parent / "weights" / "fmnist_garment16.safetensors"
 INPUT_SHAPE = (1, 32, 32)  # (C, H, W)
+GARMENT_SIDE = 28  # Fashion-MNIST's images, zero-padded to INPUT_SHAPE in training
 NUM_CLASSES = 10
 STAGES = ((24, 1), (48, 1), (96, 2))  # (channels, 3x3 conv layers) per stage; each stage ends in a 2x2 max-pool
 FEATURE_DIM = 256
@@ -90,3 +95,17 @@ def classify(model: FMNISTClassifier, images: torch.Tensor, batch_size: int = CL
         features.append(f.cpu())
         logits.append(l.cpu())
     return torch.cat(features), torch.cat(logits)
+
+
+
+def regrown(crops: torch.Tensor) -> torch.Tensor:
+    """Shrunk garments (N, S, S) in [-1, 1] -> (N, 1, 32, 32): scaled back to 28x28 and padded to 32, as the classifier
+    was trained."""
+    pad = (INPUT_SHAPE[1] - GARMENT_SIDE) // 2
+    grown = F.interpolate(crops[:, None].float(), size=(GARMENT_SIDE, GARMENT_SIDE), mode="bilinear", align_corners=False)
+    return F.pad(grown, (pad, pad, pad, pad), value=-1.0).clamp(-1, 1)
+
+
+def classify_garments(model: FMNISTClassifier, crops: torch.Tensor) -> torch.Tensor:
+    """Shrunk garments (N, S, S) in [-1, 1] (crops of a layout cell or a moving clip's frame) -> logits (N, NUM_CLASSES)."""
+    return classify(model, regrown(crops))[1]

@@ -5,6 +5,10 @@
                    -> fuse: Linear_{2D->D}(concat[h_sparse, h_dense])        ("concat_linear")
                    -> decoder blocks (all tokens) -> final adaLN layer -> unpatchify -> (B, C_out, H, W)
 
+Video: x (B, C, F, H, W) with model.input_size [F, H, W]; a token is patch_size_t frames by patch_size^2 pixels,
+tokens in (frame, row, column) raster order, and positions are 3D (`axis_channels`). With F = 1 the network is the
+image model exactly (same weights, same outputs).
+
 All blocks live in one `blocks` list (a dense SiT's layout); the encoder / middle / decoder split is a
 pair of depths. With fusion "none" and no mask the network is exactly a dense SiT. The network knows
 nothing about noise schedules or guidance: see `sprintdit.objective` and `sprintdit.sampling`.
@@ -82,16 +86,17 @@ class ModelConfig:
     arch: str = "sit"  # sit (dense / SPRINT) | sparsedit (SparseDiT; see model.sparse and sprintdit.models.sparsedit)
     condition: str = "class"  # class (a label table added to the timestep embedding) | text (cross-attention to a caption; model.text)
     preset: Optional[str] = None  # e.g. "SiT-XL/2": fills hidden_size, depth, num_heads, patch_size left unset
-    input_size: Optional[List[int]] = None  # [H, W] of the model input (pixels or latents); default: the data's
+    input_size: Optional[List[int]] = None  # [H, W] of the model input (pixels or latents), or [F, H, W] for video; default: the data's
     in_channels: Optional[int] = None  # default: the data's
     num_classes: Optional[int] = None  # default: the data's; the label num_classes is the null (unconditional) class
     patch_size: Optional[int] = None
+    patch_size_t: int = 1  # video: frames per token (Latte: 1)
     hidden_size: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     mlp_ratio: float = 4.0
     mlp: str = "gelu"  # gelu (tanh approximation) | swiglu
-    pos_embed: str = "rope"  # rope (2D, every block) | sincos (fixed 2D absolute, added once)
+    pos_embed: str = "rope"  # rope (2D or 3D, every block) | sincos (fixed 2D or 3D absolute, added once)
     rope_theta: float = 10000.0
     qk_norm: bool = True  # per-head RMSNorm on q and k
     learn_sigma: bool = False  # doubles the output channels (DiT); flow matching uses the first half
@@ -106,8 +111,27 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)  # condition text only
 
     @property
-    def grid(self) -> tuple[int, int]:
-        return self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size
+    def video(self) -> bool:
+        return len(self.input_size) == 3
+
+    @property
+    def patch(self) -> tuple[int, ...]:
+        """Input elements per token along each axis: (p, p), or (patch_size_t, p, p) for video."""
+        return (self.patch_size_t,) * self.video + (self.patch_size, self.patch_size)
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The token grid: (rows, columns), or (frames, rows, columns) for video."""
+        return tuple(s // p for s, p in zip(self.input_size, self.patch))
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def frame_tokens(self) -> int:
+        """Tokens per frame (all tokens of an image model)."""
+        return math.prod(self.grid[-2:])
 
     @property
     def middle_depth(self) -> int:
@@ -143,7 +167,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         missing.append("repa.dim")
     if missing:
         raise UserError(f"model config needs {', '.join('model.' + m for m in missing)} (or a model.preset)")
-    sizes = {"patch_size": cfg.patch_size, "hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads,
+    sizes = {"patch_size": cfg.patch_size, "patch_size_t": cfg.patch_size_t, "hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads,
              "in_channels": cfg.in_channels, **{f"input_size.{i}": v for i, v in enumerate(cfg.input_size)}}
     if cfg.condition == "class":
         sizes["num_classes"] = cfg.num_classes
@@ -157,14 +181,15 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     for name, value, choices in (("arch", cfg.arch, ARCHS), ("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("sprint.fusion", cfg.sprint.fusion, FUSIONS), ("condition", cfg.condition, CONDITIONS)):
         if value not in choices:
             raise UserError(f"model.{name} is {value!r}; choose one of {', '.join(choices)}")
-    if len(cfg.input_size) != 2 or any(s % cfg.patch_size for s in cfg.input_size):
-        raise UserError(f"model.input_size {list(cfg.input_size)} must be [H, W], both divisible by patch size {cfg.patch_size}")
+    if len(cfg.input_size) not in (2, 3) or (len(cfg.input_size) == 2 and cfg.patch_size_t != 1):
+        raise UserError(f"model.input_size {list(cfg.input_size)} must be [H, W] (images; model.patch_size_t 1) or [F, H, W] (video)")
+    if any(s % p for s, p in zip(cfg.input_size, cfg.patch)):
+        raise UserError(f"model.input_size {list(cfg.input_size)} is not divisible by the patch {list(cfg.patch)} (model.patch_size_t, patch_size)")
     if cfg.hidden_size % cfg.num_heads:
         raise UserError(f"model.hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
-    if cfg.pos_embed == "rope" and (cfg.hidden_size // cfg.num_heads) % 4:
-        raise UserError(f"2D RoPE needs a head dim divisible by 4, got {cfg.hidden_size // cfg.num_heads}")
-    if cfg.pos_embed == "sincos" and cfg.hidden_size % 4:
-        raise UserError(f"2D sin-cos positions need hidden_size divisible by 4, got {cfg.hidden_size}")
+    position_width = cfg.hidden_size // cfg.num_heads if cfg.pos_embed == "rope" else cfg.hidden_size
+    if position_width % 4 or any(c < 2 for c, n in zip(axis_channels(position_width, cfg.grid), cfg.grid) if n > 1):
+        raise UserError(f"{cfg.pos_embed} positions need a {'head dim' if cfg.pos_embed == 'rope' else 'hidden_size'} divisible by 4 (and >= 8 for video), got {position_width}")
     sp, repa = cfg.sprint, cfg.repa
     if min(sp.encoder_depth, sp.decoder_depth) < 0 or cfg.middle_depth < 0:
         raise UserError(f"model.sprint: encoder_depth {sp.encoder_depth} + decoder_depth {sp.decoder_depth} exceed depth {cfg.depth}")
@@ -218,26 +243,41 @@ def check_sparsedit(cfg: ModelConfig) -> None:
             f"model.sparse: {sp.pool_depth} Poolingformer blocks + {sp.modules} modules x {sp.module_depth} blocks exceed depth {cfg.depth}"
         )
     check_schedule(parse_schedule(sp.grid), cfg.grid)
+    if sp.frames is not None and not (cfg.video and 1 <= sp.frames <= cfg.grid[0]):
+        raise UserError(f"model.sparse.frames pools a video's time axis: it needs a video model and 1 <= frames <= {cfg.grid[0] if cfg.video else 'the token frames'}, got {sp.frames}")
 
 
 # ----------------------------------------------------------------------------------- positions
 
 
-def rope_tables(grid: tuple[int, int], head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of 2D RoPE angles, each (N, head_dim), tokens in raster order (n = row * W + col)."""
-    return rope_at(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), head_dim, theta)
+def axis_channels(width: int, grid: tuple[int, ...]) -> tuple[int, ...]:
+    """How many of the `width` position channels (RoPE: the head dim; sin-cos: hidden_size) each grid axis gets, in
+    the grid's axis order, whole channel pairs. Rows and columns get equal shares; a video's time axis gets about a
+    quarter (width 32: 8 time, 12 rows, 12 columns), as Wan and CogVideoX split, and none when the grid has a single
+    frame: a position every token shares carries nothing, and the split (so the model) is then the image one."""
+    pairs = width // 2
+    time = pairs // 4 if len(grid) == 3 and grid[0] > 1 else 0
+    space = (pairs - time) // 2
+    return (2 * (pairs - 2 * space),) * (len(grid) == 3) + (2 * space, 2 * space)
 
 
-def rope_at(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (len(rows) * len(cols), head_dim) of 2D RoPE for the grid of row x column positions (may be
-    fractional, e.g. pooled-cell centres). m = head_dim / 2 channels per axis; frequencies theta^(-j/m),
-    j = 0, 2, ..., m-2, each used for an adjacent channel pair. First half rotates by row, second by column.
+def rope_tables(grid: tuple[int, ...], head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of 2D or 3D RoPE angles, each (N, head_dim), tokens in raster order (n = row * W + col; video:
+    (frame * H + row) * W + col)."""
+    return rope_at([torch.arange(n, dtype=torch.float64) for n in grid], axis_channels(head_dim, grid), theta)
+
+
+def rope_at(positions: list[torch.Tensor], channels: tuple[int, ...], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (prod(len(p) for p in positions), sum(channels)) of RoPE on the grid of the positions along each
+    axis (may be fractional, e.g. pooled-cell centres). Axis a rotates the next channels[a] channels: m of them
+    use frequencies theta^(-j/m), j = 0, 2, ..., m-2, each for an adjacent channel pair.
     """
-    m = head_dim // 2
-    freqs = theta ** (-torch.arange(0, m, 2, dtype=torch.float64) / m)  # (m/2,)
-    freqs = freqs.repeat_interleave(2)  # (m,)
-    r, c = torch.meshgrid(rows.double(), cols.double(), indexing="ij")
-    angles = torch.cat([r.reshape(-1, 1) * freqs, c.reshape(-1, 1) * freqs], dim=1)  # (N, head_dim)
+    axes = torch.meshgrid(*[p.double() for p in positions], indexing="ij")
+    angles = []
+    for pos, m in zip(axes, channels):
+        freqs = (theta ** (-torch.arange(0, m, 2, dtype=torch.float64) / m)).repeat_interleave(2)  # (m,)
+        angles.append(pos.reshape(-1, 1) * freqs)  # (N, m)
+    angles = torch.cat(angles, dim=1)  # (N, head_dim)
     return angles.cos().float(), angles.sin().float()
 
 
@@ -248,16 +288,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-def sincos_2d(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2D sin-cos absolute embedding (N, dim), tokens in raster order (DiT's table)."""
-    return sincos_at(torch.arange(grid[0]), torch.arange(grid[1]), dim)
+def sincos_table(grid: tuple[int, ...], dim: int) -> torch.Tensor:
+    """Fixed sin-cos absolute embedding (N, dim), tokens in raster order (for 2D grids: DiT's table)."""
+    return sincos_at([torch.arange(n) for n in grid], axis_channels(dim, grid))
 
 
-def sincos_at(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
-    """(len(rows) * len(cols), dim) sin-cos embedding of the grid of row x column positions (may be fractional).
-
-    First half of the channels encodes the column, second half the row; each half is [sin, cos] of
-    pos * w_i with w_i = 10000^(-i / (dim/4)), i < dim/4.
+def sincos_at(positions: list[torch.Tensor], channels: tuple[int, ...]) -> torch.Tensor:
+    """(prod(len(p) for p in positions), sum(channels)) sin-cos embedding of the grid of the positions along each
+    axis (may be fractional). The axes' channel blocks come in reverse axis order (columns first, then rows, then
+    a video's frames, as DiT's 2D table); a block of d channels is [sin, cos] of pos * w_i, w_i = 10000^(-i / (d/2)).
     """
 
     def axis(pos: torch.Tensor, d: int) -> torch.Tensor:
@@ -265,26 +304,33 @@ def sincos_at(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
         out = pos.reshape(-1, 1).double() * omega  # (N, d/2)
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    r, c = torch.meshgrid(rows.double(), cols.double(), indexing="ij")
-    return torch.cat([axis(c, dim // 2), axis(r, dim // 2)], dim=1).float()
+    axes = torch.meshgrid(*[p.double() for p in positions], indexing="ij")
+    return torch.cat([axis(pos, d) for pos, d in reversed(list(zip(axes, channels)))], dim=1).float()
 
 
 # ----------------------------------------------------------------------------------- layers
 
 
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, C*p*p), features in (channel, p_row, p_col) order, tokens row-major."""
-    b, c, h, w = x.shape
-    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
-    return x.reshape(b, (h // p) * (w // p), c * p * p)
+def patchify(x: torch.Tensor, patch: int | tuple[int, ...]) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, C*p*p), features in (channel, p_row, p_col) order, tokens row-major; video
+    (B, C, F, H, W) with patch (pt, p, p) -> (B, N, C*pt*p*p), features (channel, pt, p_row, p_col), tokens
+    (frame, row, column)-major. An int patch is the same along every axis."""
+    b, c, *size = x.shape
+    patch = (patch,) * len(size) if isinstance(patch, int) else tuple(patch)
+    grid, d = [s // q for s, q in zip(size, patch)], len(size)
+    x = x.reshape(b, c, *[v for g, q in zip(grid, patch) for v in (g, q)])  # (B, C, g0, q0, g1, q1, ...)
+    x = x.permute(0, *range(2, 2 + 2 * d, 2), 1, *range(3, 3 + 2 * d, 2))  # (B, g0, g1, ..., C, q0, q1, ...)
+    return x.reshape(b, math.prod(grid), c * math.prod(patch))
 
 
-def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, N, C*p*p) -> (B, C, H, W); inverse of `patchify`."""
-    b, _, f = x.shape
-    c = f // (p * p)
-    x = x.reshape(b, grid[0], grid[1], c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
-    return x.reshape(b, c, grid[0] * p, grid[1] * p)
+def unpatchify(x: torch.Tensor, patch: int | tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """(B, N, C*prod(patch)) -> (B, C, H, W) or (B, C, F, H, W); inverse of `patchify`."""
+    b, d = x.shape[0], len(grid)
+    patch = (patch,) * d if isinstance(patch, int) else tuple(patch)
+    c = x.shape[-1] // math.prod(patch)
+    x = x.reshape(b, *grid, c, *patch)  # (B, g0, g1, ..., C, q0, q1, ...)
+    x = x.permute(0, d + 1, *[v for i in range(d) for v in (1 + i, d + 2 + i)])  # (B, C, g0, q0, g1, q1, ...)
+    return x.reshape(b, c, *[g * q for g, q in zip(grid, patch)])
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -292,13 +338,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, in_channels: int, dim: int):
+    def __init__(self, patch: tuple[int, ...], in_channels: int, dim: int):
         super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Linear(in_channels * patch_size**2, dim)
+        self.patch = patch
+        self.proj = nn.Linear(in_channels * math.prod(patch), dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(patchify(x, self.patch_size))  # (B, N, D)
+        return self.proj(patchify(x, self.patch))  # (B, N, D)
 
 
 def timestep_frequencies(half: int, device: torch.device | str = "cpu", shift: int = 0) -> torch.Tensor:
@@ -474,7 +520,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
-        self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
+        self.linear = nn.Linear(d, math.prod(cfg.patch) * cfg.out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -495,7 +541,7 @@ class Backbone(nn.Module):
         self.config = cfg
         self.grad_checkpointing = False  # recompute block activations in backward (set by the trainer)
         d = cfg.hidden_size
-        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
+        self.x_embedder = PatchEmbed(cfg.patch, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, cfg.time_scale, cfg.time_freq_shift)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d) if cfg.condition == "class" else TextEncoder(cfg) if cfg.text.encoder == "learned" else CaptionProjection(cfg)
         self.text_pool = nn.Linear(d, d) if cfg.condition == "text" and cfg.text.pooled else None
@@ -506,7 +552,7 @@ class Backbone(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # (N, dh)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
-            self.register_buffer("pos_embed", sincos_2d(cfg.grid, d).unsqueeze(0), persistent=False)  # (1, N, D)
+            self.register_buffer("pos_embed", sincos_table(cfg.grid, d).unsqueeze(0), persistent=False)  # (1, N, D)
         # REPA head (training only), built after the MASK token so that it is drawn alike with REPA on or off
         self.repa_projector = (
             nn.Sequential(nn.Linear(d, cfg.repa.hidden), nn.SiLU(), nn.Linear(cfg.repa.hidden, cfg.repa.hidden), nn.SiLU(), nn.Linear(cfg.repa.hidden, cfg.repa.dim))
@@ -581,8 +627,8 @@ class Backbone(nn.Module):
         return h, c, (tokens, keep)
 
     def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) tokens -> (B, C_out, H, W)."""
-        return unpatchify(self.final_layer(h, c), self.config.patch_size, self.config.grid)
+        """(B, N, D) tokens -> (B, C_out, H, W) or (B, C_out, F, H, W)."""
+        return unpatchify(self.final_layer(h, c), self.config.patch, self.config.grid)
 
 
 @dataclass
@@ -640,8 +686,8 @@ class SiT(Backbone):
         middle_rows: int | None = None,
         repa: RepaTap | None = None,
     ) -> torch.Tensor:
-        """x: (B, C, H, W), t: (B,) in [0, 1], y: (B,) labels (num_classes = null) or (B, L) caption token ids
-        (the empty text = START alone) -> (B, C_out, H, W).
+        """x: (B, C, H, W) or video (B, C, F, H, W), t: (B,) in [0, 1], y: (B,) labels (num_classes = null) or (B, L) caption token ids
+        (the empty text = START alone) -> (B, C_out, H, W) (video: (B, C_out, F, H, W)).
 
         mask: tokens the middle blocks see (None: all). path_drop: (B,) bool, samples whose sparse path
         is replaced by MASK tokens before fusion. middle_rows: only the first `middle_rows` samples run

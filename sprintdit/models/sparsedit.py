@@ -17,6 +17,8 @@ paper assigns t sub-intervals to data-parallel ranks instead; grouping gives the
 With RoPE, pooled tokens take the centre of their pooling cell as (fractional) position; with sin-cos
 positions, `model.sparse.readd_pos` adds them again to the pooled tokens (at the cell centres) and to the
 recovered dense tokens (the release adds them at the input only, the default here).
+Video: the sparse grid pools space to side x side in every frame, and time too with `model.sparse.frames`; the
+schedule's pruning rate is the per-frame one.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torch import nn
 
 from ..density import parse_schedule, pooled_centres, sides_for
 from ..errors import UserError
-from .sit import Backbone, Block, ModelConfig, rope_at, sincos_at
+from .sit import Backbone, Block, ModelConfig, axis_channels, rope_at, sincos_at
 
 
 class PoolingAttention(nn.Module):
@@ -72,15 +74,22 @@ class Recover(nn.Module):
         return self.w1(up) + self.w2(dense)
 
 
-def pool_tokens(h: torch.Tensor, grid: tuple[int, int], side: int) -> torch.Tensor:
-    """(B, H*W, D) -> (B, side*side, D): adaptive average pooling of the token grid."""
-    img = h.transpose(1, 2).unflatten(2, grid)  # (B, D, H, W)
-    return F.adaptive_avg_pool2d(img, side).flatten(2).transpose(1, 2)
+def sparse_shape(cfg: ModelConfig, side: int) -> tuple[int, ...]:
+    """The sparse token grid at grid side `side`: (side, side), or for video (frames, side, side) with
+    model.sparse.frames (default: every frame of the token grid)."""
+    return ((cfg.sparse.frames or cfg.grid[0]),) * cfg.video + (side, side)
 
 
-def upsample_tokens(s: torch.Tensor, side: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, side*side, D) -> (B, H*W, D): nearest-neighbour upsampling of the sparse grid."""
-    img = s.transpose(1, 2).unflatten(2, (side, side))  # (B, D, side, side)
+def pool_tokens(h: torch.Tensor, grid: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, prod(grid), D) -> (B, prod(shape), D): adaptive average pooling of the token grid (2D or 3D)."""
+    img = h.transpose(1, 2).unflatten(2, grid)  # (B, D, H, W) or (B, D, F, H, W)
+    pool = F.adaptive_avg_pool3d if len(grid) == 3 else F.adaptive_avg_pool2d
+    return pool(img, shape).flatten(2).transpose(1, 2)
+
+
+def upsample_tokens(s: torch.Tensor, shape: tuple[int, ...], grid: tuple[int, ...]) -> torch.Tensor:
+    """(B, prod(shape), D) -> (B, prod(grid), D): nearest-neighbour upsampling of the sparse grid."""
+    img = s.transpose(1, 2).unflatten(2, shape)  # (B, D, *shape)
     return F.interpolate(img, size=grid, mode="nearest-exact").flatten(2).transpose(1, 2)
 
 
@@ -109,33 +118,37 @@ class SparseDiT(Backbone):
     def fusion(self) -> None:  # no SPRINT dense path: Path-Drop Guidance does not apply
         return None
 
+    def cell_centres(self, side: int) -> list[torch.Tensor]:
+        """Per axis, the dense-grid positions of the sparse grid's pooling-cell centres."""
+        return [pooled_centres(n, size) for n, size in zip(sparse_shape(self.config, side), self.config.grid)]
+
     def sparse_rope(self, side: int, device: torch.device):
-        if self.config.pos_embed != "rope":
+        cfg = self.config
+        if cfg.pos_embed != "rope":
             return None
-        (h, w), cfg = self.config.grid, self.config
-        cos, sin = rope_at(pooled_centres(side, h), pooled_centres(side, w), cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        cos, sin = rope_at(self.cell_centres(side), axis_channels(cfg.hidden_size // cfg.num_heads, cfg.grid), cfg.rope_theta)
         return cos.to(device), sin.to(device)
 
     def sparse_pos(self, side: int, like: torch.Tensor) -> torch.Tensor | float:
-        """Sin-cos positions of the pooled cells' centres (1, side^2, D) when re-adding positions, else 0."""
-        if not self.config.sparse.readd_pos:
+        """Sin-cos positions of the pooled cells' centres (1, M, D) when re-adding positions, else 0."""
+        cfg = self.config
+        if not cfg.sparse.readd_pos:
             return 0.0
-        (h, w), d = self.config.grid, self.config.hidden_size
-        return sincos_at(pooled_centres(side, h), pooled_centres(side, w), d).to(like).unsqueeze(0)
+        return sincos_at(self.cell_centres(side), axis_channels(cfg.hidden_size, cfg.grid)).to(like).unsqueeze(0)
 
     def modules_at(self, h: torch.Tensor, c: torch.Tensor, side: int, text=None) -> torch.Tensor:
         """The sparse-dense token modules on (B, N, D) tokens that all use a side x side sparse grid; `text`: the
         caption (tokens, keep) of a text model, cross-attended by every block, sparse and dense."""
-        sp, grid = self.config.sparse, self.config.grid
+        sp, grid, shape = self.config.sparse, self.config.grid, sparse_shape(self.config, side)
         dense_rope, sparse_rope = self.rope, self.sparse_rope(side, h.device)
         for m, recover in enumerate(self.recovers):
             start = sp.pool_depth + m * sp.module_depth
             merge, *sparse, recover_block = self.blocks[start : start + sp.sparse_depth + 2]
             dense = self.blocks[start + sp.sparse_depth + 2 : start + sp.module_depth]
-            pooled = pool_tokens(h, grid, side) + self.sparse_pos(side, h)  # (B, side^2, D)
+            pooled = pool_tokens(h, grid, shape) + self.sparse_pos(side, h)  # (B, M, D), M = prod(shape)
             s = self.run_blocks([merge], pooled, c, sparse_rope, context=h, context_rope=dense_rope, text=text)
             s = self.run_blocks(sparse, s, c, sparse_rope, text=text)
-            m = recover(upsample_tokens(s - pooled if sp.recover == "residual" else s, side, grid), h)  # (B, N, D)
+            m = recover(upsample_tokens(s - pooled if sp.recover == "residual" else s, shape, grid), h)  # (B, N, D)
             if sp.readd_pos:
                 m = m + self.pos_embed
             h = self.run_blocks([recover_block], m, c, dense_rope, context=s, context_rope=sparse_rope, text=text)
@@ -144,11 +157,10 @@ class SparseDiT(Backbone):
 
     def sides(self, t: torch.Tensor) -> list[int]:
         """Sparse grid side per sample at noise levels t (B,)."""
-        grid = self.config.grid
-        return sides_for(self.schedule, t, grid[0] * grid[1])
+        return sides_for(self.schedule, t, self.config.frame_tokens)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, side: int | None = None, **sprint_only) -> torch.Tensor:
-        """x: (B, C, H, W), t: (B,) noise level in [0, 1], y: (B,) labels or captions -> (B, C_out, H, W).
+        """x: (B, C, H, W) or (B, C, F, H, W), t: (B,) noise level in [0, 1], y: (B,) labels or captions -> (B, C_out, ...).
 
         side: one sparse grid side for the whole batch (default: each sample's from the density schedule).
         """
