@@ -64,6 +64,15 @@ def run_demo(cfg: RunConfig, out: Path, per_class: int = 10, progress: bool = Tr
     return results
 
 
+def demo_trainer(cfg: RunConfig, out: Path, kind: str, data_name: str, progress: bool) -> Trainer:
+    """The trainer of a text or video demo (one process, on the demo's own data), resuming `out` if it exists."""
+    if env_world()[1] > 1:
+        raise UserError("demo runs in one process; under torchrun use train and sample")
+    if cfg.data.name != data_name:
+        raise UserError(f"the {kind} demo trains on data.name {data_name}, not {cfg.data.name}")
+    return Trainer(cfg, out, progress=progress)
+
+
 def run_text_demo(cfg: RunConfig, out: Path, per_kind: int = 250, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Train a text-to-image config on compositional Fashion-MNIST into `out`, then sample `per_kind` captions of
     layouts seen in training and `per_kind` of held-out layouts with PDG and with CFG; scores: caption accuracy
@@ -74,12 +83,8 @@ def run_text_demo(cfg: RunConfig, out: Path, per_kind: int = 250, progress: bool
     from .metrics.frechet import feature_stats, frechet_distance
     from .text import tokenize
 
-    if env_world()[1] > 1:
-        raise UserError("demo runs in one process; under torchrun use train and sample")
-    if cfg.data.name != "fashion_mnist_layouts":
-        raise UserError(f"the text demo trains on data.name fashion_mnist_layouts, not {cfg.data.name}")
     start = tic = time.perf_counter()
-    trainer = Trainer(cfg, out, progress=progress)
+    trainer = demo_trainer(cfg, out, "text", "fashion_mnist_layouts", progress)
     run = trainer.cfg
     log(f"demo: training {run.model.preset} on captioned layouts ({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in run.stages)}) on {trainer.device}")
     folder = trainer.fit()
@@ -139,12 +144,8 @@ def run_video_demo(cfg: RunConfig, out: Path, shown: int = 2, progress: bool = T
     from .images import save_gif, save_npz
     from .moving import MovingFashionMNIST, load_readers, real_frame_stats, score_clips
 
-    if env_world()[1] > 1:
-        raise UserError("demo runs in one process; under torchrun use train and sample")
-    if cfg.data.name != "moving_fashion_mnist":
-        raise UserError(f"the video demo trains on data.name moving_fashion_mnist, not {cfg.data.name}")
     start = tic = time.perf_counter()
-    trainer = Trainer(cfg, out, progress=progress)
+    trainer = demo_trainer(cfg, out, "video", "moving_fashion_mnist", progress)
     run = trainer.cfg
     log(f"demo: training {run.model.preset} on moving Fashion-MNIST clips {'x'.join(map(str, run.model.input_size))}, "
         f"{'x'.join(map(str, run.model.grid))} tokens ({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in run.stages)}) on {trainer.device}")

@@ -64,3 +64,13 @@ def test_bench_compares_sparsedit_with_its_dense_source(tmp_path):
     dense_cfg = SiT(ModelConfig(preset="SiT-Nano/4", input_size=[32, 32], in_channels=1, num_classes=10, sprint=DENSE)).config
     assert rows[0]["gflops_per_image"] * 4 * 1e9 == pytest.approx(2 * forward_flops(dense_cfg, 2 * 4))  # 2 CFG steps of 2 x 4
     assert rows[1]["flops_vs_dense"] < rows[2]["flops_vs_dense"] < 1.0 and rows[0]["speedup_vs_dense"] == 1.0
+
+
+def test_bench_times_video_models_with_frame_aware_flops(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *SMALL, "--frames", "4", "--patch-size-t", "2", "--mask-ratios", "0,0.75", "--out", str(out)]) == 0
+    assert "4-frame clips" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    video = SiT(ModelConfig(preset="SiT-Nano/4", input_size=[4, 32, 32], patch_size_t=2, in_channels=1, num_classes=10)).config
+    assert video.grid == (2, 8, 8)
+    assert [r["flops_per_step"] for r in report["train"]] == [3 * forward_flops(video, 4, ratio) for ratio in (0.0, 0.75)]

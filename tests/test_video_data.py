@@ -149,3 +149,23 @@ def test_video_config_errors(tmp_path):
         load_config(None, ["data.frames=4"])
     with pytest.raises(UserError, match=r"not achievable on a 2x2x2 token grid"):
         Trainer(video_run(root, "stages.0.mask_ratio=0.3"), tmp_path / "c", progress=False)
+
+
+def test_video_demo_end_to_end(fmnist_dir, tmp_path):
+    import json
+
+    from sprintdit.demo import run_video_demo
+
+    cfg = load_config("fashion_mnist_video", [
+        f"data.root={fmnist_dir}", "data.frames=4", "model.preset=SiT-Nano/4", "model.hidden_size=32", "train.batch_size=4", "train.log_every=1",
+        "stages.0.steps=3", "stages.0.warmup_steps=1", "stages.1.steps=3", "stages.1.warmup_steps=1", "eval.num_samples=20", "sample.steps=2",
+        "sample.batch_size=20"])
+    lines = []
+    results = run_video_demo(cfg, tmp_path / "demo", shown=1, progress=False, log=lines.append)
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text()) == results
+    assert results["real"]["path_residual_px"] < 1e-4 and results["real"]["clip_consistency"] == 1.0  # real clips: one garment, bouncing
+    for guidance in ("pdg", "cfg"):
+        r = results[guidance]
+        assert 0 <= r["frame_class_agreement"] <= 1 and np.load(r["npz"])["arr_0"].shape == (20, 4, 32, 32, 1)
+        assert len(list((tmp_path / "demo" / f"demo_{guidance}_gifs").glob("*.gif"))) == 10
+    assert results["stage1_speedup"] > 0 and any("stage 1" in line for line in lines)
