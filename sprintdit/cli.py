@@ -35,7 +35,7 @@ def parse_ints(text: str, what: str) -> list[int]:
 def cmd_prepare(args) -> int:
     from .prepare import FeatureEncoder, PrepareConfig, prepare
 
-    keys = ("vae", "resolution", "shard_size", "batch_size", "patch_size", "device", "captions", "text_encoder", "text_encoder_path", "max_tokens")
+    keys = ("vae", "resolution", "shard_size", "batch_size", "patch_size", "device", "captions", "text_encoder", "text_encoder_path", "max_tokens", "clips", "frames")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     cfg = PrepareConfig(images=args.images, out=args.out, progress=not args.no_progress, **given)  # its defaults for the rest
     features = None
@@ -392,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder-path", help="local transformers folder of the text encoder (e.g. DeepFloyd/t5-v1_1-xxl, as PixArt-alpha)")
     p.add_argument("--max-tokens", type=int, help="caption tokens kept (default 120, PixArt-alpha's; CLIP: 77); longer ones are truncated")
     p.add_argument("--resolution", type=int, help="image side after ADM's centre crop (default 256)")
+    p.add_argument("--clips", action="store_true", default=None, help="--images is a clip folder (class sub-folders of .npy clips or frame folders): every frame is encoded with the VAE")
+    p.add_argument("--frames", type=int, help="with --clips: frames per clip (default: the first clip's)")
     p.add_argument("--shard-size", type=int, help="images per shard (default 10000)")
     p.add_argument("--batch-size", type=int, help="images per encoder forward (default 32)")
     p.add_argument("--dinov2-weights", help="DINOv2 weights (e.g. dinov2_vitb14_pretrain.pth): also store its patch tokens for REPA")

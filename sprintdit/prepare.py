@@ -1,4 +1,5 @@
-"""`sprintdit prepare`: a class-per-folder image tree -> sharded VAE latents for latent-space training.
+"""`sprintdit prepare`: a class-per-folder image tree -> sharded VAE latents for latent-space training (with --clips,
+a clip folder -> per-frame latents (C, F, h, w) of the same image VAE, as Latte trains on).
 
 Layout of the output folder:
 - `shard_00000.safetensors`, ...: `mean` and `std` (N, C, h, w) float32, the UNSCALED posterior of the VAE
@@ -36,14 +37,16 @@ PIXEL_MAX = 255.0
 
 @dataclass
 class PrepareConfig:
-    images: str  # class-per-folder image tree (ImageNet train layout)
+    images: str  # class-per-folder image tree (ImageNet train layout), or with `clips` a clip folder (sprintdit.data.ClipFolder)
     out: str  # latent folder
     vae: str | None = None  # local AutoencoderKL folder (config.json + weights); None: only the caption table (needs captions)
     captions: str | None = None  # captions.jsonl: store caption embeddings (and caption rows in the shards)
     text_encoder: str = "t5"  # t5 | clip (sprintdit.text_encoders)
     text_encoder_path: str | None = None  # its local transformers folder
     max_tokens: int = 120  # caption tokens (PixArt-alpha's T5: 120; CLIP: 77)
-    resolution: int = 256  # image side after the ADM centre crop
+    resolution: int = 256  # image side after the ADM centre crop (clips: the frames' side, not cropped)
+    clips: bool = False  # `images` holds clips: every frame is encoded with the image VAE, latents (C, F, h, w) as Latte trains on
+    frames: int | None = None  # clips: frames per clip (default: the first clip's)
     shard_size: int = 10000  # images per shard
     batch_size: int = 32  # images per VAE forward
     patch_size: int = 2  # SiT patch on the latents: DINOv2 features use a (latent side / patch) token grid
@@ -91,9 +94,17 @@ def complete_shard(shard: Path, settings: dict, fingerprint: str) -> dict | None
     return info if sha256_file(shard) == info["sha256"] else None
 
 
-def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, bar) -> tuple[dict, list]:
+def pixels_reader(cfg: PrepareConfig, clips=None):
+    """path -> uint8 pixels to encode: an image (3, R, R) after the ADM crop, or a clip of `clips` (3, F, R, R)
+    (grey clips repeated to the VAE's three channels)."""
+    if clips is None:
+        return lambda path: read_image(path, cfg.resolution)
+    return lambda path: torch.from_numpy(clips.read(path)).permute(3, 0, 1, 2).expand(3, -1, -1, -1)
+
+
+def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, bar, read) -> tuple[dict, list]:
     """Tensors of one shard and the images skipped as unreadable ([{path, reason}]). files: (path, label) pairs,
-    the label a class index, or with captions a caption-table row (stored as `caption`)."""
+    the label a class index, or with captions a caption-table row (stored as `caption`); read: `pixels_reader`'s."""
     from .vae import encode
 
     label_key = "caption" if cfg.captions else "labels"
@@ -103,14 +114,14 @@ def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig
         images, labels = [], []
         for path, label in files[start : start + cfg.batch_size]:
             try:
-                images.append(read_image(path, cfg.resolution))
+                images.append(read(path))
                 labels.append(label)
             except IMAGE_ERRORS as err:
                 skipped.append({"path": str(path), "reason": f"{type(err).__name__}: {err}".splitlines()[0]})
         bar.update(len(files[start : start + cfg.batch_size]))
         if not images:
             continue
-        pixels = torch.stack(images)  # (B, 3, R, R) uint8
+        pixels = torch.stack(images)  # (B, 3, R, R) or (B, 3, F, R, R) uint8
         mean, std = encode(vae, pixels.float() / (PIXEL_MAX / 2) - 1)  # (B, C, h, w) each
         parts["mean"].append(mean.cpu())
         parts["std"].append(std.cpu())
@@ -140,7 +151,15 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
         torch.cuda.set_device(device)  # this rank's GPU (NCCL's barrier uses the current device)
     d = joined(device)
     rank, world = d.shard
-    if cfg.captions:
+    clips = None
+    if cfg.clips:
+        from .data import ClipFolder
+
+        if cfg.captions or features is not None or cfg.vae is None:
+            raise UserError("prepare --clips encodes class-labelled clips with --vae; captions and DINOv2 features are for images")
+        clips = ClipFolder(root, cfg.resolution, cfg.frames)
+        classes, files = clips.classes, clips.clips
+    elif cfg.captions:
         classes, files = [], prepare_captions(cfg, root, out, device, d)
     else:
         classes, files = scan_class_folders(root)
@@ -158,6 +177,7 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
         "vae_config_sha256": config_sha256(cfg.vae),
         "dinov2": None if features is None else {"model": features.name, "weights": str(features.weights), "grid": grid},
         "captions": None if cfg.captions is None else json.loads((out / TABLE_INFO).read_text())["sha256"],
+        **({"frames": clips.resolution[0]} if clips is not None else {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     plan = [files[i : i + cfg.shard_size] for i in range(0, len(files), cfg.shard_size)]
@@ -167,7 +187,7 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
         (result.kept if done else result.encoded).append(i)
     bar = tqdm(total=sum(len(plan[i]) for i in result.encoded), disable=not cfg.progress, unit="img", desc=f"encoding (rank {rank})", dynamic_ncols=True)
     for i in result.encoded:
-        write_shard(out / SHARD_NAME.format(i), plan[i], vae, features, cfg, grid, settings, root, bar)
+        write_shard(out / SHARD_NAME.format(i), plan[i], vae, features, cfg, grid, settings, root, bar, pixels_reader(cfg, clips))
     bar.close()
     barrier(d, "waiting for every rank's shards before the manifest")
     if rank == 0:
@@ -175,11 +195,11 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     return result
 
 
-def write_shard(shard: Path, files: list, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, settings: dict, root: Path, bar) -> None:
+def write_shard(shard: Path, files: list, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, settings: dict, root: Path, bar, read) -> None:
     """Encode one shard and write it, then its sidecar (both atomically: a sidecar means a complete shard)."""
     from safetensors.torch import save_file
 
-    tensors, skipped = encode_shard(files, vae, features, cfg, grid, bar)
+    tensors, skipped = encode_shard(files, vae, features, cfg, grid, bar, read)
     if not tensors:
         raise UserError(f"no readable image in {shard.name} of {root} (first: {files[0][0]})")
     atomic_write(shard, lambda p: save_file(tensors, str(p)))
@@ -221,7 +241,7 @@ def write_manifest(out: Path, plan: list, classes: list[str], settings: dict, va
     manifest = {
         "format": FORMAT,
         "resolution": cfg.resolution,
-        "latent_shape": latent_shape,  # (C, h, w)
+        "latent_shape": latent_shape,  # (C, h, w), clips (C, F, h, w)
         "storage": "unscaled posterior mean and std, float32; multiply by vae.scaling_factor for the model",
         "vae": {"path": str(Path(cfg.vae).resolve()), "config_sha256": settings["vae_config_sha256"],
                 "scaling_factor": scaling_factor(vae), "downsample": downsample_factor(vae)},

@@ -53,18 +53,31 @@ def downsample_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def frames_as_images(x: torch.Tensor) -> torch.Tensor:
+    """Clips (B, C, F, H, W) -> their frames as images (B F, C, H, W); images pass unchanged."""
+    return x.movedim(2, 1).flatten(0, 1) if x.ndim == 5 else x
+
+
+def images_as_frames(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of `frames_as_images` for the batch and frame count of `like`."""
+    return x.unflatten(0, (like.shape[0], like.shape[2])).movedim(1, 2) if like.ndim == 5 else x
+
+
 @torch.no_grad()
 def encode(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """images (B, 3, H, W) in [-1, 1] -> unscaled posterior (mean, std), each (B, C, H/f, W/f) float32."""
-    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    return dist.mean.float(), dist.std.float()
+    """images (B, 3, H, W) in [-1, 1] -> unscaled posterior (mean, std), each (B, C, H/f, W/f) float32; clips
+    (B, 3, F, H, W) frame by frame (the image VAE, as Latte) -> (B, C, F, H/f, W/f)."""
+    dist = vae.encode(frames_as_images(images).to(vae.device, vae.dtype)).latent_dist
+    return images_as_frames(dist.mean.float(), images), images_as_frames(dist.std.float(), images)
 
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor, scale: float, batch_size: int = DECODE_BATCH) -> torch.Tensor:
-    """latents (B, C, h, w) in the model's (scaled) space -> images (B, 3, h*f, w*f) in [-1, 1], float32 on CPU."""
-    out = [vae.decode((z / scale).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1).cpu() for z in latents.split(batch_size)]
-    return torch.cat(out)
+    """latents (B, C, h, w) in the model's (scaled) space -> images (B, 3, h*f, w*f) in [-1, 1], float32 on CPU; clips
+    (B, C, F, h, w) frame by frame -> (B, 3, F, h*f, w*f)."""
+    frames = frames_as_images(latents)
+    out = [vae.decode((z / scale).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1).cpu() for z in frames.split(batch_size)]
+    return images_as_frames(torch.cat(out), latents)
 
 
 def pixel_decoder(data_cfg, device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -240,3 +240,34 @@ def test_repa_needs_matching_stored_features():
 def test_missing_vae_names_what_to_download(tmp_path):
     with pytest.raises(UserError, match="download stabilityai/sd-vae-ft-ema"):
         load_vae(tmp_path)
+
+
+def test_clips_prepare_frame_by_frame_then_train_and_sample_video_latents(vae_dir, tmp_path, capsys):
+    """prepare --clips: every frame through the image VAE (grey clips repeated to RGB); a video model trains on the
+    (C, F, h, w) latents and its samples decode frame by frame."""
+    rng = np.random.default_rng(0)
+    clips = tmp_path / "clips"
+    for name in ("a", "b"):
+        (clips / name).mkdir(parents=True)
+        for i in range(2):
+            np.save(clips / name / f"{i}.npy", rng.integers(0, 256, (4, RESOLUTION, RESOLUTION, 1), dtype=np.uint8))
+    latents = tmp_path / "latents"
+    assert main(["prepare", "--images", str(clips), "--clips", "--vae", str(vae_dir), "--out", str(latents), "--resolution", str(RESOLUTION),
+                 "--batch-size", "3", "--no-progress"]) == 0
+    manifest = json.loads((latents / "manifest.json").read_text())
+    assert manifest["latent_shape"] == [LATENT[0], 4, *LATENT[1:]] and manifest["count"] == 4
+    data = LatentDataset(latents, RESOLUTION)
+    assert data.resolution == (4, *LATENT[1:])
+    vae = load_vae(vae_dir, "cpu")
+    clip = torch.from_numpy(np.load(clips / "b" / "1.npy")).permute(3, 0, 1, 2).expand(3, -1, -1, -1).float() / 127.5 - 1  # (3, F, R, R)
+    mean, _ = encode(vae, clip.movedim(1, 0))  # the frames one by one as images
+    batch = data.load(torch.tensor([3]))
+    torch.testing.assert_close(batch.x[0] / manifest["vae"]["scaling_factor"], mean.movedim(0, 1), rtol=1e-4, atol=1e-4)
+    assert batch.y.tolist() == [1]
+    run = tmp_path / "run"
+    args = latent_run(latents, **{"model.patch_size_t": 2, "train.grid_columns": 1})
+    assert main(["train", "--config", "imagenet256_sprint", "--out", str(run), "--no-progress", *args]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--labels", "0,1", "--guidance", "cfg", "--steps", "2", "--no-progress"]) == 0
+    npz = np.load(tmp_path / "s" / "cfg_euler2_s3.npz")
+    assert npz["arr_0"].shape == (2, 4, RESOLUTION, RESOLUTION, 3) and (tmp_path / "s" / "cfg_euler2_s3_gifs" / "00001.gif").is_file()
