@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from sprintdit.data import FashionMNIST, index_batches
+from sprintdit.data import index_batches
+from sprintdit.fashion_mnist import FashionMNIST
 from sprintdit.metrics import class_agreement, feature_stats, frechet_distance
 from sprintdit.files import sha256_file
 from sprintdit.layouts import shrink

@@ -10,22 +10,23 @@ the same library functions).
 """
 from __future__ import annotations
 
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 
 from .checkpoint import load_model
 from .config import RunConfig
-from .models import ModelConfig
-from .images import to_uint8
-from .objective import build_objective
-from .sampling import SampleConfig, generate
-from .distributed import pick_device
+from .distributed import Dist, init_from_env, pick_device
 from .errors import UserError
+from .images import to_uint8
+from .models import ModelConfig
 from .models.sit import null_condition
+from .objective import DDPM, FlowMatching, build_objective
+from .sampling import SampleConfig, generate, generate_on_ranks
 from .text_encoders import encode_prompts
 from .trainer import Trainer
 from .vae import pixel_decoder
@@ -50,6 +51,37 @@ def sample_conditions(model: ModelConfig, labels: Sequence[int] | None = None, p
     if prompts:
         raise UserError("this model is class-conditional: give labels, not prompts")
     return [int(y) for y in (range(model.num_classes) if labels is None else labels) for _ in range(per_label)]
+
+
+@dataclass
+class SamplingRun:
+    """A checkpoint opened for sampling on this process's rank: under torchrun its process group (with the run's
+    distributed.timeout_s), otherwise one process. What `sprintdit sample` and `evaluate --checkpoint` share."""
+
+    model: torch.nn.Module  # on this rank's device
+    config: RunConfig  # the run's resolved config, read from the checkpoint
+    dist: Dist
+    objective: FlowMatching | DDPM  # the run's (so the null condition for guidance)
+    to_pixels: Callable[[torch.Tensor], torch.Tensor]  # samples -> pixels in [-1, 1] (latents: the run's VAE)
+
+    @classmethod
+    def open(cls, checkpoint: str | Path, use_ema: bool = True, device: str = "auto") -> "SamplingRun":
+        model, run = load_model(checkpoint, use_ema=use_ema)
+        d = init_from_env(run.distributed, pick_device(device))
+        objective = build_objective(run.objective, null_condition(run.model), run.model.learn_sigma)
+        return cls(model.to(d.device), run, d, objective, pixel_decoder(run.data, d.device))
+
+    def sample_config(self, **given) -> SampleConfig:
+        """The run's `sample` section with the `given` settings (None: unset) on top, validated."""
+        return SampleConfig(**{**vars(self.config.sample), **{k: v for k, v in given.items() if v is not None}})
+
+    def generate(self, conditions: list, seeds: list[int], cfg: SampleConfig, progress: bool = False) -> tuple[torch.Tensor | None, float]:
+        """(pixels (N, C, H, W) in [-1, 1], seconds) on rank 0, (None, seconds) on the others: the samples are spread
+        over the ranks and gathered on rank 0, which decodes them."""
+        tic = time.perf_counter()
+        samples = generate_on_ranks(self.model, self.objective, conditions, seeds, cfg, self.dist, progress=progress)
+        images = self.to_pixels(samples) if self.dist.is_main else None
+        return images, time.perf_counter() - tic
 
 
 class Pipeline:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import UserError, warn
-from .files import atomic_write, atomic_write_text, read_format_json, sha256_file
+from .files import atomic_write, atomic_write_text, memmap_safetensors, read_format_json, sha256_file
 
 CAPTIONS_FORMAT = "sprintdit-captions/1"
 TABLE_FILE, TABLE_INFO = "captions.safetensors", "captions.json"
@@ -101,8 +101,6 @@ class CaptionTable:
 
     @classmethod
     def open(cls, folder: str | Path) -> "CaptionTable":
-        from .data import memmap_safetensors  # data reads tables through this module
-
         folder = Path(folder)
         info = read_format_json(folder / TABLE_INFO, CAPTIONS_FORMAT,
                                 f"no {TABLE_INFO} in {folder}: run `sprintdit prepare --captions CAPTIONS.jsonl --text-encoder-path FOLDER --out {folder}` first")

@@ -8,7 +8,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 from . import __version__
@@ -85,25 +84,15 @@ def train_on_ranks(args) -> int:
     return 0
 
 
-def join_ranks(model, run, device_name: str):
-    """(model on this rank's device, Dist) for a checkpoint's model: torchrun's process group (with the run's
-    distributed.timeout_s) or a single process."""
-    from .distributed import init_from_env, pick_device
-
-    d = init_from_env(run.distributed, pick_device(device_name))
-    return model.to(d.device), d
-
-
-def sample_config(args, base):
-    from .sampling import SampleConfig
-
-    given = {k: getattr(args, k) for k in ("sampler", "steps", "guidance", "scale", "batch_size") if getattr(args, k) is not None}
+def sample_settings(args) -> dict:
+    """The sampling options given on the command line (None: keep the checkpoint's)."""
+    given = {k: getattr(args, k) for k in ("sampler", "steps", "guidance", "scale", "batch_size")}
     if args.interval is not None:
         try:
             given["interval"] = [float(v) for v in args.interval.split(",")]
         except ValueError:
             raise UserError(f"--interval must be LOW,HIGH, got {args.interval!r}") from None
-    return SampleConfig(**{**vars(base), **given})
+    return given
 
 
 def on_ranks(command, args) -> int:
@@ -132,33 +121,24 @@ def read_prompts(args) -> list[str]:
 
 
 def sample_on_ranks(args) -> int:
-    from .api import sample_conditions
-    from .checkpoint import load_model
+    from .api import SamplingRun, sample_conditions
     from .images import save_samples
-    from .models.sit import null_condition
-    from .objective import build_objective
-    from .sampling import generate_on_ranks
-    from .vae import pixel_decoder
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
-    model, cfg = load_model(args.checkpoint, use_ema=not args.no_ema)
-    model, d = join_ranks(model, cfg, args.device)
-    scfg = sample_config(args, cfg.sample)
+    run = SamplingRun.open(args.checkpoint, use_ema=not args.no_ema, device=args.device)
+    scfg = run.sample_config(**sample_settings(args))
     prompts = read_prompts(args) or None
     labels = None if args.labels is None else parse_ints(args.labels, "--labels")
-    conditions = sample_conditions(cfg.model, labels, prompts, args.per_label, args.text_encoder_path, d.device)
+    conditions = sample_conditions(run.config.model, labels, prompts, args.per_label, args.text_encoder_path, run.dist.device)
     seeds = parse_ints(args.seeds, "--seeds") if args.seeds else list(range(args.seed_start, args.seed_start + len(conditions)))
-    objective = build_objective(cfg.objective, null_condition(cfg.model), cfg.model.learn_sigma)
-    tic = time.perf_counter()
-    samples = generate_on_ranks(model, objective, conditions, seeds, scfg, d, progress=not args.no_progress)
-    images = pixel_decoder(cfg.data, d.device)(samples) if d.is_main else None
-    seconds = time.perf_counter() - tic
-    if not d.is_main:
+    images, seconds = run.generate(conditions, seeds, scfg, progress=not args.no_progress)
+    if images is None:  # not rank 0
         return 0
     stem = f"{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}"
     written = save_samples(images, out / stem, None if prompts else conditions, prompts, args.per_label, args.grid_max)
+    d = run.dist
     where = f"{d.world_size} ranks ({d.device.type})" if d.active else str(d.device)
     print(f"{len(conditions)} samples in {seconds:.1f}s ({len(conditions) / seconds:.2f} img/s) on {where}; {'; '.join(written)}")
     return 0
@@ -218,20 +198,16 @@ def evaluate_batch(args) -> int:
 
 def evaluate_checkpoint(args) -> int:
     """Generate --num-samples from a checkpoint (spread over torchrun's ranks) and score them on rank 0."""
-    from .checkpoint import load_model, resolve_weights
+    from .api import SamplingRun
+    from .checkpoint import resolve_weights
     from .config import reference_root
     from .evaluate import generate_and_score
     from .images import save_npz
-    from .models.sit import null_condition
-    from .objective import build_objective
-    from .vae import pixel_decoder
 
-    model, run = load_model(args.checkpoint, use_ema=not args.no_ema)
-    model, d = join_ranks(model, run, args.device)
-    cfg, scfg = eval_config(args, run.eval), sample_config(args, run.sample)
-    objective = build_objective(run.objective, null_condition(run.model), run.model.learn_sigma)
-    data_root = args.data_root or reference_root(run.data)
-    scored = generate_and_score(model, objective, cfg, scfg, d, pixel_decoder(run.data, d.device), data_root=data_root, progress=not args.no_progress)
+    run = SamplingRun.open(args.checkpoint, use_ema=not args.no_ema, device=args.device)
+    cfg, scfg = eval_config(args, run.config.eval), run.sample_config(**sample_settings(args))
+    data_root = args.data_root or reference_root(run.config.data)
+    scored = generate_and_score(run.model, run.objective, cfg, scfg, run.dist, run.to_pixels, data_root=data_root, progress=not args.no_progress)
     if scored is None:  # rank 0 scores the gathered samples
         return 0
     folder = resolve_weights(args.checkpoint, not args.no_ema).parent

@@ -10,11 +10,7 @@ position counts global samples and does not depend on the world size.
 """
 from __future__ import annotations
 
-import gzip
-import json
-import struct
 import sys
-import zlib
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
 
@@ -22,78 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .captions import CaptionTable, LearnedCaptions, captioned_files, read_captions_jsonl
 from .draws import Draws
 from .errors import UserError
-from .files import read_format_json, sha256_file
-
-IDX_IMAGES, IDX_LABELS = 0x0803, 0x0801
-FASHION_MNIST_FILES = {"train": "train-{}-idx{}-ubyte", "test": "t10k-{}-idx{}-ubyte"}
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)  # PIL's for empty, damaged or foreign files
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-FASHION_MNIST_HINT = (
-    "install Debian's package dataset-fashion-mnist (apt-get install dataset-fashion-mnist, as root) "
-    "or point data.root at a folder holding train-images-idx3-ubyte.gz and its three sibling files"
-)
-
-
-def read_idx(path: Path, magic: int) -> np.ndarray:
-    """An IDX file (raw or .gz) as a uint8 array of the shape its header states."""
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as err:  # truncated or not gzip at all
-        raise UserError(f"{path} is unreadable or a damaged gzip file ({err}); restore it (e.g. reinstall dataset-fashion-mnist)") from None
-    if len(raw) < 4 or struct.unpack(">I", raw[:4])[0] != magic:
-        raise UserError(f"{path} is not an IDX file of the expected kind (magic number mismatch)")
-    ndim = magic & 0xFF
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise UserError(f"{path} is truncated: header says {dims}, found {data.size} values")
-    return data.reshape(dims)
-
-
-def _find(root: Path, stem: str) -> Path:
-    for name in (stem + ".gz", stem):
-        if (root / name).is_file():
-            return root / name
-    raise UserError(f"Fashion-MNIST file {stem}(.gz) not found in {root}: {FASHION_MNIST_HINT}")
-
-
-class FashionMNIST:
-    """Fashion-MNIST from the standard IDX files, zero-padded from 28x28 to `resolution`, 1 channel."""
-
-    num_classes = len(FASHION_MNIST_CLASSES)
-    channels = 1
-
-    def __init__(self, root: str | Path, split: str = "train", resolution: int = 32):
-        root = Path(root)
-        if split not in FASHION_MNIST_FILES:
-            raise UserError(f"data.split for fashion_mnist is {split!r}; choose train or test")
-        if not root.is_dir():
-            raise UserError(f"Fashion-MNIST folder {root} does not exist: {FASHION_MNIST_HINT}")
-        stem = FASHION_MNIST_FILES[split]
-        images = read_idx(_find(root, stem.format("images", 3)), IDX_IMAGES)  # (N, 28, 28)
-        labels = read_idx(_find(root, stem.format("labels", 1)), IDX_LABELS)  # (N,)
-        if len(images) != len(labels):
-            raise UserError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
-        if labels.size and int(labels.max()) >= self.num_classes:
-            raise UserError(f"Fashion-MNIST {split} labels must be in [0, {self.num_classes - 1}], found {int(labels.max())}: the label file is damaged")
-        size = images.shape[1]
-        if resolution < size:
-            raise UserError(f"data.resolution {resolution} is below Fashion-MNIST's {size}x{size}")
-        before = (resolution - size) // 2
-        pad = ((0, 0), (before, resolution - size - before), (before, resolution - size - before))
-        self.images = torch.from_numpy(np.pad(images, pad)).unsqueeze(1)  # (N, 1, R, R) uint8
-        self.labels = torch.from_numpy(labels.astype(np.int64))
-        self.resolution = (resolution, resolution)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[indices].float() / 127.5 - 1.0, self.labels[indices]
-
+from .fashion_mnist import FashionMNIST
+from .images import IMAGE_ERRORS, IMAGE_SUFFIXES, read_image, scan_class_folders
+from .latents_format import open_shards, read_manifest
+from .layouts import CANVAS, FashionMNISTLayouts
+from .moving import MovingFashionMNIST
 
 class Batch(NamedTuple):
     x: torch.Tensor  # (B, C, H, W): the data, or for latents the scaled posterior mean
@@ -104,22 +36,6 @@ class Batch(NamedTuple):
     def to(self, device: torch.device) -> "Batch":
         """Every tensor on `device` (copies from pinned host memory overlap with compute)."""
         return Batch(*(None if v is None else v.to(device, non_blocking=True) for v in self))
-
-
-def scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted sub-folder names) and (image path, label) pairs, sorted within each class."""
-    if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    files = [
-        (path, label)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise UserError(f"no images found under {root} (expected one sub-folder of images per class)")
-    return classes, files
 
 
 class ClipFolder:
@@ -185,24 +101,6 @@ class ClipFolder:
         return x, torch.tensor([self.clips[i][1] for i in indices.tolist()])
 
 
-def adm_center_crop(img, resolution: int):
-    """ADM's crop: halve with BOX while the short side is >= 2 * resolution, resize with BICUBIC so the short side
-    is `resolution`, then take the centre square."""
-    while min(img.size) >= 2 * resolution:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = resolution / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
-
-
-def read_image(path: Path, resolution: int) -> torch.Tensor:
-    """(3, R, R) uint8, RGB, ADM-cropped; raises (e.g. OSError) for files PIL cannot decode."""
-    with Image.open(path) as img:
-        arr = np.asarray(adm_center_crop(img.convert("RGB"), resolution), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
 class ImageFolder:
     """Class-per-folder images (root/CLASS/*.png ...), labels by sorted folder name; RGB, ADM-cropped to
     `resolution` (the crop `sprintdit prepare` uses). With `captions` (data.captions: a captions.jsonl, or the
@@ -220,8 +118,6 @@ class ImageFolder:
             self.classes, self.files = scan_class_folders(self.root)
             self.num_classes = len(self.classes)
             return
-        from .captions import CaptionTable, LearnedCaptions, captioned_files, read_captions_jsonl
-
         self.classes, self.num_classes = [], 0
         if Path(captions).is_dir():  # embeddings prepared for a t5 / clip encoder: label = table row
             self.caption_table = CaptionTable.open(captions)
@@ -267,41 +163,16 @@ class ImageFolder:
         return images.float() / 127.5 - 1.0, torch.from_numpy(labels) if captions is None else captions.rows(labels)
 
 
-FORMAT = "sprintdit-latents/1"  # the latent folder `sprintdit prepare` writes (layout: see sprintdit.prepare)
-MANIFEST = "manifest.json"
-SHARD_NAME = "shard_{:05d}.safetensors"
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "BOOL": np.bool_}
-HEADER_BYTES = 8  # a safetensors file starts with its JSON header's length, little-endian uint64
-
-
-def memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a read-only memory map (random access without loading the file)."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(HEADER_BYTES), "little")
-        header = json.loads(f.read(size))
-    start = HEADER_BYTES + size
-    return {
-        name: np.memmap(path, dtype=SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=start + info["data_offsets"][0], shape=tuple(info["shape"]))
-        for name, info in header.items()
-        if name != "__metadata__"
-    }
-
-
 class LatentDataset:
     """Latents written by `sprintdit prepare` (see sprintdit.prepare): every shard's sha256 is checked at open;
     `load` returns a `Batch` of the scaled posterior mean and std (and DINOv2 features if stored)."""
 
     def __init__(self, root: str | Path, resolution: int):
         root = Path(root)
-        manifest = read_format_json(root / MANIFEST, FORMAT, f"no {MANIFEST} in {root}: run `sprintdit prepare --images IMAGES --out {root} --vae VAE` first")
+        manifest = read_manifest(root)
         if manifest["resolution"] != resolution:
             raise UserError(f"data.resolution is {resolution} but {root} was prepared at {manifest['resolution']}")
-        shards = []
-        for shard in manifest["shards"]:
-            if not (root / shard["file"]).is_file() or sha256_file(root / shard["file"]) != shard["sha256"]:
-                raise UserError(f"latent shard {root / shard['file']} is missing or corrupt (sha256 differs from {MANIFEST}); re-run the same `sprintdit prepare`")
-            shards.append(memmap_safetensors(root / shard["file"]))
-        self.shards = shards
+        self.shards = open_shards(root, manifest)
         self.starts = np.cumsum([0] + [s["count"] for s in manifest["shards"]])  # first global index of each shard
         self.scale = float(manifest["vae"]["scaling_factor"])
         self.vae_path = manifest["vae"]["path"]
@@ -309,8 +180,6 @@ class LatentDataset:
         self.num_classes = len(self.classes)
         self.caption_table, self.vocabulary = None, None  # prepared with --captions: shards hold `caption` rows of the table
         if manifest.get("captions"):
-            from .captions import CaptionTable
-
             self.caption_table = CaptionTable.open(root)
             self.max_tokens = self.caption_table.max_tokens
         self.channels = manifest["latent_shape"][0]
@@ -342,14 +211,10 @@ def build_dataset(cfg) -> FashionMNIST | ImageFolder | LatentDataset:
     if cfg.name == "latents":
         return LatentDataset(cfg.root, cfg.resolution)
     if cfg.name == "fashion_mnist_layouts":
-        from .layouts import CANVAS, FashionMNISTLayouts  # layouts builds on this module
-
         if cfg.resolution != CANVAS:
             raise UserError(f"data.resolution for fashion_mnist_layouts is {CANVAS} (2x2 cells of 16), got {cfg.resolution}")
         return FashionMNISTLayouts(cfg.root, cfg.split)
     if cfg.name == "moving_fashion_mnist":
-        from .moving import CANVAS, MovingFashionMNIST  # moving builds on this module
-
         if cfg.resolution != CANVAS:
             raise UserError(f"data.resolution for moving_fashion_mnist is {CANVAS}, got {cfg.resolution}")
         return MovingFashionMNIST(cfg.root, cfg.split, cfg.frames)

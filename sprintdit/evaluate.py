@@ -218,7 +218,7 @@ def cache_dir() -> Path:
 
 def fmnist_reference(root: str | Path, net: FMNISTFeatures) -> Reference:
     """Classifier features of the Fashion-MNIST test split (32x32), cached per classifier and data."""
-    from .data import FashionMNIST
+    from .fashion_mnist import FashionMNIST
     from .metrics.fmnist_classifier import WEIGHTS, read_record
 
     data = FashionMNIST(root, split="test", resolution=FMNIST_SHAPE[1])

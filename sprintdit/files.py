@@ -1,5 +1,5 @@
 """Files that a crash never leaves half-written: atomic file and folder writes (written under a hidden name,
-fsynced, renamed into place), file checksums and format-stamped JSON. Every writer in sprintdit goes through here."""
+fsynced, renamed into place), file checksums, format-stamped JSON and memory-mapped safetensors reading. Every writer in sprintdit goes through here."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +13,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 HASH_CHUNK = 1 << 24  # bytes read at a time when hashing a file
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "BOOL": np.bool_}
+HEADER_BYTES = 8  # a safetensors file starts with its JSON header's length, little-endian uint64
 
 
 def synced(path: Path, write: Callable[[Path], None]) -> Path:
@@ -88,3 +90,17 @@ def read_format_json(path: Path, fmt: str, missing: str) -> dict:
     if info.get("format") != fmt:
         raise UserError(f"{path} is not a {fmt} file")
     return info
+
+
+
+def memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only memory map (random access without loading the file)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(HEADER_BYTES), "little")
+        header = json.loads(f.read(size))
+    start = HEADER_BYTES + size
+    return {
+        name: np.memmap(path, dtype=SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=start + info["data_offsets"][0], shape=tuple(info["shape"]))
+        for name, info in header.items()
+        if name != "__metadata__"
+    }

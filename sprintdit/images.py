@@ -1,14 +1,19 @@
-"""Image and clip tensors to files: PNG grids for people (a clip as a strip of its frames), animated GIFs, npz
-batches in the ADM layout for evaluators (clips: uint8 (N, F, H, W, C))."""
+"""Image files in and out. In: class-per-folder scans and ADM's centre crop, shared by the image-folder reader
+(sprintdit.data) and `sprintdit prepare`. Out: PNG grids for people (a clip as a strip of its frames), animated GIFs,
+npz batches in the ADM layout for evaluators (clips: uint8 (N, F, H, W, C))."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from .errors import UserError
 from .files import atomic_write, atomic_write_npz
 
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)  # PIL's for empty, damaged or foreign files
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 STRIP_GAP = 1  # white pixels between the frames of a clip's strip
 GIF_FRAME_MS = 125  # GIF frame duration: 8 frames per second
 
@@ -95,3 +100,37 @@ def save_samples(x: torch.Tensor, stem: Path, labels: list[int] | None, prompts:
     else:
         written.append("no grid")
     return written
+
+
+def scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted sub-folder names) and (image path, label) pairs, sorted within each class."""
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [
+        (path, label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise UserError(f"no images found under {root} (expected one sub-folder of images per class)")
+    return classes, files
+
+
+def adm_center_crop(img, resolution: int):
+    """ADM's crop: halve with BOX while the short side is >= 2 * resolution, resize with BICUBIC so the short side
+    is `resolution`, then take the centre square."""
+    while min(img.size) >= 2 * resolution:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = resolution / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def read_image(path: Path, resolution: int) -> torch.Tensor:
+    """(3, R, R) uint8, RGB, ADM-cropped; raises (e.g. OSError) for files PIL cannot decode."""
+    with Image.open(path) as img:
+        arr = np.asarray(adm_center_crop(img.convert("RGB"), resolution), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)

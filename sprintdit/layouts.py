@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import FashionMNIST
+from .fashion_mnist import FashionMNIST
 from .errors import UserError
 from .text import tokenize, vocabulary_of, words_of
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import FashionMNIST
+from .fashion_mnist import FashionMNIST
 from .errors import UserError
 from .layouts import CANVAS, CELL, GARMENT, shrink
 

@@ -14,7 +14,7 @@ Layout of the output folder:
   `--text-encoder-path`, then shards whose `caption` (N,) int64 holds each image's table row instead of `labels`.
   Without --vae only the table is written: pixel training reads it with data.captions=OUT.
 
-Images are cropped as ADM does (`data.adm_center_crop`, as the image-folder reader). Shard i of the (sorted) file list goes to rank
+Images are cropped as ADM does (`images.adm_center_crop`, as the image-folder reader). Shard i of the (sorted) file list goes to rank
 i mod world, so torchrun processes share the work; every rank writes its own shards and sidecars.
 """
 from __future__ import annotations
@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 
 from .captions import TABLE_INFO, caption_table_matches, captioned_files, read_captions_jsonl, write_caption_table
-from .data import FORMAT, IMAGE_ERRORS, IMAGE_SUFFIXES, MANIFEST, SHARD_NAME, read_image
+from .data import ClipFolder
 from .distributed import barrier, joined, rank_device
 from .errors import UserError
 from .files import atomic_write, atomic_write_text, sha256_file
+from .images import IMAGE_ERRORS, IMAGE_SUFFIXES, read_image, scan_class_folders
+from .latents_format import FORMAT, MANIFEST, SHARD_NAME
 
 PIXEL_MAX = 255.0
 
@@ -138,7 +140,6 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     """Encode every pending shard of this rank; rank 0 then writes the manifest. Re-running resumes."""
     from tqdm import tqdm
 
-    from .data import scan_class_folders
     from .vae import config_sha256, downsample_factor, load_vae
 
     if cfg.resolution < 1 or cfg.shard_size < 1 or cfg.batch_size < 1 or cfg.patch_size < 1:
@@ -153,7 +154,6 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     rank, world = d.shard
     clips = None
     if cfg.clips:
-        from .data import ClipFolder
 
         if cfg.captions or features is not None or cfg.vae is None:
             raise UserError("prepare --clips encodes class-labelled clips with --vae; captions and DINOv2 features are for images")

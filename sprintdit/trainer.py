@@ -1,7 +1,7 @@
 """The training loop: one run = the config's stages in order (e.g. masked pre-training, full-token fine-tune).
 
-Every random draw of a step (data order aside) comes from a CPU generator seeded from (train.seed, step)
-(sprintdit.draws), and the data order from (seed, epoch); the checkpoint holds the optimizer, scaler, step and
+Every random draw of a step (data order aside) comes from a generator on the training device seeded from
+(train.seed, step) (sprintdit.draws), and the data order from (seed, epoch); the checkpoint holds the optimizer, scaler, step and
 data position, so stopping and re-running the same command on the same run folder continues exactly as if it
 had never stopped.
 
@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -156,6 +156,28 @@ def stage_lr(stage: StageConfig, step_in_stage: int) -> float:
 
 def total_steps(cfg: RunConfig) -> int:
     return sum(s.steps for s in cfg.stages)
+
+
+class Due(NamedTuple):
+    """What the loop does after a step, besides the step itself."""
+
+    log: bool  # a metrics record
+    grid: bool  # a sample grid
+    evaluation: bool  # eval.num_samples scored
+    checkpoint: bool
+
+
+def due_after(cfg: RunConfig, step: int, end: int) -> Due:
+    """What is due once global step `step` (counted from 1) of a run that ends at `end` is done. A log record every
+    train.log_every steps, at each stage's end and after the first step (it shows the run works); a grid every
+    train.sample_every and an evaluation every eval.every steps (0: never), both also at the end; a checkpoint every
+    train.ckpt_every steps, at each stage's end (the next stage may change the batch) and at the end."""
+    t = cfg.train
+    index, start = stage_at(cfg.stages, step - 1)
+    stage_end = step == start + cfg.stages[index].steps
+    periodic = lambda every: every > 0 and (step % every == 0 or step == end)
+    return Due(log=step % t.log_every == 0 or stage_end or step == 1, grid=periodic(t.sample_every),
+               evaluation=periodic(cfg.eval.every), checkpoint=step % t.ckpt_every == 0 or stage_end or step == end)
 
 
 def shard_model(model: torch.nn.Module) -> None:
@@ -495,13 +517,11 @@ class Trainer:
             if self.tracker is not None:
                 self.tracker.scalars(record)
 
-    def grids_and_evaluation(self, end: int, stops: StopSignals, missing_only: bool = False) -> bool:
-        """The sample grid and evaluation due at this step (with `missing_only`, those a stop at this step skipped);
+    def grids_and_evaluation(self, due: Due, stops: StopSignals, missing_only: bool = False) -> bool:
+        """The sample grid and evaluation `due` at this step (with `missing_only`, those a stop at this step skipped);
         a stop signal aborts them at once in a single process. Returns whether to stop."""
-        t, every = self.cfg.train, self.cfg.eval.every
-        due = lambda k: k and (self.step % k == 0 or self.step == end)
-        grid = due(t.sample_every) and not (missing_only and self.folder.grid_path(self.step).is_file())
-        scored = due(every) and not (missing_only and self.folder.has_evaluation(self.step))
+        grid = due.grid and not (missing_only and self.folder.grid_path(self.step).is_file())
+        scored = due.evaluation and not (missing_only and self.folder.has_evaluation(self.step))
         if missing_only:  # rank 0 (which writes) decides for all
             mine = torch.tensor([grid, scored]) if self.dist.is_main else torch.zeros(2)
             grid, scored = any_over_ranks(self.dist, mine, "agreeing on the evaluations to catch up")
@@ -540,42 +560,37 @@ class Trainer:
             self.folder.release()
 
     def run_steps(self, end: int, stops: StopSignals, last: Path | None) -> Path:
-        """The training loop: one optimizer step per iteration, then what is due at that step (a log line, a sample
-        grid, an evaluation, a checkpoint). `last` is the newest checkpoint; the return value too."""
+        """The training loop: one optimizer step per iteration, then what is due after it (`due_after`: a log record,
+        a sample grid, an evaluation, a checkpoint). `last` is the newest checkpoint; the return value too."""
         from tqdm import tqdm
 
-        cfg, t = self.cfg, self.cfg.train
         interval = 0.5 if sys.stderr.isatty() else 30.0  # keep redirected logs (e.g. SLURM) short
         bar = tqdm(total=end, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=interval)
         meter = StepMeter(self.device, self.step)
         self.stream_stage = None  # a fresh data stream from the saved position
         # a run stopped right after a step skips that step's grid and evaluation: do them first
-        stop = self.step > 0 and self.grids_and_evaluation(end, stops, missing_only=True)
+        stop = self.step > 0 and self.grids_and_evaluation(due_after(self.cfg, self.step, end), stops, missing_only=True)
         try:
             while self.step < end and not stop:
                 began = time.perf_counter()
-                index, start = stage_at(cfg.stages, self.step)
-                stage = cfg.stages[index]
-                lr = stage_lr(stage, self.step - start)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                index, stage, lr = self.begin_step()
                 with collective(self.dist, f"training step {self.step + 1} (gradient all-reduce)"):
                     loss = self.train_step(self.next_batch(index), stage)  # forward and backward of every micro-batch
                     grad_norm, skipped, stop = self.update(loss, stops.signum is not None)  # one host sync per step
                 if skipped:
                     self.nonfinite(loss, grad_norm, index, last)  # past train.max_nonfinite_steps: Diverged, nothing saved
                 self.step += 1
-                self.position += stage.batch_size or t.batch_size
+                self.position += stage.batch_size or self.cfg.train.batch_size
                 self.train_seconds += time.perf_counter() - began
                 meter.add(None if skipped else loss)
                 bar.update(1)
-                stage_end = self.step == start + stage.steps
-                if self.step % t.log_every == 0 or stage_end or self.step == 1:  # the first step shows the run works
+                due = due_after(self.cfg, self.step, end)
+                if due.log:
                     self.log_progress(meter, stage, lr, grad_norm, bar)
                 stop = stop or (not self.dist.active and stops.signum is not None)  # one process need not wait for agreement
                 with meter.paused():  # the step rate counts training time only
-                    stop = stop or self.grids_and_evaluation(end, stops)
-                if stop or self.step % t.ckpt_every == 0 or stage_end or self.step == end:
+                    stop = stop or self.grids_and_evaluation(due, stops)
+                if stop or due.checkpoint:
                     with stops.saving():
                         last = self.save()
                     stop = stop or (not self.dist.active and stops.signum is not None)  # a signal during that save: no further step
@@ -584,6 +599,15 @@ class Trainer:
         if stop and self.step < end:
             raise Stopped(f"{stops.name or 'stop requested on another rank'} at step {self.step}: saved {last}; run the same command to resume", stops.signum or signal.SIGTERM)
         return last
+
+    def begin_step(self) -> tuple[int, StageConfig, float]:
+        """(stage index, stage, learning rate) of the next step, the rate set on the optimizer."""
+        index, start = stage_at(self.cfg.stages, self.step)
+        stage = self.cfg.stages[index]
+        lr = stage_lr(stage, self.step - start)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return index, stage, lr
 
     def next_batch(self, index: int) -> Batch:
         """The next batch of stage `index` from the saved data position (a new stream when the stage, and so

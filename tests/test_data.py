@@ -3,7 +3,8 @@ import pytest
 import torch
 from conftest import write_idx
 
-from sprintdit.data import FashionMNIST, ImageFolder, batches, index_batches, read_idx
+from sprintdit.data import ImageFolder, batches, index_batches
+from sprintdit.fashion_mnist import FashionMNIST, read_idx
 from sprintdit.errors import UserError
 
 
@@ -80,7 +81,8 @@ def test_image_folder_crops_as_prepare_does(tmp_path):
     """One crop for training from images and for `prepare`: ADM's (box halving, bicubic, centre)."""
     from PIL import Image
 
-    from sprintdit.data import ImageFolder, read_image
+    from sprintdit.data import ImageFolder
+    from sprintdit.images import read_image
 
     (tmp_path / "c").mkdir()
     pixels = np.random.default_rng(0).integers(0, 256, (300, 520, 3), dtype=np.uint8)

@@ -101,7 +101,7 @@ def test_fmnist_reference_is_cached(fmnist_dir, tmp_path, monkeypatch):
     again = fmnist_reference(fmnist_dir, evaluator.networks[0])
     assert "cached" in again.source and torch.equal(again.features["fmnist"].main, first)
     # the test split scored against itself: FID ~0, every sample agrees with its label only if classified so
-    from sprintdit.data import FashionMNIST
+    from sprintdit.fashion_mnist import FashionMNIST
 
     data = FashionMNIST(fmnist_dir, split="test")
     results = evaluator(data.images, data.labels)["metrics"]["fmnist"]
@@ -214,7 +214,7 @@ def test_demo_scores_both_guidances(fmnist_dir, tmp_path, monkeypatch, capsys):
 
 def test_written_reference_scores_like_its_images(fmnist_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPRINTDIT_CACHE", str(tmp_path / "cache"))
-    from sprintdit.data import FashionMNIST
+    from sprintdit.fashion_mnist import FashionMNIST
 
     real = FashionMNIST(fmnist_dir, split="train").images  # (40, 1, 32, 32) uint8
     np.savez(tmp_path / "real.npz", real[:30].permute(0, 2, 3, 1).numpy())

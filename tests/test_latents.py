@@ -16,7 +16,7 @@ from sprintdit.data import LatentDataset, posterior_sample
 from sprintdit.distributed import Dist
 from sprintdit.errors import UserError
 from sprintdit.metrics.dinov2 import DINOv2ViT, ViTConfig
-from sprintdit.data import adm_center_crop, read_image
+from sprintdit.images import adm_center_crop, read_image
 from sprintdit.prepare import FeatureEncoder, PrepareConfig, prepare
 from sprintdit.trainer import Trainer, resolve_run_config
 from sprintdit.vae import encode, load_vae

@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from sprintdit.data import FashionMNIST
+from sprintdit.fashion_mnist import FashionMNIST
 from sprintdit.errors import UserError
 from sprintdit.metrics import class_agreement, classify, feature_stats, frechet_distance, inception_score, load_classifier, prdc
 from sprintdit.files import sha256_file as sha256

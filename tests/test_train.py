@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from sprintdit import checkpoint as ckpt
 from sprintdit.config import load_config
 from sprintdit.errors import Stopped, UserError
-from sprintdit.trainer import Trainer, ema_decay_at, stage_at, stage_lr
+from sprintdit.trainer import Trainer, due_after, ema_decay_at, stage_at, stage_lr
 
 
 def tiny_run(fmnist_dir, *extra):
@@ -110,6 +110,17 @@ def test_compile_honours_its_options(fmnist_dir, tmp_path, monkeypatch):
     cfg = tiny_run(fmnist_dir, "train.compile=true", "train.compile_mode=max-autotune", "train.compile_fullgraph=true")
     Trainer(cfg, tmp_path / "c", progress=False)
     assert seen == {"mode": "max-autotune", "fullgraph": True, "dynamic": False}
+
+
+def test_what_is_due_after_each_step():
+    cfg = load_config(None, ["stages=[{name: a, steps: 3, lr: 0.1}, {name: b, steps: 4, lr: 0.1}]", "train.log_every=2",
+                             "train.ckpt_every=4", "train.sample_every=0", "eval.every=3"])
+    due = {step: due_after(cfg, step, end=7) for step in range(1, 8)}
+    assert [s for s, d in due.items() if d.log] == [1, 2, 3, 4, 6, 7]  # every 2, the first step, each stage's end
+    assert [s for s, d in due.items() if d.checkpoint] == [3, 4, 7]  # every 4 and each stage's end
+    assert [s for s, d in due.items() if d.evaluation] == [3, 6, 7]  # every 3 and the run's end
+    assert not any(d.grid for d in due.values())  # sample_every 0: never
+    assert due_after(cfg, 5, end=5).evaluation and due_after(cfg, 5, end=5).checkpoint  # stop_at ends the run early
 
 
 def test_stage_schedule():
