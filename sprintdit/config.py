@@ -183,7 +183,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     if path is not None:
         path = find_config(str(path))
         try:
-            layer = OmegaConf.load(path)
+            parsed = read_yaml(Path(path).read_text(encoding="utf-8"))
+            layer = OmegaConf.create(parsed) if isinstance(parsed, (dict, list)) else parsed
         except Exception as err:  # YAML syntax errors come in several types
             raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
         layers.append((upgrade_moved_keys(mapping(layer, str(path)), str(path)), str(path)))
@@ -197,7 +198,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         key = moved_override_key(key)
         _check_list_indices(cfg, key)
         try:
-            OmegaConf.update(cfg, key, yaml.safe_load(text) if text else "", merge=True)
+            OmegaConf.update(cfg, key, read_yaml(text) if text else "", merge=True)
         except OmegaConfBaseException as err:
             raise explain(err, f"override {item!r}") from None
         except TypeError as err:  # OmegaConf: "Cannot merge incompatible container types"
@@ -306,6 +307,23 @@ def merge(cfg, layer, source: str):
         raise UserError(f"{source} does not fit the config layout: {LAYOUT} ({err})") from None
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 integers, which YAML 1.2 dropped: `6:10` (a grid schedule)
+    stays the string '6:10' instead of becoming 370."""
+
+
+INT_TAG = "tag:yaml.org,2002:int"
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != INT_TAG] for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(INT_TAG, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+
+
+def read_yaml(text: str):
+    """A YAML document as Python values, the way every config, override and study file is read (ConfigLoader)."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def mapping(node, source: str):
     """A parsed YAML document that must be a mapping of sections (an empty file is an empty one)."""
     if node is None:
@@ -319,7 +337,7 @@ def mapping(node, source: str):
 def from_yaml_text(text: str, source: str) -> RunConfig:
     """A RunConfig from saved YAML (a run's config.yaml or a checkpoint's metadata)."""
     try:
-        parsed = yaml.safe_load(text)
+        parsed = read_yaml(text)
     except yaml.YAMLError as err:
         raise UserError(f"{source} is not valid YAML: {str(err).splitlines()[0]}") from None
     node = upgrade_moved_keys(mapping(OmegaConf.create(parsed) if isinstance(parsed, (dict, list)) else parsed, source), source)

@@ -33,7 +33,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import CONFIG_DIR, RunConfig, explain, find_config, find_shipped, load_config, reference_root
+from .config import CONFIG_DIR, RunConfig, explain, find_config, find_shipped, load_config, read_yaml, reference_root
 from .data import build_dataset
 from .density import SparseConfig
 from .errors import UserError
@@ -144,7 +144,7 @@ def load_study(path: str | Path, size: str) -> StudySpec:
     """The study in `path` with its `sizes.SIZE` section merged over the top level, type-checked and validated."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise UserError(f"study file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):

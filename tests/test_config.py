@@ -77,3 +77,13 @@ def test_a_key_set_both_flat_and_nested_is_refused(tmp_path):
     (tmp_path / "both.yaml").write_text(NESTED + "  fusion: concat_linear\n")
     with pytest.raises(UserError, match="sets both model.fusion and model.sprint.fusion"):
         load_config(tmp_path / "both.yaml")
+
+
+def test_a_grid_schedule_like_6_10_stays_text_in_overrides_and_files(tmp_path):
+    """PyYAML reads 6:10 as the base-60 integer 370 (YAML 1.1); configs read it as the string it means."""
+    assert load_config(None, ["model.sparse.grid=6:10"]).model.sparse.grid == "6:10"
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  sparse:\n    grid: 6:10\ntrain:\n  batch_size: 0x20\n  log_every: 1_000\n")
+    cfg = load_config(path)
+    assert cfg.model.sparse.grid == "6:10" and cfg.train.batch_size == 32 and cfg.train.log_every == 1000
+    assert from_yaml_text(to_yaml(cfg), "saved").model.sparse.grid == "6:10"
