@@ -193,3 +193,13 @@ def replace_config(cfg, **changes):
     from dataclasses import replace
 
     return resolve_model_config(replace(cfg, **changes))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3), (2, 3, 3)])  # time kept (each frame pooled as an image), time pooled too
+def test_video_token_pooling_is_the_3d_adaptive_average(shape):
+    from sprintdit.models.sparsedit import pool_tokens
+
+    grid = (4, 6, 6)
+    h = torch.randn(2, 4 * 6 * 6, 5, dtype=torch.float64)  # (B, F H W, D)
+    expected = torch.nn.functional.adaptive_avg_pool3d(h.transpose(1, 2).unflatten(2, grid), shape).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(pool_tokens(h, grid, shape), expected)

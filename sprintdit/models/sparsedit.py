@@ -12,8 +12,9 @@
 Blocks keep the dense model's indices (block i inherits the pretrained block i), so `sparsify_state_dict`
 is a rename plus: Poolingformers keep only the V rows of qkv, and each recover block gets W1/W2.
 The grid side follows the noise level t of each sample through `model.sparse.grid` (`sprintdit.density`).
-Samples of one batch with different sides run the modules in groups, one per side (the "gating" of the
-paper assigns t sub-intervals to data-parallel ranks instead; grouping gives the same result on one device).
+Samples of one batch with different sides run the modules in groups, one per side. The paper's "gating" gives
+each data-parallel rank a t sub-interval instead; `train.sparse_gating` gives each micro-batch one stratum of t
+(sprintdit.trainer.time_gates), and the trainer passes its `side`: one grid per forward, no per-sample choice.
 With RoPE, pooled tokens take the centre of their pooling cell as (fractional) position; with sin-cos
 positions, `model.sparse.readd_pos` adds them again to the pooled tokens (at the cell centres) and to the
 recovered dense tokens (the release adds them at the input only, the default here).
@@ -83,6 +84,8 @@ def sparse_shape(cfg: ModelConfig, side: int) -> tuple[int, ...]:
 def pool_tokens(h: torch.Tensor, grid: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
     """(B, prod(grid), D) -> (B, prod(shape), D): adaptive average pooling of the token grid (2D or 3D)."""
     img = h.transpose(1, 2).unflatten(2, grid)  # (B, D, H, W) or (B, D, F, H, W)
+    if len(grid) == 3 and shape[0] == grid[0]:  # time kept: each frame pooled as an image (one frame: the image model exactly)
+        return F.adaptive_avg_pool2d(img.flatten(1, 2), shape[1:]).unflatten(1, (-1, grid[0])).flatten(2).transpose(1, 2)
     pool = F.adaptive_avg_pool3d if len(grid) == 3 else F.adaptive_avg_pool2d
     return pool(img, shape).flatten(2).transpose(1, 2)
 
