@@ -431,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-ratios", default="0,0.5,0.75,0.875", help="comma-separated token-drop ratios of the middle blocks")
     p.add_argument("--precision", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (static shapes)")
+    p.add_argument("--compile-mode", help="torch.compile mode with --compile: default | reduce-overhead (CUDA graphs) | max-autotune")
     p.add_argument("--grad-checkpointing", action="store_true", default=None, help="recompute block activations in backward")
     p.add_argument("--sample-steps", type=int, help="steps of the timed PDG sampler run (default 25)")
     p.add_argument("--warmup", type=int, help="untimed repeats first (default 5)")

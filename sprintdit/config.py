@@ -86,6 +86,7 @@ class TrainConfig:
     compile_mode: str = "default"  # passed to torch.compile: default | reduce-overhead | max-autotune | ...
     compile_fullgraph: bool = False
     grad_checkpointing: bool = False
+    sparse_gating: bool = False  # SparseDiT: each micro-batch draws t from one grid side's stratum (one grid, static shapes; see density.time_gates)
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # the decay grows with the updates so far (see train.ema_decay_at): a short run's EMA spans its last tenth
     seed: int = 0
@@ -271,6 +272,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"sample.sampler {cfg.sample.sampler!r} does not fit objective.kind {cfg.objective.kind!r} (ddpm: {' | '.join(DDPM_SAMPLERS)}; flow: {' | '.join(FLOW_SAMPLERS)})")
     if cfg.model.condition == "text" and cfg.eval.every:
         raise UserError("eval.every: in-training evaluation scores class-conditional samples; a text model is scored by its demo (sprintdit.layouts)")
+    if t.sparse_gating and (cfg.model.arch != "sparsedit" or cfg.objective.kind != "flow"):
+        raise UserError("train.sparse_gating is for SparseDiT (model.arch sparsedit) trained with objective.kind flow")
     names = [s.name for s in cfg.stages]
     if len(set(names)) != len(names):
         raise UserError(f"stage names must be unique, got {names}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -109,6 +109,53 @@ def side_at(schedule: DensitySchedule, t: float, dense_tokens: int) -> int:
 def sides_for(schedule: DensitySchedule, t: torch.Tensor, dense_tokens: int) -> list[int]:
     """Grid side per sample for noise levels t (B,)."""
     return [side_at(schedule, v, dense_tokens) for v in t.detach().double().cpu().tolist()]
+
+
+INTERVAL_PROBES = 1024  # side_intervals: evenly spaced noise levels probed before each edge is bisected
+BISECTIONS = 52  # halvings of an edge's bracket: float64 precision on [0, 1]
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # frac(n GOLDEN), n = 0, 1, ...: the most evenly spread sequence in [0, 1)
+
+
+def side_intervals(schedule: DensitySchedule, dense_tokens: int) -> list[tuple[float, float, int]]:
+    """(t_lo, t_hi, side) for the intervals of [0, 1], in order of t, on which the schedule's grid side is constant:
+    the strata that gated training draws t from. Each edge is found between two probes and bisected."""
+    side = lambda t: side_at(schedule, t, dense_tokens)
+    probes = [i / INTERVAL_PROBES for i in range(INTERVAL_PROBES + 1)]
+    edges = []
+    for a, b in zip(probes, probes[1:]):
+        if side(a) != side(b):
+            lo, hi = a, b
+            for _ in range(BISECTIONS):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if side(mid) == side(a) else (lo, mid)
+            edges.append(hi)
+    bounds = [0.0, *edges, 1.0]
+    return [(lo, hi, side((lo + hi) / 2)) for lo, hi in zip(bounds, bounds[1:])]
+
+
+class Gate(NamedTuple):
+    """One stratum of gated SparseDiT training: t drawn with P(T <= t) in [lo, hi), all on one grid side."""
+
+    lo: float
+    hi: float
+    side: int
+
+
+def time_gates(grid: str, dense_tokens: int, time_cdf: Callable[[float], float]) -> list[Gate]:
+    """The strata of train.sparse_gating: the t intervals on which the schedule `grid` keeps one side, in the CDF of
+    the training distribution of t. The paper's gating gives each data-parallel rank a t sub-interval; here each
+    micro-batch gets one, so any world size trains on the same draws. Taking stratum k with probability hi - lo and
+    drawing t inside it leaves the distribution of t unchanged."""
+    gates = [Gate(time_cdf(lo), time_cdf(hi), side) for lo, hi, side in side_intervals(parse_schedule(grid), dense_tokens)]
+    return [g for g in gates if g.hi > g.lo]
+
+
+def gate_at(gates: list[Gate], micro_batch: int) -> Gate:
+    """The stratum of global micro-batch `micro_batch` (step x grad_accum + index): the one holding frac(n GOLDEN), so
+    over n the strata come up in proportion to their widths, evenly spread, from n alone (no random number, no
+    device sync, the same on every rank)."""
+    u = (micro_batch * GOLDEN) % 1.0
+    return gates[sum(u >= g.hi for g in gates[:-1])]
 
 
 def pooled_centres(side: int, size: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ KINDS = ("flow", "ddpm")
 
 PATHS = ("linear", "cosine")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+CDF_FLOOR = 1e-12  # conditional logit-normal draws keep P(T <= t) inside [floor, 1 - floor]: t stays finite in logit space
 
 
 @dataclass
@@ -92,7 +93,21 @@ class FlowMatching:
         a, s, da, ds = (_expand(u, x) for u in (a, s, da, ds))
         return (a * v - da * x) / (a * ds - s * da)
 
-    def sample_t(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def time_cdf(self, t: float) -> float:
+        """P(T <= t) under the training distribution of t (uniform or logit-normal)."""
+        if self.cfg.time_sampling == "uniform" or t <= 0.0 or t >= 1.0:
+            return min(max(t, 0.0), 1.0)
+        return 0.5 * math.erfc(-(math.log(t / (1.0 - t)) - self.cfg.logit_mean) / (self.cfg.logit_std * math.sqrt(2.0)))
+
+    def sample_t(self, batch: int, generator: torch.Generator | None = None, cdf: tuple[float, float] | None = None) -> torch.Tensor:
+        """(batch,) noise levels from the training distribution; with `cdf` (lo, hi), from that distribution
+        conditioned on P(T <= t) in [lo, hi) (inverse-CDF draws: the gated strata of SparseDiT training)."""
+        if cdf is not None:
+            u = cdf[0] + (cdf[1] - cdf[0]) * torch.rand(batch, generator=generator, device=generator_device(generator), dtype=torch.float64)
+            if self.cfg.time_sampling == "uniform":
+                return u.float()
+            z = torch.special.ndtri(u.clamp(CDF_FLOOR, 1.0 - CDF_FLOOR)) * self.cfg.logit_std + self.cfg.logit_mean
+            return torch.sigmoid(z).float()
         if self.cfg.time_sampling == "uniform":
             return torch.rand(batch, generator=generator, device=generator_device(generator))
         z = torch.randn(batch, generator=generator, device=generator_device(generator)) * self.cfg.logit_std + self.cfg.logit_mean
@@ -102,11 +117,12 @@ class FlowMatching:
         drop = draws.rand(y.shape[0]) < self.cfg.label_dropout  # (B,)
         return torch.where(drop.to(y.device).view(-1, *[1] * (y.dim() - 1)), null_like(y, self.null_class), y)
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, draws: Draws, features: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, draws: Draws, features: torch.Tensor | None = None,
+             t_cdf: tuple[float, float] | None = None, **model_kwargs) -> torch.Tensor:
         """Mean squared velocity error over x0's rows, plus repa_weight * the REPA loss when `features` (B, N, D)
         are given. Randomness (t, eps, label dropout, in that order) comes from `draws`: drawn for every rank's rows
-        (x0 is this rank's block), so it is the same for any world size."""
-        t = draws.keep(self.sample_t(draws.total(x0.shape[0]), draws.generator)).to(x0.device)  # no copy when drawn on x0's device
+        (x0 is this rank's block), so it is the same for any world size. `t_cdf`: draw t within that stratum."""
+        t = draws.keep(self.sample_t(draws.total(x0.shape[0]), draws.generator, t_cdf)).to(x0.device)  # no copy when drawn on x0's device
         eps = draws.randn(x0.shape[0], *x0.shape[1:]).to(x0.device, x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
         labels = self.drop_labels(y, draws)

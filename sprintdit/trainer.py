@@ -44,6 +44,7 @@ from .distributed import (
 from .errors import Diverged, Stopped, UserError
 from .flops import train_flops
 from .images import save_grid
+from .density import gate_at, time_gates
 from .draws import Draws
 from .masking import check_mask_ratio
 from .models import ModelConfig, build_model, resolve_model_config
@@ -276,6 +277,7 @@ class Trainer:
         self.optimizer, self.scaler = nets.optimizer, nets.scaler
         self.param_names, self.params, self.ema_params = nets.param_names, nets.params, nets.ema_params
         self.objective = build_objective(cfg.objective, null_condition(cfg.model), cfg.model.learn_sigma)
+        self.gates = time_gates(cfg.model.sparse.grid, cfg.model.frame_tokens, self.objective.time_cdf) if t.sparse_gating else None
         self.step, self.position = 0, 0
         self.nonfinite_steps: list[int] = []  # steps skipped for a non-finite loss or gradient norm (train.max_nonfinite_steps)
         self.train_seconds = 0.0  # wall-clock of the training steps so far (evaluation and sample grids excluded), kept across resumes
@@ -418,12 +420,18 @@ class Trainer:
             b = xm.shape[0]  # this rank's rows of the micro-batch
             mask = draws.mask(b, m.grid, stage.mask_ratio, stage.mask_type)
             path_drop = draws.rand(b) < m.sprint.path_drop_prob if m.sprint.path_drop_prob > 0 else None
+            gate = {} if self.gates is None else self.gated(i)  # SparseDiT: t from one stratum, one grid for the micro-batch
             with self.grad_sync(last=i == t.grad_accum - 1):
                 with self.autocast():
-                    loss = self.objective.loss(self.forward, xm, ym, draws, mask=mask, path_drop=path_drop, features=fm)
+                    loss = self.objective.loss(self.forward, xm, ym, draws, mask=mask, path_drop=path_drop, features=fm, **gate)
                 self.scaler.scale(loss / t.grad_accum).backward()
             total += loss.detach() / t.grad_accum
         return total
+
+    def gated(self, index: int) -> dict:
+        """The objective's and the model's arguments for micro-batch `index` of this step under train.sparse_gating."""
+        gate = gate_at(self.gates, self.step * self.cfg.train.grad_accum + index)
+        return {"t_cdf": (gate.lo, gate.hi), "side": gate.side}
 
     def update(self, loss: torch.Tensor, stop_requested: bool) -> tuple[torch.Tensor, bool, bool]:
         """Unscale, clip, then (unless the loss or gradient norm is not finite on some rank) optimizer step and EMA.
@@ -552,12 +560,37 @@ class Trainer:
                 last = self.folder.checkpoints()
                 if self.step >= end:
                     return last[-1] if last else self.save()
+                self.build_graphs(end)
                 return self.run_steps(end, stops, last[-1] if last else None)
         finally:
             if self.tracker is not None:
                 self.tracker.close()
                 self.tracker = None
             self.folder.release()
+
+    def build_graphs(self, end: int) -> None:
+        """With train.compile: one forward and backward of every remaining stage's shapes (its micro-batch and kept
+        tokens) before the first step, its gradients discarded, so every stage's compiled graph exists before the
+        training budget starts and no stage switch compiles mid-run (static shapes: a stage's graph never recompiles).
+        The warm-up reads the data from position 0 and the draws of the current step, moves no stream, generator,
+        optimizer, scaler or EMA, and is logged with its seconds."""
+        t = self.cfg.train
+        if not t.compile:
+            return
+        tic = time.perf_counter()
+        built = set()
+        for index in range(stage_at(self.cfg.stages, self.step)[0], stage_at(self.cfg.stages, end - 1)[0] + 1):
+            stage = self.cfg.stages[index]
+            batch = stage.batch_size or t.batch_size
+            shapes = (batch, stage.mask_ratio, stage.mask_type if stage.mask_ratio else None)
+            if shapes in built:
+                continue
+            rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None
+            with collective(self.dist, f"building the compiled graphs of stage {stage.name}"):
+                self.train_step(next(batches(self.dataset, batch, t.seed, 0, 0, rows)), stage)
+            self.optimizer.zero_grad(set_to_none=True)
+            built.add(shapes)
+        self.log({"step": self.step, "event": "graphs_built", "stages": len(built), "seconds": time.perf_counter() - tic})
 
     def run_steps(self, end: int, stops: StopSignals, last: Path | None) -> Path:
         """The training loop: one optimizer step per iteration, then what is due after it (`due_after`: a log record,

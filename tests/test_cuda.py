@@ -51,6 +51,21 @@ def test_draws_on_cuda_are_made_there_and_split_over_ranks():
     assert torch.equal(torch.cat([m.ids_keep for _, m in parts]), mask.ids_keep)
 
 
+@pytest.mark.parametrize("stage", [0, 1])  # masked (structured groups), then full tokens
+def test_training_step_makes_no_host_sync(fmnist_dir, tmp_path, stage):
+    """Draws, masks, forward and backward run without a host-device sync (the step's one sync, on the finite and
+    stop flags, is in `update`): torch raises on any synchronising call inside the step."""
+    trainer = Trainer(tiny(fmnist_dir, "train.device=cuda", "model.sprint.path_drop_prob=0.1"), tmp_path / "s", progress=False)
+    batch = trainer.next_batch(stage).to(trainer.device)
+    trainer.train_step(batch, trainer.cfg.stages[stage])  # first calls may sync while kernels load
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step(batch, trainer.cfg.stages[stage])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_resume_on_cuda_is_exact(fmnist_dir, tmp_path):
     straight = Trainer(tiny(fmnist_dir, "train.device=cuda"), tmp_path / "a", progress=False)
     straight.fit()

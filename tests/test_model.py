@@ -175,3 +175,23 @@ def test_grad_checkpointing_gives_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_qk_norm_under_bf16_autocast_stays_on_the_fused_kernel(monkeypatch):
+    """The head norm hands torch's rms_norm a weight of the input's dtype (a float32 weight with bf16 q, k sends torch
+    to its unfused fallback, with a one-time "Mismatch dtype" warning); in float32 it is torch's RMSNorm exactly."""
+    import torch.nn.functional as F
+
+    from sprintdit.models.sit import HeadNorm
+
+    norm, plain = HeadNorm(16, eps=1e-6), torch.nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+        plain.weight.copy_(norm.weight)
+    x = torch.randn(2, 3, 5, 16)
+    assert torch.equal(norm(x), plain(x))
+    seen, rms_norm = [], F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda x, shape, weight, eps: seen.append((x.dtype, weight.dtype)) or rms_norm(x, shape, weight, eps))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(torch.nn.functional.linear(x, torch.eye(16)))  # bf16 under autocast, as q and k are
+    assert seen == [(torch.bfloat16, torch.bfloat16)] and out.dtype == torch.bfloat16

@@ -3,12 +3,13 @@ import torch
 from conftest import DENSE, tiny_config
 from test_flops import counted
 
-from sprintdit.density import SparseConfig, parse_schedule, pooled_centres, side_at
+from sprintdit.density import SparseConfig, gate_at, parse_schedule, pooled_centres, side_at, side_intervals, sides_for, time_gates
 from sprintdit.errors import UserError
 from sprintdit.flops import forward_flops
 from sprintdit.models import SiT, SparseDiT, resolve_model_config
 from sprintdit.models.sit import SprintConfig, TextConfig, modulate
 from sprintdit.models.sparsedit import PoolingAttention, Recover, pool_tokens, sparsify_state_dict, upsample_tokens
+from sprintdit.objective import FlowMatching, ObjectiveConfig
 
 LAYOUT = SparseConfig(grid="2:4", pool_depth=1, modules=2, sparse_depth=1, dense_depth=0)  # 1 + 2 x 3 blocks, 1 top
 
@@ -197,3 +198,51 @@ def test_readd_pos_adds_the_cell_centre_positions():
     assert not torch.allclose(readd(x, t, y), plain(x, t, y))
     with pytest.raises(UserError, match="readd_pos"):
         resolve_model_config(tiny_config(**{**vars(readd_cfg), "pos_embed": "rope"}))
+
+
+def test_side_intervals_cut_t_where_the_grid_changes():
+    intervals = side_intervals(parse_schedule("6:10"), 256)  # 16 x 16 tokens
+    assert intervals[0][0] == 0.0 and intervals[-1][1] == 1.0 and all(a[1] == b[0] for a, b in zip(intervals, intervals[1:]))
+    assert [side for *_, side in intervals] == [10, 9, 8, 7, 6]
+    # kept tokens fall linearly from 100 (t = 1/4) to 36 (t = 1): 10 gives way to 9 where 90.5 are kept
+    assert intervals[0][1] == pytest.approx(0.25 + 0.75 * (100 - 90.5) / 64)
+    for lo, hi, side in intervals:
+        assert all(side_at(parse_schedule("6:10"), lo + (hi - lo) * f, 256) == side for f in (0.01, 0.5, 0.99))
+    assert side_intervals(parse_schedule("8"), 256) == [(0.0, 1.0, 8)]
+
+
+@pytest.mark.parametrize("time_sampling", ["logit_normal", "uniform"])
+def test_gated_draws_keep_the_distribution_of_t_with_one_grid_per_micro_batch(time_sampling):
+    objective = FlowMatching(ObjectiveConfig(time_sampling=time_sampling), null_class=10)
+    gates = time_gates("6:10", 256, objective.time_cdf)  # 16 x 16 tokens
+    assert [g.side for g in gates] == [10, 9, 8, 7, 6] and sum(g.hi - g.lo for g in gates) == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(0)
+    drawn = []
+    for n in range(1500):
+        gate = gate_at(gates, n)
+        t = objective.sample_t(16, g, (gate.lo, gate.hi))
+        assert set(sides_for(parse_schedule("6:10"), t, 256)) == {gate.side}  # one grid for the whole micro-batch
+        drawn.append(t)
+    t = torch.cat(drawn).double()
+    for q in (0.1, 0.3, 0.5, 0.7, 0.9):  # the empirical CDF of all draws is the ungated one (24000 draws: std ~0.003)
+        assert (t <= q).double().mean().item() == pytest.approx(objective.time_cdf(q), abs=0.012)
+
+
+def test_gated_training_runs_one_grid_per_micro_batch_without_per_sample_sides(fmnist_dir, tmp_path, monkeypatch):
+    from sprintdit.config import load_config
+    from sprintdit.trainer import Trainer
+
+    cfg = load_config(None, [f"data.root={fmnist_dir}", "model.preset=SiT-Nano/4", "model.hidden_size=32", "model.arch=sparsedit",
+                             "model.sprint.fusion=none", "model.sprint.path_drop_prob=0", "model.sparse.grid=2:4", "model.sparse.pool_depth=1",
+                             "model.sparse.modules=1", "model.sparse.sparse_depth=1", "model.sparse.dense_depth=0", "train.batch_size=4",
+                             "train.grad_accum=2", "train.sample_every=0", "train.sparse_gating=true", "sample.guidance=cfg",
+                             "stages=[{name: ft, steps: 3, lr: 0.001, mask_ratio: 0.0}]"])
+    trainer = Trainer(cfg, tmp_path / "g", progress=False)
+    seen = []
+    forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "sides", lambda t: pytest.fail("a gated step chose grid sides per sample"))
+    monkeypatch.setattr(trainer.model, "forward", lambda *a, side=None, **k: seen.append(side) or forward(*a, side=side, **k))
+    trainer.fit()
+    assert seen == [gate_at(trainer.gates, n).side for n in range(6)] and len(set(seen)) > 1  # 3 steps x 2 micro-batches
+    with pytest.raises(UserError, match="sparse_gating"):
+        load_config(None, ["train.sparse_gating=true"])

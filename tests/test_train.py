@@ -123,6 +123,31 @@ def test_what_is_due_after_each_step():
     assert due_after(cfg, 5, end=5).evaluation and due_after(cfg, 5, end=5).checkpoint  # stop_at ends the run early
 
 
+def test_compiled_stages_are_built_before_the_first_step(fmnist_dir, tmp_path, monkeypatch):
+    """With train.compile every stage's graph is compiled before step 1 (none at the stage switch), and the warm-up
+    changes nothing: the weights equal an uncompiled run's. Dynamo's counting backend stands in for inductor."""
+    from torch._dynamo.testing import CompileCounter
+
+    plain = Trainer(tiny_run(fmnist_dir), tmp_path / "plain", progress=False)
+    plain.fit()
+    counter, compile_ = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=counter, dynamic=kw["dynamic"]))
+    graphs = {}
+    for name, up_front in (("built", True), ("lazy", False)):
+        torch._dynamo.reset()
+        counter.clear()
+        trainer = Trainer(tiny_run(fmnist_dir, "train.compile=true"), tmp_path / name, progress=False)
+        if not up_front:
+            monkeypatch.setattr(trainer, "build_graphs", lambda end: None)
+        trainer.build_graphs(6)
+        before = counter.frame_count
+        trainer.fit()
+        graphs[name] = (before, counter.frame_count - before)
+        assert all(torch.equal(v, weights(plain)[k]) for k, v in weights(trainer).items()), name
+    assert graphs["built"][0] > 0 and graphs["built"][1] == 0  # compiled up front, nothing while training
+    assert graphs["lazy"][1] >= graphs["built"][0]  # without it every graph compiles inside the run, at the switch too
+
+
 def test_stage_schedule():
     cfg = load_config(None, ["stages=[{name: a, steps: 10, lr: 0.1, warmup_steps: 4, warmup_start: 0.0}, {name: b, steps: 5, lr: 0.2}]"])
     assert stage_at(cfg.stages, 0) == (0, 0) and stage_at(cfg.stages, 9) == (0, 0) and stage_at(cfg.stages, 10) == (1, 10)

@@ -379,14 +379,22 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
+class HeadNorm(nn.RMSNorm):
+    """RMSNorm over one head's channels (q and k) whose weight follows the input's dtype: under bf16 autocast q and k
+    are bf16, and a float32 weight would send torch to its slower unfused path (with a warning on every call)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.heads = cfg.num_heads
         head_dim = cfg.hidden_size // cfg.num_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.q_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.q_norm = HeadNorm(head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = HeadNorm(head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, rope, context: torch.Tensor | None = None, context_rope=None) -> torch.Tensor:
