@@ -252,15 +252,18 @@ class _BatchDataset(torch.utils.data.Dataset):
         return self.dataset.load(indices)
 
 
-def batches(dataset, batch: int, seed: int, position: int, num_workers: int = 0, rows: torch.Tensor | None = None) -> Iterator[Batch]:
+def batches(dataset, batch: int, seed: int, position: int, num_workers: int = 0, rows: torch.Tensor | None = None,
+            pin: bool = False) -> Iterator[Batch]:
     """Batches in the stream order (only `rows` of each global batch, if given: one rank's share); with
-    workers, batches are loaded ahead in other processes."""
+    workers, batches are loaded ahead in other processes. `pin` (training on CUDA): in page-locked memory, so the
+    copy to the device runs asynchronously instead of blocking the host."""
     order = index_batches(len(dataset), batch, seed, position)
     if rows is not None:
         order = (ids[rows] for ids in order)
     if num_workers == 0:
-        return (Batch(*dataset.load(ids)) for ids in order)
-    loader = torch.utils.data.DataLoader(_BatchDataset(dataset), sampler=order, batch_size=None, num_workers=num_workers)
+        loaded = (Batch(*dataset.load(ids)) for ids in order)
+        return (Batch(*(None if v is None else v.pin_memory() for v in b)) for b in loaded) if pin else loaded
+    loader = torch.utils.data.DataLoader(_BatchDataset(dataset), sampler=order, batch_size=None, num_workers=num_workers, pin_memory=pin)
     return (Batch(*b) for b in loader)
 
 

@@ -150,11 +150,12 @@ def guided_output(model, y: torch.Tensor, cfg: SampleConfig, channels: int) -> V
 
     def v(x: torch.Tensor, t: float) -> torch.Tensor:
         b = x.shape[0]
+        step = model.step_options(t)  # SparseDiT: the grid side at t
         if cfg.guidance == "none" or not low <= t <= high:
-            return model(x, torch.full((b,), t, device=x.device, dtype=torch.float64), y)
+            return model(x, torch.full((b,), t, device=x.device, dtype=torch.float64), y, **step)
         x2 = torch.cat([x, x])  # (2B, C, H, W)
         t2 = torch.full((2 * b,), t, device=x.device, dtype=torch.float64)
-        kwargs = {"middle_rows": b} if cfg.guidance == "pdg" else {}
+        kwargs = {"middle_rows": b, **step} if cfg.guidance == "pdg" else step
         out = model(x2, t2, torch.cat([y, null]), **kwargs)
         out = out.to(torch.promote_types(out.dtype, torch.float32))  # combine in at least fp32
         cond, uncond = out[:b], out[b:]

@@ -649,7 +649,7 @@ class Trainer:
             t = self.cfg.train
             batch = self.cfg.stages[index].batch_size or t.batch_size
             self.stream_rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None
-            self.stream = batches(self.dataset, batch, t.seed, self.position, self.cfg.data.num_workers, self.stream_rows)
+            self.stream = batches(self.dataset, batch, t.seed, self.position, self.cfg.data.num_workers, self.stream_rows, pin=self.device.type == "cuda")
             self.stream_stage = index
         return next(self.stream)
 

@@ -56,7 +56,9 @@ def test_training_step_makes_no_host_sync(fmnist_dir, tmp_path, stage):
     """Draws, masks, forward and backward run without a host-device sync (the step's one sync, on the finite and
     stop flags, is in `update`): torch raises on any synchronising call inside the step."""
     trainer = Trainer(tiny(fmnist_dir, "train.device=cuda", "model.sprint.path_drop_prob=0.1"), tmp_path / "s", progress=False)
-    batch = trainer.next_batch(stage).to(trainer.device)
+    loaded = trainer.next_batch(stage)
+    assert loaded.x.is_pinned() and loaded.y.is_pinned()  # page-locked: the copy to the device does not block the host
+    batch = loaded.to(trainer.device)
     trainer.train_step(batch, trainer.cfg.stages[stage])  # first calls may sync while kernels load
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -246,3 +246,19 @@ def test_gated_training_runs_one_grid_per_micro_batch_without_per_sample_sides(f
     assert seen == [gate_at(trainer.gates, n).side for n in range(6)] and len(set(seen)) > 1  # 3 steps x 2 micro-batches
     with pytest.raises(UserError, match="sparse_gating"):
         load_config(None, ["train.sparse_gating=true"])
+
+
+def test_sampling_chooses_the_grid_on_the_host_from_each_steps_t(monkeypatch):
+    """Every sample of a sampling step shares t, so the sampler names the grid side (step_options) and the model never
+    reads t back from the device; the samples equal the per-sample choice's."""
+    from sprintdit.sampling import SampleConfig, generate
+
+    _, sparse = dense_and_sparse()
+    sparse.float()
+    fm, cfg = FlowMatching(ObjectiveConfig(), null_class=sparse.null_class), SampleConfig(steps=4, guidance="cfg", scale=2.0)
+    sides_of_t, seen = sparse.sides, []
+    monkeypatch.setattr(sparse, "sides", lambda t: seen.append(len(t)) or sides_of_t(t))
+    chosen = generate(sparse, fm, [1, 2], [0, 1], cfg, "cpu")
+    assert seen == []  # the side came from the host's t
+    monkeypatch.setattr(sparse, "step_options", lambda t: {})  # the per-sample choice (reads t off the tensor)
+    assert torch.equal(generate(sparse, fm, [1, 2], [0, 1], cfg, "cpu"), chosen) and seen == [4] * 4  # 4 steps of 2 x 2

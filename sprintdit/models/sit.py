@@ -572,6 +572,11 @@ class Backbone(nn.Module):
     def build_body(self, cfg: ModelConfig) -> None:
         raise NotImplementedError
 
+    def step_options(self, t: float) -> dict:
+        """Keyword arguments for a forward whose samples all sit at noise level t (a sampling step): none here;
+        SparseDiT names its grid side, chosen on the host from t, so a step makes no device sync to choose it."""
+        return {}
+
     @property
     def null_class(self) -> int | torch.Tensor:
         """The unconditional input: the null label, or the empty text's token ids (max_tokens,)."""

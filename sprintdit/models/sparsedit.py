@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..density import parse_schedule, pooled_centres, sides_for
+from ..density import parse_schedule, pooled_centres, side_at, sides_for
 from ..errors import UserError
 from .sit import Backbone, Block, ModelConfig, axis_channels, rope_at, sincos_at
 
@@ -157,6 +157,9 @@ class SparseDiT(Backbone):
             h = self.run_blocks([recover_block], m, c, dense_rope, context=s, context_rope=sparse_rope, text=text)
             h = self.run_blocks(dense, h, c, dense_rope, text=text)
         return h
+
+    def step_options(self, t: float) -> dict:
+        return {"side": side_at(self.schedule, t, self.config.frame_tokens)}
 
     def sides(self, t: torch.Tensor) -> list[int]:
         """Sparse grid side per sample at noise levels t (B,)."""
