@@ -135,27 +135,23 @@ class _ForwardRecorder:
     """Stands in for a network inside a sampler: records what each forward is asked for and returns zeros."""
 
     def __init__(self, model):
-        self.config, self.null_class, self.fusion = model.config, model.null_class, model.fusion
-        self.calls: list[tuple[int, float, int | None]] = []  # (batch, noise level, middle_rows)
+        self.config, self.null_class, self.fusion, self.step_options = model.config, model.null_class, model.fusion, model.step_options
+        self.calls: list[tuple[int, int | None, int | None]] = []  # (batch, middle_rows, SparseDiT grid side)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, middle_rows: int | None = None) -> torch.Tensor:
-        self.calls.append((x.shape[0], float(t[0]), middle_rows))
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, middle_rows: int | None = None, side: int | None = None) -> torch.Tensor:
+        self.calls.append((x.shape[0], middle_rows, side))
         return torch.zeros(x.shape[0], self.config.out_channels, *x.shape[2:])
 
 
 def sampling_flops(model, objective, scfg) -> int:
     """Model FLOPs to sample one image with the settings `scfg`: every forward the sampler makes (both halves of a
     guided step, PDG's cheap half without the middle blocks, guidance only inside its interval), found by running the
-    sampler itself on a stand-in network. SparseDiT's forwards use the grid its schedule gives at each noise level."""
+    sampler itself on a stand-in network. SparseDiT's forwards use the grid the sampler names at each step."""
     from .sampling import generate
 
     recorder = _ForwardRecorder(model)
     generate(recorder, objective, [0], [0], replace(scfg, batch_size=1), "cpu")
-    cfg = model.config
-    schedule = parse_schedule(cfg.sparse.grid) if cfg.arch == "sparsedit" else None
-    n = cfg.frame_tokens
     total = 0
-    for batch, t, middle_rows in recorder.calls:
-        side = side_at(schedule, t, n) if schedule is not None else None
-        total += forward_flops(cfg, batch, middle_rows=middle_rows, side=side)
+    for batch, middle_rows, side in recorder.calls:
+        total += forward_flops(model.config, batch, middle_rows=middle_rows, side=side)
     return total
