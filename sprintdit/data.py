@@ -32,6 +32,7 @@ class Batch(NamedTuple):
     y: torch.Tensor  # (B,) int64 labels, or captions: (B, L) token ids or (B, L, E) embeddings
     std: Optional[torch.Tensor] = None  # (B, C, H, W) scaled posterior std: training uses x + std * noise
     features: Optional[torch.Tensor] = None  # (B, T, D) REPA targets (DINOv2 patch tokens)
+    rows: Optional[torch.Tensor] = None  # (B,) under torchrun: which rows of the global batch these are (None: all)
 
     def to(self, device: torch.device) -> "Batch":
         """Every tensor on `device` (copies from pinned host memory overlap with compute)."""
@@ -262,12 +263,14 @@ def batches(dataset, batch: int, seed: int, position: int, num_workers: int = 0,
         order = (ids[rows] for ids in order)
     if num_workers == 0:
         loaded = (Batch(*dataset.load(ids)) for ids in order)
-        return (Batch(*(None if v is None else v.pin_memory() for v in b)) for b in loaded) if pin else loaded
-    loader = torch.utils.data.DataLoader(_BatchDataset(dataset), sampler=order, batch_size=None, num_workers=num_workers, pin_memory=pin)
-    return (Batch(*b) for b in loader)
+        loaded = (Batch(*(None if v is None else v.pin_memory() for v in b)) for b in loaded) if pin else loaded
+    else:
+        loader = torch.utils.data.DataLoader(_BatchDataset(dataset), sampler=order, batch_size=None, num_workers=num_workers, pin_memory=pin)
+        loaded = (Batch(*b) for b in loader)
+    return loaded if rows is None else (b._replace(rows=rows) for b in loaded)
 
 
-def posterior_sample(batch: Batch, draws: Draws, rows: torch.Tensor | None = None) -> torch.Tensor:
+def posterior_sample(batch: Batch, draws: Draws) -> torch.Tensor:
     """The training input: x itself, or for latents a fresh posterior sample x + std * noise (noise from `draws`).
 
     Under torchrun the batch holds one rank's `rows` of the global batch: the noise is drawn for all of it and
@@ -275,5 +278,5 @@ def posterior_sample(batch: Batch, draws: Draws, rows: torch.Tensor | None = Non
     if batch.std is None:
         return batch.x
     shape = batch.x.shape[1:]
-    noise = draws.randn(batch.x.shape[0], *shape) if rows is None else draws.randn_at(rows, *shape)
+    noise = draws.randn(batch.x.shape[0], *shape) if batch.rows is None else draws.randn_at(batch.rows, *shape)
     return batch.x + batch.std * noise

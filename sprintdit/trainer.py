@@ -283,7 +283,6 @@ class Trainer:
         self.train_seconds = 0.0  # wall-clock of the training steps so far (evaluation and sample grids excluded), kept across resumes
         self.evaluator = None  # built at the first evaluation (feature networks, reference statistics)
         self.stream, self.stream_stage = None, None  # the data stream and the stage it was made for (see next_batch)
-        self.stream_rows = None  # this rank's rows of each global batch (None: all)
         self.to_pixels = pixel_decoder(cfg.data, self.device)  # latents -> images for grids and evaluation
         self.config_yaml = to_yaml(cfg)
         self.tracker = None  # while fitting (rank 0): the optional loggers
@@ -414,7 +413,7 @@ class Trainer:
         draws = Draws.for_step(t.seed, self.step, self.dist.shard, self.device)  # drawn on the device: no copies
         batch = batch.to(self.device)
         total = torch.zeros((), device=self.device)
-        x = posterior_sample(batch, draws, self.stream_rows)  # latents: a fresh posterior sample
+        x = posterior_sample(batch, draws)  # latents: a fresh posterior sample
         features = batch.features.chunk(t.grad_accum) if m.repa.depth else [None] * t.grad_accum
         for i, (xm, ym, fm) in enumerate(zip(x.chunk(t.grad_accum), batch.y.chunk(t.grad_accum), features)):
             b = xm.shape[0]  # this rank's rows of the micro-batch
@@ -648,8 +647,8 @@ class Trainer:
         if self.stream_stage != index:
             t = self.cfg.train
             batch = self.cfg.stages[index].batch_size or t.batch_size
-            self.stream_rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None
-            self.stream = batches(self.dataset, batch, t.seed, self.position, self.cfg.data.num_workers, self.stream_rows, pin=self.device.type == "cuda")
+            rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None
+            self.stream = batches(self.dataset, batch, t.seed, self.position, self.cfg.data.num_workers, rows, pin=self.device.type == "cuda")
             self.stream_stage = index
         return next(self.stream)
 

@@ -271,3 +271,16 @@ def test_clips_prepare_frame_by_frame_then_train_and_sample_video_latents(vae_di
     assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--labels", "0,1", "--guidance", "cfg", "--steps", "2", "--no-progress"]) == 0
     npz = np.load(tmp_path / "s" / "cfg_euler2_s3.npz")
     assert npz["arr_0"].shape == (2, 4, RESOLUTION, RESOLUTION, 3) and (tmp_path / "s" / "cfg_euler2_s3_gifs" / "00001.gif").is_file()
+
+
+def test_posterior_noise_of_a_ranks_rows_is_the_one_process_noise():
+    """A rank's batch carries its rows of the global batch, so its posterior samples are those rows of one process's."""
+    from sprintdit.data import Batch
+    from sprintdit.distributed import rank_rows
+
+    x, std = torch.randn(8, 2, 3, 3), torch.rand(8, 2, 3, 3)
+    whole = posterior_sample(Batch(x, torch.zeros(8), std), Draws.for_step(0, 5))
+    for rank in range(2):
+        rows = rank_rows(8, 2, (rank, 2))  # a block of each of 2 micro-batches
+        part = posterior_sample(Batch(x[rows], torch.zeros(4), std[rows], rows=rows), Draws.for_step(0, 5, (rank, 2)))
+        assert torch.equal(part, whole[rows])
