@@ -6,7 +6,7 @@ Parts, in order, each reporting pass/fail and never stopping the rest:
                     its first stage and resumed in a new process, against an uninterrupted run (max difference)
   3. bench-*        `sprintdit bench`: SiT-XL/2 at 256 px (batch 64) and 512 px (batch 32), mask 0 and 0.75,
                     bf16, compiled, with CFG vs PDG; the small-scale model (width 384, 12 blocks 2/8/2, 256 tokens,
-                    batch 256)
+                    batch 256; also with CUDA graphs, compile mode reduce-overhead); video: SiT-XL/2 on 16-frame clips
   4. compile-switch a compiled two-stage run: its graphs built before step 1 (Trainer.build_graphs), none while
                     training across the stage switch
 Everything goes to OUT/gpu_check.json; a table is printed last. `--cpu-smoke` runs the same parts at tiny sizes
@@ -113,6 +113,9 @@ def bench_parts(smoke: bool) -> list[tuple[str, list[str]]]:
         ("bench-xl2-512", ["--preset", "SiT-XL/2", "--resolution", "512", "--batch", "32", *common]),
         ("bench-small-256tok", ["--preset", "SiT-S/2", "--resolution", "256", "--batch", "256", *common]),
         ("bench-small-256tok-cudagraphs", ["--preset", "SiT-S/2", "--resolution", "256", "--batch", "256", *common, "--compile-mode", "reduce-overhead"]),
+        # video at Latte's size (16 frames of 256 px latents, 4096 tokens), eager: the token count where dropping pays most
+        ("bench-video-16f", ["--preset", "SiT-XL/2", "--resolution", "256", "--frames", "16", "--batch", "4", "--mask-ratios", "0,0.75",
+                             "--precision", "bf16", "--warmup", "2", "--repeats", "5"]),
     ]
 
 

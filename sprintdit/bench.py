@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from .config import COMPILE_MODES
 from .density import SparseConfig, parse_schedule, side_at
 from .draws import Draws
 from .errors import UserError
@@ -112,6 +113,8 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
         raise UserError(f"--precision {cfg.precision!r}: choose auto or one of {', '.join(DTYPES)}")
     if cfg.batch < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.sample_steps < 1:
         raise UserError("--batch, --repeats and --sample-steps must be >= 1, --warmup >= 0")
+    if cfg.compile_mode not in COMPILE_MODES or (cfg.compile_mode != "default" and not cfg.compile):
+        raise UserError(f"--compile-mode {cfg.compile_mode!r}: give it with --compile, one of {', '.join(COMPILE_MODES)}")
     model = build_model(cfg, device)
     mc = model.config
     for ratio in cfg.mask_ratios:

@@ -32,6 +32,7 @@ from .tracking import check_loggers
 
 CONFIG_DIR = Path(str(resources.files("sprintdit") / "configs"))  # the shipped configs (package data; studies under studies/)
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
 DATASETS = ("fashion_mnist", "fashion_mnist_layouts", "moving_fashion_mnist", "image_folder", "clip_folder", "latents")
 VIDEO_DATASETS = ("moving_fashion_mnist", "clip_folder")
 FEATURE_NETWORKS = ("auto", "fmnist", "inception", "dinov2")
@@ -83,7 +84,7 @@ class TrainConfig:
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16 (with loss scaling)
     compile: bool = False
-    compile_mode: str = "default"  # passed to torch.compile: default | reduce-overhead | max-autotune | ...
+    compile_mode: str = "default"  # passed to torch.compile: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     compile_fullgraph: bool = False
     grad_checkpointing: bool = False
     sparse_gating: bool = False  # SparseDiT: each micro-batch draws t from one grid side's stratum (one grid, static shapes; see density.time_gates)
@@ -233,6 +234,8 @@ def validate(cfg: RunConfig) -> None:
     t = cfg.train
     if t.precision not in PRECISIONS:
         raise UserError(f"train.precision is {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if t.compile_mode not in COMPILE_MODES:
+        raise UserError(f"train.compile_mode is {t.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     if cfg.data.name not in DATASETS:
         raise UserError(f"data.name is {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
     if cfg.data.vae is not None and cfg.data.name != "latents":

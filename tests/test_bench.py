@@ -43,6 +43,8 @@ def test_bench_measures_a_peak_when_none_is_given():
     (["--mask-ratios", "a"], "--mask-ratios"),
     (["--resolution", "30"], "multiple of"),
     (["--precision", "fp8"], "--precision"),
+    (["--compile-mode", "reduce-overhead"], "give it with --compile"),  # without --compile it would do nothing
+    (["--compile", "--compile-mode", "fast"], "--compile-mode 'fast'"),
 ])
 def test_bench_bad_input_is_one_line(argv, message, capsys):
     args = SMALL.copy()

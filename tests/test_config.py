@@ -21,6 +21,7 @@ def test_yaml_then_overrides(tmp_path):
         ("train.batch_size=abc", "bad value for config key 'train.batch_size'"),
         ("stages.2.steps=1", "'stages' has 1 entries"),
         ("train.precision=fp8", "train.precision"),
+        ("train.compile_mode=fast", "train.compile_mode"),
         ("sample.guidance=magic", "guidance"),
         ("train.batch_size=10", "not divisible"),
         ("no_equals_sign", "key=value"),
