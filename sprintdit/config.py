@@ -76,6 +76,7 @@ class StageConfig:
     mask_ratio: float = 0.75  # fraction of tokens the middle blocks drop; 0 = full tokens
     mask_type: str = "structured"  # structured (g x g groups, k kept, random offset) | random
     batch_size: Optional[int] = None  # default: train.batch_size
+    frames: Optional[int] = None  # video, SiT: train on each clip's first `frames` frames (fewer tokens per step); default all
 
 
 @dataclass

@@ -126,14 +126,14 @@ def run_text_demo(cfg: RunConfig, out: Path, per_kind: int = 250, progress: bool
     return results
 
 
-def stage_rates(rows: list[dict]) -> dict[float, float]:
-    """Median logged steps per second of each mask ratio in a run's metrics (the first log of a stage, which
+def stage_rates(rows: list[dict]) -> dict[str, float]:
+    """Median logged steps per second of each stage (by name) in a run's metrics (the first log of a stage, which
     includes its start-up, left out)."""
-    rates: dict[float, list[float]] = {}
+    rates: dict[str, list[float]] = {}
     for previous, row in zip([None] + rows[:-1], rows):
-        if "steps_per_s" in row and previous is not None and previous.get("mask_ratio") == row["mask_ratio"]:
-            rates.setdefault(row["mask_ratio"], []).append(row["steps_per_s"])
-    return {ratio: sorted(v)[len(v) // 2] for ratio, v in rates.items()}
+        if "steps_per_s" in row and previous is not None and previous.get("stage") == row["stage"]:
+            rates.setdefault(row["stage"], []).append(row["steps_per_s"])
+    return {name: sorted(v)[len(v) // 2] for name, v in rates.items()}
 
 
 def run_video_demo(cfg: RunConfig, out: Path, shown: int = 2, progress: bool = True, log: Callable[[str], None] = print) -> dict:
@@ -152,10 +152,11 @@ def run_video_demo(cfg: RunConfig, out: Path, shown: int = 2, progress: bool = T
     folder = trainer.fit()
     results: dict = {"train_seconds": time.perf_counter() - tic}
     rates = stage_rates(trainer.folder.metrics())
-    masked = max(run.stages, key=lambda s: s.mask_ratio).mask_ratio
-    if 0.0 in rates and masked in rates:
-        results["steps_per_s"] = {str(k): v for k, v in rates.items()}
-        results["stage1_speedup"] = rates[masked] / rates[0.0]
+    whole = [s for s in run.stages if s.frames is None]  # stages on whole clips: the speed-up compares like with like
+    masked, dense = max(whole, key=lambda s: s.mask_ratio), min(whole, key=lambda s: s.mask_ratio)
+    if masked.mask_ratio > 0 and dense.mask_ratio == 0 and {masked.name, dense.name} <= rates.keys():
+        results["steps_per_s"] = rates
+        results["stage1_speedup"] = rates[masked.name] / rates[dense.name]
     classes = run.model.num_classes
     labels, seeds = eval_labels_and_seeds(run.eval, classes)
     readers = load_readers(trainer.device)
@@ -182,7 +183,7 @@ def run_video_demo(cfg: RunConfig, out: Path, shown: int = 2, progress: bool = T
         head = "real test clips" if name == "real" else f"{name.upper()} scale {r['guidance_scale']:g}"
         log(f"{head:<14}{r.get('sample_seconds', 0.0):>9.1f}{r['frame_class_agreement']:>13.1%}{r['clip_consistency']:>17.1%}{r['path_residual_px']:>18.2f}{r['frame_fid']:>11.2f}")
     if "stage1_speedup" in results:
-        log(f"stage 1 (mask {masked:g}) runs {results['stage1_speedup']:.2f}x the dense stage's steps/s at the same clip size")
+        log(f"stage {masked.name} (mask {masked.mask_ratio:g}) runs {results['stage1_speedup']:.2f}x the dense stage's steps/s at the same clip size")
     log(f"frame strips ({shown} clips per class, a row each): {results['pdg']['grid']}, {results['cfg']['grid']}; GIFs: {out}/demo_<guidance>_gifs")
     results["total_seconds"] = time.perf_counter() - start
     log(f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: {folder.parent}; results: {out / 'demo.json'}")

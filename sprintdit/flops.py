@@ -118,7 +118,7 @@ def train_step_flops(cfg: RunConfig, stage_index: int) -> int:
     whose grid follows each sample's t, the average over uniform t."""
     stage = cfg.stages[stage_index]
     batch = stage.batch_size or cfg.train.batch_size
-    return round(3 * cfg.train.grad_accum * mean_forward_flops(cfg.model, batch, stage.mask_ratio))
+    return round(3 * cfg.train.grad_accum * mean_forward_flops(cfg.model.at_frames(stage.frames), batch, stage.mask_ratio))
 
 
 def train_flops(cfg: RunConfig, step: int) -> int:

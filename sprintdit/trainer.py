@@ -83,8 +83,11 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
     for i, stage in enumerate(cfg.stages):
         if m.arch == "sparsedit" and stage.mask_ratio > 0:
             raise UserError(f"stages.{i} ({stage.name}): SparseDiT picks its tokens itself (model.sparse.grid); set mask_ratio 0")
+        if stage.frames is not None and not (m.video and m.arch == "sit" and not m.repa.depth and 1 <= stage.frames <= m.input_size[0] and stage.frames % m.patch_size_t == 0):
+            raise UserError(f"stages.{i} ({stage.name}): frames {stage.frames} trains a SiT video model (no REPA) on shorter clips: it needs a multiple of "
+                            f"model.patch_size_t ({m.patch_size_t}) up to the clip's {m.input_size[0] if m.video else 'frames (this is an image model)'}")
         try:
-            check_mask_ratio(stage.mask_ratio, stage.mask_type, m.grid)
+            check_mask_ratio(stage.mask_ratio, stage.mask_type, m.at_frames(stage.frames).grid)
         except UserError as err:
             raise UserError(f"stages.{i} ({stage.name}): {err}") from None
     return replace(cfg, model=m, data=data)
@@ -414,10 +417,13 @@ class Trainer:
         batch = batch.to(self.device)
         total = torch.zeros((), device=self.device)
         x = posterior_sample(batch, draws)  # latents: a fresh posterior sample
+        if stage.frames is not None:  # a shorter-clip stage: each clip's first frames
+            x = x[:, :, : stage.frames]  # (B, C, frames, H, W)
+        grid = m.at_frames(stage.frames).grid
         features = batch.features.chunk(t.grad_accum) if m.repa.depth else [None] * t.grad_accum
         for i, (xm, ym, fm) in enumerate(zip(x.chunk(t.grad_accum), batch.y.chunk(t.grad_accum), features)):
             b = xm.shape[0]  # this rank's rows of the micro-batch
-            mask = draws.mask(b, m.grid, stage.mask_ratio, stage.mask_type)
+            mask = draws.mask(b, grid, stage.mask_ratio, stage.mask_type)
             path_drop = draws.rand(b) < m.sprint.path_drop_prob if m.sprint.path_drop_prob > 0 else None
             gate = {} if self.gates is None else self.gated(i)  # SparseDiT: t from one stratum, one grid for the micro-batch
             with self.grad_sync(last=i == t.grad_accum - 1):
@@ -568,8 +574,8 @@ class Trainer:
             self.folder.release()
 
     def build_graphs(self, end: int) -> None:
-        """With train.compile: one forward and backward of every remaining stage's shapes (its micro-batch and kept
-        tokens) before the first step, its gradients discarded, so every stage's compiled graph exists before the
+        """With train.compile: one forward and backward of every remaining stage's shapes (its micro-batch, frames and
+        kept tokens) before the first step, its gradients discarded, so every stage's compiled graph exists before the
         training budget starts and no stage switch compiles mid-run (static shapes: a stage's graph never recompiles).
         The warm-up reads the data from position 0 and the draws of the current step, moves no stream, generator,
         optimizer, scaler or EMA, and is logged with its seconds."""
@@ -581,7 +587,7 @@ class Trainer:
         for index in range(stage_at(self.cfg.stages, self.step)[0], stage_at(self.cfg.stages, end - 1)[0] + 1):
             stage = self.cfg.stages[index]
             batch = stage.batch_size or t.batch_size
-            shapes = (batch, stage.mask_ratio, stage.mask_type if stage.mask_ratio else None)
+            shapes = (batch, stage.frames, stage.mask_ratio, stage.mask_type if stage.mask_ratio else None)
             if shapes in built:
                 continue
             rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None

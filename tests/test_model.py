@@ -52,7 +52,7 @@ def test_sparse_path_sees_rope_angles_of_kept_positions():
     mask = make_mask(2, model.config.grid, 0.75, "structured", torch.Generator().manual_seed(0))
     c = model.t_embedder(t) + model.y_embedder(y)
     h = model.run_blocks(model.encoder, model.x_embedder(x), c, (model.rope_cos, model.rope_sin))
-    sparse = model.sparse_path(h, c, mask, rows=2)  # (2, N, D)
+    sparse = model.sparse_path(h, c, model.rope, mask, rows=2)  # (2, N, D)
     w = model.config.grid[1]
     head_dim = model.config.hidden_size // model.config.num_heads
     for i in range(2):

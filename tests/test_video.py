@@ -54,6 +54,21 @@ def test_one_frame_sparsedit_is_the_image_sparsedit():
     torch.testing.assert_close(models[1](x[:, :, None], t, y)[:, :, 0], models[0](x, t, y), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("pos_embed", ["rope", "sincos"])
+def test_a_shorter_clip_runs_as_the_model_of_its_length(pos_embed):
+    """A training stage's `frames`: the 4-token-frame model given a 2-token-frame clip (its positions' first rows,
+    the output grid from the tokens) computes exactly what the model built for 2-token-frame clips does."""
+    long = perturbed_model(pos_embed=pos_embed, input_size=[8, 16, 16], patch_size_t=2)  # (4, 4, 4) tokens
+    short = perturbed_model(pos_embed=pos_embed, input_size=[4, 16, 16], patch_size_t=2)  # (2, 4, 4)
+    short.load_state_dict(long.state_dict())
+    assert long.config.at_frames(4) == short.config and long.config.token_grid(32) == (2, 4, 4)
+    x, t, y = video_inputs(short, batch=3)
+    mask = make_mask(3, short.config.grid, 0.75, "structured", torch.Generator().manual_seed(1))
+    path_drop = torch.tensor([False, True, False])
+    torch.testing.assert_close(long(x, t, y, mask=mask, path_drop=path_drop), short(x, t, y, mask=mask, path_drop=path_drop), rtol=0, atol=0)
+    torch.testing.assert_close(long(x, t, y, middle_rows=1), short(x, t, y, middle_rows=1), rtol=0, atol=0)
+
+
 def test_patchify_3d_matches_conv3d_and_round_trips():
     x = torch.randn(2, 3, 4, 8, 12)
     conv = torch.nn.Conv3d(3, 5, kernel_size=(2, 4, 4), stride=(2, 4, 4))
@@ -87,7 +102,7 @@ def test_3d_rope_at_kept_tokens_is_the_row_of_their_true_position():
     mask = make_mask(2, model.config.grid, 0.75, "structured", torch.Generator().manual_seed(0))
     c = model.t_embedder(t) + model.y_embedder(y)
     hidden = model.run_blocks(model.encoder, model.x_embedder(x), c, model.rope)
-    sparse = model.sparse_path(hidden, c, mask, rows=2)
+    sparse = model.sparse_path(hidden, c, model.rope, mask, rows=2)
     for i in range(2):
         ids = mask.ids_keep[i]
         kc, ks = reference_rope_3d([(int(n) // (h * w), int(n) // w % h, int(n) % w) for n in ids], head_dim)
@@ -159,6 +174,9 @@ def test_video_flops_match_torch_counter():
         mask = make_mask(b, cfg.grid, ratio, "structured", torch.Generator().manual_seed(0))
         assert counted(model, x, t, y, mask=mask) == forward_flops(cfg, b, ratio)
     assert counted(model, x, t, y, middle_rows=1) == forward_flops(cfg, b, middle_rows=1)
+    short = cfg.at_frames(2)  # a shorter-clip stage's forward: one token frame of the two
+    mask = make_mask(b, short.grid, 0.5, "structured", torch.Generator().manual_seed(0))
+    assert counted(model, x[:, :, :2], t, y, mask=mask) == forward_flops(short, b, 0.5) < forward_flops(cfg, b, 0.5)
 
 
 @pytest.mark.parametrize("frames", [None, 1])

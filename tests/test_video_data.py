@@ -9,6 +9,7 @@ from sprintdit.config import load_config
 from sprintdit.data import ClipFolder
 from sprintdit.demo import stage_rates
 from sprintdit.errors import UserError
+from sprintdit.flops import forward_flops
 from sprintdit.images import STRIP_GAP, frame_strips, save_gif, save_samples
 from sprintdit.moving import CELL, MAX_SPEED, TRAVEL, MovingFashionMNIST, bounce, garment_windows, path_residual
 from sprintdit.trainer import Trainer
@@ -114,9 +115,10 @@ def test_clip_folder_rejects_clips_of_the_wrong_length_or_size(tmp_path, fault, 
 
 
 def test_stage_rates_skip_each_stage_start():
-    rows = [{"steps_per_s": 1.0, "mask_ratio": 0.75}, {"steps_per_s": 4.0, "mask_ratio": 0.75}, {"steps_per_s": 5.0, "mask_ratio": 0.75},
-            {"steps_per_s": 0.5, "mask_ratio": 0.0}, {"steps_per_s": 2.0, "mask_ratio": 0.0}, {"fid": 3.0}]
-    assert stage_rates(rows) == {0.75: 5.0, 0.0: 2.0}
+    rows = [{"steps_per_s": 9.0, "stage": "short"}, {"steps_per_s": 8.0, "stage": "short"},
+            {"steps_per_s": 1.0, "stage": "pre"}, {"steps_per_s": 4.0, "stage": "pre"}, {"steps_per_s": 5.0, "stage": "pre"},
+            {"steps_per_s": 0.5, "stage": "ft"}, {"steps_per_s": 2.0, "stage": "ft"}, {"fid": 3.0}]
+    assert stage_rates(rows) == {"short": 8.0, "pre": 5.0, "ft": 2.0}
 
 
 def video_run(root, *extra):
@@ -141,6 +143,26 @@ def test_video_run_trains_both_stages_and_resumes_exactly(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a" / "samples").iterdir())  # frame-strip grids were written
 
 
+def test_a_shorter_clip_stage_trains_on_the_first_frames_and_resumes_exactly(tmp_path):
+    root = write_clip_folder(tmp_path / "clips")
+    short = ["stages.0.frames=2"]  # stage 0: a 1x2x2 token grid (mask 0.5 keeps 2 of each 1x2x2 group), stage 1: 2x2x2
+    straight = Trainer(video_run(root, *short), tmp_path / "a", progress=False)
+    seen = []
+    straight.model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    straight.fit()
+    assert seen == [(4, 3, 2, 8, 8)] * 3 + [(4, 3, 4, 8, 8)] * 2  # (B, C, F, H, W), RGB clips
+    flops = [r["train_flops"] for r in straight.folder.metrics() if "loss" in r]
+    per_step = [b - a for a, b in zip([0, *flops], flops)]
+    model = straight.cfg.model
+    assert per_step == [3 * forward_flops(model.at_frames(2), 4, 0.5)] * 3 + [3 * forward_flops(model, 4)] * 2
+    first = Trainer(video_run(root, *short), tmp_path / "b", progress=False)
+    first.fit(stop_at=2)
+    resumed = Trainer(video_run(root, *short), tmp_path / "b", progress=False)
+    resumed.fit()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_video_config_errors(tmp_path):
     root = write_clip_folder(tmp_path / "clips")
     with pytest.raises(UserError, match="eval.every scores images"):
@@ -149,6 +171,11 @@ def test_video_config_errors(tmp_path):
         load_config(None, ["data.frames=4"])
     with pytest.raises(UserError, match=r"not achievable on a 2x2x2 token grid"):
         Trainer(video_run(root, "stages.0.mask_ratio=0.3"), tmp_path / "c", progress=False)
+    for frames in (3, 6):  # not a whole token frame; longer than the clips
+        with pytest.raises(UserError, match=rf"stages.0 \(pre\): frames {frames} trains a SiT video model"):
+            Trainer(video_run(root, f"stages.0.frames={frames}"), tmp_path / "c", progress=False)
+    with pytest.raises(UserError, match=r"not achievable on a 1x2x2 token grid"):  # the stage's grid is checked
+        Trainer(video_run(root, "stages.0.frames=2", "stages.0.mask_ratio=0.875"), tmp_path / "c", progress=False)
 
 
 def test_video_demo_end_to_end(fmnist_dir, tmp_path):
@@ -158,7 +185,7 @@ def test_video_demo_end_to_end(fmnist_dir, tmp_path):
 
     cfg = load_config("fashion_mnist_video", [
         f"data.root={fmnist_dir}", "data.frames=4", "model.preset=SiT-Nano/4", "model.hidden_size=32", "train.batch_size=4", "train.log_every=1",
-        "stages.0.steps=3", "stages.0.warmup_steps=1", "stages.1.steps=3", "stages.1.warmup_steps=1", "eval.num_samples=20", "sample.steps=2",
+        *(f"stages.{i}.steps=2" for i in range(4)), "stages.0.warmup_steps=1", "stages.3.warmup_steps=1", "eval.num_samples=20", "sample.steps=2",
         "sample.batch_size=20"])
     lines = []
     results = run_video_demo(cfg, tmp_path / "demo", shown=1, progress=False, log=lines.append)
@@ -168,4 +195,4 @@ def test_video_demo_end_to_end(fmnist_dir, tmp_path):
         r = results[guidance]
         assert 0 <= r["frame_class_agreement"] <= 1 and np.load(r["npz"])["arr_0"].shape == (20, 4, 32, 32, 1)
         assert len(list((tmp_path / "demo" / f"demo_{guidance}_gifs").glob("*.gif"))) == 10
-    assert results["stage1_speedup"] > 0 and any("stage 1" in line for line in lines)
+    assert results["stage1_speedup"] > 0 and any("stage pretrain (mask 0.75) runs" in line for line in lines)

@@ -7,7 +7,8 @@
 
 Video: x (B, C, F, H, W) with model.input_size [F, H, W]; a token is patch_size_t frames by patch_size^2 pixels,
 tokens in (frame, row, column) raster order, and positions are 3D (`axis_channels`). With F = 1 the network is the
-image model exactly (same weights, same outputs).
+image model exactly (same weights, same outputs). A SiT also takes clips shorter than model.input_size (a training
+stage's `frames`): their tokens are the first rows of the raster order and keep those rows' positions.
 
 All blocks live in one `blocks` list (a dense SiT's layout); the encoder / middle / decoder split is a
 pair of depths. With fusion "none" and no mask the network is exactly a dense SiT. The network knows
@@ -140,6 +141,14 @@ class ModelConfig:
     @property
     def out_channels(self) -> int:
         return self.in_channels * (2 if self.learn_sigma else 1)
+
+    def at_frames(self, frames: int | None) -> "ModelConfig":
+        """This video model's config for clips of `frames` frames (None: as it is); the weights are the same."""
+        return self if frames is None else replace(self, input_size=[frames, *self.input_size[1:]])
+
+    def token_grid(self, tokens: int) -> tuple[int, ...]:
+        """The grid of a forward's `tokens` tokens: the model's, or a shorter clip's first token frames."""
+        return (tokens // self.frame_tokens, *self.grid[1:]) if self.video else self.grid
 
 
 def null_condition(cfg: ModelConfig) -> int | torch.Tensor:
@@ -586,6 +595,10 @@ class Backbone(nn.Module):
     def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.rope_cos, self.rope_sin) if self.config.pos_embed == "rope" else None
 
+    def rope_rows(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The RoPE tables (cos, sin) (tokens, dh) of the first `tokens` tokens: all of them, or a shorter clip's."""
+        return None if self.rope is None else tuple(table[:tokens] for table in self.rope)
+
     def initialize_weights(self) -> None:
         """xavier-uniform linears with zero bias; adaLN modulations and the output zeroed."""
         for module in self.modules():
@@ -629,7 +642,7 @@ class Backbone(nn.Module):
         (B, L, D), keep (B, L)) for a text model, else None. y: labels (B,), token ids (B, L) or caption embeddings (B, L, E)."""
         h = self.x_embedder(x)  # (B, N, D)
         if self.config.pos_embed == "sincos":
-            h = h + self.pos_embed
+            h = h + self.pos_embed[:, : h.shape[1]]
         if self.config.condition == "class":
             return h, self.t_embedder(t) + self.y_embedder(y), None
         tokens, keep = self.y_embedder(y)  # (B, L, D), (B, L)
@@ -641,7 +654,7 @@ class Backbone(nn.Module):
 
     def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens -> (B, C_out, H, W) or (B, C_out, F, H, W)."""
-        return unpatchify(self.final_layer(h, c), self.config.patch, self.config.grid)
+        return unpatchify(self.final_layer(h, c), self.config.patch, self.config.token_grid(h.shape[1]))
 
 
 @dataclass
@@ -673,12 +686,11 @@ class SiT(Backbone):
     def decoder(self) -> nn.ModuleList:
         return self.blocks[self.config.depth - self.config.sprint.decoder_depth :]
 
-    def sparse_path(self, h: torch.Tensor, c: torch.Tensor, mask: TokenMask | None, rows: int, taps: list | None = None, text=None) -> torch.Tensor:
+    def sparse_path(self, h: torch.Tensor, c: torch.Tensor, rope, mask: TokenMask | None, rows: int, taps: list | None = None, text=None) -> torch.Tensor:
         """Middle blocks on the kept tokens of the first `rows` samples (which cross-attend to every caption token);
-        (rows, N, D) with MASK at dropped."""
+        (rows, N, D) with MASK at dropped. rope: the tables of the N tokens, or None."""
         h, c = h[:rows], c[:rows]  # (rows, N, D), (rows, D)
         text = None if text is None else tuple(part[:rows] for part in text)
-        rope = self.rope
         if mask is not None:
             ids_keep = mask.ids_keep[:rows]  # (rows, K)
             h = gather_tokens(h, ids_keep)  # (rows, K, D)
@@ -715,10 +727,10 @@ class SiT(Backbone):
         if repa is not None and (self.repa_projector is None or rows < b):
             raise UserError("the REPA output needs model.repa.depth > 0 and every sample through the middle blocks")
         taps = [] if repa is not None else None
-        rope = self.rope
         h, c, text = self.embed(x, t, y)  # (B, N, D), (B, D), caption or None
+        rope = self.rope_rows(h.shape[1])
         h = self.run_blocks(self.encoder, h, c, rope, taps, text=text)  # (B, N, D) dense path
-        sparse = self.sparse_path(h, c, mask, rows, taps, text) if rows > 0 else h[:0]  # (rows, N, D)
+        sparse = self.sparse_path(h, c, rope, mask, rows, taps, text) if rows > 0 else h[:0]  # (rows, N, D)
         if rows < b:
             sparse = torch.cat([sparse, self.mask_token.to(h.dtype).expand(b - rows, *h.shape[1:])])  # (B, N, D)
         if path_drop is not None:
