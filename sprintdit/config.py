@@ -77,6 +77,7 @@ class StageConfig:
     mask_type: str = "structured"  # structured (g x g groups, k kept, random offset) | random
     batch_size: Optional[int] = None  # default: train.batch_size
     frames: Optional[int] = None  # video, SiT: train on each clip's first `frames` frames (fewer tokens per step); default all
+    ema_restart: bool = False  # the EMA warm-up (train.ema_warmup) starts again here: the average forgets the earlier stages' weights within this stage
 
 
 @dataclass
@@ -103,6 +104,8 @@ class TrainConfig:
     grid_columns: int = 10  # samples per row (seeds 0, 1, ...)
     optim: OptimConfig = field(default_factory=OptimConfig)
     init_from: Optional[str] = None  # start from these weights (run/checkpoint folder or .safetensors, e.g. from `sprintdit sparsify`); model and objective come from them
+    distill_from: Optional[str] = None  # a frozen teacher (run/checkpoint folder or .safetensors, its EMA weights): the target moves towards its prediction
+    distill_weight: float = 1.0  # with distill_from: 0 = the data's target only, 1 = the teacher's prediction only (see objective.Distill)
 
 
 @dataclass
@@ -276,6 +279,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"sample.sampler {cfg.sample.sampler!r} does not fit objective.kind {cfg.objective.kind!r} (ddpm: {' | '.join(DDPM_SAMPLERS)}; flow: {' | '.join(FLOW_SAMPLERS)})")
     if cfg.model.condition == "text" and cfg.eval.every:
         raise UserError("eval.every: in-training evaluation scores class-conditional samples; a text model is scored by its demo (sprintdit.layouts)")
+    if not 0.0 <= t.distill_weight <= 1.0:
+        raise UserError(f"train.distill_weight must be in [0, 1], got {t.distill_weight}")
     if t.sparse_gating and (cfg.model.arch != "sparsedit" or cfg.objective.kind != "flow"):
         raise UserError("train.sparse_gating is for SparseDiT (model.arch sparsedit) trained with objective.kind flow")
     names = [s.name for s in cfg.stages]

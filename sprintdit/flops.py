@@ -6,11 +6,13 @@ A training step costs 3x its forward (the backward computes two products per for
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
 import torch
 
+from .checkpoint import read_config, resolve_weights
 from .config import RunConfig
 from .density import parse_schedule, side_at
 from .masking import num_kept_random
@@ -113,12 +115,22 @@ def mean_forward_flops(cfg: ModelConfig, batch: int, mask_ratio: float = 0.0, le
     return sum(forward_flops(cfg, batch, side=s) * sides.count(s) for s in set(sides)) / levels
 
 
+@functools.lru_cache(maxsize=8)
+def teacher_config(path: str) -> ModelConfig:
+    """The model config of a distillation teacher (train.distill_from), read from its checkpoint's metadata."""
+    return read_config(resolve_weights(path, use_ema=True)).model
+
+
 def train_step_flops(cfg: RunConfig, stage_index: int) -> int:
-    """Model FLOPs of one optimizer step (forward + backward over every micro-batch) in a stage; for SparseDiT,
-    whose grid follows each sample's t, the average over uniform t."""
+    """Model FLOPs of one optimizer step in a stage: forward + backward over the global batch (however it is split
+    into micro-batches and ranks), plus the teacher's forward when distilling; for SparseDiT, whose grid follows each
+    sample's t, the average over uniform t."""
     stage = cfg.stages[stage_index]
     batch = stage.batch_size or cfg.train.batch_size
-    return round(3 * cfg.train.grad_accum * mean_forward_flops(cfg.model.at_frames(stage.frames), batch, stage.mask_ratio))
+    total = 3 * mean_forward_flops(cfg.model.at_frames(stage.frames), batch, stage.mask_ratio)
+    if cfg.train.distill_from is not None:
+        total += mean_forward_flops(teacher_config(cfg.train.distill_from).at_frames(stage.frames), batch)
+    return round(total)
 
 
 def train_flops(cfg: RunConfig, step: int) -> int:

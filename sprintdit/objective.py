@@ -60,6 +60,21 @@ class ObjectiveConfig:
             raise UserError(f"objective.logit_std must be positive, got {self.logit_std}")
 
 
+@dataclass
+class Distill:
+    """Knowledge distillation from a frozen teacher: the regression target becomes lerp(data target, teacher's
+    prediction at the same x_t, t and condition, weight). Since (1 - w) |p - a|^2 + w |p - b|^2 equals
+    |p - lerp(a, b, w)|^2 plus a constant, this is the weighted sum of the two losses, with one forward of the teacher."""
+
+    teacher: torch.nn.Module  # in eval mode, no gradients; takes (x_t, t, condition) like the student
+    weight: float  # 0: the data's target only; 1: the teacher's prediction only
+
+    def target(self, target: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            taught = self.teacher(x_t, t, labels)[:, : target.shape[1]]  # the teacher's velocity (or eps), without learned sigma
+        return torch.lerp(target.float(), taught.float(), self.weight)
+
+
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
@@ -118,14 +133,17 @@ class FlowMatching:
         return torch.where(drop.to(y.device).view(-1, *[1] * (y.dim() - 1)), null_like(y, self.null_class), y)
 
     def loss(self, model, x0: torch.Tensor, y: torch.Tensor, draws: Draws, features: torch.Tensor | None = None,
-             t_cdf: tuple[float, float] | None = None, **model_kwargs) -> torch.Tensor:
+             t_cdf: tuple[float, float] | None = None, distill: Distill | None = None, **model_kwargs) -> torch.Tensor:
         """Mean squared velocity error over x0's rows, plus repa_weight * the REPA loss when `features` (B, N, D)
         are given. Randomness (t, eps, label dropout, in that order) comes from `draws`: drawn for every rank's rows
-        (x0 is this rank's block), so it is the same for any world size. `t_cdf`: draw t within that stratum."""
+        (x0 is this rank's block), so it is the same for any world size. `t_cdf`: draw t within that stratum.
+        `distill`: the target moves towards a teacher's velocity."""
         t = draws.keep(self.sample_t(draws.total(x0.shape[0]), draws.generator, t_cdf)).to(x0.device)  # no copy when drawn on x0's device
         eps = draws.randn(x0.shape[0], *x0.shape[1:]).to(x0.device, x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
         labels = self.drop_labels(y, draws)
+        if distill is not None:
+            target = distill.target(target, x_t, t, labels)
         if features is None or self.cfg.repa_weight == 0:
             pred = model(x_t, t, labels, **model_kwargs)[:, : x0.shape[1]]
             return (pred.float() - target.float()).pow(2).mean()
@@ -253,9 +271,11 @@ class DDPM:
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
         return torch.where(index.to(x0.device) == 0, nll, kl)
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, draws: Draws, features: torch.Tensor | None = None, **model_kwargs) -> torch.Tensor:
+    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, draws: Draws, features: torch.Tensor | None = None,
+             distill: Distill | None = None, **model_kwargs) -> torch.Tensor:
         """MSE on eps (+ the variational bound when sigma is learned) over x0's rows. Randomness (step, eps, label
-        dropout) comes from `draws`, for every rank's rows as in flow matching."""
+        dropout) comes from `draws`, for every rank's rows as in flow matching. `distill`: the eps target moves
+        towards a teacher's eps (the variational bound keeps the true posterior)."""
         if features is not None:
             raise UserError("REPA (model.repa.depth) is implemented for flow matching only, not objective.kind ddpm")
         channels = x0.shape[1]
@@ -263,9 +283,11 @@ class DDPM:
         eps = draws.randn(x0.shape[0], *x0.shape[1:]).to(x0.device, x0.dtype)
         x_t = self.process.q_sample(x0, eps, index)
         t = self.process.noise_level(index).to(x0.device)
-        out = model(x_t, t, self.drop_labels(y, draws), **model_kwargs).float()
+        labels = self.drop_labels(y, draws)
+        out = model(x_t, t, labels, **model_kwargs).float()
         pred, v = self.split(out, channels)
-        mse = (pred - eps.float()).pow(2).flatten(1).mean(1)
+        target = eps if distill is None else distill.target(eps, x_t, t, labels)
+        mse = (pred - target.float()).pow(2).flatten(1).mean(1)
         if v is None:
             return mse.mean()
         return (mse + self.vb_bits(pred, v, x0.float(), x_t.float(), index)).mean()

@@ -68,6 +68,7 @@ class SparsifySpec:
     sparse_depth: int = 3
     dense_depth: int = 1
     recover: str = "fuse"  # fuse (the paper) | residual (see sprintdit.models.sparsedit.Recover)
+    distill: float = 0.0  # > 0: fine-tune towards the source run's predictions with this weight (train.distill_from, train.distill_weight)
 
 
 @dataclass
@@ -198,6 +199,8 @@ def validate_study(spec: StudySpec, name: str) -> None:
             check_budget(budget, f"{where}, run {run.name}", seen)
         if run.sparsify is not None and run.sparsify.source not in seen:
             raise UserError(f"{where}, run {run.name}: sparsify.source {run.sparsify.source!r} must name an earlier run")
+        if run.sparsify is not None and not 0.0 <= run.sparsify.distill <= 1.0:
+            raise UserError(f"{where}, run {run.name}: sparsify.distill is {run.sparsify.distill}; give a weight in [0, 1] (0: no distillation)")
         if run.split is not None and (any(s < 0 for s in run.split) or not math.isclose(sum(run.split), 1.0, abs_tol=1e-6)):
             raise UserError(f"{where}, run {run.name}: split {list(run.split)} must be non-negative shares that sum to 1")
         sweeps = [s.name for s in run.sweep]
@@ -349,6 +352,8 @@ class Study:
         overrides = shared + list(run.overrides) + list(self.spec.run_overrides.get(run.name, [])) + [f"train.seed={seed}"] + evaluation
         if run.sparsify is not None:
             overrides.append(f"train.init_from={self.sparsify_source(run, seed)}")
+            if run.sparsify.distill > 0:
+                overrides += [f"train.distill_from={self.run_dir(run.sparsify.source, seed)}", f"train.distill_weight={run.sparsify.distill}"]
         try:
             return load_config(find_config(run.base or self.spec.base), overrides)
         except UserError as err:
@@ -361,7 +366,7 @@ class Study:
         folder = self.run_dir(run.name, seed).parent / f"seed{seed}.init"
         if not folder.is_dir():
             sp = run.sparsify
-            layout = SparseConfig(**{k: v for k, v in asdict(sp).items() if k != "source"})
+            layout = SparseConfig(**{k: v for k, v in asdict(sp).items() if k not in ("source", "distill")})
             sparsify(self.run_dir(sp.source, seed), folder, layout)
         return folder
 
@@ -458,7 +463,8 @@ class Study:
             parts.insert(0, f"base {run.base}")
         if run.sparsify is not None:
             sp = run.sparsify
-            parts.insert(0, f"SparseDiT of {sp.source}: grid {sp.grid}, layout {sp.pool_depth}+{sp.modules}x(1+{sp.sparse_depth}+1+{sp.dense_depth}), recover {sp.recover}")
+            parts.insert(0, f"SparseDiT of {sp.source}: grid {sp.grid}, layout {sp.pool_depth}+{sp.modules}x(1+{sp.sparse_depth}+1+{sp.dense_depth}), recover {sp.recover}"
+                         + (f", distilled from it (weight {sp.distill:g})" if sp.distill else ""))
         budget = run.budget or self.spec.budget
         parts.append(f"budget {'matched to ' + budget.match + ' ' if budget.match else ''}{budget.kind}"
                      + (f" x{budget.scale:g}" if budget.scale != 1 else "") + (f", split {list(run.split)}" if run.split else ""))

@@ -49,7 +49,7 @@ from .draws import Draws
 from .masking import check_mask_ratio
 from .models import ModelConfig, build_model, resolve_model_config
 from .models.sit import null_condition
-from .objective import ObjectiveConfig, build_objective
+from .objective import Distill, ObjectiveConfig, build_objective
 from .runfolder import RunFolder
 from .sampling import generate_on_ranks
 from .stopping import StopNow, StopSignals
@@ -127,6 +127,24 @@ def apply_init_from(cfg: RunConfig) -> RunConfig:
     return replace(cfg, model=source.model, objective=source.objective)
 
 
+TEACHER_MUST_MATCH = {"model": ("input_size", "in_channels", "num_classes", "condition", "text"),
+                      "objective": ("kind", "path", "num_timesteps", "beta_start", "beta_end")}
+
+
+def load_teacher(cfg: RunConfig, device: torch.device) -> Distill | None:
+    """train.distill_from's EMA network, frozen on `device`, when it sees the same inputs and predicts the same target as the run's model."""
+    t = cfg.train
+    if t.distill_from is None:
+        return None
+    teacher, source = ckpt.load_model(t.distill_from, use_ema=True, device=device)
+    for section, keys in TEACHER_MUST_MATCH.items():
+        for key in keys:
+            mine, theirs = getattr(getattr(cfg, section), key), getattr(getattr(source, section), key)
+            if mine != theirs:
+                raise UserError(f"train.distill_from {t.distill_from}: the teacher's {section}.{key} is {theirs}, this run's {mine}; a teacher must see the same data and predict the same target")
+    return Distill(teacher.requires_grad_(False), t.distill_weight)
+
+
 EMA_WARMUP = 10  # train.ema_warmup: after n updates the decay is min(ema_decay, (1 + n) / (EMA_WARMUP + n))
 
 
@@ -134,6 +152,19 @@ def ema_decay_at(t: TrainConfig, updates: int) -> float:
     """The EMA decay of the update that follows `updates` earlier ones. With warm-up the average never reaches
     far back into a short run (at n updates it spans about the last n / EMA_WARMUP), and ema_decay caps it."""
     return min(t.ema_decay, (1 + updates) / (EMA_WARMUP + updates)) if t.ema_warmup else t.ema_decay
+
+
+def ema_updates(cfg: RunConfig, step: int, skipped: list[int]) -> int:
+    """The EMA updates before global step `step` (counted from 0) that its warm-up counts: those since the start of the
+    latest stage with ema_restart (otherwise the run's), less the skipped non-finite steps (`skipped`, counted from 1)."""
+    index, _ = stage_at(cfg.stages, step)
+    origin = max([start for start, s in zip(stage_starts(cfg.stages), cfg.stages[: index + 1]) if s.ema_restart], default=0)
+    return step - origin - sum(1 for k in skipped if k > origin)
+
+
+def stage_starts(stages: list[StageConfig]) -> list[int]:
+    """The global step each stage starts at."""
+    return [sum(s.steps for s in stages[:i]) for i in range(len(stages))]
 
 
 def stage_at(stages: list[StageConfig], step: int) -> tuple[int, int]:
@@ -280,6 +311,7 @@ class Trainer:
         self.optimizer, self.scaler = nets.optimizer, nets.scaler
         self.param_names, self.params, self.ema_params = nets.param_names, nets.params, nets.ema_params
         self.objective = build_objective(cfg.objective, null_condition(cfg.model), cfg.model.learn_sigma)
+        self.distill = load_teacher(cfg, self.device)
         self.gates = time_gates(cfg.model.sparse.grid, cfg.model.frame_tokens, self.objective.time_cdf) if t.sparse_gating else None
         self.step, self.position = 0, 0
         self.nonfinite_steps: list[int] = []  # steps skipped for a non-finite loss or gradient norm (train.max_nonfinite_steps)
@@ -300,6 +332,8 @@ class Trainer:
         where = f"{self.dist.world_size} ranks ({self.strategy})" if self.dist.active else "1 process"
         latest = self.folder.checkpoints()
         start = f"resuming from step {self.step} of {total_steps(cfg)} ({latest[-1]})" if self.step else f"starting at step 0 of {total_steps(cfg)}"
+        if self.distill is not None:
+            stages += f"; target {t.distill_weight:g} x the teacher's ({t.distill_from})"
         return (f"{m.preset or 'model'} (arch {m.arch}, fusion {m.sprint.fusion}, {'x'.join(map(str, m.grid))} tokens): {params / 1e6:.2f}M parameters on "
                 f"{self.device} x {where}, {t.precision}, compile {'on' if t.compile else 'off'}, grad accumulation {t.grad_accum}\n"
                 f"stages: {stages}\n{start}; run folder {self.run_dir}")
@@ -428,7 +462,7 @@ class Trainer:
             gate = {} if self.gates is None else self.gated(i)  # SparseDiT: t from one stratum, one grid for the micro-batch
             with self.grad_sync(last=i == t.grad_accum - 1):
                 with self.autocast():
-                    loss = self.objective.loss(self.forward, xm, ym, draws, mask=mask, path_drop=path_drop, features=fm, **gate)
+                    loss = self.objective.loss(self.forward, xm, ym, draws, mask=mask, path_drop=path_drop, features=fm, distill=self.distill, **gate)
                 self.scaler.scale(loss / t.grad_accum).backward()
             total += loss.detach() / t.grad_accum
         return total
@@ -457,7 +491,7 @@ class Trainer:
         if not skip:
             self.scaler.step(self.optimizer)
             with torch.no_grad():
-                torch._foreach_lerp_(self.ema_params, self.params, 1.0 - ema_decay_at(t, self.step - len(self.nonfinite_steps)))
+                torch._foreach_lerp_(self.ema_params, self.params, 1.0 - ema_decay_at(t, ema_updates(self.cfg, self.step, self.nonfinite_steps)))
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, skip, stop

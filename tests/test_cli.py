@@ -120,6 +120,29 @@ def test_sparsify_finetune_sample_end_to_end(fmnist_dir, tmp_path, capsys):
     assert code == 2 and "already exists" in err
 
 
+def test_distillation_from_a_teacher(fmnist_dir, tmp_path, capsys):
+    """With weight 1 a student that starts as its teacher has zero loss, hence zero gradient, at every step (the teacher sees
+    the student's x_t, t and labels); the step's FLOPs add one teacher forward; a teacher of another objective is a one-line error."""
+    from sprintdit.flops import forward_flops
+    from sprintdit.plots import read_metrics
+
+    dense, student = tmp_path / "dense", tmp_path / "student"
+    common = ["--no-progress", f"data.root={fmnist_dir}"]
+    assert run_cli(capsys, "train", "--config", "fashion_mnist_dense", "--out", str(dense), *common, *DENSE)[0] == 0
+    code, out, _ = run_cli(capsys, "train", "--config", "fashion_mnist_sparsedit", "--out", str(student), *common, f"train.init_from={dense}",
+                           f"train.distill_from={dense}", "train.batch_size=4", "train.log_every=1", "stages.0.steps=2", "sample.steps=2")
+    assert code == 0 and "the teacher's" in out
+    first, second = [r for r in read_metrics(student) if "loss" in r]
+    assert first["loss"] == 0.0 and second["loss"] == 0.0
+    from sprintdit.checkpoint import load_model
+
+    _, cfg = load_model(student)
+    assert first["train_flops"] == 4 * forward_flops(cfg.model, 4)  # forward + backward of the student, forward of the teacher
+    code, _, err = run_cli(capsys, "train", "--config", "fashion_mnist_dense", "--out", str(tmp_path / "x"), *common, *DENSE,
+                           "objective.path=cosine", f"train.distill_from={dense}")
+    assert code == 2 and "teacher's objective.path is linear" in err and len(err.strip().splitlines()) == 1
+
+
 def test_ddpm_objective_trains_and_samples(fmnist_dir, tmp_path, capsys):
     run = tmp_path / "ddpm"
     code, _, _ = run_cli(capsys, "train", "--config", "fashion_mnist_dense", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}",

@@ -56,3 +56,36 @@ def test_loss_is_zero_for_the_exact_velocity():
 def test_bad_objective_configs_rejected(bad):
     with pytest.raises(UserError):
         ObjectiveConfig(**bad)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
+def test_distillation_is_the_weighted_sum_of_the_two_losses(weight):
+    """The target lerp(data target, teacher, w) gives (1 - w) MSE(data) + w MSE(teacher) up to a constant: the same gradient."""
+    from sprintdit.objective import Distill
+
+    fm = FlowMatching(ObjectiveConfig(label_dropout=0.0), null_class=3)
+    x0, y = torch.randn(4, 2, 3, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long)
+    teacher = lambda x_t, t, yy: torch.sin(3 * x_t) + t.view(-1, 1, 1, 1)  # noqa: E731
+    pred = torch.zeros(4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    student = lambda x_t, t, yy: pred + 0.5 * x_t  # noqa: E731
+    seed = lambda: Draws(torch.Generator().manual_seed(5))  # noqa: E731
+    distilled = fm.loss(student, x0, y, seed(), distill=Distill(teacher, weight))
+    (grad,) = torch.autograd.grad(distilled, pred)
+    data_loss = fm.loss(student, x0, y, seed())
+    teacher_loss = fm.loss(student, x0, y, seed(), distill=Distill(teacher, 1.0))
+    (expected,) = torch.autograd.grad((1 - weight) * data_loss + weight * teacher_loss, pred)
+    torch.testing.assert_close(grad, expected)
+    if weight == 0.0:
+        assert distilled.item() == data_loss.item()
+
+
+def test_a_student_equal_to_its_teacher_has_zero_distillation_loss():
+    from sprintdit.objective import DDPM, Distill
+
+    net = lambda x_t, t, yy: torch.cos(x_t) * t.view(-1, 1, 1, 1)  # noqa: E731
+    x0, y = torch.randn(3, 2, 4, 4), torch.zeros(3, dtype=torch.long)
+    flow = FlowMatching(ObjectiveConfig(), null_class=3)
+    assert flow.loss(net, x0, y, Draws(torch.Generator().manual_seed(0)), distill=Distill(net, 1.0)).item() == 0.0
+    assert flow.loss(net, x0, y, Draws(torch.Generator().manual_seed(0))).item() > 0.1
+    ddpm = DDPM(ObjectiveConfig(kind="ddpm"), null_class=3, learn_sigma=False)
+    assert ddpm.loss(net, x0, y, Draws(torch.Generator().manual_seed(0)), distill=Distill(net, 1.0)).item() == 0.0

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from sprintdit import checkpoint as ckpt
 from sprintdit.config import load_config
 from sprintdit.errors import Stopped, UserError
-from sprintdit.trainer import Trainer, due_after, ema_decay_at, stage_at, stage_lr
+from sprintdit.trainer import Trainer, due_after, ema_decay_at, ema_updates, stage_at, stage_lr
 
 
 def tiny_run(fmnist_dir, *extra):
@@ -254,3 +254,25 @@ def test_ema_follows_its_warmup_recursion(fmnist_dir, tmp_path):
     assert all(torch.allclose(ema[k].double(), v, atol=1e-6) for k, v in expected.items())
     plain = Trainer(tiny_run(fmnist_dir, "train.ema_decay=0.5", "train.ema_warmup=false"), tmp_path / "p", progress=False)
     assert ema_decay_at(plain.cfg.train, 0) == 0.5
+
+
+def test_ema_restart_starts_the_warmup_again_at_its_stage(fmnist_dir, tmp_path):
+    """With stages.1.ema_restart the fine-tune's first update keeps a tenth of the pre-training average (decay 1/10), the
+    next 2/11, ...: the EMA follows that recursion over the whole run."""
+    trainer = Trainer(tiny_run(fmnist_dir, "train.ema_decay=0.9", "stages.1.ema_restart=true"), tmp_path / "r", progress=False)
+    expected = {k: v.clone().double() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
+    for step, decay in enumerate([0.1, 2 / 11, 0.25, 0.1, 2 / 11, 0.25], start=1):
+        trainer.fit(stop_at=step)
+        for k, v in trainer.model.state_dict().items():
+            if k in expected:
+                expected[k] = decay * expected[k] + (1 - decay) * v.double()
+    ema = trainer.ema.state_dict()
+    assert all(torch.allclose(ema[k].double(), v, atol=1e-6) for k, v in expected.items())
+
+
+def test_ema_updates_count_from_the_latest_restart_less_skipped_steps(fmnist_dir):
+    cfg = tiny_run(fmnist_dir, "stages=[{name: a, steps: 4}, {name: b, steps: 3, ema_restart: true}, {name: c, steps: 5}]")
+    assert [ema_updates(cfg, step, []) for step in range(12)] == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert ema_updates(cfg, 3, [2]) == 2 and ema_updates(cfg, 9, [2, 6]) == 4  # step 2 was before the restart (at step 4)
+    plain = tiny_run(fmnist_dir, "stages=[{name: a, steps: 4}, {name: b, steps: 3}]")
+    assert ema_updates(plain, 6, [2, 6]) == 4
