@@ -10,7 +10,8 @@ from sprintdit.config import load_config
 from sprintdit.errors import UserError
 from sprintdit.flops import train_step_flops
 from sprintdit.plots import read_metrics
-from sprintdit.study import eval_every, load_study, run_study, stage_steps_for_budget, with_steps
+from sprintdit.config import find_config
+from sprintdit.study import STUDY_DIR, Study, eval_every, load_study, run_study, stage_steps_for_budget, with_steps
 from sprintdit.trainer import Trainer, resolve_run_config
 from sprintdit.data import build_dataset
 
@@ -135,6 +136,21 @@ def test_malformed_study_file_is_one_line(fmnist_dir, tmp_path, capsys, body, me
     assert main(["study", path, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in STUDY_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("size", ["cpu", "gpu"])
+def test_every_shipped_study_resolves_every_run_config(name, size, tmp_path):
+    """A typo in a shipped study's override (or one its base config no longer accepts) fails here, not an hour into a study."""
+    spec = load_study(STUDY_DIR / f"{name}.yaml", size)
+    study = Study(spec, name, size, tmp_path)
+    for run in spec.runs:
+        if run.sparsify is None:
+            cfg = study.base_config(run, seed=1)
+            assert cfg.train.seed == 1 and cfg.eval.num_samples == spec.evaluation.num_samples
+        else:  # its model comes from the source run, which does not exist here: only its own overrides can be checked
+            cfg = load_config(find_config(run.base or spec.base), list(run.overrides) + list(spec.run_overrides.get(run.name, [])))
+        assert cfg.stages, run.name
 
 
 def test_unknown_size_and_study_names_are_one_line(fmnist_dir, tmp_path, capsys):
