@@ -151,6 +151,21 @@ def test_training_logs_metrics_with_flops(fmnist_dir, tmp_path, monkeypatch):
     assert evals[1]["train_flops"] > 2 * evals[0]["train_flops"] > 0  # the second step is dense: dearer than the masked first
 
 
+def test_evaluating_along_a_run_leaves_its_training_unchanged(fmnist_dir, tmp_path, monkeypatch):
+    """Studies evaluate at checkpoints along each run; sampling must not draw from the training's randomness."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("SPRINTDIT_CACHE", str(tmp_path / "cache"))
+    final = {}
+    for every in (0, 1):
+        run = tmp_path / f"every{every}"
+        assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}",
+                     *TINY, "model.depth=6", f"eval.every={every}", "eval.num_samples=10"]) == 0
+        final[every] = load_file(sorted((run / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
+    assert (tmp_path / "every1" / "metrics.jsonl").read_text().count("fmnist/fid") == 2  # it did evaluate, twice
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
