@@ -42,6 +42,7 @@ class ObjectiveConfig:
     beta_start: float = 1e-4  # ddpm: linear betas from beta_start to beta_end
     beta_end: float = 0.02
     repa_weight: float = 0.5  # REPA alignment loss weight (used when model.repa.depth > 0)
+    frame_noise_corr: float = 0.0  # video: correlation of the noise between any two frames (a mixed noise prior); 0: independent
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -58,6 +59,8 @@ class ObjectiveConfig:
             raise UserError(f"objective.repa_weight must be >= 0, got {self.repa_weight}")
         if self.logit_std <= 0:
             raise UserError(f"objective.logit_std must be positive, got {self.logit_std}")
+        if not 0.0 <= self.frame_noise_corr < 1.0:
+            raise UserError(f"objective.frame_noise_corr must be in [0, 1), got {self.frame_noise_corr}")
 
 
 @dataclass
@@ -73,6 +76,24 @@ class Distill:
         with torch.no_grad():
             taught = self.teacher(x_t, t, labels)[:, : target.shape[1]]  # the teacher's velocity (or eps), without learned sigma
         return torch.lerp(target.float(), taught.float(), self.weight)
+
+
+FRAME_DIM = 2  # video tensors are (B, C, F, H, W)
+
+
+def correlate_frames(eps: torch.Tensor, corr: float) -> torch.Tensor:
+    """Standard normal noise (B, C, F, H, W) whose frames share a part: every value keeps unit variance and any two
+    frames at one (channel, row, column) have correlation `corr`. The symmetric square root of the covariance
+    (1 - corr) I + corr 11^T, applied to independent draws: sqrt(1 - corr) eps + c * (sum over frames of eps), with
+    c chosen so that the all-frames direction gets variance 1 - corr + F corr. No new draws; images (4-D) and
+    corr 0 pass through. The first k frames of the result have the same law as k frames made this way, so clips
+    cut short (stages.N.frames) see the same prior."""
+    if eps.dim() != 5 or corr == 0.0:
+        return eps
+    frames = eps.shape[FRAME_DIM]
+    own = math.sqrt(1.0 - corr)
+    shared = (math.sqrt(1.0 - corr + frames * corr) - own) / frames
+    return own * eps + shared * eps.sum(FRAME_DIM, keepdim=True)
 
 
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -139,7 +160,7 @@ class FlowMatching:
         (x0 is this rank's block), so it is the same for any world size. `t_cdf`: draw t within that stratum.
         `distill`: the target moves towards a teacher's velocity."""
         t = draws.keep(self.sample_t(draws.total(x0.shape[0]), draws.generator, t_cdf)).to(x0.device)  # no copy when drawn on x0's device
-        eps = draws.randn(x0.shape[0], *x0.shape[1:]).to(x0.device, x0.dtype)
+        eps = correlate_frames(draws.randn(x0.shape[0], *x0.shape[1:]), self.cfg.frame_noise_corr).to(x0.device, x0.dtype)
         x_t, target = self.interpolate(x0, eps, t)
         labels = self.drop_labels(y, draws)
         if distill is not None:
@@ -280,7 +301,7 @@ class DDPM:
             raise UserError("REPA (model.repa.depth) is implemented for flow matching only, not objective.kind ddpm")
         channels = x0.shape[1]
         index = draws.randint(self.cfg.num_timesteps, x0.shape[0])
-        eps = draws.randn(x0.shape[0], *x0.shape[1:]).to(x0.device, x0.dtype)
+        eps = correlate_frames(draws.randn(x0.shape[0], *x0.shape[1:]), self.cfg.frame_noise_corr).to(x0.device, x0.dtype)
         x_t = self.process.q_sample(x0, eps, index)
         t = self.process.noise_level(index).to(x0.device)
         labels = self.drop_labels(y, draws)

@@ -17,7 +17,7 @@ import torch
 
 from .distributed import Dist, batches_of_rank, gather_to_main
 from .errors import UserError
-from .objective import DDPM, DiffusionProcess, FlowMatching, null_like, spaced_steps
+from .objective import DDPM, DiffusionProcess, FlowMatching, correlate_frames, null_like, spaced_steps
 from .text import check_token_ids
 
 FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
@@ -58,15 +58,19 @@ class SampleConfig:
 
 
 class SampleNoise:
-    """One CPU generator per sample: draws are stacked, so a sample's noise ignores its batch-mates."""
+    """One CPU generator per sample: draws are stacked, so a sample's noise ignores its batch-mates. Video noise
+    has the objective's frame correlation, in the starting point and in every stochastic step (the process the
+    model was trained on adds noise of that law; with it, -eps / sigma stands for the covariance times the score)."""
 
-    def __init__(self, seeds: list[int], device: torch.device | str):
+    def __init__(self, seeds: list[int], device: torch.device | str, frame_corr: float = 0.0):
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.device = device
+        self.frame_corr = frame_corr
 
     def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """(len(seeds), *shape) standard normal."""
-        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(self.device)
+        """(len(seeds), *shape) standard normal (frames correlated as the objective says)."""
+        drawn = torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+        return correlate_frames(drawn, self.frame_corr).to(self.device)
 
 
 def time_grid(steps: int) -> list[float]:
@@ -205,7 +209,7 @@ def generate(
         chunks = tqdm(chunks, desc="sampling", unit="batch")
     for start in chunks:
         y = torch.stack([torch.as_tensor(row) for row in labels[start : start + cfg.batch_size]]).to(device)  # (B,), (B, L) or (B, L, E)
-        noise = SampleNoise(seeds[start : start + cfg.batch_size], device)
+        noise = SampleNoise(seeds[start : start + cfg.batch_size], device, objective.cfg.frame_noise_corr)
         x = noise.randn((mc.in_channels, *mc.input_size))
         out_fn = guided_output(model, y, cfg, mc.in_channels)
 

@@ -3,7 +3,7 @@ import torch
 
 from sprintdit.draws import Draws
 from sprintdit.errors import UserError
-from sprintdit.objective import FlowMatching, ObjectiveConfig
+from sprintdit.objective import FlowMatching, ObjectiveConfig, correlate_frames
 
 
 @pytest.mark.parametrize("path", ["linear", "cosine"])
@@ -38,14 +38,16 @@ def test_label_dropout_uses_null_class_at_rate():
     assert abs((y == 7).float().mean() - 0.25) < 0.015
 
 
-def test_loss_is_zero_for_the_exact_velocity():
-    """A 'network' returning eps - x0 for the drawn sample gives zero loss: the target is v = eps - x0."""
-    fm = FlowMatching(ObjectiveConfig(label_dropout=0.0), null_class=3)
-    x0 = torch.randn(5, 2, 4, 4)
+@pytest.mark.parametrize("shape, corr", [((5, 2, 4, 4), 0.0), ((5, 2, 3, 4, 4), 0.7)])
+def test_loss_is_zero_for_the_exact_velocity(shape, corr):
+    """A 'network' returning eps - x0 for the drawn sample gives zero loss: the target is v = eps - x0 (on video,
+    with eps's frames correlated as objective.frame_noise_corr says)."""
+    fm = FlowMatching(ObjectiveConfig(label_dropout=0.0, frame_noise_corr=corr), null_class=3)
+    x0 = torch.randn(*shape)
     g = torch.Generator().manual_seed(0)
     state = g.get_state()
     fm.sample_t(5, g)  # the loss draws t first, then eps
-    eps = torch.randn(x0.shape, generator=g)
+    eps = correlate_frames(torch.randn(x0.shape, generator=g), corr)
     g.set_state(state)
     oracle = lambda x_t, tt, y: eps - x0  # noqa: E731
     assert fm.loss(oracle, x0, torch.zeros(5, dtype=torch.long), Draws(g)).item() == 0.0
@@ -89,3 +91,24 @@ def test_a_student_equal_to_its_teacher_has_zero_distillation_loss():
     assert flow.loss(net, x0, y, Draws(torch.Generator().manual_seed(0))).item() > 0.1
     ddpm = DDPM(ObjectiveConfig(kind="ddpm"), null_class=3, learn_sigma=False)
     assert ddpm.loss(net, x0, y, Draws(torch.Generator().manual_seed(0)), distill=Distill(net, 1.0)).item() == 0.0
+
+
+@pytest.mark.parametrize("frames, corr", [(2, 0.5), (8, 0.3), (8, 0.9)])
+def test_correlated_frame_noise_has_the_mixed_prior_covariance(frames, corr):
+    # The transform is linear in eps: apply it to the identity's frames and compare L L^T with (1 - c) I + c 11^T.
+    basis = torch.eye(frames, dtype=torch.float64).view(frames, 1, frames, 1, 1)  # row k: frame k set to 1
+    lin = correlate_frames(basis, corr).view(frames, frames)  # (draw frame, output frame)
+    cov = lin.T @ lin
+    expected = (1 - corr) * torch.eye(frames, dtype=torch.float64) + corr * torch.ones(frames, frames, dtype=torch.float64)
+    torch.testing.assert_close(cov, expected)
+    # A clip cut to its first k frames sees the same law as k frames drawn that way.
+    k = frames // 2
+    cut = lin[:, :k]
+    torch.testing.assert_close(cut.T @ cut, expected[:k, :k])
+
+
+def test_frame_noise_corr_leaves_images_and_independent_noise_alone():
+    image, clip = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 2, 8, 8)
+    assert correlate_frames(image, 0.5) is image and correlate_frames(clip, 0.0) is clip
+    with pytest.raises(UserError, match="frame_noise_corr"):
+        ObjectiveConfig(frame_noise_corr=1.0)

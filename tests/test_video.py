@@ -221,3 +221,20 @@ def test_video_token_pooling_is_the_3d_adaptive_average(shape):
     h = torch.randn(2, 4 * 6 * 6, 5, dtype=torch.float64)  # (B, F H W, D)
     expected = torch.nn.functional.adaptive_avg_pool3d(h.transpose(1, 2).unflatten(2, grid), shape).flatten(2).transpose(1, 2)
     torch.testing.assert_close(pool_tokens(h, grid, shape), expected)
+
+
+def test_sampling_starts_from_the_objectives_correlated_frame_noise():
+    from sprintdit.objective import FlowMatching, ObjectiveConfig
+    from sprintdit.sampling import SampleConfig, generate
+
+    model = perturbed_model(**VIDEO, dtype=torch.float32)
+    model.register_forward_hook(lambda module, inputs, out: out * 0)  # zero velocity: Euler returns its starting noise
+    seeds, labels = list(range(200)), [0] * 200
+    cfg = SampleConfig(guidance="none", steps=1, batch_size=64)
+    plain = generate(model, FlowMatching(ObjectiveConfig(), model.null_class), labels, seeds, cfg, "cpu")
+    mixed = generate(model, FlowMatching(ObjectiveConfig(frame_noise_corr=0.6), model.null_class), labels, seeds, cfg, "cpu")
+    first, second = plain[:, :, 0].flatten(), plain[:, :, 3].flatten()
+    assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1]) < 0.05
+    first, second = mixed[:, :, 0].flatten(), mixed[:, :, 3].flatten()
+    assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1] - 0.6) < 0.05
+    assert abs(mixed.std() - 1.0) < 0.03
