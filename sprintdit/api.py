@@ -65,8 +65,14 @@ class SamplingRun:
     to_pixels: Callable[[torch.Tensor], torch.Tensor]  # samples -> pixels in [-1, 1] (latents: the run's VAE)
 
     @classmethod
-    def open(cls, checkpoint: str | Path, use_ema: bool = True, device: str = "auto") -> "SamplingRun":
+    def open(cls, checkpoint: str | Path, use_ema: bool = True, device: str = "auto", sparse_grid: str | None = None) -> "SamplingRun":
+        """sparse_grid: sample a SparseDiT with this density schedule instead of its own (e.g. "8" or "6:10")."""
         model, run = load_model(checkpoint, use_ema=use_ema)
+        if sparse_grid is not None:
+            if run.model.arch != "sparsedit":
+                raise UserError(f"a sparse grid applies to SparseDiT checkpoints; {checkpoint} holds a {run.model.arch} model")
+            model.use_grid(sparse_grid)
+            run.model.sparse.grid = sparse_grid  # the run's config describes the network that samples
         d = init_from_env(run.distributed, pick_device(device))
         objective = build_objective(run.objective, null_condition(run.model), run.model.learn_sigma)
         return cls(model.to(d.device), run, d, objective, pixel_decoder(run.data, d.device))

@@ -17,7 +17,7 @@ from .config import COMPILE_MODES
 from .density import SparseConfig, parse_schedule, side_at
 from .draws import Draws
 from .errors import UserError
-from .flops import forward_flops
+from .flops import GIGA, TERA, forward_flops
 from .masking import check_mask_ratio, make_mask
 from .models import SiT, SparseDiT, resolve_model_config
 from .models.sit import ModelConfig, SprintConfig
@@ -89,7 +89,7 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     n = PEAK_MATMUL_SIZE if device.type == "cuda" else PEAK_MATMUL_SIZE_CPU
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     seconds = median_seconds(lambda: a @ b, device, warmup=2, repeats=PEAK_REPEATS)
-    return 2 * n**3 / seconds / 1e12
+    return 2 * n**3 / seconds / TERA
 
 
 def build_model(cfg: BenchConfig, device: torch.device) -> SiT:
@@ -146,7 +146,7 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
         flops = 3 * forward_flops(mc, cfg.batch, ratio)
         train.append({
             "mask_ratio": ratio, "step_ms": seconds * 1e3, "images_per_s": cfg.batch / seconds, "flops_per_step": flops,
-            "tflops": flops / seconds / 1e12, "mfu": flops / seconds / 1e12 / peak,
+            "tflops": flops / seconds / TERA, "mfu": flops / seconds / TERA / peak,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         })
     dense = next((r for r in train if r["mask_ratio"] == 0.0), None)
@@ -234,7 +234,7 @@ def bench_sparsedit(model: SiT, cfg: BenchConfig, device: torch.device, autocast
         seconds = median_seconds(full_run, device, warmup=1, repeats=max(1, cfg.repeats // 5))
         flops = sampling_flops(mc, cfg.batch, cfg.sample_steps)
         rows.append({"grid": mc.sparse.grid if mc.arch == "sparsedit" else "dense", "images_per_s": cfg.batch / seconds,
-                     "gflops_per_image": flops / cfg.batch / 1e9})
+                     "gflops_per_image": flops / cfg.batch / GIGA})
     for r in rows:
         r["speedup_vs_dense"] = r["images_per_s"] / rows[0]["images_per_s"]
         r["flops_vs_dense"] = r["gflops_per_image"] / rows[0]["gflops_per_image"]

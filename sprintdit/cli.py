@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -95,6 +96,11 @@ def sample_settings(args) -> dict:
     return given
 
 
+def grid_tag(args) -> str:
+    """File-name part for a --sparse-grid override ("6:10" -> "_grid6-10"), so its outputs sit beside the default's."""
+    return "" if args.sparse_grid is None else "_grid" + re.sub(r"[^0-9.]+", "-", args.sparse_grid)
+
+
 def on_ranks(command, args) -> int:
     """Run a command that may join torchrun's process group, and leave the group however it ends."""
     from .distributed import shutdown
@@ -127,7 +133,7 @@ def sample_on_ranks(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
-    run = SamplingRun.open(args.checkpoint, use_ema=not args.no_ema, device=args.device)
+    run = SamplingRun.open(args.checkpoint, use_ema=not args.no_ema, device=args.device, sparse_grid=args.sparse_grid)
     scfg = run.sample_config(**sample_settings(args))
     prompts = read_prompts(args) or None
     labels = None if args.labels is None else parse_ints(args.labels, "--labels")
@@ -136,7 +142,7 @@ def sample_on_ranks(args) -> int:
     images, seconds = run.generate(conditions, seeds, scfg, progress=not args.no_progress)
     if images is None:  # not rank 0
         return 0
-    stem = f"{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}"
+    stem = f"{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}{grid_tag(args)}"
     written = save_samples(images, out / stem, None if prompts else conditions, prompts, args.per_label, args.grid_max)
     d = run.dist
     where = f"{d.world_size} ranks ({d.device.type})" if d.active else str(d.device)
@@ -202,9 +208,10 @@ def evaluate_checkpoint(args) -> int:
     from .checkpoint import resolve_weights
     from .config import reference_root
     from .evaluate import generate_and_score
+    from .flops import GIGA, sampling_flops
     from .images import save_npz
 
-    run = SamplingRun.open(args.checkpoint, use_ema=not args.no_ema, device=args.device)
+    run = SamplingRun.open(args.checkpoint, use_ema=not args.no_ema, device=args.device, sparse_grid=args.sparse_grid)
     cfg, scfg = eval_config(args, run.config.eval), run.sample_config(**sample_settings(args))
     data_root = args.data_root or reference_root(run.config.data)
     scored = generate_and_score(run.model, run.objective, cfg, scfg, run.dist, run.to_pixels, data_root=data_root, progress=not args.no_progress)
@@ -212,12 +219,14 @@ def evaluate_checkpoint(args) -> int:
         return 0
     folder = resolve_weights(args.checkpoint, not args.no_ema).parent
     weights = "_raw" if args.no_ema else ""  # the EMA's and the raw weights' scores live side by side
-    stem = f"eval_{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}_n{cfg.num_samples}{weights}"
+    stem = f"eval_{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}{grid_tag(args)}_n{cfg.num_samples}{weights}"
     if args.save_samples:
         save_npz(scored.images, scored.labels, folder / f"{stem}.npz")
     results = scored.results
     results["setting"] = {"checkpoint": str(folder), "ema": not args.no_ema, "sample": vars(scfg), "seed_start": cfg.seed_start}
     results["sample_seconds"] = scored.sample_seconds
+    results["sample_gflops"] = sampling_flops(run.model, run.objective, scfg) / GIGA  # model FLOPs per image
+    print(f"sampling: {results['sample_gflops']:.3f} GFLOP/img (model FLOPs), {1000 * scored.sample_seconds / cfg.num_samples:.1f} ms/img")
     return write_results(results, folder / f"{stem}.json")
 
 
@@ -346,6 +355,7 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale", type=float, help="guidance scale")
     g.add_argument("--interval", help="guide only for t in LOW,HIGH (t=1 is noise), e.g. 0,0.7")
     g.add_argument("--batch-size", type=int, help="samples per sampling batch")
+    g.add_argument("--sparse-grid", help="SparseDiT: sample with this density schedule instead of the checkpoint's (8, 6:10, 1=6,0.5=8,0.2=10)")
     g.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -19,6 +19,8 @@ from .masking import num_kept_random
 from .models.sit import TIMESTEP_FREQ_DIM, ModelConfig, mlp_hidden
 from .models.sparsedit import sparse_shape
 
+GIGA, TERA = 1e9, 1e12  # FLOP units in reports
+
 
 def linear(rows: int, fan_in: int, fan_out: int) -> int:
     return 2 * rows * fan_in * fan_out

@@ -38,7 +38,7 @@ from .data import build_dataset
 from .density import SparseConfig
 from .errors import UserError
 from .files import atomic_write_text
-from .flops import sampling_flops, train_step_flops
+from .flops import GIGA, TERA, sampling_flops, train_step_flops
 from .plots import read_metrics
 from .sampling import SampleConfig
 
@@ -47,7 +47,6 @@ BUDGET_KINDS = ("tflops", "seconds", "steps")
 CLAIM_KINDS = ("less", "best")
 CLAIM_METRICS = ("fid", "train_tflops", "train_seconds", "sample_gflops", "sample_ms")  # lower is better for each
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-TERA, GIGA = 1e12, 1e9
 CALIBRATION_STEPS = (3, 8)  # untimed, then timed steps per stage when converting a seconds budget to steps
 
 

@@ -100,7 +100,7 @@ def test_sparsify_finetune_sample_end_to_end(fmnist_dir, tmp_path, capsys):
     dense, init, tuned = tmp_path / "dense", tmp_path / "init", tmp_path / "tuned"
     assert run_cli(capsys, "train", "--config", "fashion_mnist_dense", "--out", str(dense), "--no-progress", f"data.root={fmnist_dir}", *DENSE)[0] == 0
     code, out, _ = run_cli(capsys, "sparsify", "--checkpoint", str(dense), "--out", str(init), "--sparse-grid", "2:4",
-                           "--pool-depth", "1", "--modules", "1", "--sparse-depth", "1", "--dense-depth", "0")
+                           "--pool-depth", "1", "--modules", "1", "--sparse-depth", "1", "--dense-depth", "0", "--recover", "residual")
     assert code == 0 and "of dense" in out
     code, out, _ = run_cli(capsys, "train", "--config", "fashion_mnist_sparsedit", "--out", str(tuned), "--no-progress",
                            f"data.root={fmnist_dir}", f"train.init_from={init}", "train.batch_size=4", "stages.0.steps=2", "sample.steps=2")
@@ -113,6 +113,18 @@ def test_sparsify_finetune_sample_end_to_end(fmnist_dir, tmp_path, capsys):
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))  # it trained
     code, _, _ = run_cli(capsys, "sample", "--checkpoint", str(tuned), "--out", str(tmp_path / "s"), "--labels", "0-1", "--steps", "2", "--no-progress")
     assert code == 0 and np.load(tmp_path / "s" / "cfg_euler2_s4.npz")["arr_0"].shape == (2, 32, 32, 1)
+    # another density schedule at sampling time (tests/test_sparsedit.py checks its outputs): its own file; a grid that does not
+    # fit, or a dense model: one line
+    code, _, _ = run_cli(capsys, "sample", "--checkpoint", str(tuned), "--out", str(tmp_path / "s"), "--labels", "0-1", "--steps", "2",
+                         "--no-progress", "--sparse-grid", "1=2,0.5=3")
+    assert code == 0 and np.load(tmp_path / "s" / "cfg_euler2_s4_grid1-2-0.5-3.npz")["arr_0"].shape == (2, 32, 32, 1)
+    from sprintdit.api import SamplingRun
+
+    run = SamplingRun.open(tuned, device="cpu", sparse_grid="1=2,0.5=3")
+    assert run.model.sides(torch.tensor([1.0, 0.25])) == [2, 3] and run.config.model.sparse.grid == "1=2,0.5=3"
+    for target, grid, message in ((tuned, "9", "exceeds the 8x8 token grid"), (dense, "2", "applies to SparseDiT checkpoints")):
+        code, _, err = run_cli(capsys, "sample", "--checkpoint", str(target), "--out", str(tmp_path / "s"), "--sparse-grid", grid)
+        assert code == 2 and message in err and err.count("\n") == 1
     # a model section beside init_from, an existing --out: one line each
     code, _, err = run_cli(capsys, "train", "--config", "fashion_mnist_sparsedit", "--out", str(tmp_path / "x"), f"train.init_from={init}", "model.depth=3")
     assert code == 2 and "come from train.init_from" in err

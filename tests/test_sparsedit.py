@@ -118,6 +118,20 @@ def test_mixed_noise_levels_in_a_batch_equal_one_sample_at_a_time(condition):
     assert not torch.allclose(sparse(x, t, y, side=2), sparse(x, t, y, side=4))
 
 
+def test_another_grid_at_sampling_time_equals_a_model_built_with_it():
+    _, sparse = dense_and_sparse(grid="2:4", recover="residual")  # (fuse starts with the sparse path weighted 0)
+    _, built = dense_and_sparse(grid="1=3,0.5=2", recover="residual")  # the same weights (same seed), built with the other schedule
+    x, _, y = inputs(sparse, batch=4)
+    t = torch.tensor([0.05, 0.4, 0.8, 0.95], dtype=torch.float64)
+    before = sparse(x, t, y)
+    sparse.use_grid("1=3,0.5=2")
+    assert sparse.sides(t) == [2, 2, 3, 3] and sparse.config.sparse.grid == "1=3,0.5=2"
+    torch.testing.assert_close(sparse(x, t, y), built(x, t, y))
+    assert not torch.allclose(before, sparse(x, t, y))
+    with pytest.raises(UserError, match="exceeds the 8x8 token grid"):
+        sparse.use_grid("9")
+
+
 def test_pooling_and_upsampling_of_the_token_grid():
     h = torch.arange(16.0).reshape(1, 16, 1)  # 4 x 4 grid, value = raster index
     pooled = pool_tokens(h, (4, 4), (2, 2))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..density import parse_schedule, pooled_centres, side_at, sides_for
+from ..density import check_schedule, parse_schedule, pooled_centres, side_at, sides_for
 from ..errors import UserError
 from .sit import Backbone, Block, ModelConfig, axis_channels, rope_at, sincos_at
 
@@ -157,6 +157,14 @@ class SparseDiT(Backbone):
             h = self.run_blocks([recover_block], m, c, dense_rope, context=s, context_rope=sparse_rope, text=text)
             h = self.run_blocks(dense, h, c, dense_rope, text=text)
         return h
+
+    def use_grid(self, grid: str) -> None:
+        """Sample with another density schedule: pooling and upsampling have no weights, so a SparseDiT runs at any
+        grid that fits its token grid (quality follows what it was fine-tuned on)."""
+        schedule = parse_schedule(grid)
+        check_schedule(schedule, self.config.grid)
+        self.schedule = schedule
+        self.config.sparse.grid = grid
 
     def step_options(self, t: float) -> dict:
         return {"side": side_at(self.schedule, t, self.config.frame_tokens)}
