@@ -131,6 +131,10 @@ def write_report(study, results: list[dict], seeds: int, row_names: list[str], m
         charts.append(plots.curve_chart(series, "tflops", out / "fid_vs_tflops.png", f"{study.name}: FID against training compute (line style: seed)"))
         charts.append(plots.curve_chart(series, "seconds", out / "fid_vs_seconds.png", f"{study.name}: FID against training wall-clock (line style: seed)"))
     grids = [(r["run"], out / r["grid"]) for r in results if r["seed"] == 0]
+    for run, path in grids:
+        if not path.is_file():  # a run folder copied, renamed or cleaned by hand: its grid is left out, the report still written
+            study.log(f"note: {run}'s sample grid {path} is missing; samples.png leaves it out")
+    grids = [(run, path) for run, path in grids if path.is_file()]
     if grids:
         charts.append(plots.grids_chart(grids, out / "samples.png"))
     if any(run.sweep or run.sparsify for run in spec.runs):

@@ -83,6 +83,13 @@ def test_two_run_study_runs_resumes_and_skips(fmnist_dir, tmp_path, monkeypatch)
     lines.clear()
     run_study(path, out=out, seeds=1, progress=False, log=lines.append)
     assert len(lines) == 2 and all("skipped" in line for line in lines)
+    # a run's sample grid lost by hand: the report is still written, without it, and says so
+    (out / "runs" / "dense" / "seed0" / "study_grid.png").unlink()
+    (out / "samples.png").unlink()
+    lines.clear()
+    run_study(path, out=out, seeds=1, progress=False, log=lines.append)
+    assert any("dense's sample grid" in line and "missing" in line for line in lines)
+    assert (out / "samples.png").stat().st_size > 1000 and "| dense |" in (out / "results.md").read_text()
 
 
 def test_flops_budget_gives_the_steps_that_spend_it(fmnist_dir):
