@@ -95,16 +95,18 @@ def grids_chart(grids: list[tuple[str, Path]], path: str | Path) -> Path:
     return save(fig, path)
 
 
-def tradeoff_chart(series: dict[str, tuple[list[tuple[float, float, float, str]], bool]], path: str | Path, xlabels: tuple[str, str]) -> Path:
-    """FID against sampling cost, two panels: series name -> ([(GFLOP per image, ms per image, FID, point label)],
-    whether its points are one model's settings and so joined by a line)."""
+def tradeoff_chart(series: dict[str, tuple[list[tuple[float, float, float, float, str]], bool]], path: str | Path, xlabels: tuple[str, str]) -> Path:
+    """FID against sampling cost, two panels: series name -> ([(GFLOP per image, ms per image, FID, FID's half-range
+    over the seeds (drawn as an error bar), point label)], whether its points are one model's settings and so joined
+    by a line)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (name, (pts, joined)) in enumerate(series.items()):
         pts = sorted(pts)
         for ax, column in zip(axes, (0, 1)):
-            ax.plot([p[column] for p in pts], [p[2] for p in pts], "o-" if joined else "o", color=f"C{i % 10}", label=name, markersize=4)
+            ax.errorbar([p[column] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts], fmt="o-" if joined else "o",
+                        color=f"C{i % 10}", label=name, markersize=4, capsize=2, elinewidth=0.8)
             for p in pts:
-                ax.annotate(p[3], (p[column], p[2]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+                ax.annotate(p[4], (p[column], p[2]), fontsize=6, xytext=(2, 2), textcoords="offset points")
     for ax, label in zip(axes, xlabels):
         ax.set_xlabel(label)
         ax.set_ylabel("FID")

@@ -145,7 +145,8 @@ def write_report(study, results: list[dict], seeds: int, row_names: list[str], m
                 name, label = f"{row_id.split('/')[0]}: {sweep.guidance or spec.evaluation.guidance}", row_id.split("/", 1)[1]
             else:
                 name, label = "runs (the study's evaluation)", row_id
-            tradeoff.setdefault(name, ([], "/" in row_id))[0].append((row["mean"]["sample_gflops"], row["mean"]["sample_ms"], row["mean"]["fid"], label))
+            point = (row["mean"]["sample_gflops"], row["mean"]["sample_ms"], row["mean"]["fid"], row["spread"]["fid"] or 0.0, label)
+            tradeoff.setdefault(name, ([], "/" in row_id))[0].append(point)
         charts.append(plots.tradeoff_chart(tradeoff, out / "fid_vs_sampling.png", ("sampling GFLOP per image", "sampling ms per image (this machine)")))
     wall = sum(r["wall_seconds"] for r in results)
     atomic_write_text(out / "results.md", markdown(study, rows, claims, seeds, charts, wall, machine))
