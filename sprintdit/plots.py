@@ -116,6 +116,23 @@ def tradeoff_chart(series: dict[str, tuple[list[tuple[float, float, float, float
     return save(fig, path)
 
 
+def bars_chart(bars: list[tuple[str, list[float]]], path: str | Path, title: str, ylabel: str = "final FID") -> Path:
+    """One bar per run at the mean of its seeds' values, each seed's value as a dot and the range as an error bar:
+    the chart to read when runs are compared at their final evaluation only."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(bars) + 1.5), 4.2))
+    for i, (label, values) in enumerate(bars):
+        mean = sum(values) / len(values)
+        ax.bar(i, mean, color=f"C{i % 10}", alpha=0.6, yerr=[[mean - min(values)], [max(values) - mean]], capsize=3)
+        ax.plot([i] * len(values), values, "k.", markersize=5)
+        ax.annotate(f"{mean:.1f}", (i, mean), ha="right", fontsize=7, xytext=(-4, 2), textcoords="offset points")  # clear of the error bar
+    ax.set_xticks(range(len(bars)), [label for label, _ in bars], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

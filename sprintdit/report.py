@@ -130,6 +130,10 @@ def write_report(study, results: list[dict], seeds: int, row_names: list[str], m
     if any(records for _, _, records in series):
         charts.append(plots.curve_chart(series, "tflops", out / "fid_vs_tflops.png", f"{study.name}: FID against training compute (line style: seed)"))
         charts.append(plots.curve_chart(series, "seconds", out / "fid_vs_seconds.png", f"{study.name}: FID against training wall-clock (line style: seed)"))
+    bars = [(row_id, [v for v in row["values"]["fid"] if v is not None]) for row_id, row in rows.items() if "/" not in row_id]
+    bars = [(row_id, values) for row_id, values in bars if values]
+    if bars:
+        charts.append(plots.bars_chart(bars, out / "fid_final.png", f"{study.name}: final FID per run (dots: seeds)"))
     grids = [(r["run"], out / r["grid"]) for r in results if r["seed"] == 0]
     for run, path in grids:
         if not path.is_file():  # a run folder copied, renamed or cleaned by hand: its grid is left out, the report still written

@@ -409,8 +409,12 @@ class Study:
 
         done = self.done_path(run.name, seed)
         if done.is_file():
+            result = json.loads(done.read_text())
+            if result["run"] != run.name or result["seed"] != seed:  # its rows and grid are keyed by the run it was written for
+                raise UserError(f"{done} was written for run {result['run']} seed {result['seed']}, not {run.name} seed {seed} "
+                                f"(a copied run folder?); delete that file to evaluate the folder as {run.name} (its config must be the one the study gives {run.name})")
             self.log(f"{index} {run.name} seed {seed}: finished earlier, skipped")
-            return json.loads(done.read_text())
+            return result
         tic = time.perf_counter()
         cfg = self.plan(run, seed)
         self.log(f"{index} {run.name} seed {seed}: {' + '.join(f'{s.steps} {s.name}' for s in cfg.stages)} steps")

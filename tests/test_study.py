@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import textwrap
 
@@ -77,7 +78,7 @@ def test_two_run_study_runs_resumes_and_skips(fmnist_dir, tmp_path, monkeypatch)
     assert [r["step"] for r in curve] == [1, 2] and all(r["train_seconds"] > 0 for r in curve)  # at most 3 points, the last at the end
     report = (out / "results.md").read_text()
     assert "| sprint |" in report and "| dense |" in report and "SPRINT beats dense" in report
-    for png in ("fid_vs_tflops.png", "fid_vs_seconds.png", "samples.png", "fid_vs_sampling.png"):
+    for png in ("fid_vs_tflops.png", "fid_vs_seconds.png", "fid_final.png", "samples.png", "fid_vs_sampling.png"):
         assert (out / png).stat().st_size > 1000, png
     # a third invocation trains nothing
     lines.clear()
@@ -90,6 +91,11 @@ def test_two_run_study_runs_resumes_and_skips(fmnist_dir, tmp_path, monkeypatch)
     run_study(path, out=out, seeds=1, progress=False, log=lines.append)
     assert any("dense's sample grid" in line and "missing" in line for line in lines)
     assert (out / "samples.png").stat().st_size > 1000 and "| dense |" in (out / "results.md").read_text()
+    # a finished run copied in under another run's name is refused in one line, not left out of the report unseen
+    shutil.rmtree(out / "runs" / "sprint" / "seed0")
+    shutil.copytree(out / "runs" / "dense" / "seed0", out / "runs" / "sprint" / "seed0")
+    with pytest.raises(UserError, match="written for run dense seed 0, not sprint seed 0"):
+        run_study(path, out=out, seeds=1, progress=False)
 
 
 def test_flops_budget_gives_the_steps_that_spend_it(fmnist_dir):
