@@ -474,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("study", help="train and evaluate a named comparison of runs at one budget; writes results.md, results.json and plots (re-run to resume)")
-    p.add_argument("name", help="study file, or the name of one shipped in sprintdit/configs/studies/ (sprint-vs-dense, drop-ratio, drop-ratio-256, guidance, sparsedit, sparsedit-grid, sparsedit-64, tokens)")
+    p.add_argument("name", help="study file, or the name of one shipped in sprintdit/configs/studies/ (sprint-vs-dense, drop-ratio, drop-ratio-256, drop-ratio-steps, guidance, sparsedit, sparsedit-grid, sparsedit-64, tokens)")
     p.add_argument("--size", default="cpu", help="which size of the study: cpu (2 CPU cores) or gpu (one GPU); default cpu")
     p.add_argument("--out", help="study folder (default runs/studies/NAME-SIZE); an existing one is resumed, finished runs are skipped")
     p.add_argument("--seeds", type=int, help="training seeds per run (default: the study's, 2)")
