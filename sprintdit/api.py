@@ -38,12 +38,18 @@ def train(cfg: RunConfig, out: str | Path, stop_at: int | None = None, progress:
     return Trainer(cfg, out, progress=progress).fit(stop_at=stop_at)
 
 
+MAX_SAMPLES = 100_000  # samples one `sample` call holds in memory at most (ADM's evaluation batches hold 50,000)
+
+
 def sample_conditions(model: ModelConfig, labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None, per_label: int = 1,
                       text_encoder_path: str | None = None, device: str | torch.device = "cpu") -> list:
     """One condition per sample, each label or prompt `per_label` times in a row: class labels (default: every
     class) for a class model; for a text model its prompts as token ids or embeddings (text_encoders.encode_prompts)."""
     if per_label < 1:
         raise UserError(f"per_label (--per-label) must be >= 1, got {per_label}")
+    count = per_label * len(prompts if model.condition == "text" and prompts else labels if labels is not None else range(model.num_classes))
+    if count > MAX_SAMPLES:
+        raise UserError(f"{count} samples asked for; one call draws at most {MAX_SAMPLES} (they are held in memory): split the job by --seeds or labels")
     if model.condition == "text":
         if not prompts or labels is not None:
             raise UserError("this model is text-conditioned: give prompts (--prompt TEXT, --prompts FILE), not labels")

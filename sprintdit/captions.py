@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import UserError, warn
-from .files import atomic_write, atomic_write_text, memmap_safetensors, read_format_json, sha256_file
+from .files import atomic_write, atomic_write_text, memmap_safetensors, read_format_json, read_utf8, sha256_file
 
 CAPTIONS_FORMAT = "sprintdit-captions/1"
 TABLE_FILE, TABLE_INFO = "captions.safetensors", "captions.json"
@@ -36,7 +36,7 @@ def read_captions_jsonl(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise UserError(f"captions file {path} does not exist (one JSON object per line: {{\"file\": ..., \"caption\": ...}})")
     captions: dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

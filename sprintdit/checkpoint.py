@@ -8,7 +8,9 @@
                                  /state.pt            optimizer, scaler, RNG, step, data position
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a crash mid-write
-leaves the previous checkpoints untouched and the partial one invisible.
+leaves the previous checkpoints untouched and the partial one invisible; one is deleted by first renaming it out
+of the step_* names (atomically), so a deletion cut short never looks like a checkpoint. A checkpoint's step is
+the one its weights record, never only its folder's name: a renamed or copied folder is refused.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from .config import RunConfig, from_yaml_text
 from .errors import PICKLE_REFUSED, UserError
-from .files import atomic_folder, synced
+from .files import atomic_folder, check_new_folder, synced
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+LEFTOVERS = (".tmp_step_*", ".del_step_*")  # checkpoint writes and deletions that never finished
 FILES = ("model.safetensors", "ema.safetensors", "state.pt")
 MB = 2**20
 
@@ -69,11 +72,28 @@ def write_error(err: OSError, what: str, folder: Path, need: int) -> UserError:
     return UserError(f"writing {what} into {folder} failed: {err.strerror or err}")
 
 
-def clean_temps(run_dir: Path) -> None:
-    """Remove the hidden folders of checkpoint writes that never finished (their writer was killed or failed).
-    Only the holder of the run's lock calls this, so no live writer's folder is touched."""
-    for stale in (Path(run_dir) / "checkpoints").glob(".tmp_step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
+def clean_leftovers(run_dir: Path) -> None:
+    """Remove what killed checkpoint writes and deletions left behind: hidden write and deletion folders, and step
+    folders missing a file (cut short by a deletion of an older sprintdit). Only the holder of the run's lock calls
+    this, so no live writer's folder is touched."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return
+    incomplete = [p for p in root.iterdir() if STEP_DIR.match(p.name) and not all((p / f).is_file() for f in FILES)]
+    for folder in incomplete:
+        remove_folder(folder)
+    for pattern in LEFTOVERS:
+        for stale in root.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed out of the step_* names first (atomic), so a kill during the deletion
+    leaves a hidden leftover (cleaned at the next start), never a partial checkpoint."""
+    hidden = folder.with_name(f".del_{folder.name}_{os.getpid()}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.rename(folder, hidden)
+    shutil.rmtree(hidden)
 
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict, train_state: dict, config_yaml: str, keep_last: int) -> Path:
@@ -87,7 +107,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict
     final = step_dir(run_dir, step)
     meta = {"config": config_yaml, "step": str(step), "format": "sprintdit"}
     try:
-        with atomic_folder(final, replace=True) as tmp:  # the same step written again (a stop right after a periodic save) replaces it
+        with atomic_folder(final, replace=remove_folder) as tmp:  # the same step written again (a stop right after a periodic save) replaces it
             _write_weights(tmp, model_state, ema_state, meta)
             synced(tmp / "state.pt", lambda p: torch.save(train_state, p))
     except (OSError, RuntimeError, SafetensorError) as err:  # torch.save and safetensors report a full disk in their own types
@@ -98,8 +118,8 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict
             err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise write_error(err, f"checkpoint step {step}", root, need) from None
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
-    clean_temps(run_dir)
+        remove_folder(old)
+    clean_leftovers(run_dir)
     return final
 
 
@@ -107,9 +127,7 @@ def save_weights_folder(folder: Path, model_state: dict, ema_state: dict, config
     """A checkpoint folder without training state (a sparsified or imported model): config.yaml,
     model.safetensors and ema.safetensors. Written atomically; `sample`, `evaluate` and `train.init_from`
     accept it."""
-    folder = Path(folder)
-    if folder.exists():
-        raise UserError(f"{folder} already exists; choose a new --out")
+    folder = check_new_folder(folder, "--out")
     meta = {"config": config_yaml, "step": "0", "format": "sprintdit"}
     try:
         with atomic_folder(folder) as tmp:
@@ -121,12 +139,22 @@ def save_weights_folder(folder: Path, model_state: dict, ema_state: dict, config
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest step first (chosen by step number, not by date or size)."""
+    """Complete checkpoint folders of a run, oldest step first (chosen by step number, not by date or size). A folder
+    whose name disagrees with the step its weights record (renamed or copied) is refused in one line."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and all((p / f).is_file() for f in FILES)]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and all((p / f).is_file() for f in FILES))
+    for step, folder in found:
+        check_step(folder, step, _metadata(folder / FILES[0]).get("step"), "its weights record")
+    return [p for _, p in found]
+
+
+def check_step(folder: Path, named: int, recorded, source: str) -> None:
+    """Refuse a checkpoint folder whose name's step is not the one `source` records (a renamed or copied folder)."""
+    if recorded is not None and str(recorded) != str(named):
+        raise UserError(f"checkpoint folder {folder} is named step {named} but {source} step {recorded} (renamed or copied?); "
+                        f"move it out of {folder.parent} or give it its own step's name, step_{int(recorded):08d}")
 
 
 def _metadata(path: Path) -> dict:

@@ -15,21 +15,26 @@ from . import __version__
 from .errors import Stopped, UserError
 
 DEMO_CONFIG = "fashion_mnist_sprint"
+PLOT_NAME = "runs.png"  # plot: the chart's name (inside --out when that is a folder)
 GRID_MAX = 400  # sample: images in the PNG grid at most (1000 classes x 50 at 256 px would be a 10 GB grid)
 
 
-def parse_ints(text: str, what: str) -> list[int]:
-    """'0,3,5' or '0-9' (inclusive range) or a mix: '0-2,7'."""
-    out = []
+def parse_ints(text: str, what: str, limit: int | None = None) -> list[int]:
+    """'0,3,5' or '0-9' (inclusive range) or a mix: '0-2,7'; more than `limit` numbers are refused before any list is
+    built."""
+    ranges = []
     try:
         for part in text.split(","):
             lo, _, hi = part.partition("-")
-            if hi and int(hi) < int(lo):
+            ranges.append((int(lo), int(hi or lo)))
+            if ranges[-1][1] < ranges[-1][0]:
                 raise UserError(f"{what}: the range {part!r} is empty (write LOW-HIGH with LOW <= HIGH)")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
     except ValueError:
         raise UserError(f"{what} must be non-negative integers like 0,3,5 or 0-9, got {text!r}") from None
-    return out
+    count = sum(hi - lo + 1 for lo, hi in ranges)
+    if limit is not None and count > limit:
+        raise UserError(f"{what} {text!r} gives {count} numbers; at most {limit} (split the job into several calls)")
+    return [n for lo, hi in ranges for n in range(lo, hi + 1)]
 
 
 def cmd_prepare(args) -> int:
@@ -70,6 +75,8 @@ def train_on_ranks(args) -> int:
         raise UserError("give --config CONFIG to start a run, or --out RUN_DIR to resume one")
     if args.config is None and args.overrides:
         raise UserError("overrides need --config (a resumed run keeps its saved config)")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise UserError(f"--stop-at must be a step >= 1, got {args.stop_at}")
     cfg = load_config(args.config, args.overrides) if args.config else None
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     trainer = Trainer(cfg, out, progress=not args.no_progress)  # joins torchrun's process group, if any
@@ -117,28 +124,30 @@ def cmd_sample(args) -> int:
 
 def read_prompts(args) -> list[str]:
     """--prompt (repeatable), then the lines of --prompts FILE (blank lines skipped)."""
+    from .files import read_utf8
+
     prompts = list(args.prompt or [])
     if args.prompts is not None:
         path = Path(args.prompts)
         if not path.is_file():
             raise UserError(f"--prompts {path} does not exist (one prompt per line)")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
     return prompts
 
 
 def sample_on_ranks(args) -> int:
-    from .api import SamplingRun, sample_conditions
+    from .api import MAX_SAMPLES, SamplingRun, sample_conditions
+    from .files import check_writable_folder
     from .images import save_samples
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
+    out = check_writable_folder(args.out, "--out")
+    labels = None if args.labels is None else parse_ints(args.labels, "--labels", MAX_SAMPLES)
+    seeds = parse_ints(args.seeds, "--seeds", MAX_SAMPLES) if args.seeds else None
+    prompts = read_prompts(args) or None
     run = SamplingRun.open(args.checkpoint, use_ema=not args.no_ema, device=args.device, sparse_grid=args.sparse_grid)
     scfg = run.sample_config(**sample_settings(args))
-    prompts = read_prompts(args) or None
-    labels = None if args.labels is None else parse_ints(args.labels, "--labels")
     conditions = sample_conditions(run.config.model, labels, prompts, args.per_label, args.text_encoder_path, run.dist.device)
-    seeds = parse_ints(args.seeds, "--seeds") if args.seeds else list(range(args.seed_start, args.seed_start + len(conditions)))
+    seeds = seeds or list(range(args.seed_start, args.seed_start + len(conditions)))
     images, seconds = run.generate(conditions, seeds, scfg, progress=not args.no_progress)
     if images is None:  # not rank 0
         return 0
@@ -184,22 +193,24 @@ def evaluate_batch(args) -> int:
     from .config import DataConfig, EvalConfig
     from .distributed import env_world, pick_device
     from .evaluate import Evaluator, batch_images, build_networks, choose_networks, read_npz, write_reference
+    from .files import check_writable_file
 
     if env_world()[0] != 0:
         return 0
     device = pick_device(args.device)
     cfg = eval_config(args, EvalConfig())
+    if args.write_ref is not None and not Path(args.write_ref).parent.is_dir():
+        raise UserError(f"--write-ref {args.write_ref}: folder {Path(args.write_ref).parent} does not exist; create it first")
+    out = check_writable_file(args.write_ref or Path(args.samples).with_suffix(".eval.json"), "--write-ref" if args.write_ref else "the scores file")
     images, labels = batch_images(read_npz(args.samples), args.samples)
     if args.write_ref is not None:
-        if not Path(args.write_ref).parent.is_dir():
-            raise UserError(f"--write-ref {args.write_ref}: folder {Path(args.write_ref).parent} does not exist; create it first")
         names = choose_networks(cfg, tuple(images.shape[1:]))
-        written = write_reference(images, build_networks(names, cfg, device), args.write_ref)
+        written = write_reference(images, build_networks(names, cfg, device), out)
         print(f"reference batch of {len(images)} images with {', '.join(names)} statistics: {written}")
         return 0
     results = Evaluator(cfg, tuple(images.shape[1:]), device, args.data_root or DataConfig().root)(images, labels)
     results["setting"] = {"samples": str(args.samples)}
-    return write_results(results, Path(args.samples).with_suffix(".eval.json"))
+    return write_results(results, out)
 
 
 def evaluate_checkpoint(args) -> int:
@@ -208,16 +219,17 @@ def evaluate_checkpoint(args) -> int:
     from .checkpoint import resolve_weights
     from .config import reference_root
     from .evaluate import generate_and_score
+    from .files import check_writable_folder
     from .flops import GIGA, sampling_flops
     from .images import save_npz
 
+    folder = check_writable_folder(resolve_weights(args.checkpoint, not args.no_ema).parent, "the checkpoint's folder (evaluate writes its scores there)")
     run = SamplingRun.open(args.checkpoint, use_ema=not args.no_ema, device=args.device, sparse_grid=args.sparse_grid)
     cfg, scfg = eval_config(args, run.config.eval), run.sample_config(**sample_settings(args))
     data_root = args.data_root or reference_root(run.config.data)
     scored = generate_and_score(run.model, run.objective, cfg, scfg, run.dist, run.to_pixels, data_root=data_root, progress=not args.no_progress)
     if scored is None:  # rank 0 scores the gathered samples
         return 0
-    folder = resolve_weights(args.checkpoint, not args.no_ema).parent
     weights = "_raw" if args.no_ema else ""  # the EMA's and the raw weights' scores live side by side
     stem = f"eval_{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}{grid_tag(args)}_n{cfg.num_samples}{weights}"
     if args.save_samples:
@@ -263,6 +275,7 @@ def cmd_bench(args) -> int:
 
     from .bench import BenchConfig, format_report, run_bench
     from .distributed import pick_device
+    from .files import atomic_write_text, check_writable_file
 
     try:
         ratios = [float(r) for r in args.mask_ratios.split(",")]
@@ -276,11 +289,12 @@ def cmd_bench(args) -> int:
     lists = ("mask_ratios", "sparse_grids", "sparse_layout")
     given = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None and k not in lists}
     cfg = BenchConfig(**given, mask_ratios=ratios, sparse_grids=grids, sparse_layout=layout)
+    if args.out:
+        check_writable_file(args.out, "--out")
     report = run_bench(cfg, pick_device(args.device))
     print(format_report(report))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
         print(f"written: {args.out}")
     return 0
 
@@ -311,24 +325,29 @@ def cmd_study(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from .files import check_writable_file
     from .plots import read_metrics, runs_chart
 
+    out = Path(args.out) / PLOT_NAME if Path(args.out).is_dir() else Path(args.out)  # a folder: the chart goes into it
+    check_writable_file(out, "--out")
     missing = [r for r in args.runs if not read_metrics(r)]
     if missing:
         raise UserError(f"no metrics.jsonl records in {', '.join(missing)} (give run folders written by sprintdit train)")
-    path = runs_chart([Path(r) for r in args.runs], Path(args.out))
+    path = runs_chart([Path(r) for r in args.runs], out)
     print(f"wrote {path}")
     return 0
 
 
 def cmd_convert(args) -> int:
     from .convert import ConvertOptions, convert, describe, write_run
+    from .files import check_new_folder
 
     size = parse_ints(args.input_size, "--input-size") if args.input_size else None
     if size is not None and len(size) not in (1, 2):
         raise UserError(f"--input-size must be N or H,W, got {args.input_size!r}")
     square = size is not None and len(size) == 1
     opts = ConvertOptions(args.source, size * 2 if square else size, args.patch_size, args.num_heads, args.preset)
+    check_new_folder(args.out, "--out")
     converted = convert(Path(args.checkpoint), opts)
     for note in converted.notes:
         print(f"note: {note}")
@@ -483,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="loss and FID against steps, training TFLOP and wall-clock for any runs, as one PNG")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (their metrics.jsonl)")
-    p.add_argument("--out", default="runs.png", help="PNG to write (default runs.png)")
+    p.add_argument("--out", default=PLOT_NAME, help=f"PNG to write, or a folder to write {PLOT_NAME} into (default {PLOT_NAME})")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face Hub-style folder (model card included) or a diffusers DiT folder")
@@ -497,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source", required=True,
                    help="sprint: the SPRINT release; sit: willisma/SiT (linear path, velocity); dit: facebookresearch/DiT; diffusers: a DiTTransformer2DModel folder")
     p.add_argument("--checkpoint", required=True, help=".safetensors, or .pt/.pth read with weights_only: a state dict or a training dict (model, ema); diffusers: the model folder")
-    p.add_argument("--out", required=True, help="new run folder: config.yaml and checkpoints/step_00000000/{model,ema}.safetensors")
+    p.add_argument("--out", required=True, help="new checkpoint folder: config.yaml, model.safetensors, ema.safetensors")
     p.add_argument("--input-size", help="model input N or H,W (latents: image side / 8); default from DiT/SiT pos_embed; required for sprint")
     p.add_argument("--patch-size", type=int, help="sprint only (its patch embedding is a Linear): default 2, the release's")
     p.add_argument("--num-heads", type=int, help="attention heads when the weights cannot tell (no q_norm): default from --preset or the preset size of that width (e.g. 1152: 16)")

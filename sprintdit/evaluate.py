@@ -20,6 +20,7 @@ import hashlib
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -28,12 +29,14 @@ import numpy as np
 import torch
 
 from .config import EvalConfig
-from .errors import UserError
+from .errors import UserError, warn
 from .files import atomic_write_npz
 from .metrics import class_agreement, feature_stats, frechet_distance, inception_score, prdc
 from .metrics.fmnist_classifier import INPUT_SHAPE as FMNIST_SHAPE
 from .sampling import generate_on_ranks
 
+ZIP_MAGIC = b"PK"  # an npz file is a zip archive (its first bytes)
+HEAD_SHOWN = 8  # bytes of a file that is not an npz quoted in the error
 CACHE_ENV = "SPRINTDIT_CACHE"  # where reference features are cached (default ~/.cache/sprintdit)
 ADM_STAT_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # the inception keys of ADM reference batches
 
@@ -45,10 +48,14 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"npz file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(HEAD_SHOWN)
+    if not head.startswith(ZIP_MAGIC):
+        raise UserError(f"{path} is not an npz file (an npz is a zip archive of arrays, as np.savez writes; this file starts with {head!r})")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # a zip cut short: BadZipFile or EOFError
         raise UserError(f"{path} is not a readable npz file ({str(err).splitlines()[0]})") from None
 
 
@@ -232,7 +239,10 @@ def fmnist_reference(root: str | Path, net: FMNISTFeatures) -> Reference:
         except (OSError, ValueError, KeyError):
             pass  # an unreadable cache is rebuilt below
     feats = net(data.images)
-    atomic_write_npz(path, features=feats.main.numpy())
+    try:
+        atomic_write_npz(path, features=feats.main.numpy())
+    except OSError as err:  # the cache only saves time: go on without it
+        warn(f"cannot write the reference cache {path} ({err.strerror or err}); it is recomputed next time (set {CACHE_ENV} to a writable folder)")
     return Reference(f"Fashion-MNIST test split ({len(data)} images)", {"fmnist": Features(feats.main)})
 
 

@@ -23,7 +23,7 @@ from .checkpoint import FILES, load_weights, resolve_weights, write_error
 from .config import RunConfig, to_yaml
 from .convert import DIFFUSERS_WEIGHTS, export_diffusers
 from .errors import UserError
-from .files import atomic_folder, synced
+from .files import atomic_folder, check_new_folder, synced
 
 FORMATS = ("sprintdit", "diffusers")
 
@@ -65,9 +65,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "sprintdit", use_
     """Write the export folder `out` (it must not exist) from a run folder, checkpoint folder or .safetensors file."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    out = Path(out)
-    if out.exists():
-        raise UserError(f"{out} already exists; choose a new --out")
+    out = check_new_folder(out, "--out")
     path = resolve_weights(checkpoint, use_ema)
     weights, run = load_weights(path)
     files: dict[str, object] = {}

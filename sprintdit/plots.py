@@ -2,13 +2,14 @@
 by side; FID against sampling cost. `sprintdit plot` and the study report draw with these."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .files import read_jsonl  # noqa: E402
 
 TERA = 1e12
 AXES = {  # x axis name -> (record key, scale, label)
@@ -22,8 +23,7 @@ DPI = 110
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of a run's metrics.jsonl (an empty list when it has none)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def fid_key(records: list[dict]) -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import checkpoint as ckpt
 from .config import RunConfig, from_yaml_text, to_yaml
 from .errors import UserError
-from .files import atomic_write_text
+from .files import atomic_write_text, read_jsonl, read_utf8
 from .runlock import RunLock, lock_run
 
 
@@ -36,7 +36,7 @@ def check_folder(run_dir: Path, cfg: RunConfig | None) -> tuple[RunConfig, str |
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} is a file; give --out a folder")
     saved_path = run_dir / "config.yaml"
-    saved = [(from_yaml_text(read_text(saved_path), str(saved_path)), str(saved_path))] if saved_path.is_file() else []
+    saved = [(from_yaml_text(read_utf8(saved_path), str(saved_path)), str(saved_path))] if saved_path.is_file() else []
     latest = ckpt.list_checkpoints(run_dir)
     saved += [(ckpt.read_config(folder / ckpt.FILES[0]), str(folder)) for folder in reversed(latest)]  # metadata only
     note = None
@@ -51,13 +51,6 @@ def check_folder(run_dir: Path, cfg: RunConfig | None) -> tuple[RunConfig, str |
         if diff:
             note = f"note: {run_dir} has no checkpoint yet; starting it afresh with this config ({diff})"
     return cfg, note
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
 def write_run_config(run_dir: Path, cfg: RunConfig) -> None:
@@ -94,7 +87,7 @@ class RunFolder:
         if note:
             print(note, file=sys.stderr)
         write_run_config(self.path, cfg)
-        ckpt.clean_temps(self.path)
+        ckpt.clean_leftovers(self.path)
 
     def hold(self) -> None:
         if self.lock is None:
@@ -104,11 +97,13 @@ class RunFolder:
 
     def release(self) -> None:
         if self.lock is not None:
-            self.lock.release()
+            note = self.lock.release()
             self.lock = None
+            if note:
+                print(note, file=sys.stderr)
 
     def metrics(self) -> list[dict]:
-        return [json.loads(line) for line in read_text(self.metrics_path).splitlines()] if self.metrics_path.is_file() else []
+        return read_jsonl(self.metrics_path)
 
     def has_evaluation(self, step: int) -> bool:
         return any(r.get("step") == step and "eval_samples" in r for r in self.metrics())
@@ -127,11 +122,5 @@ class RunFolder:
         """Drop the metrics lines logged after `step` by a run that stopped (and a line cut short by a kill)."""
         if not self.metrics_path.is_file():
             return
-        kept = []
-        for line in read_text(self.metrics_path).splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue
-        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        kept = [r for r in read_jsonl(self.metrics_path) if isinstance(r.get("step"), int) and r["step"] <= step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))

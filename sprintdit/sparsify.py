@@ -10,6 +10,7 @@ from .checkpoint import check_state, load_weights, resolve_weights, save_weights
 from .config import to_yaml
 from .density import SparseConfig
 from .errors import UserError
+from .files import check_new_folder
 from .flops import forward_flops, mean_forward_flops
 from .models import SparseDiT, build_model, resolve_model_config
 from .models.sparsedit import sparsify_state_dict
@@ -27,8 +28,7 @@ def sparsify(checkpoint: str | Path, out: str | Path, layout: SparseConfig, use_
     """Build a SparseDiT with `layout` from a dense model (run folder, checkpoint folder or .safetensors) and write
     it to the new folder `out`. Block i inherits dense block i (see `sparsify_state_dict`); the run's sampling
     settings come along, PDG replaced by CFG (SparseDiT has no SPRINT dense path)."""
-    if Path(out).exists():
-        raise UserError(f"{out} already exists; choose a new --out")
+    check_new_folder(out, "--out")
     path = resolve_weights(checkpoint, use_ema=use_ema)
     state, run = load_weights(path)
     dense = run.model

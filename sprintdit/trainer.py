@@ -395,6 +395,7 @@ class Trainer:
         """Every rank reads the full checkpoint (any world size, any strategy) and keeps what it holds."""
         weights = [ckpt.load_weights(folder / name)[0] for name in ("model.safetensors", "ema.safetensors")]
         state = ckpt.load_train_state(folder / "state.pt")
+        ckpt.check_step(folder, int(folder.name.removeprefix("step_")), state["step"], "its training state records")
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 

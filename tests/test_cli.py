@@ -44,7 +44,7 @@ def test_train_then_sample_end_to_end(fmnist_dir, tmp_path, capsys):
         (["train", "--config", "fashion_mnist_sprint", "data.root=/nonexistent"], "dataset-fashion-mnist"),
         (["train"], "--config"),
         (["sample", "--checkpoint", "/nonexistent/run"], "does not exist"),
-        (["sample", "--checkpoint", "FILE", "--labels", "x"], "corrupt"),
+        (["sample", "--checkpoint", "FILE"], "corrupt"),
         (["sample", "--checkpoint", "RUN", "--labels", "x"], "--labels must be non-negative integers"),
         (["sample", "--checkpoint", "RUN", "--labels", "12"], "labels must be in [0, 9]"),
         (["sample", "--checkpoint", "RUN", "--per-label", "0"], "--per-label"),

@@ -56,8 +56,11 @@ def test_npz_batches_in_the_adm_layout(tmp_path):
     with pytest.raises(UserError, match="one label per image"):
         batch_images(read_npz(tmp_path / "d.npz"), "d")
     (tmp_path / "e.npz").write_bytes(b"not a zip")
-    with pytest.raises(UserError, match="not a readable npz"):
+    with pytest.raises(UserError, match=r"e.npz is not an npz file .* starts with b'not a zi'"):
         read_npz(tmp_path / "e.npz")
+    (tmp_path / "f.npz").write_bytes((tmp_path / "a.npz").read_bytes()[:40])  # a zip cut short
+    with pytest.raises(UserError, match="not a readable npz"):
+        read_npz(tmp_path / "f.npz")
 
 
 def test_reference_statistics_take_precedence_over_its_images(tmp_path):

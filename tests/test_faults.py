@@ -4,6 +4,7 @@ run bit for bit."""
 import errno
 import json
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -307,6 +308,58 @@ def test_a_dead_holders_lock_is_taken_over(data, tmp_path, capsys):
     assert Trainer(tiny(data), run, progress=False).step == 1
 
 
+def fail_lock_writes(monkeypatch, code):
+    """Every write or removal of a lock file fails with `code` (a full disk, a folder turned read-only)."""
+    write_text, unlink = pathlib.Path.write_text, pathlib.Path.unlink
+
+    def failing(real):
+        def call(self, *args, **kwargs):
+            if self.name.startswith(runlock.LOCK_NAME):
+                raise OSError(code, os.strerror(code))
+            return real(self, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(pathlib.Path, "write_text", failing(write_text))
+    monkeypatch.setattr(pathlib.Path, "unlink", failing(unlink))
+
+
+def test_a_lock_that_cannot_be_written_is_not_taken_and_leaves_nothing(data, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "new" / "run"
+    fail_lock_writes(monkeypatch, errno.ENOSPC)
+    assert main(TRAIN + ["--out", str(run), *overrides(data)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot lock run folder" in err and "No space left" in err, err
+    assert not (tmp_path / "new").exists()  # neither the run folder nor the folders above it that the start made
+    monkeypatch.undo()  # space is back: the same command works at once
+    assert main(TRAIN + ["--out", str(run), "--stop-at", "1", *overrides(data)]) == 0
+    # a lock whose content names no holder (an older sprintdit's start on a full disk, a damaged file) is stale
+    (run / runlock.LOCK_NAME).write_text("")
+    Trainer(None, run, progress=False).fit(stop_at=2)
+    assert "took over the lock" in capsys.readouterr().err and not (run / runlock.LOCK_NAME).exists()
+
+
+def test_releasing_the_lock_of_a_folder_turned_read_only_does_not_mask_the_error(data, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(TRAIN + ["--out", str(run), "--stop-at", "2", *overrides(data)]) == 0
+    capsys.readouterr()
+    failing_writes(monkeypatch, errno.EROFS)  # the checkpoint of step 6 cannot be written ...
+    real = runlock.RunLock.acquire
+
+    def acquire(self):
+        note = real(self)
+        fail_lock_writes(monkeypatch, errno.EROFS)  # ... nor, once the run holds it, its lock removed
+        return note
+
+    monkeypatch.setattr(runlock.RunLock, "acquire", acquire)
+    assert main(["train", "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    note, error = err.strip().splitlines()  # the lock is left, and said so; then the real error
+    assert "Traceback" not in err and error.startswith("error: cannot write checkpoint step 6") and "Read-only" in error, err
+    assert note.startswith("note: could not remove") and "takes it over" in note
+    monkeypatch.undo()
+    assert Trainer(None, run, progress=False).step == 4  # its own dead lock is taken over at once
+
+
 # ----------------------------------------------------------------------------------- kill -9
 
 
@@ -339,6 +392,58 @@ def test_kill_9_loop_resumes_to_the_uninterrupted_weights(data, tmp_path, straig
     assert [r["step"] for r in strict_json(run / "metrics.jsonl")] == list(range(1, STEPS + 1))
 
 
+# ----------------------------------------------------------------------------------- step identity and rotation
+
+
+def test_a_renamed_or_copied_step_folder_is_refused_and_the_real_newest_resumes(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(tiny(data), run, progress=False).fit()  # checkpoints 4, 6, 8
+    root = run / "checkpoints"
+    shutil.copytree(root / "step_00000004", root / "step_00000099")
+    with pytest.raises(UserError, match=r"step_00000099 is named step 99 but its weights record step 4 \(renamed or copied\?\)"):
+        Trainer(None, run, progress=False)
+    assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+    assert [p.name for p in root.iterdir()] and (root / "step_00000006").is_dir()  # nothing was rotated away
+    shutil.rmtree(root / "step_00000099")
+    # weights renamed along with a training state from another step: the state's step is the truth too
+    shutil.copy(root / "step_00000004" / "state.pt", root / "step_00000008" / "state.pt")
+    with pytest.raises(UserError, match="step_00000008 is named step 8 but its training state records step 4"):
+        Trainer(None, run, progress=False)
+
+
+class Killed(BaseException):
+    """A stand-in for SIGKILL: nothing after it runs (no handler catches a BaseException it does not know)."""
+
+
+def test_a_kill_during_rotation_leaves_no_partial_checkpoint_and_the_next_start_cleans_it(data, tmp_path, monkeypatch, straight):
+    run = tmp_path / "run"
+    real = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        if os.path.basename(path).startswith(".del_step_") and os.path.isdir(path):
+            os.unlink(os.path.join(path, "state.pt"))  # one file gone, then the process dies
+            raise Killed
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        Trainer(tiny(data, "train.keep_last=2"), run, progress=False).fit()  # the save at step 6 drops step 2
+    monkeypatch.undo()
+    root = run / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000004", "step_00000006"]
+    assert all(all((p / f).is_file() for f in ckpt.FILES) for p in root.glob("step_*"))  # every step_* folder is whole
+    assert list(root.glob(".del_step_00000002_*"))
+    # an incomplete step folder left by an older sprintdit's deletion is cleaned too
+    (root / "step_00000001").mkdir()
+    shutil.copy(root / "step_00000004" / "model.safetensors", root / "step_00000001")
+    resumed = Trainer(None, run, progress=False)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000006"]
+    assert resumed.step == 6
+    resumed.fit()
+    assert_same(straight, weights(resumed))
+
+
 # ----------------------------------------------------------------------------------- full or read-only disk
 
 
@@ -368,24 +473,46 @@ def test_failed_write_leaves_the_previous_checkpoint_and_the_run_continues(data,
     assert_same(straight, weights(resumed))
 
 
-def test_real_full_disk_on_a_small_tmpfs(data, tmp_path, straight):
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 5 MB tmpfs (room for about 3 tiny checkpoints), unmounted after the test."""
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True).returncode:  # ~3 checkpoints
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
     try:
-        run = mount / "run"
-        with pytest.raises(UserError, match=r"no space left on device: free \d+ MB in"):
-            Trainer(tiny(data, "train.ckpt_every=1", "train.keep_last=8"), run, progress=False).fit()
-        kept = ckpt.list_checkpoints(run)
-        assert kept and not list((run / "checkpoints").glob(".tmp_*"))
-        ckpt.load_weights(kept[-1] / "ema.safetensors")  # intact
-        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
-        resumed = Trainer(None, run, progress=False)
-        resumed.fit()
-        assert_same(straight, weights(resumed))
+        yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_start_on_a_really_full_disk_leaves_nothing_and_works_once_space_is_back(data, small_tmpfs, capsys):
+    filler = small_tmpfs / "filler"
+    with open(filler, "wb") as f:
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    run = small_tmpfs / "run"
+    assert main(TRAIN + ["--out", str(run), *overrides(data)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "No space left" in err, err
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler"]
+    filler.unlink()
+    assert main(TRAIN + ["--out", str(run), "--stop-at", "1", *overrides(data)]) == 0
+
+
+def test_real_full_disk_on_a_small_tmpfs(data, small_tmpfs, straight):
+    run = small_tmpfs / "run"
+    with pytest.raises(UserError, match=r"no space left on device: free \d+ MB in"):
+        Trainer(tiny(data, "train.ckpt_every=1", "train.keep_last=8"), run, progress=False).fit()
+    kept = ckpt.list_checkpoints(run)
+    assert kept and not list((run / "checkpoints").glob(".tmp_*"))
+    ckpt.load_weights(kept[-1] / "ema.safetensors")  # intact
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    resumed = Trainer(None, run, progress=False)
+    resumed.fit()
+    assert_same(straight, weights(resumed))
 
 
 # ----------------------------------------------------------------------------------- bad input: one line each
@@ -416,6 +543,7 @@ def world(data, tmp_path_factory):
     np.savez(root / "float_labels.npz", np.zeros((4, 32, 32, 1), np.uint8), np.array([0.5, 1, 2, 3]))
     np.savez(root / "big_labels.npz", np.zeros((4, 32, 32, 1), np.uint8), np.array([0, 1, 2, 30]))
     np.savez(root / "real.npz", np.zeros((4, 32, 32, 1), np.uint8))
+    (root / "latin1.txt").write_bytes("a red bag\nun sac rouge tr\xe8s cher\n".encode("latin-1"))
     pickled = root / "pickled"
     shutil.copytree(run, pickled)
     torch.save({"payload": Exception("not a tensor")}, ckpt.list_checkpoints(pickled)[-1] / "state.pt")
@@ -467,6 +595,17 @@ BAD = [  # (argv with {root}, {data}, {out}; a phrase of the one-line message)
     (["evaluate", "--samples", "{root}/real.npz", "--write-ref", "{root}/missing/ref.npz"], "does not exist; create it first"),
     (["sparsify", "--checkpoint", "{root}/other_arch.safetensors", "--out", "{out}", "--pool-depth", "1", "--modules", "1",
       "--sparse-depth", "1", "--dense-depth", "0", "--sparse-grid", "4"], "does not fit this model"),
+    (["sparsify", "--checkpoint", "{root}/run", "--out", "{root}/a_file/sparse"], "is under"),
+    (["sample", "--checkpoint", "{root}/run", "--out", "{root}/a_file/samples"], "which is a file"),
+    (["sample", "--checkpoint", "{root}/run", "--seeds", "0-1000000000"], "gives 1000000001 numbers; at most 100000"),
+    (["sample", "--checkpoint", "{root}/run", "--per-label", "1000000000"], "at most 100000"),
+    (["sample", "--checkpoint", "{root}/run", "--prompts", "{root}/latin1.txt"], "latin1.txt line 2 is not UTF-8"),
+    (["bench", "--preset", "SiT-Nano/4", "--out", "{root}"], "is a folder"),
+    (["export", "--checkpoint", "{root}/run", "--out", "{root}/a_file/export"], "which is a file"),
+    (["convert", "--from", "dit", "--checkpoint", "{root}/run", "--out", "{root}/a_file/imported"], "which is a file"),
+    (["plot", "{root}/run", "--out", "{root}/a_file/chart.png"], "which is a file"),
+    (TRAIN + ["--stop-at", "-1"], "--stop-at must be a step >= 1"),
+    (["evaluate", "--samples", "{root}/latin1.txt"], "is not an npz file"),
 ]
 
 
@@ -489,6 +628,54 @@ def test_bad_input_is_one_line_and_leaves_nothing(world, data, tmp_path, capsys,
     assert 1 <= len(lines) <= 2 and message in err, err
     assert not out.exists()  # no run folder (or output) left behind
     assert sorted(p.relative_to(world) for p in world.rglob("*")) == before
+
+
+OUTPUT_AFTER_WORK = [  # a command whose output path is refused, and the function that would have done its work
+    (["sample", "--checkpoint", "{root}/run", "--out", "{root}/a_file/samples"], "sprintdit.api.SamplingRun.generate"),
+    (["bench", "--preset", "SiT-Nano/4", "--out", "{root}"], "sprintdit.bench.run_bench"),
+    (["evaluate", "--checkpoint", "{root}/run", "--device", "cpu"], "sprintdit.evaluate.generate_and_score"),
+    (["export", "--checkpoint", "{root}/run", "--out", "{root}/a_file/export"], "sprintdit.export.load_weights"),
+]
+
+
+@pytest.mark.parametrize("argv,work", OUTPUT_AFTER_WORK, ids=[a[0] for a, _ in OUTPUT_AFTER_WORK])
+def test_output_paths_are_checked_before_the_work(world, monkeypatch, capsys, argv, work):
+    def never(*args, **kwargs):
+        raise AssertionError(f"{work} ran although its output cannot be written")
+
+    monkeypatch.setattr(work, never)
+    if argv[0] == "evaluate":  # the checkpoint's folder, where the scores go, turned unwritable
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: not str(path).startswith(str(world / "run")))
+    assert main([a.format(root=world) for a in argv]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_unwritable_cache_is_skipped_with_one_warning(world, data, tmp_path, monkeypatch, capsys):
+    shutil.copy(world / "real.npz", tmp_path / "real.npz")
+    monkeypatch.setenv("SPRINTDIT_CACHE", str(world / "a_file" / "cache"))
+    assert main(["evaluate", "--samples", str(tmp_path / "real.npz"), "--data-root", str(data), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write the reference cache") == 1 and "Traceback" not in err
+    assert (tmp_path / "real.eval.json").is_file()
+
+
+def test_damaged_text_inputs_are_one_line_or_skipped_with_a_count(world, tmp_path, capsys):
+    from sprintdit.captions import read_captions_jsonl
+    from sprintdit.files import read_jsonl
+
+    captions = tmp_path / "captions.jsonl"
+    captions.write_bytes(b'{"file": "a.png", "caption": "a bag"}\n{"file": "b.png", "caption": "un sac tr\xe8s cher"}\n')
+    with pytest.raises(UserError, match=r"captions.jsonl line 2 is not UTF-8 text \(byte 0xe8\)"):
+        read_captions_jsonl(captions)
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_bytes(b"".join(lines[:1] + [b'{"step": 9, "lo\xff', b"\n", b'{"step": 1\n'] + lines[1:]))
+    assert len(read_jsonl(run / "metrics.jsonl")) == len(lines)
+    assert main(["plot", str(run), "--out", str(tmp_path)]) == 0  # a folder: the chart goes into it
+    out, err = capsys.readouterr()
+    assert (tmp_path / "runs.png").is_file() and str(tmp_path / "runs.png") in out
+    assert "skipped 2 invalid line(s)" in err and "line 2" in err and "Traceback" not in err
 
 
 def test_ctrl_c_during_start_up_is_one_line(data, tmp_path, capsys, monkeypatch):
