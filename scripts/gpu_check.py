@@ -125,7 +125,7 @@ def compile_switch(smoke: bool, work: Path) -> dict:
     import torch._dynamo
 
     from sprintdit.config import load_config
-    from sprintdit.trainer import Trainer, total_steps
+    from sprintdit.training import Trainer, total_steps
 
     data = random_fashion_mnist(work / "fmnist")
     cfg = load_config("fashion_mnist_sprint", [f"data.root={data}", "model.preset=SiT-S/2", "train.batch_size=256", "train.precision=bf16",

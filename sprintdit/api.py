@@ -10,26 +10,21 @@ the same library functions).
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
 
 from .checkpoint import load_model
 from .config import RunConfig
-from .distributed import Dist, init_from_env, pick_device
+from .distributed import Dist, pick_device
 from .errors import UserError
 from .images import to_uint8
 from .models import ModelConfig
-from .models.sit import null_condition
-from .objective import DDPM, FlowMatching, build_objective
-from .sampling import SampleConfig, generate, generate_on_ranks
+from .sampling_run import SamplingRun
 from .text_encoders import encode_prompts
-from .trainer import Trainer
-from .vae import pixel_decoder
+from .training import Trainer
 
 
 def train(cfg: RunConfig, out: str | Path, stop_at: int | None = None, progress: bool = True) -> Path:
@@ -59,43 +54,6 @@ def sample_conditions(model: ModelConfig, labels: Sequence[int] | None = None, p
     return [int(y) for y in (range(model.num_classes) if labels is None else labels) for _ in range(per_label)]
 
 
-@dataclass
-class SamplingRun:
-    """A checkpoint opened for sampling on this process's rank: under torchrun its process group (with the run's
-    distributed.timeout_s), otherwise one process. What `sprintdit sample` and `evaluate --checkpoint` share."""
-
-    model: torch.nn.Module  # on this rank's device
-    config: RunConfig  # the run's resolved config, read from the checkpoint
-    dist: Dist
-    objective: FlowMatching | DDPM  # the run's (so the null condition for guidance)
-    to_pixels: Callable[[torch.Tensor], torch.Tensor]  # samples -> pixels in [-1, 1] (latents: the run's VAE)
-
-    @classmethod
-    def open(cls, checkpoint: str | Path, use_ema: bool = True, device: str = "auto", sparse_grid: str | None = None) -> "SamplingRun":
-        """sparse_grid: sample a SparseDiT with this density schedule instead of its own (e.g. "8" or "6:10")."""
-        model, run = load_model(checkpoint, use_ema=use_ema)
-        if sparse_grid is not None:
-            if run.model.arch != "sparsedit":
-                raise UserError(f"a sparse grid applies to SparseDiT checkpoints; {checkpoint} holds a {run.model.arch} model")
-            model.use_grid(sparse_grid)
-            run.model.sparse.grid = sparse_grid  # the run's config describes the network that samples
-        d = init_from_env(run.distributed, pick_device(device))
-        objective = build_objective(run.objective, null_condition(run.model), run.model.learn_sigma)
-        return cls(model.to(d.device), run, d, objective, pixel_decoder(run.data, d.device))
-
-    def sample_config(self, **given) -> SampleConfig:
-        """The run's `sample` section with the `given` settings (None: unset) on top, validated."""
-        return SampleConfig(**{**vars(self.config.sample), **{k: v for k, v in given.items() if v is not None}})
-
-    def generate(self, conditions: list, seeds: list[int], cfg: SampleConfig, progress: bool = False) -> tuple[torch.Tensor | None, float]:
-        """(pixels (N, C, H, W) in [-1, 1], seconds) on rank 0, (None, seconds) on the others: the samples are spread
-        over the ranks and gathered on rank 0, which decodes them."""
-        tic = time.perf_counter()
-        samples = generate_on_ranks(self.model, self.objective, conditions, seeds, cfg, self.dist, progress=progress)
-        images = self.to_pixels(samples) if self.dist.is_main else None
-        return images, time.perf_counter() - tic
-
-
 class Pipeline:
     """Sampling from a checkpoint: class labels (or, for a text model, prompts) and per-sample seeds in, PIL images out.
 
@@ -104,25 +62,31 @@ class Pipeline:
     [-1, 1] and rounded to uint8 as the ADM sample scripts do. An image depends only on its label and seed."""
 
     def __init__(self, model: torch.nn.Module, run: RunConfig, device: torch.device, text_encoder_path: str | None = None):
-        self.model = model.eval()
-        self.run = run
-        self.objective = build_objective(run.objective, null_condition(run.model), run.model.learn_sigma)
+        self.handle = SamplingRun.of(model, run, Dist(device=device))  # one process: the pipeline samples on its own device
         self.text_encoder_path = text_encoder_path
-        self.device = device
-        self.to_pixels = pixel_decoder(run.data, device)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", use_ema: bool = True, text_encoder_path: str | None = None) -> "Pipeline":
         """A run folder (its latest checkpoint), a checkpoint folder, an exported folder or a .safetensors file."""
-        target = pick_device(device)
-        model, run = load_model(path, use_ema=use_ema, device=target)
-        return cls(model, run, target, text_encoder_path)
+        model, run = load_model(path, use_ema=use_ema)
+        return cls(model, run, pick_device(device), text_encoder_path)
 
     def to(self, device: str | torch.device) -> "Pipeline":
-        self.device = pick_device(device) if isinstance(device, str) else torch.device(device)
-        self.model.to(self.device)
-        self.to_pixels = pixel_decoder(self.run.data, self.device)
+        device = pick_device(device) if isinstance(device, str) else torch.device(device)
+        self.handle = SamplingRun.of(self.handle.model, self.handle.config, Dist(device=device))
         return self
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.handle.model
+
+    @property
+    def run(self) -> RunConfig:
+        return self.handle.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.handle.device
 
     @property
     def num_classes(self) -> int:
@@ -137,11 +101,8 @@ class Pipeline:
         if labels is None and prompts is None:
             raise UserError("give labels (a class model) or prompts (a text model)")
         labels = sample_conditions(self.run.model, labels, prompts, 1, self.text_encoder_path, self.device)
-        given = {"steps": steps, "guidance": guidance, "scale": scale, "sampler": sampler, "batch_size": batch_size,
-                 "interval": None if interval is None else [float(v) for v in interval]}
-        cfg = replace(self.run.sample, **{k: v for k, v in given.items() if v is not None})
-        cfg = SampleConfig(**vars(cfg))  # validated
+        cfg = self.handle.sample_config(steps=steps, guidance=guidance, scale=scale, sampler=sampler, batch_size=batch_size,
+                                        interval=None if interval is None else [float(v) for v in interval])
         seeds = list(range(len(labels))) if seeds is None else list(seeds)
-        samples = generate(self.model, self.objective, list(labels), seeds, cfg, self.device, progress=progress)  # (N, C, H, W)
-        pixels = to_uint8(self.to_pixels(samples))  # (N, H, W, C) uint8
+        pixels = to_uint8(self.handle.generate(list(labels), seeds, cfg, progress=progress)[0])  # (N, H, W, C) uint8
         return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]

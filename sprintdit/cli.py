@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
 
 def train_on_ranks(args) -> int:
     from .config import load_config
-    from .trainer import Trainer
+    from .training import Trainer
 
     if args.config is None and args.out is None:
         raise UserError("give --config CONFIG to start a run, or --out RUN_DIR to resume one")
@@ -136,7 +136,8 @@ def read_prompts(args) -> list[str]:
 
 
 def sample_on_ranks(args) -> int:
-    from .api import MAX_SAMPLES, SamplingRun, sample_conditions
+    from .api import MAX_SAMPLES, sample_conditions
+    from .sampling_run import SamplingRun
     from .files import check_writable_folder
     from .images import save_samples
 
@@ -215,19 +216,15 @@ def evaluate_batch(args) -> int:
 
 def evaluate_checkpoint(args) -> int:
     """Generate --num-samples from a checkpoint (spread over torchrun's ranks) and score them on rank 0."""
-    from .api import SamplingRun
     from .checkpoint import resolve_weights
-    from .config import reference_root
-    from .evaluate import generate_and_score
     from .files import check_writable_folder
-    from .flops import GIGA, sampling_flops
     from .images import save_npz
+    from .sampling_run import SamplingRun
 
     folder = check_writable_folder(resolve_weights(args.checkpoint, not args.no_ema).parent, "the checkpoint's folder (evaluate writes its scores there)")
     run = SamplingRun.open(args.checkpoint, use_ema=not args.no_ema, device=args.device, sparse_grid=args.sparse_grid)
     cfg, scfg = eval_config(args, run.config.eval), run.sample_config(**sample_settings(args))
-    data_root = args.data_root or reference_root(run.config.data)
-    scored = generate_and_score(run.model, run.objective, cfg, scfg, run.dist, run.to_pixels, data_root=data_root, progress=not args.no_progress)
+    scored = run.score(cfg, scfg, data_root=args.data_root, progress=not args.no_progress)
     if scored is None:  # rank 0 scores the gathered samples
         return 0
     weights = "_raw" if args.no_ema else ""  # the EMA's and the raw weights' scores live side by side
@@ -237,7 +234,7 @@ def evaluate_checkpoint(args) -> int:
     results = scored.results
     results["setting"] = {"checkpoint": str(folder), "ema": not args.no_ema, "sample": vars(scfg), "seed_start": cfg.seed_start}
     results["sample_seconds"] = scored.sample_seconds
-    results["sample_gflops"] = sampling_flops(run.model, run.objective, scfg) / GIGA  # model FLOPs per image
+    results["sample_gflops"] = run.sampling_gflops(scfg)  # model FLOPs per image
     print(f"sampling: {results['sample_gflops']:.3f} GFLOP/img (model FLOPs), {1000 * scored.sample_seconds / cfg.num_samples:.1f} ms/img")
     return write_results(results, folder / f"{stem}.json")
 

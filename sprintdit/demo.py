@@ -15,8 +15,7 @@ from .errors import UserError
 from .evaluate import Evaluator, eval_labels_and_seeds, to_uint8_nchw
 from .files import atomic_write_text
 from .images import save_grid
-from .sampling import SampleConfig, generate
-from .trainer import Trainer
+from .training import Trainer
 
 GUIDANCES = ("pdg", "cfg")
 SHOWN = ("class_agreement", "fid", "precision", "recall", "is")
@@ -37,12 +36,10 @@ def run_demo(cfg: RunConfig, out: Path, per_class: int = 10, progress: bool = Tr
     folder = trainer.fit()
     results: dict = {"train_seconds": time.perf_counter() - tic}
     labels, seeds = eval_labels_and_seeds(run.eval, classes)
-    evaluator = None
+    sampler, evaluator = trainer.sampling_run(), None
     for guidance in GUIDANCES:
-        scfg = SampleConfig(**{**vars(run.sample), "guidance": guidance})
-        tic = time.perf_counter()
-        images = generate(trainer.ema.eval(), trainer.objective, labels, seeds, scfg, trainer.device)
-        seconds = time.perf_counter() - tic
+        scfg = sampler.sample_config(guidance=guidance)
+        images, seconds = sampler.generate(labels, seeds, scfg)
         rows = [i for c in range(classes) for i in range(c, classes * per_class, classes)]  # one row per class
         grid = save_grid(images[rows], out / f"demo_{guidance}.png", columns=per_class)
         quantised = to_uint8_nchw(images)
@@ -97,11 +94,11 @@ def run_text_demo(cfg: RunConfig, out: Path, per_kind: int = 250, progress: bool
     classifier = load_classifier(device=trainer.device)
     real = kinds["train"].load(torch.arange(len(ids)) + len(kinds["train"]) // 2)[0]  # real canvases (other indices)
     real_stats = feature_stats(classify(classifier, real)[0])
+    sampler = trainer.sampling_run()
     for guidance in GUIDANCES:
-        scfg = SampleConfig(**{**vars(run.sample), "guidance": guidance})
-        tic = time.perf_counter()
-        images = generate(trainer.ema.eval(), trainer.objective, ids, seeds, scfg, trainer.device).clamp(-1, 1)
-        seconds = time.perf_counter() - tic
+        scfg = sampler.sample_config(guidance=guidance)
+        images, seconds = sampler.generate(ids, seeds, scfg)
+        images = images.clamp(-1, 1)
         r = {"sample_seconds": seconds, "guidance_scale": scfg.scale, "fid": frechet_distance(*feature_stats(classify(classifier, images)[0]), *real_stats)}
         for k, kind in enumerate(kinds):
             part, truth = images[k * per_kind : (k + 1) * per_kind], torch.tensor(layouts[kind])
@@ -165,11 +162,11 @@ def run_video_demo(cfg: RunConfig, out: Path, shown: int = 2, progress: bool = T
     real_stats = real_frame_stats(real, readers)
     results["real"] = score_clips(real, real_labels, readers, real_frame_stats(real_data.load(torch.arange(len(labels)) + len(labels))[0], readers))
     rows = [i for c in range(classes) for i in range(c, classes * shown, classes)]  # `shown` clips per class, a row each
+    sampler = trainer.sampling_run()
     for guidance in GUIDANCES:
-        scfg = SampleConfig(**{**vars(run.sample), "guidance": guidance})
-        tic = time.perf_counter()
-        clips = generate(trainer.ema.eval(), trainer.objective, labels, seeds, scfg, trainer.device).clamp(-1, 1)
-        seconds = time.perf_counter() - tic
+        scfg = sampler.sample_config(guidance=guidance)
+        clips, seconds = sampler.generate(labels, seeds, scfg)
+        clips = clips.clamp(-1, 1)
         r = {"sample_seconds": seconds, "guidance_scale": scfg.scale, **score_clips(clips, torch.tensor(labels), readers, real_stats)}
         r["grid"] = str(save_grid(clips[rows], out / f"demo_{guidance}.png", columns=1))
         r["npz"] = str(save_npz(clips, labels, out / f"demo_{guidance}.npz"))

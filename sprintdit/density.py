@@ -140,6 +140,10 @@ class Gate(NamedTuple):
     hi: float
     side: int
 
+    def arguments(self) -> dict:
+        """The objective's and the model's keyword arguments for a micro-batch of this stratum."""
+        return {"t_cdf": (self.lo, self.hi), "side": self.side}
+
 
 def time_gates(grid: str, dense_tokens: int, time_cdf: Callable[[float], float]) -> list[Gate]:
     """The strata of train.sparse_gating: the t intervals on which the schedule `grid` keeps one side, in the CDF of

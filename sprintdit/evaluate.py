@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,6 @@ from .errors import UserError, warn
 from .files import atomic_write_npz
 from .metrics import class_agreement, feature_stats, frechet_distance, inception_score, prdc
 from .metrics.fmnist_classifier import INPUT_SHAPE as FMNIST_SHAPE
-from .sampling import generate_on_ranks
 
 ZIP_MAGIC = b"PK"  # an npz file is a zip archive (its first bytes)
 HEAD_SHOWN = 8  # bytes of a file that is not an npz quoted in the error
@@ -315,7 +313,7 @@ def eval_labels_and_seeds(cfg: EvalConfig, num_classes: int) -> tuple[list[int],
 
 @dataclass
 class Scored:
-    """What `generate_and_score` gives rank 0: the results (as `Evaluator` returns them), the images (N, C, H, W)
+    """What `SamplingRun.score` gives rank 0: the results (as `Evaluator` returns them), the images (N, C, H, W)
     uint8 with their labels, the seconds spent sampling (pixel decoding included) and the evaluator for reuse."""
 
     results: dict
@@ -323,26 +321,6 @@ class Scored:
     labels: list[int]
     sample_seconds: float
     evaluator: Evaluator
-
-
-def generate_and_score(model, objective, cfg: EvalConfig, scfg, d, to_pixels, evaluator: Evaluator | None = None,
-                       data_root: str | None = None, progress: bool = False) -> Scored | None:
-    """Generate cfg.num_samples images with the sampling settings `scfg` (labels cycle through the classes, sample i
-    has seed seed_start + i), spread over the ranks of `d`, and score them on rank 0 (the other ranks get None).
-    `evaluator` (built for these images when None) carries the feature networks and reference between calls."""
-    if model.config.condition != "class":
-        raise UserError("evaluate scores class-conditional models; a text model needs captions to sample from (the text demo scores its own: sprintdit demo --config fashion_mnist_text)")
-    if model.config.video:
-        raise UserError("evaluate scores images; a video model's clips are scored frame by frame by the video demo (sprintdit demo --config fashion_mnist_video, sprintdit.moving.score_clips)")
-    labels, seeds = eval_labels_and_seeds(cfg, model.config.num_classes)
-    tic = time.perf_counter()
-    samples = generate_on_ranks(model, objective, labels, seeds, scfg, d, progress)
-    if not d.is_main:
-        return None
-    images = to_uint8_nchw(to_pixels(samples))
-    seconds = time.perf_counter() - tic
-    evaluator = evaluator or Evaluator(cfg, tuple(images.shape[1:]), d.device, data_root)
-    return Scored(evaluator(images, torch.tensor(labels)), images, labels, seconds, evaluator)
 
 
 def to_uint8_nchw(x: torch.Tensor) -> torch.Tensor:

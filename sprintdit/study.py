@@ -33,14 +33,15 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import CONFIG_DIR, RunConfig, explain, find_config, find_shipped, load_config, read_yaml, reference_root
+from .config import CONFIG_DIR, RunConfig, explain, find_config, find_shipped, load_config, read_yaml
 from .data import build_dataset
 from .density import SparseConfig
 from .errors import UserError
 from .files import atomic_write_text
-from .flops import GIGA, TERA, sampling_flops, train_step_flops
+from .flops import TERA, train_step_flops
 from .plots import read_metrics
 from .sampling import SampleConfig
+from .sampling_run import SamplingRun
 
 STUDY_DIR = CONFIG_DIR / "studies"
 BUDGET_KINDS = ("tflops", "seconds", "steps")
@@ -280,7 +281,7 @@ def eval_every(total: int, points: int) -> int:
 
 def measure_step_seconds(cfg: RunConfig) -> list[float]:
     """Median wall-clock of one training step in each stage of `cfg` on this machine (a scratch run per stage)."""
-    from .trainer import Trainer
+    from .training import Trainer
 
     warmup, timed = CALIBRATION_STEPS
     out = []
@@ -382,7 +383,7 @@ class Study:
 
     def plan(self, run: RunSpec, seed: int) -> RunConfig:
         """The run's full config; its stage lengths are computed once and then read from plan.json."""
-        from .trainer import apply_init_from, resolve_run_config
+        from .training import resolve_run
 
         cfg = self.base_config(run, seed)
         key = f"{run.name}/seed{seed}"
@@ -390,7 +391,7 @@ class Study:
         if key not in plans:
             budget = run.budget or self.spec.budget
             value = budget.scale * (budget.value if budget.match is None else self.measured(budget.match, seed, budget.kind))
-            resolved = resolve_run_config(apply_init_from(cfg), build_dataset(cfg.data))
+            resolved = resolve_run(cfg, build_dataset(cfg.data))
             step_seconds = measure_step_seconds(resolved) if budget.kind == "seconds" else None
             steps = stage_steps_for_budget(resolved, budget.kind, value, run.split, step_seconds)
             plans[key] = {"steps": steps, "budget": {"kind": budget.kind, "value": value}, "step_seconds": step_seconds}
@@ -405,7 +406,7 @@ class Study:
 
     def run_one(self, run: RunSpec, seed: int, index: str) -> dict:
         """Train (or resume) one (run, seed), then evaluate its sweeps and the grid; returns its result record."""
-        from .trainer import Trainer
+        from .training import Trainer
 
         done = self.done_path(run.name, seed)
         if done.is_file():
@@ -421,43 +422,40 @@ class Study:
         trainer = Trainer(cfg, self.run_dir(run.name, seed), progress=self.progress)
         trainer.fit()
         final = self.final_record(trainer.run_dir)
-        model = trainer.ema.eval()
-        rows = {run.name: row_values(final, final, sampling_flops(model, trainer.objective, trainer.cfg.sample) / GIGA)}
+        sampler = trainer.sampling_run()  # the final EMA, with the evaluator the run built
+        rows = {run.name: row_values(final, final, sampler.sampling_gflops())}
         for sweep in run.sweep:
-            scfg = replace(trainer.cfg.sample, **{k: v for k, v in asdict(sweep).items() if k != "name" and v is not None})
-            scores = self.sweep_scores(trainer, scfg, sweep.name)
-            rows[f"{run.name}/{sweep.name}"] = row_values(scores, final, sampling_flops(model, trainer.objective, scfg) / GIGA)
-        grid = self.sample_grid(trainer)
+            scfg = sampler.sample_config(**{k: v for k, v in asdict(sweep).items() if k != "name"})
+            scores = self.sweep_scores(sampler, trainer.run_dir, scfg, sweep.name)
+            rows[f"{run.name}/{sweep.name}"] = row_values(scores, final, sampler.sampling_gflops(scfg))
+        grid = self.sample_grid(sampler, trainer.run_dir)
         result = {"run": run.name, "seed": seed, "rows": rows, "grid": grid, "overrides": self.describe(run), "wall_seconds": time.perf_counter() - tic}
         atomic_write_text(done, json.dumps(result, indent=2) + "\n")
         self.log(f"{index} {run.name} seed {seed}: FID {rows[run.name]['fid']:.2f} after {final['train_flops'] / TERA:.1f} TFLOP, "
                  f"{final['train_seconds']:.0f} s of training ({result['wall_seconds']:.0f} s with evaluation)")
         return result
 
-    def sweep_scores(self, trainer, scfg: SampleConfig, name: str) -> dict:
+    def sweep_scores(self, sampler: SamplingRun, run_dir: Path, scfg: SampleConfig, name: str) -> dict:
         """Scores of the final EMA with other sampling settings, cached in the run folder."""
-        from .evaluate import flatten, generate_and_score
+        from .evaluate import flatten
 
-        path = trainer.run_dir / "sweep" / f"{name}.json"
+        path = run_dir / "sweep" / f"{name}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        cfg = trainer.cfg
-        scored = generate_and_score(trainer.ema.eval(), trainer.objective, cfg.eval, scfg, trainer.dist, trainer.to_pixels, trainer.evaluator, reference_root(cfg.data))
-        trainer.evaluator = scored.evaluator
+        scored = sampler.score(scfg=scfg)
         scores = {**flatten(scored.results), "sample_seconds": scored.sample_seconds, "eval_samples": len(scored.labels), "sample": asdict(scfg)}
         atomic_write_text(path, json.dumps(scores, indent=2) + "\n")
         return scores
 
-    def sample_grid(self, trainer) -> str:
+    def sample_grid(self, sampler: SamplingRun, run_dir: Path) -> str:
         """grid_columns samples per class from the final EMA (the evaluation's settings and first seeds), as a PNG."""
         from .images import save_grid
-        from .sampling import generate
 
-        classes, columns = trainer.cfg.model.num_classes, self.spec.evaluation.grid_columns
+        classes, columns = sampler.config.model.num_classes, self.spec.evaluation.grid_columns
         labels = [c for c in range(classes) for _ in range(columns)]
         seeds = [self.spec.evaluation.seed_start + i for i in range(len(labels))]
-        images = generate(trainer.ema.eval(), trainer.objective, labels, seeds, trainer.cfg.sample, trainer.device)
-        path = save_grid(trainer.to_pixels(images), trainer.run_dir / "study_grid.png", columns=columns)
+        images, _ = sampler.generate(labels, seeds)
+        path = save_grid(images, run_dir / "study_grid.png", columns=columns)
         return str(path.relative_to(self.out))
 
     def describe(self, run: RunSpec) -> str:

@@ -15,7 +15,7 @@ from sprintdit.errors import UserError
 from sprintdit.models.sit import ModelConfig, SiT, TextConfig, null_condition
 from sprintdit.prepare import PrepareConfig, prepare
 from sprintdit.text_encoders import PretrainedTextEncoder
-from sprintdit.trainer import Trainer
+from sprintdit.training import Trainer
 
 WORDS = ["a", "red", "blue", "bag", "shoe", "on", "the", "left", "right"]
 T5_DIM, MAX_TOKENS = 16, 6

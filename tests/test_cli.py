@@ -118,7 +118,7 @@ def test_sparsify_finetune_sample_end_to_end(fmnist_dir, tmp_path, capsys):
     code, _, _ = run_cli(capsys, "sample", "--checkpoint", str(tuned), "--out", str(tmp_path / "s"), "--labels", "0-1", "--steps", "2",
                          "--no-progress", "--sparse-grid", "1=2,0.5=3")
     assert code == 0 and np.load(tmp_path / "s" / "cfg_euler2_s4_grid1-2-0.5-3.npz")["arr_0"].shape == (2, 32, 32, 1)
-    from sprintdit.api import SamplingRun
+    from sprintdit.sampling_run import SamplingRun
 
     run = SamplingRun.open(tuned, device="cpu", sparse_grid="1=2,0.5=3")
     assert run.model.sides(torch.tensor([1.0, 0.25])) == [2, 3] and run.config.model.sparse.grid == "1=2,0.5=3"

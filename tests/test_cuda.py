@@ -8,7 +8,7 @@ import torch
 
 from sprintdit.config import load_config
 from sprintdit.draws import Draws, step_seed
-from sprintdit.trainer import Trainer
+from sprintdit.training import Trainer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 ATOL = 1e-4  # CPU and GPU kernels sum in other orders
@@ -34,7 +34,7 @@ def test_training_on_cuda_matches_cpu(fmnist_dir, tmp_path, monkeypatch):
     cpu_draws = lambda seed, step, shard, device: Draws(torch.Generator().manual_seed(step_seed(seed, step)), shard, device)
     monkeypatch.setattr(Draws, "for_step", staticmethod(cpu_draws))
     gpu = Trainer(tiny(fmnist_dir, "train.device=cuda"), tmp_path / "gpu", progress=False)
-    assert gpu.optimizer.defaults["fused"]
+    assert gpu.networks.optimizer.defaults["fused"]
     gpu.fit()
     a, b = weights(cpu), weights(gpu)
     for k in a:
@@ -83,10 +83,10 @@ def test_resume_on_cuda_is_exact(fmnist_dir, tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_on_cuda(fmnist_dir, tmp_path, precision):
     trainer = Trainer(tiny(fmnist_dir, "train.device=cuda", f"train.precision={precision}"), tmp_path / precision, progress=False)
-    before = [p.detach().clone() for p in trainer.params]
+    before = [p.detach().clone() for p in trainer.networks.params]
     trainer.fit()
-    assert trainer.scaler.is_enabled() == (precision == "fp16")
-    assert all(torch.isfinite(p).all() for p in trainer.params) and any(not torch.equal(a, p) for a, p in zip(before, trainer.params))
+    assert trainer.networks.scaler.is_enabled() == (precision == "fp16")
+    assert all(torch.isfinite(p).all() for p in trainer.networks.params) and any(not torch.equal(a, p) for a, p in zip(before, trainer.networks.params))
 
 
 def test_sampling_on_cuda_matches_cpu():

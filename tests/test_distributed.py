@@ -21,7 +21,7 @@ from sprintdit.config import load_config
 from sprintdit.errors import Stopped, UserError
 from sprintdit.objective import FlowMatching, ObjectiveConfig
 from sprintdit.sampling import SampleConfig, generate, generate_on_ranks
-from sprintdit.trainer import Trainer
+from sprintdit.training import Trainer
 
 WORLD = 2
 ATOL = 1e-5  # two ranks sum gradients in another order than one process
@@ -94,7 +94,7 @@ def worker(rank, ports, root, base):
     fsdp = tiny_run(root, "distributed.strategy=fsdp")
     trainer = Trainer(fsdp, base / "fsdp", progress=False, dist=d)
     trainer.fit(stop_at=3)
-    assert type(trainer.params[0]).__name__ == "DTensor"  # really sharded
+    assert type(trainer.networks.params[0]).__name__ == "DTensor"  # really sharded
     Trainer(fsdp, base / "one_then_fsdp", progress=False, dist=d).fit()  # a 1-process checkpoint loaded into shards
     trainer = Trainer(tiny_run(root), base / "sigterm", progress=False, dist=d)
     if rank == 1:  # preemption seen by one rank only, during step 2: every rank stops after it, rank 0 saves
@@ -213,7 +213,7 @@ def test_resume_on_another_world_size(data_root, single, ranks, tmp_path, capsys
     shutil.copytree(ranks / "two", tmp_path / "two_then_one")
     resumed = Trainer(tiny_run(data_root), tmp_path / "two_then_one", progress=False)
     assert "saved on 2 rank(s) (ddp) on 1 (ddp)" in capsys.readouterr().err
-    assert resumed.step == 3 and resumed.position == 24
+    assert resumed.step == 3 and resumed.state.position == 24
     resumed.fit()
     assert_close_checkpoints(single / "one", tmp_path / "two_then_one", step=4)
 

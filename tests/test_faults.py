@@ -20,11 +20,12 @@ import torch
 from safetensors.torch import save_file
 
 from sprintdit import checkpoint as ckpt
-from sprintdit import runlock
+from sprintdit.training import runlock
 from sprintdit.cli import main
 from sprintdit.config import load_config, to_yaml
 from sprintdit.errors import Diverged, Stopped, UserError
-from sprintdit.trainer import Trainer
+from sprintdit.training import Trainer
+from sprintdit.training.periodic import Periodic
 
 from conftest import write_idx
 
@@ -96,7 +97,7 @@ def poison_gradients_at(monkeypatch, steps):
     def step(self, *args):
         loss = real(self, *args)
         if self.step + 1 in steps:
-            self.params[0].grad.fill_(float("nan"))
+            self.networks.params[0].grad.fill_(float("nan"))
         return loss
 
     monkeypatch.setattr(Trainer, "train_step", step)
@@ -121,18 +122,18 @@ def test_nonfinite_step_stops_and_keeps_the_last_finite_checkpoint(data, tmp_pat
 def test_skipped_nonfinite_steps_are_counted_and_resume_exactly(data, tmp_path, monkeypatch):
     poison_gradients_at(monkeypatch, {3})
     lone = Trainer(tiny(data, "train.max_nonfinite_steps=1"), tmp_path / "a", progress=False)
-    before = [p.detach().clone() for p in lone.params]
+    before = [p.detach().clone() for p in lone.networks.params]
     lone.fit(stop_at=2)
-    after2 = [p.detach().clone() for p in lone.params]
+    after2 = [p.detach().clone() for p in lone.networks.params]
     lone.fit(stop_at=3)  # the skipped step changes nothing
-    assert lone.nonfinite_steps == [3] and lone.step == 3
-    assert all(torch.equal(a, b) for a, b in zip(after2, lone.params)) and not all(torch.equal(a, b) for a, b in zip(before, after2))
+    assert lone.state.nonfinite_steps == [3] and lone.step == 3
+    assert all(torch.equal(a, b) for a, b in zip(after2, lone.networks.params)) and not all(torch.equal(a, b) for a, b in zip(before, after2))
     lone.fit()
     resumed = Trainer(tiny(data, "train.max_nonfinite_steps=1"), tmp_path / "b", progress=False)
     resumed.fit(stop_at=2)
     resumed = Trainer(None, tmp_path / "b", progress=False)
     resumed.fit()
-    assert resumed.nonfinite_steps == [3]
+    assert resumed.state.nonfinite_steps == [3]
     assert_same(weights(lone), weights(resumed))
     with pytest.raises(Diverged, match="step 3"):  # the default allows none
         Trainer(tiny(data), tmp_path / "c", progress=False).fit()
@@ -168,29 +169,30 @@ def signal_at(monkeypatch, where: str, step: int, signum: int, again: bool = Fal
         real_update = Trainer.update
 
         def update(self, loss, stop):
-            step_fn = self.optimizer.step
+            optimizer = self.networks.optimizer
+            step_fn = optimizer.step
 
             def stepping(*a, **k):
                 if self.step + 1 == step:
                     send()
                 return step_fn(*a, **k)
 
-            self.optimizer.step = stepping
+            optimizer.step = stepping
             try:
                 return real_update(self, loss, stop)
             finally:
-                del self.optimizer.step
+                del optimizer.step
 
         monkeypatch.setattr(Trainer, "update", update)
     elif where == "logging":
-        real_log = Trainer.log
+        real_log = Periodic.log
 
         def log(self, record):
             if record.get("step") == step:
                 send()
             return real_log(self, record)
 
-        monkeypatch.setattr(Trainer, "log", log)
+        monkeypatch.setattr(Periodic, "log", log)
     elif where == "saving":  # the first signal during a step, another while the checkpoint after it is written
         real_save = ckpt.save_checkpoint
 
@@ -232,16 +234,16 @@ def test_signal_at_any_point_saves_and_resumes_bit_for_bit(data, tmp_path, monke
 
 
 def test_signal_during_a_sample_grid_aborts_it_and_saves(data, tmp_path, monkeypatch, straight):
-    real = Trainer.sample_grid
+    real = Periodic.sample_grid
     calls = []
 
-    def grid(self):
-        calls.append(self.step)
+    def grid(self, run, step):
+        calls.append(step)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # a long evaluation: the signal must not wait for it
-        return real(self)
+        return real(self, run, step)
 
-    monkeypatch.setattr(Trainer, "sample_grid", grid)
+    monkeypatch.setattr(Periodic, "sample_grid", grid)
     run = tmp_path / "run"
     tic = time.perf_counter()
     with pytest.raises(Stopped, match="SIGTERM at step 3"):
@@ -259,7 +261,7 @@ def test_signal_during_a_sample_grid_aborts_it_and_saves(data, tmp_path, monkeyp
 HOLDER = """
 import sys
 from sprintdit.config import load_config
-from sprintdit.trainer import Trainer
+from sprintdit.training import Trainer
 trainer = Trainer(load_config(None, {args!r}), {run!r}, progress=False)
 print("ready", flush=True)
 sys.stdin.readline()
@@ -365,7 +367,7 @@ def test_releasing_the_lock_of_a_folder_turned_read_only_does_not_mask_the_error
 
 KILLED = """
 from sprintdit.config import load_config
-from sprintdit.trainer import Trainer
+from sprintdit.training import Trainer
 trainer = Trainer(load_config(None, {args!r}), {run!r}, progress=False)
 print("ready", flush=True)
 trainer.fit()
@@ -526,7 +528,7 @@ def world(data, tmp_path_factory):
     trainer = Trainer(tiny(data, "stages.0.steps=1", "stages.1.steps=1"), run, progress=False)
     trainer.fit()
     ema = trainer.ema.state_dict()
-    meta = {"config": trainer.config_yaml, "step": "1", "format": "sprintdit"}
+    meta = {"config": to_yaml(trainer.cfg), "step": "1", "format": "sprintdit"}
     poisoned = {k: v.clone() for k, v in ema.items()}
     next(v for v in poisoned.values() if v.is_floating_point()).fill_(float("nan"))
     save_file(poisoned, str(root / "nonfinite.safetensors"), metadata=meta)
@@ -631,9 +633,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(world, data, tmp_path, capsys,
 
 
 OUTPUT_AFTER_WORK = [  # a command whose output path is refused, and the function that would have done its work
-    (["sample", "--checkpoint", "{root}/run", "--out", "{root}/a_file/samples"], "sprintdit.api.SamplingRun.generate"),
+    (["sample", "--checkpoint", "{root}/run", "--out", "{root}/a_file/samples"], "sprintdit.sampling_run.SamplingRun.generate"),
     (["bench", "--preset", "SiT-Nano/4", "--out", "{root}"], "sprintdit.bench.run_bench"),
-    (["evaluate", "--checkpoint", "{root}/run", "--device", "cpu"], "sprintdit.evaluate.generate_and_score"),
+    (["evaluate", "--checkpoint", "{root}/run", "--device", "cpu"], "sprintdit.sampling_run.SamplingRun.score"),
     (["export", "--checkpoint", "{root}/run", "--out", "{root}/a_file/export"], "sprintdit.export.load_weights"),
 ]
 
@@ -679,7 +681,7 @@ def test_damaged_text_inputs_are_one_line_or_skipped_with_a_count(world, tmp_pat
 
 
 def test_ctrl_c_during_start_up_is_one_line(data, tmp_path, capsys, monkeypatch):
-    import sprintdit.trainer as train
+    import sprintdit.training.loop as train
 
     def interrupted(cfg):
         raise KeyboardInterrupt

@@ -18,7 +18,8 @@ from sprintdit.errors import UserError
 from sprintdit.metrics.dinov2 import DINOv2ViT, ViTConfig
 from sprintdit.images import adm_center_crop, read_image
 from sprintdit.prepare import FeatureEncoder, PrepareConfig, prepare
-from sprintdit.trainer import Trainer, resolve_run_config
+from sprintdit.training import Trainer
+from sprintdit.training.resolve import resolve_run_config
 from sprintdit.vae import encode, load_vae
 
 RESOLUTION = 32  # pixels; the tiny VAE halves once -> 16x16x4 latents -> 8x8 tokens at patch 2
@@ -205,7 +206,7 @@ def test_latent_training_resumes_exactly(image_tree, vae_dir, tmp_path):
     resumed.fit()
     assert all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()))
     # the trainer trains on a posterior sample: with the same draws (the same step), a zero std gives another loss
-    batch = straight.dataset.load(torch.arange(4))
+    batch = straight._dataset.load(torch.arange(4))
     sampled = straight.train_step(batch, cfg.stages[1])
     assert straight.train_step(batch._replace(std=torch.zeros_like(batch.std)), cfg.stages[1]) != sampled
 

@@ -244,7 +244,7 @@ def test_gated_draws_keep_the_distribution_of_t_with_one_grid_per_micro_batch(ti
 
 def test_gated_training_runs_one_grid_per_micro_batch_without_per_sample_sides(fmnist_dir, tmp_path, monkeypatch):
     from sprintdit.config import load_config
-    from sprintdit.trainer import Trainer
+    from sprintdit.training import Trainer
 
     cfg = load_config(None, [f"data.root={fmnist_dir}", "model.preset=SiT-Nano/4", "model.hidden_size=32", "model.arch=sparsedit",
                              "model.sprint.fusion=none", "model.sprint.path_drop_prob=0", "model.sparse.grid=2:4", "model.sparse.pool_depth=1",
@@ -257,7 +257,7 @@ def test_gated_training_runs_one_grid_per_micro_batch_without_per_sample_sides(f
     monkeypatch.setattr(trainer.model, "sides", lambda t: pytest.fail("a gated step chose grid sides per sample"))
     monkeypatch.setattr(trainer.model, "forward", lambda *a, side=None, **k: seen.append(side) or forward(*a, side=side, **k))
     trainer.fit()
-    assert seen == [gate_at(trainer.gates, n).side for n in range(6)] and len(set(seen)) > 1  # 3 steps x 2 micro-batches
+    assert seen == [gate_at(trainer._gates, n).side for n in range(6)] and len(set(seen)) > 1  # 3 steps x 2 micro-batches
     with pytest.raises(UserError, match="sparse_gating"):
         load_config(None, ["train.sparse_gating=true"])
 

@@ -13,7 +13,8 @@ from sprintdit.flops import train_step_flops
 from sprintdit.plots import read_metrics
 from sprintdit.config import find_config
 from sprintdit.study import STUDY_DIR, Study, eval_every, load_study, run_study, stage_steps_for_budget, with_steps
-from sprintdit.trainer import Trainer, resolve_run_config
+from sprintdit.training import Trainer
+from sprintdit.training.resolve import resolve_run_config
 from sprintdit.data import build_dataset
 
 TINY = [

@@ -7,7 +7,7 @@ import pytest
 from sprintdit.config import load_config
 from sprintdit.errors import UserError
 from sprintdit.tracking import online
-from sprintdit.trainer import Trainer
+from sprintdit.training import Trainer
 
 
 def run_config(fmnist_dir, *extra):

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from sprintdit import checkpoint as ckpt
 from sprintdit.config import load_config
 from sprintdit.errors import Stopped, UserError
-from sprintdit.trainer import Trainer, due_after, ema_decay_at, ema_updates, stage_at, stage_lr
+from sprintdit.training import Trainer
+from sprintdit.training.schedules import due_after, ema_decay_at, ema_updates, stage_at, stage_lr
 
 
 def tiny_run(fmnist_dir, *extra):
@@ -40,13 +41,13 @@ def test_resume_is_bitwise_exact(fmnist_dir, tmp_path):
     first.fit(stop_at=2)
     assert first.step == 2
     resumed = Trainer(tiny_run(fmnist_dir), tmp_path / "b", progress=False)
-    assert resumed.step == 2 and resumed.position == 16
+    assert resumed.step == 2 and resumed.state.position == 16
     resumed.fit()
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    sa, sb = straight.networks.optimizer.state_dict()["state"], resumed.networks.optimizer.state_dict()["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6  # one per step, none duplicated by the resume
@@ -91,12 +92,12 @@ def test_training_reduces_loss_and_keeps_mask_token(fmnist_dir, tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps(fmnist_dir, tmp_path, precision):
     trainer = Trainer(tiny_run(fmnist_dir, f"train.precision={precision}", "stages.1.steps=1"), tmp_path / precision, progress=False)
-    assert trainer.scaler.is_enabled() == (precision == "fp16")
-    before = [p.detach().clone() for p in trainer.params]
+    assert trainer.networks.scaler.is_enabled() == (precision == "fp16")
+    before = [p.detach().clone() for p in trainer.networks.params]
     trainer.fit()
     assert trainer.step == 4
-    assert all(torch.isfinite(p).all() for p in trainer.params)
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
+    assert all(torch.isfinite(p).all() for p in trainer.networks.params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.networks.params))
 
 
 def test_compile_honours_its_options(fmnist_dir, tmp_path, monkeypatch):
@@ -199,10 +200,8 @@ def test_kill_during_checkpoint_write_keeps_previous(fmnist_dir, tmp_path):
     assert proc.returncode == -9
     assert list((run / "checkpoints").glob(".tmp_step_00000099_*"))  # the partial write exists, hidden
     assert ckpt.list_checkpoints(run)[-1] == good
-    resumed = Trainer(None, run, progress=False)
-    assert resumed.step == 4
-    resumed.save()  # the next save clears what the killed writer left
-    assert not list((run / "checkpoints").glob(".tmp_step_*"))
+    resumed = Trainer(None, run, progress=False)  # the next start clears what the killed writer left
+    assert resumed.step == 4 and not list((run / "checkpoints").glob(".tmp_step_*"))
 
 
 def test_keep_last_and_latest_by_step(fmnist_dir, tmp_path):

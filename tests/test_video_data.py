@@ -12,7 +12,7 @@ from sprintdit.errors import UserError
 from sprintdit.flops import forward_flops
 from sprintdit.images import STRIP_GAP, frame_strips, save_gif, save_samples
 from sprintdit.moving import CELL, MAX_SPEED, TRAVEL, MovingFashionMNIST, bounce, garment_windows, path_residual
-from sprintdit.trainer import Trainer
+from sprintdit.training import Trainer
 
 
 def test_moving_fashion_mnist_is_deterministic_and_moves_at_constant_velocity(fmnist_dir):

@@ -14,7 +14,7 @@ is a rename plus: Poolingformers keep only the V rows of qkv, and each recover b
 The grid side follows the noise level t of each sample through `model.sparse.grid` (`sprintdit.density`).
 Samples of one batch with different sides run the modules in groups, one per side. The paper's "gating" gives
 each data-parallel rank a t sub-interval instead; `train.sparse_gating` gives each micro-batch one stratum of t
-(sprintdit.trainer.time_gates), and the trainer passes its `side`: one grid per forward, no per-sample choice.
+(sprintdit.density.time_gates), and the trainer passes its `side`: one grid per forward, no per-sample choice.
 With RoPE, pooled tokens take the centre of their pooling cell as (fractional) position; with sin-cos
 positions, `model.sparse.readd_pos` adds them again to the pooled tokens (at the cell centres) and to the
 recovered dense tokens (the release adds them at the input only, the default here).

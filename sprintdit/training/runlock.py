@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0  # the holder refreshes the lock's modification time this often

@@ -12,10 +12,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from .config import RunConfig, from_yaml_text, to_yaml
-from .errors import UserError
-from .files import atomic_write_text, read_jsonl, read_utf8
+from .. import checkpoint as ckpt
+from ..config import RunConfig, from_yaml_text, to_yaml
+from ..errors import UserError
+from ..files import atomic_write_text, read_jsonl, read_utf8
 from .runlock import RunLock, lock_run
 
 

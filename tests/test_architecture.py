@@ -1,0 +1,40 @@
+"""The layering the code is organised by (docs/architecture.md), checked on the source: the trainer's internals stay
+inside sprintdit/training, and nothing outside it reaches into them."""
+import ast
+from pathlib import Path
+
+import sprintdit
+
+PACKAGE = Path(sprintdit.__file__).parent
+TRAINING = PACKAGE / "training"
+
+
+def trainer_private_names() -> set[str]:
+    """Every `_name` the Trainer class defines: its private attributes (self._x = ...) and methods (def _x)."""
+    tree = ast.parse((TRAINING / "loop.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    names = {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}
+    names |= {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)}
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_no_module_outside_training_touches_a_private_trainer_attribute():
+    private = trainer_private_names()
+    assert {"_checkpointer", "_periodic", "_dataset"} <= private  # the check sees the trainer's internals
+    reached = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if TRAINING in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                reached.append(f"{path.relative_to(PACKAGE)}:{node.lineno} .{node.attr}")
+    assert not reached, reached
+
+
+def test_the_trainer_delegates_its_jobs():
+    """The loop reads as one page: the run folder, checkpoints, records and sampling live in their own components."""
+    tree = ast.parse((TRAINING / "loop.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    methods = [f for f in cls.body if isinstance(f, ast.FunctionDef) and not any(getattr(d, "id", "") == "property" for d in f.decorator_list)]
+    stored = {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self" and isinstance(n.ctx, ast.Store)}
+    assert len(methods) <= 13 and len(stored) <= 16, ([f.name for f in methods], sorted(stored))
