@@ -53,7 +53,7 @@ class BenchConfig:
     repeats: int = 20
     peak_tflops: float | None = None  # measured when not given
     sparse_grids: list[str] = field(default_factory=list)  # SparseDiT schedules to compare with the dense model, e.g. ["6:10", "8"]
-    sparse_layout: list[int] = field(default_factory=lambda: [2, 4, 3, 1])  # Poolingformers, modules, sparse and dense blocks per module
+    sparse_layout: list[int] = field(default_factory=lambda: [SparseConfig.pool_depth, SparseConfig.modules, SparseConfig.sparse_depth, SparseConfig.dense_depth])  # Poolingformers, modules, sparse and dense blocks per module
     device: str = "auto"
 
 

@@ -274,21 +274,19 @@ def cmd_bench(args) -> int:
     from .distributed import pick_device
     from .files import atomic_write_text, check_writable_file
 
-    try:
-        ratios = [float(r) for r in args.mask_ratios.split(",")]
-    except ValueError:
-        raise UserError(f"--mask-ratios must be numbers like 0,0.5,0.75, got {args.mask_ratios!r}") from None
-    try:
-        layout = [int(v) for v in args.sparse_layout.split(",")]
-    except ValueError:
-        raise UserError(f"--sparse-layout must be 4 integers like 2,4,3,1, got {args.sparse_layout!r}") from None
-    grids = args.sparse_grids.split() if args.sparse_grids else []
-    lists = ("mask_ratios", "sparse_grids", "sparse_layout")
-    given = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None and k not in lists}
-    cfg = BenchConfig(**given, mask_ratios=ratios, sparse_grids=grids, sparse_layout=layout)
+    given = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None}
+    lists = {"mask_ratios": (float, ",", "numbers like 0,0.5,0.75"), "sparse_layout": (int, ",", "4 integers like 2,4,3,1"),
+             "sparse_grids": (str, None, "schedules separated by spaces")}
+    for key, (cast, sep, what) in lists.items():
+        if key in given:
+            try:
+                given[key] = [cast(v) for v in given[key].split(sep)]
+            except ValueError:
+                raise UserError(f"--{key.replace('_', '-')} must be {what}, got {given[key]!r}") from None
+    cfg = BenchConfig(**given)
     if args.out:
         check_writable_file(args.out, "--out")
-    report = run_bench(cfg, pick_device(args.device))
+    report = run_bench(cfg, pick_device(cfg.device))
     print(format_report(report))
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
@@ -300,8 +298,9 @@ def cmd_sparsify(args) -> int:
     from .density import SparseConfig
     from .sparsify import sparsify
 
-    layout = {k: getattr(args, k) for k in ("pool_depth", "modules", "sparse_depth", "dense_depth", "recover") if getattr(args, k) is not None}
-    done = sparsify(args.checkpoint, args.out, SparseConfig(grid=args.sparse_grid, **layout), use_ema=not args.no_ema)
+    keys = ("sparse_grid", "pool_depth", "modules", "sparse_depth", "dense_depth", "recover")
+    layout = {k.removeprefix("sparse_") if k == "sparse_grid" else k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    done = sparsify(args.checkpoint, args.out, SparseConfig(**layout), use_ema=not args.no_ema)
     grid = done.config.grid
     print(f"SparseDiT from {done.source}: grid {done.config.sparse.grid} on {'x'.join(map(str, grid))} tokens, "
           f"forward FLOPs {done.flops_ratio:.1%} of dense (average over t); wrote {done.folder}")
@@ -446,15 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="training-step and sampling speed per mask ratio: ms, img/s, model FLOPs, TFLOP/s, MFU, memory")
-    p.add_argument("--preset", default="SiT-XL/2", help="model preset (default SiT-XL/2)")
-    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--preset", help="model preset (default SiT-XL/2)")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default 256)")
     p.add_argument("--latent-factor", type=int, help="model input = resolution / factor (default 8, SD-VAE; 1: pixel space)")
     p.add_argument("--channels", type=int, help="model input channels (default 4)")
     p.add_argument("--num-classes", type=int, help="classes (default 1000)")
     p.add_argument("--frames", type=int, help="video: frames per clip, e.g. 16 (default 0: images; throughputs are then clips/s)")
     p.add_argument("--patch-size-t", type=int, help="video: frames per token (default 1)")
-    p.add_argument("--batch", type=int, default=64, help="samples per training step and per guided half (default 64)")
-    p.add_argument("--mask-ratios", default="0,0.5,0.75,0.875", help="comma-separated token-drop ratios of the middle blocks")
+    p.add_argument("--batch", type=int, help="samples per training step and per guided half (default 64)")
+    p.add_argument("--mask-ratios", help="comma-separated token-drop ratios of the middle blocks (default 0,0.5,0.75,0.875)")
     p.add_argument("--precision", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (static shapes)")
     p.add_argument("--compile-mode", help="torch.compile mode with --compile: default | reduce-overhead (CUDA graphs) | max-autotune")
@@ -464,15 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed repeats; the median is reported (default 20)")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: measured with a dense matmul)")
     p.add_argument("--sparse-grids", help="also compare SparseDiT with these grid schedules, separated by spaces, e.g. '6:10 8 1=6,0.2=10'")
-    p.add_argument("--sparse-layout", default="2,4,3,1", help="SparseDiT layout: Poolingformers,modules,sparse blocks,dense blocks per module (default 2,4,3,1)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--sparse-layout", help="SparseDiT layout: Poolingformers,modules,sparse blocks,dense blocks per module (default: model.sparse's, 2,4,3,1)")
+    p.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
     p.add_argument("--out", help="write the report as JSON here")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sparsify", help="build a SparseDiT from a dense DiT/SiT checkpoint (fine-tune it with train.init_from)")
     p.add_argument("--checkpoint", required=True, help="dense run folder, checkpoint folder or .safetensors file (fusion none)")
     p.add_argument("--out", required=True, help="new checkpoint folder (config.yaml, model/ema.safetensors)")
-    p.add_argument("--sparse-grid", default="6:10", help="sparse grid schedule: constant 8, min:max (6:10, densest for the last quarter) or knots 1=6,0.5=8,0.2=10")
+    p.add_argument("--sparse-grid", help="sparse grid schedule: constant 8, min:max (default 6:10, densest for the last quarter) or knots 1=6,0.5=8,0.2=10")
     p.add_argument("--pool-depth", type=int, help="Poolingformer blocks at the bottom (default 2)")
     p.add_argument("--modules", type=int, help="sparse-dense token modules (default 4)")
     p.add_argument("--sparse-depth", type=int, help="sparse blocks per module after its merge block (default 3)")

@@ -23,12 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .distributed import DistributedConfig
 from .errors import UserError, warn
 from .masking import MASK_TYPES
-from .metrics.inception import CONVENTIONS as INCEPTION_RESIZES
-from .metrics.inception import TF as INCEPTION_TF
-from .models.sit import ModelConfig
-from .objective import ObjectiveConfig
-from .sampling import DDPM_SAMPLERS, FLOW_SAMPLERS, SampleConfig
-from .tracking import check_loggers
+from .sections import DDPM_SAMPLERS, FLOW_SAMPLERS, ModelConfig, ObjectiveConfig, SampleConfig
 
 CONFIG_DIR = Path(str(resources.files("sprintdit") / "configs"))  # the shipped configs (package data; studies under studies/)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -37,6 +32,9 @@ DATASETS = ("fashion_mnist", "fashion_mnist_layouts", "moving_fashion_mnist", "i
 VIDEO_DATASETS = ("moving_fashion_mnist", "clip_folder")
 FEATURE_NETWORKS = ("auto", "fmnist", "inception", "dinov2")
 LR_DECAYS = ("constant", "cosine")
+LOGGERS = ("jsonl", "tensorboard", "wandb")  # train.loggers (sprintdit.tracking); jsonl always
+INCEPTION_PYTORCH_FID, INCEPTION_TF = "pytorch-fid", "tf"  # eval.inception_resize: the preprocessing conventions (metrics/inception.py)
+INCEPTION_RESIZES = (INCEPTION_PYTORCH_FID, INCEPTION_TF)
 # The flat model keys of sprintdit 0.1 and their sections now; still read (YAML, overrides, saved configs and
 # checkpoints) with a one-line warning, until 0.3.
 MOVED_MODEL_KEYS = {
@@ -183,7 +181,15 @@ def find_config(name: str) -> Path:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     """Defaults <- YAML file (a path, or the name of a shipped config such as "fashion_mnist_sprint") <- `a.b=value`
-    overrides, type-checked, as a RunConfig."""
+    overrides, type-checked, as a RunConfig, every rule checked (`validate`)."""
+    run = compose_config(path, overrides)
+    validate(run)
+    return run
+
+
+def compose_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """load_config without the rules between sections (each section's own fields are checked): for a caller that sets
+    more fields on the typed config, then calls `validate` once."""
     base = OmegaConf.structured(RunConfig)
     layers = []
     if path is not None:
@@ -212,11 +218,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         except (yaml.YAMLError, IndexError, ValueError) as err:
             raise UserError(f"override {item!r} cannot be applied: {str(err).splitlines()[0]}") from None
     try:
-        run = OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise explain(err, "config") from None
-    validate(run)
-    return run
 
 
 def _check_list_indices(cfg, key: str) -> None:
@@ -255,7 +259,8 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"train.{name} must be >= 1, got {value}")
     if t.sample_every < 0 or t.max_nonfinite_steps < 0 or cfg.data.num_workers < 0:
         raise UserError("train.sample_every, train.max_nonfinite_steps and data.num_workers must be >= 0")
-    check_loggers(list(t.loggers))
+    if any(n not in LOGGERS for n in t.loggers) or "jsonl" not in t.loggers:
+        raise UserError(f"train.loggers is {list(t.loggers)}: choose from {', '.join(LOGGERS)}; jsonl is always one of them (resume reads it)")
     if cfg.data.resolution < 1:
         raise UserError(f"data.resolution must be >= 1, got {cfg.data.resolution}")
     if not 0.0 <= t.ema_decay < 1.0:

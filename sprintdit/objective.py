@@ -22,45 +22,9 @@ from .draws import Draws
 from .errors import UserError
 from .masking import gather_tokens, generator_device
 from .models.sit import RepaTap
+from .sections import ObjectiveConfig  # noqa: F401  (the objective's config, re-exported beside it)
 
-KINDS = ("flow", "ddpm")
-
-PATHS = ("linear", "cosine")
-TIME_SAMPLINGS = ("uniform", "logit_normal")
 CDF_FLOOR = 1e-12  # conditional logit-normal draws keep P(T <= t) inside [floor, 1 - floor]: t stays finite in logit space
-
-
-@dataclass
-class ObjectiveConfig:
-    kind: str = "flow"  # flow (flow matching, velocity) | ddpm (epsilon + learned sigma, DiT)
-    path: str = "linear"  # linear: x_t = (1-t) x0 + t eps | cosine: cos(pi t/2) x0 + sin(pi t/2) eps
-    time_sampling: str = "logit_normal"  # uniform | logit_normal (the SPRINT release's "lognormal")
-    logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2))
-    logit_std: float = 1.0
-    label_dropout: float = 0.1  # probability of training on the null label (enables guidance)
-    num_timesteps: int = 1000  # ddpm: diffusion steps T
-    beta_start: float = 1e-4  # ddpm: linear betas from beta_start to beta_end
-    beta_end: float = 0.02
-    repa_weight: float = 0.5  # REPA alignment loss weight (used when model.repa.depth > 0)
-    frame_noise_corr: float = 0.0  # video: correlation of the noise between any two frames (a mixed noise prior); 0: independent
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise UserError(f"objective.kind is {self.kind!r}; choose one of {', '.join(KINDS)}")
-        if self.num_timesteps < 2 or not 0.0 < self.beta_start <= self.beta_end < 1.0:
-            raise UserError("objective: ddpm needs num_timesteps >= 2 and 0 < beta_start <= beta_end < 1")
-        if self.path not in PATHS:
-            raise UserError(f"objective.path is {self.path!r}; choose one of {', '.join(PATHS)}")
-        if self.time_sampling not in TIME_SAMPLINGS:
-            raise UserError(f"objective.time_sampling is {self.time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise UserError(f"objective.label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.repa_weight < 0:
-            raise UserError(f"objective.repa_weight must be >= 0, got {self.repa_weight}")
-        if self.logit_std <= 0:
-            raise UserError(f"objective.logit_std must be positive, got {self.logit_std}")
-        if not 0.0 <= self.frame_noise_corr < 1.0:
-            raise UserError(f"objective.frame_noise_corr must be in [0, 1), got {self.frame_noise_corr}")
 
 
 @dataclass

@@ -8,53 +8,18 @@ seed and label.
 """
 from __future__ import annotations
 
-import math
 
-from dataclasses import dataclass, field
-from typing import Callable, List
+from typing import Callable
 
 import torch
 
 from .distributed import Dist, batches_of_rank, gather_to_main
 from .errors import UserError
 from .objective import DDPM, DiffusionProcess, FlowMatching, correlate_frames, null_like, spaced_steps
+from .sections import DDPM_SAMPLERS, FLOW_SAMPLERS, SampleConfig
 from .text import check_token_ids
 
-FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
-DDPM_SAMPLERS = ("ddpm", "ddim")
-SAMPLERS = FLOW_SAMPLERS + DDPM_SAMPLERS
-GUIDANCES = ("none", "cfg", "pdg")
-
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
-
-
-@dataclass
-class SampleConfig:
-    sampler: str = "euler"  # flow: euler | heun | dopri5 (adaptive, torchdiffeq; steps unused) (ODE) | sde (Euler-Maruyama, SiT's); ddpm objective: ddpm | ddim
-    steps: int = 50
-    guidance: str = "pdg"  # none | cfg (classifier-free) | pdg (Path-Drop Guidance)
-    scale: float = 2.0  # v = v_uncond + scale (v_cond - v_uncond) (DDPM: on eps)
-    interval: List[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [low, high]
-    sde_last_t: float = 0.04  # the SDE's noisy steps end here; a last deterministic step reaches t = 0
-    atol: float = 1e-6  # dopri5: absolute and relative error tolerances per step (SiT's ODE sampler defaults)
-    rtol: float = 1e-3
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
-        if self.guidance not in GUIDANCES:
-            raise UserError(f"guidance {self.guidance!r} is unknown; choose one of {', '.join(GUIDANCES)}")
-        if not (self.atol > 0 and self.rtol > 0):
-            raise UserError(f"sampling tolerances atol and rtol must be > 0, got {self.atol} and {self.rtol}")
-        if not math.isfinite(self.scale):
-            raise UserError(f"guidance scale must be a finite number, got {self.scale}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise UserError(f"sampling steps and batch size must be >= 1, got {self.steps} and {self.batch_size}")
-        if len(self.interval) != 2 or not 0.0 <= self.interval[0] <= self.interval[1] <= 1.0:
-            raise UserError(f"guidance interval must be [low, high] within [0, 1], got {list(self.interval)}")
-        if self.sampler == "sde" and not 0.0 < self.sde_last_t < 1.0:
-            raise UserError(f"sde_last_t must be in (0, 1), got {self.sde_last_t}")
 
 
 class SampleNoise:

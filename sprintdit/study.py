@@ -24,7 +24,7 @@ import re
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -33,7 +33,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import CONFIG_DIR, RunConfig, explain, find_config, find_shipped, load_config, read_yaml
+from .config import CONFIG_DIR, RunConfig, compose_config, explain, find_config, find_shipped, read_yaml, validate
 from .data import build_dataset
 from .density import SparseConfig
 from .errors import UserError
@@ -60,14 +60,10 @@ class BudgetSpec:
 
 
 @dataclass
-class SparsifySpec:
+class SparsifySpec(SparseConfig):
+    """A SparseDiT layout (model.sparse's fields and defaults: grid, pool_depth, modules, ...) made from another run."""
+
     source: str = ""  # the earlier run (same seed) whose final EMA weights become a SparseDiT
-    grid: str = "6:10"
-    pool_depth: int = 2
-    modules: int = 4
-    sparse_depth: int = 3
-    dense_depth: int = 1
-    recover: str = "fuse"  # fuse (the paper) | residual (see sprintdit.models.sparsedit.Recover)
     distill: float = 0.0  # > 0: fine-tune towards the source run's predictions with this weight (train.distill_from, train.distill_weight)
 
 
@@ -341,21 +337,21 @@ class Study:
         atomic_write_text(saved, text)
 
     def base_config(self, run: RunSpec, seed: int) -> RunConfig:
-        """The run's config before its stage lengths are set: base, overrides, seed, evaluation settings."""
+        """The run's config before its stage lengths are set: base and the study's overrides (as written), then the
+        seed, the evaluation settings and a sparsify run's source and teacher, set on the typed config."""
         ev = self.spec.evaluation
         shared = [o for o in self.spec.overrides if run.sparsify is None or not o.startswith(("model.", "objective."))]
-        evaluation = [
-            f"sample.sampler={ev.sampler}", f"sample.steps={ev.steps}", f"sample.guidance={ev.guidance}", f"sample.scale={ev.scale}",
-            f"sample.interval=[{ev.interval[0]},{ev.interval[1]}]", f"eval.num_samples={ev.num_samples}", f"eval.seed_start={ev.seed_start}",
-            "train.sample_every=0",
-        ]
-        overrides = shared + list(run.overrides) + list(self.spec.run_overrides.get(run.name, [])) + [f"train.seed={seed}"] + evaluation
-        if run.sparsify is not None:
-            overrides.append(f"train.init_from={self.sparsify_source(run, seed)}")
-            if run.sparsify.distill > 0:
-                overrides += [f"train.distill_from={self.run_dir(run.sparsify.source, seed)}", f"train.distill_weight={run.sparsify.distill}"]
         try:
-            return load_config(find_config(run.base or self.spec.base), overrides)
+            cfg = compose_config(find_config(run.base or self.spec.base), shared + list(run.overrides) + list(self.spec.run_overrides.get(run.name, [])))
+            train = {"seed": seed, "sample_every": 0}
+            if run.sparsify is not None:
+                train["init_from"] = str(self.sparsify_source(run, seed))
+                if run.sparsify.distill > 0:
+                    train.update(distill_from=str(self.run_dir(run.sparsify.source, seed)), distill_weight=run.sparsify.distill)
+            cfg = replace(cfg, train=replace(cfg.train, **train), eval=replace(cfg.eval, num_samples=ev.num_samples, seed_start=ev.seed_start),
+                          sample=replace(cfg.sample, sampler=ev.sampler, steps=ev.steps, guidance=ev.guidance, scale=ev.scale, interval=list(ev.interval)))
+            validate(cfg)
+            return cfg
         except UserError as err:
             raise UserError(f"study {self.name}, run {run.name}: {err}") from None
 
@@ -366,7 +362,7 @@ class Study:
         folder = self.run_dir(run.name, seed).parent / f"seed{seed}.init"
         if not folder.is_dir():
             sp = run.sparsify
-            layout = SparseConfig(**{k: v for k, v in asdict(sp).items() if k not in ("source", "distill")})
+            layout = SparseConfig(**{f.name: getattr(sp, f.name) for f in fields(SparseConfig)})
             sparsify(self.run_dir(sp.source, seed), folder, layout)
         return folder
 

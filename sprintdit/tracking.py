@@ -16,15 +16,8 @@ from pathlib import Path
 
 from .errors import UserError
 
-LOGGERS = ("jsonl", "tensorboard", "wandb")
 WANDB_HOST = ("api.wandb.ai", 443)
 REACH_TIMEOUT_S = 3.0
-
-
-def check_loggers(names: list[str]) -> None:
-    unknown = [n for n in names if n not in LOGGERS]
-    if unknown or "jsonl" not in names:
-        raise UserError(f"train.loggers is {list(names)}: choose from {', '.join(LOGGERS)}; jsonl is always one of them (resume reads it)")
 
 
 def numeric(record: dict) -> dict[str, float]:

@@ -38,3 +38,15 @@ def test_the_trainer_delegates_its_jobs():
     methods = [f for f in cls.body if isinstance(f, ast.FunctionDef) and not any(getattr(d, "id", "") == "property" for d in f.decorator_list)]
     stored = {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self" and isinstance(n.ctx, ast.Store)}
     assert len(methods) <= 13 and len(stored) <= 16, ([f.name for f in methods], sorted(stored))
+
+
+def test_config_is_a_foundation():
+    """Reading and validating a run config loads no network, objective, sampler, metric or tracker module."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, sprintdit.config as c; c.load_config('fashion_mnist_sprint'); "
+             "print(sorted(m for m in sys.modules if m.startswith(('sprintdit.models', 'sprintdit.objective', 'sprintdit.sampling', "
+             "'sprintdit.metrics', 'sprintdit.tracking', 'sprintdit.training'))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", loaded

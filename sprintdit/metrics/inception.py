@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import INCEPTION_PYTORCH_FID, INCEPTION_RESIZES, INCEPTION_TF
 from ..errors import UserError
 from .feature_io import GRAY, RGB, check_images, load_checked, read_state_dict
 
@@ -58,8 +59,7 @@ BN_EPS = 1e-3  # TF's batch-norm epsilon in the 2015-12-05 graph
 INPUT_SIZE = 299  # (H, W) the network sees
 PIXEL_HALF_RANGE = 127.5  # pytorch-fid: [0, 255] -> [-1, 1] by x / 127.5 - 1
 TF_PIXEL_CENTER = 128.0  # TF graph: x -> (x - 128) / 128
-PYTORCH_FID, TF = "pytorch-fid", "tf"  # preprocessing conventions, see the module docstring
-CONVENTIONS = (PYTORCH_FID, TF)
+PYTORCH_FID, TF = INCEPTION_PYTORCH_FID, INCEPTION_TF  # preprocessing conventions, see the module docstring (eval.inception_resize)
 POOL_DIM = 2048
 NUM_LOGITS = 1008
 SPATIAL_CHANNELS = 7  # channels of mixed_6/conv kept for sFID
@@ -301,8 +301,8 @@ def tf1_resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def preprocess(images: torch.Tensor, convention: str = TF) -> torch.Tensor:
     """images (N, 3 or 1, H, W), uint8 or float in [0, 255] -> float32 (N, 3, 299, 299) in about [-1, 1]."""
-    if convention not in CONVENTIONS:
-        raise UserError(f"unknown Inception preprocessing {convention!r}; choose one of {', '.join(CONVENTIONS)}")
+    if convention not in INCEPTION_RESIZES:
+        raise UserError(f"unknown Inception preprocessing {convention!r}; choose one of {', '.join(INCEPTION_RESIZES)}")
     x = images.float()
     if x.shape[1] == GRAY:
         x = x.expand(-1, RGB, -1, -1)  # (N, 3, H, W)

@@ -17,17 +17,17 @@ nothing about noise schedules or guidance: see `sprintdit.objective` and `sprint
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
-from typing import List, Optional
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..density import RECOVERS, SparseConfig, check_schedule, parse_schedule
+from ..density import RECOVERS, check_schedule, parse_schedule
 from ..errors import UserError, warn
 from ..masking import TokenMask, gather_tokens, restore_tokens
+from ..sections import ModelConfig, RepaConfig, SprintConfig, TextConfig  # noqa: F401  (the model's config, re-exported beside it)
 
 # (hidden size, depth, heads). S/B/L/XL are the published DiT/SiT sizes; Ti, Mini (narrow and deep: room for a
 # 2/8/2 SPRINT split or several SparseDiT modules) and Nano are CPU-sized.
@@ -47,108 +47,6 @@ FUSIONS = ("concat_linear", "none")
 POS_EMBEDS = ("rope", "sincos")
 MLPS = ("gelu", "swiglu")
 TIMESTEP_FREQ_DIM = 256  # sinusoidal timestep features fed to the timestep MLP
-
-
-@dataclass
-class SprintConfig:
-    """SPRINT: `blocks` split into a dense encoder, a middle on the kept tokens and a dense decoder, the two paths fused."""
-
-    encoder_depth: int = 2  # dense shallow blocks; middle depth = depth - encoder_depth - decoder_depth
-    decoder_depth: int = 2
-    fusion: str = "concat_linear"  # concat_linear (SPRINT) | none (naive token dropping; with no mask, a dense SiT)
-    path_drop_prob: float = 0.1  # per-sample probability of replacing the sparse path by MASK in training
-    mask_token_std: float = 0.02  # the fixed (untrained) MASK token is drawn from N(0, std^2)
-
-
-@dataclass
-class RepaConfig:
-    """REPA: an MLP projects the output of one block onto frozen DINOv2 features stored with the data."""
-
-    depth: int = 0  # the block whose output is aligned (1-based; 0 = off; REPA uses 8 for XL)
-    dim: Optional[int] = None  # width of the targets (DINOv2's D); default: the data's features
-    hidden: int = 2048  # projector: Linear(D, H) SiLU Linear(H, H) SiLU Linear(H, dim)
-
-
-@dataclass
-class TextConfig:
-    """Text conditioning (model.condition text): every block cross-attends from the image tokens to the caption's."""
-
-    encoder: str = "learned"  # learned: word embeddings and a small transformer trained with the model (closed vocabularies) | t5 | clip: embeddings precomputed by `sprintdit prepare --captions`
-    vocabulary: Optional[List[str]] = None  # learned: the words, in token order (ids 2, 3, ...; 0 pads, 1 starts); default: the data's
-    max_tokens: int = 16  # caption tokens (learned: including the start token; t5, clip: the tokenizer's); longer captions are truncated; default for t5, clip: the data's
-    depth: int = 2  # learned: transformer layers over the caption
-    path: Optional[str] = None  # t5, clip: the local transformers folder the embeddings came from (sampling encodes prompts with it); default: the data's
-    dim: Optional[int] = None  # t5, clip: the embedding width (T5-XXL: 4096); default: the data's
-    pooled: bool = False  # also add the caption's mean kept token, through a linear layer, to the timestep embedding (as SD3 and Flux add a pooled text vector); PixArt-alpha: off
-
-
-@dataclass
-class ModelConfig:
-    arch: str = "sit"  # sit (dense / SPRINT) | sparsedit (SparseDiT; see model.sparse and sprintdit.models.sparsedit)
-    condition: str = "class"  # class (a label table added to the timestep embedding) | text (cross-attention to a caption; model.text)
-    preset: Optional[str] = None  # e.g. "SiT-XL/2": fills hidden_size, depth, num_heads, patch_size left unset
-    input_size: Optional[List[int]] = None  # [H, W] of the model input (pixels or latents), or [F, H, W] for video; default: the data's
-    in_channels: Optional[int] = None  # default: the data's
-    num_classes: Optional[int] = None  # default: the data's; the label num_classes is the null (unconditional) class
-    patch_size: Optional[int] = None
-    patch_size_t: int = 1  # video: frames per token (Latte: 1)
-    hidden_size: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: float = 4.0
-    mlp: str = "gelu"  # gelu (tanh approximation) | swiglu
-    pos_embed: str = "rope"  # rope (2D or 3D, every block) | sincos (fixed 2D or 3D absolute, added once)
-    rope_theta: float = 10000.0
-    qk_norm: bool = True  # per-head RMSNorm on q and k
-    learn_sigma: bool = False  # doubles the output channels (DiT); flow matching uses the first half
-    norm_eps: float = 1e-6
-    init_std: float = 0.02  # normal init of the timestep MLP
-    label_init_std: float = 0.02  # normal init of the label table (larger: class conditioning is learned sooner)
-    time_scale: float = 1.0  # t is multiplied by this before the sinusoidal embedding (SiT: 1; DiT-style: 1000)
-    time_freq_shift: int = 0  # timestep frequencies exp(-ln(10000) i / (half - shift)): 0 as DiT and SiT, 1 as diffusers' DiT
-    sprint: SprintConfig = field(default_factory=SprintConfig)  # arch sit: the encoder / middle / decoder split and the fusion
-    repa: RepaConfig = field(default_factory=RepaConfig)  # arch sit: representation alignment (off by default)
-    sparse: SparseConfig = field(default_factory=SparseConfig)  # arch sparsedit only
-    text: TextConfig = field(default_factory=TextConfig)  # condition text only
-
-    @property
-    def video(self) -> bool:
-        return len(self.input_size) == 3
-
-    @property
-    def patch(self) -> tuple[int, ...]:
-        """Input elements per token along each axis: (p, p), or (patch_size_t, p, p) for video."""
-        return (self.patch_size_t,) * self.video + (self.patch_size, self.patch_size)
-
-    @property
-    def grid(self) -> tuple[int, ...]:
-        """The token grid: (rows, columns), or (frames, rows, columns) for video."""
-        return tuple(s // p for s, p in zip(self.input_size, self.patch))
-
-    @property
-    def num_tokens(self) -> int:
-        return math.prod(self.grid)
-
-    @property
-    def frame_tokens(self) -> int:
-        """Tokens per frame (all tokens of an image model)."""
-        return math.prod(self.grid[-2:])
-
-    @property
-    def middle_depth(self) -> int:
-        return self.depth - self.sprint.encoder_depth - self.sprint.decoder_depth
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * (2 if self.learn_sigma else 1)
-
-    def at_frames(self, frames: int | None) -> "ModelConfig":
-        """This video model's config for clips of `frames` frames (None: as it is); the weights are the same."""
-        return self if frames is None else replace(self, input_size=[frames, *self.input_size[1:]])
-
-    def token_grid(self, tokens: int) -> tuple[int, ...]:
-        """The grid of a forward's `tokens` tokens: the model's, or a shorter clip's first token frames."""
-        return (tokens // self.frame_tokens, *self.grid[1:]) if self.video else self.grid
 
 
 def null_condition(cfg: ModelConfig) -> int | torch.Tensor:

@@ -1,0 +1,192 @@
+"""The typed sections of a run config that the library's modules own: `model` (with its `sprint`, `repa`, `text` and
+`sparse` subsections; the network in models/sit.py, its cross-field rules in `resolve_model_config` there),
+`objective` (objective.py) and `sample` (sampling.py). Plain dataclasses with the checks of their own fields, so
+config.py, the foundation, reads and validates a run config without importing a network, an objective or a sampler.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+from .density import SparseConfig
+from .errors import UserError
+
+@dataclass
+class SprintConfig:
+    """SPRINT: `blocks` split into a dense encoder, a middle on the kept tokens and a dense decoder, the two paths fused."""
+
+    encoder_depth: int = 2  # dense shallow blocks; middle depth = depth - encoder_depth - decoder_depth
+    decoder_depth: int = 2
+    fusion: str = "concat_linear"  # concat_linear (SPRINT) | none (naive token dropping; with no mask, a dense SiT)
+    path_drop_prob: float = 0.1  # per-sample probability of replacing the sparse path by MASK in training
+    mask_token_std: float = 0.02  # the fixed (untrained) MASK token is drawn from N(0, std^2)
+
+
+@dataclass
+class RepaConfig:
+    """REPA: an MLP projects the output of one block onto frozen DINOv2 features stored with the data."""
+
+    depth: int = 0  # the block whose output is aligned (1-based; 0 = off; REPA uses 8 for XL)
+    dim: Optional[int] = None  # width of the targets (DINOv2's D); default: the data's features
+    hidden: int = 2048  # projector: Linear(D, H) SiLU Linear(H, H) SiLU Linear(H, dim)
+
+
+@dataclass
+class TextConfig:
+    """Text conditioning (model.condition text): every block cross-attends from the image tokens to the caption's."""
+
+    encoder: str = "learned"  # learned: word embeddings and a small transformer trained with the model (closed vocabularies) | t5 | clip: embeddings precomputed by `sprintdit prepare --captions`
+    vocabulary: Optional[List[str]] = None  # learned: the words, in token order (ids 2, 3, ...; 0 pads, 1 starts); default: the data's
+    max_tokens: int = 16  # caption tokens (learned: including the start token; t5, clip: the tokenizer's); longer captions are truncated; default for t5, clip: the data's
+    depth: int = 2  # learned: transformer layers over the caption
+    path: Optional[str] = None  # t5, clip: the local transformers folder the embeddings came from (sampling encodes prompts with it); default: the data's
+    dim: Optional[int] = None  # t5, clip: the embedding width (T5-XXL: 4096); default: the data's
+    pooled: bool = False  # also add the caption's mean kept token, through a linear layer, to the timestep embedding (as SD3 and Flux add a pooled text vector); PixArt-alpha: off
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "sit"  # sit (dense / SPRINT) | sparsedit (SparseDiT; see model.sparse and sprintdit.models.sparsedit)
+    condition: str = "class"  # class (a label table added to the timestep embedding) | text (cross-attention to a caption; model.text)
+    preset: Optional[str] = None  # e.g. "SiT-XL/2": fills hidden_size, depth, num_heads, patch_size left unset
+    input_size: Optional[List[int]] = None  # [H, W] of the model input (pixels or latents), or [F, H, W] for video; default: the data's
+    in_channels: Optional[int] = None  # default: the data's
+    num_classes: Optional[int] = None  # default: the data's; the label num_classes is the null (unconditional) class
+    patch_size: Optional[int] = None
+    patch_size_t: int = 1  # video: frames per token (Latte: 1)
+    hidden_size: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    mlp: str = "gelu"  # gelu (tanh approximation) | swiglu
+    pos_embed: str = "rope"  # rope (2D or 3D, every block) | sincos (fixed 2D or 3D absolute, added once)
+    rope_theta: float = 10000.0
+    qk_norm: bool = True  # per-head RMSNorm on q and k
+    learn_sigma: bool = False  # doubles the output channels (DiT); flow matching uses the first half
+    norm_eps: float = 1e-6
+    init_std: float = 0.02  # normal init of the timestep MLP
+    label_init_std: float = 0.02  # normal init of the label table (larger: class conditioning is learned sooner)
+    time_scale: float = 1.0  # t is multiplied by this before the sinusoidal embedding (SiT: 1; DiT-style: 1000)
+    time_freq_shift: int = 0  # timestep frequencies exp(-ln(10000) i / (half - shift)): 0 as DiT and SiT, 1 as diffusers' DiT
+    sprint: SprintConfig = field(default_factory=SprintConfig)  # arch sit: the encoder / middle / decoder split and the fusion
+    repa: RepaConfig = field(default_factory=RepaConfig)  # arch sit: representation alignment (off by default)
+    sparse: SparseConfig = field(default_factory=SparseConfig)  # arch sparsedit only
+    text: TextConfig = field(default_factory=TextConfig)  # condition text only
+
+    @property
+    def video(self) -> bool:
+        return len(self.input_size) == 3
+
+    @property
+    def patch(self) -> tuple[int, ...]:
+        """Input elements per token along each axis: (p, p), or (patch_size_t, p, p) for video."""
+        return (self.patch_size_t,) * self.video + (self.patch_size, self.patch_size)
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The token grid: (rows, columns), or (frames, rows, columns) for video."""
+        return tuple(s // p for s, p in zip(self.input_size, self.patch))
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def frame_tokens(self) -> int:
+        """Tokens per frame (all tokens of an image model)."""
+        return math.prod(self.grid[-2:])
+
+    @property
+    def middle_depth(self) -> int:
+        return self.depth - self.sprint.encoder_depth - self.sprint.decoder_depth
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learn_sigma else 1)
+
+    def at_frames(self, frames: int | None) -> "ModelConfig":
+        """This video model's config for clips of `frames` frames (None: as it is); the weights are the same."""
+        return self if frames is None else replace(self, input_size=[frames, *self.input_size[1:]])
+
+    def token_grid(self, tokens: int) -> tuple[int, ...]:
+        """The grid of a forward's `tokens` tokens: the model's, or a shorter clip's first token frames."""
+        return (tokens // self.frame_tokens, *self.grid[1:]) if self.video else self.grid
+
+
+# ----------------------------------------------------------------------------------- objective
+
+KINDS = ("flow", "ddpm")
+
+PATHS = ("linear", "cosine")
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "flow"  # flow (flow matching, velocity) | ddpm (epsilon + learned sigma, DiT)
+    path: str = "linear"  # linear: x_t = (1-t) x0 + t eps | cosine: cos(pi t/2) x0 + sin(pi t/2) eps
+    time_sampling: str = "logit_normal"  # uniform | logit_normal (the SPRINT release's "lognormal")
+    logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std^2))
+    logit_std: float = 1.0
+    label_dropout: float = 0.1  # probability of training on the null label (enables guidance)
+    num_timesteps: int = 1000  # ddpm: diffusion steps T
+    beta_start: float = 1e-4  # ddpm: linear betas from beta_start to beta_end
+    beta_end: float = 0.02
+    repa_weight: float = 0.5  # REPA alignment loss weight (used when model.repa.depth > 0)
+    frame_noise_corr: float = 0.0  # video: correlation of the noise between any two frames (a mixed noise prior); 0: independent
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise UserError(f"objective.kind is {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.num_timesteps < 2 or not 0.0 < self.beta_start <= self.beta_end < 1.0:
+            raise UserError("objective: ddpm needs num_timesteps >= 2 and 0 < beta_start <= beta_end < 1")
+        if self.path not in PATHS:
+            raise UserError(f"objective.path is {self.path!r}; choose one of {', '.join(PATHS)}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise UserError(f"objective.time_sampling is {self.time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise UserError(f"objective.label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.repa_weight < 0:
+            raise UserError(f"objective.repa_weight must be >= 0, got {self.repa_weight}")
+        if self.logit_std <= 0:
+            raise UserError(f"objective.logit_std must be positive, got {self.logit_std}")
+        if not 0.0 <= self.frame_noise_corr < 1.0:
+            raise UserError(f"objective.frame_noise_corr must be in [0, 1), got {self.frame_noise_corr}")
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
+DDPM_SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = FLOW_SAMPLERS + DDPM_SAMPLERS
+GUIDANCES = ("none", "cfg", "pdg")
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "euler"  # flow: euler | heun | dopri5 (adaptive, torchdiffeq; steps unused) (ODE) | sde (Euler-Maruyama, SiT's); ddpm objective: ddpm | ddim
+    steps: int = 50
+    guidance: str = "pdg"  # none | cfg (classifier-free) | pdg (Path-Drop Guidance)
+    scale: float = 2.0  # v = v_uncond + scale (v_cond - v_uncond) (DDPM: on eps)
+    interval: List[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only for t in [low, high]
+    sde_last_t: float = 0.04  # the SDE's noisy steps end here; a last deterministic step reaches t = 0
+    atol: float = 1e-6  # dopri5: absolute and relative error tolerances per step (SiT's ODE sampler defaults)
+    rtol: float = 1e-3
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        if self.guidance not in GUIDANCES:
+            raise UserError(f"guidance {self.guidance!r} is unknown; choose one of {', '.join(GUIDANCES)}")
+        if not (self.atol > 0 and self.rtol > 0):
+            raise UserError(f"sampling tolerances atol and rtol must be > 0, got {self.atol} and {self.rtol}")
+        if not math.isfinite(self.scale):
+            raise UserError(f"guidance scale must be a finite number, got {self.scale}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise UserError(f"sampling steps and batch size must be >= 1, got {self.steps} and {self.batch_size}")
+        if len(self.interval) != 2 or not 0.0 <= self.interval[0] <= self.interval[1] <= 1.0:
+            raise UserError(f"guidance interval must be [low, high] within [0, 1], got {list(self.interval)}")
+        if self.sampler == "sde" and not 0.0 < self.sde_last_t < 1.0:
+            raise UserError(f"sde_last_t must be in (0, 1), got {self.sde_last_t}")
