@@ -12,6 +12,7 @@ Parts, in order, each reporting pass/fail and never stopping the rest:
 Everything goes to OUT/gpu_check.json; a table is printed last. `--cpu-smoke` runs the same parts at tiny sizes
 on the CPU in seconds (the test suite does, so the check cannot rot); compiled parts are skipped there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,22 +57,39 @@ def sprintdit(*args: str) -> subprocess.CompletedProcess:
 
 
 def cuda_tests(smoke: bool, work: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.strip()[-300:]
     return {"ok": proc.returncode in (0, 5), "summary": last}  # 5: nothing collected
 
 
 def train_resume(smoke: bool, work: Path) -> dict:
     data = random_fashion_mnist(work / "fmnist")
-    size = ["model.preset=SiT-Nano/4", "model.hidden_size=32", "train.batch_size=8"] if smoke else ["model.preset=SiT-S/2", "train.batch_size=256", "train.precision=bf16"]
+    size = (
+        ["model.preset=SiT-Nano/4", "model.hidden_size=32", "train.batch_size=8"]
+        if smoke
+        else ["model.preset=SiT-S/2", "train.batch_size=256", "train.precision=bf16"]
+    )
     steps = (3, 2) if smoke else (60, 20)
-    args = [f"data.root={data}", "train.sample_every=0", "train.log_every=1", *size,
-            f"stages=[{{name: pre, steps: {steps[0]}, lr: 0.001, mask_ratio: 0.75}}, {{name: ft, steps: {steps[1]}, lr: 0.0005, mask_ratio: 0}}]"]
+    args = [
+        f"data.root={data}",
+        "train.sample_every=0",
+        "train.log_every=1",
+        *size,
+        f"stages=[{{name: pre, steps: {steps[0]}, lr: 0.001, mask_ratio: 0.75}}, "
+        f"{{name: ft, steps: {steps[1]}, lr: 0.0005, mask_ratio: 0}}]",
+    ]
     runs = {}
     for name, stops in (("straight", [None]), ("resumed", [steps[0], None])):
         for stop in stops:
             extra = ["--stop-at", str(stop)] if stop else []
-            proc = sprintdit("train", "--config", "fashion_mnist_sprint", "--out", str(work / name), "--no-progress", *args, *extra)
+            proc = sprintdit(
+                "train", "--config", "fashion_mnist_sprint", "--out", str(work / name), "--no-progress", *args, *extra
+            )
             if proc.returncode:
                 return {"ok": False, "summary": f"{name}: {proc.stderr.strip().splitlines()[-1]}"}
         runs[name] = work / name
@@ -84,11 +102,22 @@ def train_resume(smoke: bool, work: Path) -> dict:
         a, b = (load_file(str(list_checkpoints(runs[n])[-1] / file)) for n in ("straight", "resumed"))
         diffs += [(a[k].float() - b[k].float()).abs().max().item() for k in a]
     worst = max(diffs)
-    losses = [json.loads(line)["loss"] for line in (runs["straight"] / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (runs["straight"] / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     # bitwise on CPU; on a GPU non-deterministic kernels (atomics in backward) may differ in the last bits
     tolerance = 0.0 if smoke else 1e-3
-    return {"ok": worst <= tolerance, "max_abs_diff": worst, "bitwise": worst == 0.0, "tolerance": tolerance,
-            "first_loss": losses[0], "last_loss": losses[-1], "summary": f"resumed vs straight: max |diff| {worst:.3g} (tolerance {tolerance:g})"}
+    return {
+        "ok": worst <= tolerance,
+        "max_abs_diff": worst,
+        "bitwise": worst == 0.0,
+        "tolerance": tolerance,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "summary": f"resumed vs straight: max |diff| {worst:.3g} (tolerance {tolerance:g})",
+    }
 
 
 def bench(smoke: bool, work: Path, name: str, args: list[str]) -> dict:
@@ -97,25 +126,93 @@ def bench(smoke: bool, work: Path, name: str, args: list[str]) -> dict:
     if proc.returncode:
         return {"ok": False, "summary": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     report = json.loads(out.read_text())
-    steps = "; ".join(f"mask {r['mask_ratio']:g}: {r['step_ms']:.1f} ms, MFU {r['mfu']:.0%}, x{r['speedup_vs_dense']:.2f}" for r in report["train"])
+    steps = "; ".join(
+        f"mask {r['mask_ratio']:g}: {r['step_ms']:.1f} ms, MFU {r['mfu']:.0%}, x{r['speedup_vs_dense']:.2f}"
+        for r in report["train"]
+    )
     pdg = report["sample"].get("pdg_speedup_vs_cfg")
     return {"ok": True, "report": report, "summary": f"{steps}; PDG vs CFG step x{pdg:.2f}" if pdg else steps}
 
 
 def bench_parts(smoke: bool) -> list[tuple[str, list[str]]]:
     if smoke:
-        tiny = ["--preset", "SiT-Nano/4", "--resolution", "32", "--latent-factor", "1", "--channels", "1", "--num-classes", "10",
-                "--batch", "4", "--warmup", "1", "--repeats", "2", "--sample-steps", "2", "--mask-ratios", "0,0.75", "--device", "cpu"]
+        tiny = [
+            "--preset",
+            "SiT-Nano/4",
+            "--resolution",
+            "32",
+            "--latent-factor",
+            "1",
+            "--channels",
+            "1",
+            "--num-classes",
+            "10",
+            "--batch",
+            "4",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--sample-steps",
+            "2",
+            "--mask-ratios",
+            "0,0.75",
+            "--device",
+            "cpu",
+        ]
         return [("bench-smoke", tiny)]
-    common = ["--mask-ratios", "0,0.75", "--precision", "bf16", "--compile", "--warmup", "3", "--repeats", "10"]  # compiling dominates: few repeats
+    common = [
+        "--mask-ratios",
+        "0,0.75",
+        "--precision",
+        "bf16",
+        "--compile",
+        "--warmup",
+        "3",
+        "--repeats",
+        "10",
+    ]  # compiling dominates: few repeats
     return [
         ("bench-xl2-256", ["--preset", "SiT-XL/2", "--resolution", "256", "--batch", "64", *common]),
         ("bench-xl2-512", ["--preset", "SiT-XL/2", "--resolution", "512", "--batch", "32", *common]),
         ("bench-small-256tok", ["--preset", "SiT-S/2", "--resolution", "256", "--batch", "256", *common]),
-        ("bench-small-256tok-cudagraphs", ["--preset", "SiT-S/2", "--resolution", "256", "--batch", "256", *common, "--compile-mode", "reduce-overhead"]),
-        # video at Latte's size (16 frames of 256 px latents, 4096 tokens), eager: the token count where dropping pays most
-        ("bench-video-16f", ["--preset", "SiT-XL/2", "--resolution", "256", "--frames", "16", "--batch", "4", "--mask-ratios", "0,0.75",
-                             "--precision", "bf16", "--warmup", "2", "--repeats", "5"]),
+        (
+            "bench-small-256tok-cudagraphs",
+            [
+                "--preset",
+                "SiT-S/2",
+                "--resolution",
+                "256",
+                "--batch",
+                "256",
+                *common,
+                "--compile-mode",
+                "reduce-overhead",
+            ],
+        ),
+        # video at Latte's size (16 frames of 256 px latents, 4096 tokens), eager: the token count where dropping pays
+        # most
+        (
+            "bench-video-16f",
+            [
+                "--preset",
+                "SiT-XL/2",
+                "--resolution",
+                "256",
+                "--frames",
+                "16",
+                "--batch",
+                "4",
+                "--mask-ratios",
+                "0,0.75",
+                "--precision",
+                "bf16",
+                "--warmup",
+                "2",
+                "--repeats",
+                "5",
+            ],
+        ),
     ]
 
 
@@ -128,17 +225,30 @@ def compile_switch(smoke: bool, work: Path) -> dict:
     from sprintdit.training import Trainer, total_steps
 
     data = random_fashion_mnist(work / "fmnist")
-    cfg = load_config("fashion_mnist_sprint", [f"data.root={data}", "model.preset=SiT-S/2", "train.batch_size=256", "train.precision=bf16",
-                                               "train.compile=true", "train.sample_every=0",
-                                               "stages=[{name: pre, steps: 20, mask_ratio: 0.75}, {name: ft, steps: 20, mask_ratio: 0}]"])
+    cfg = load_config(
+        "fashion_mnist_sprint",
+        [
+            f"data.root={data}",
+            "model.preset=SiT-S/2",
+            "train.batch_size=256",
+            "train.precision=bf16",
+            "train.compile=true",
+            "train.sample_every=0",
+            "stages=[{name: pre, steps: 20, mask_ratio: 0.75}, {name: ft, steps: 20, mask_ratio: 0}]",
+        ],
+    )
     torch._dynamo.reset()
     trainer = Trainer(cfg, work / "compiled", progress=False)
     trainer.build_graphs(total_steps(cfg))  # what fit does first: every stage's graph before the first step
     built = dict(torch._dynamo.utils.counters["stats"]).get("unique_graphs", 0)
     trainer.fit()  # both stages, across the switch
     graphs = dict(torch._dynamo.utils.counters["stats"]).get("unique_graphs", 0) - built
-    return {"ok": graphs == 0, "graphs_built_up_front": built, "new_graphs_while_training": graphs,
-            "summary": f"{built} graphs built before step 1, {graphs} new while training (the stage switch included)"}
+    return {
+        "ok": graphs == 0,
+        "graphs_built_up_front": built,
+        "new_graphs_while_training": graphs,
+        "summary": f"{built} graphs built before step 1, {graphs} new while training (the stage switch included)",
+    }
 
 
 def main() -> int:
@@ -156,15 +266,24 @@ def main() -> int:
     parts += [(name, lambda s, w, n=name, a=a: bench(s, w, n, a)) for name, a in bench_parts(smoke)]
     parts += [("compile-switch", compile_switch)]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not smoke else f"CPU {platform.machine()}"
-    record = {"device": device, "torch": torch.__version__, "date": date.today().isoformat(), "smoke": smoke,
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "parts": {}}
+    record = {
+        "device": device,
+        "torch": torch.__version__,
+        "date": date.today().isoformat(),
+        "smoke": smoke,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "parts": {},
+    }
     for name, part in parts:
         tic = time.perf_counter()
         try:
             result = part(smoke, work)
         except Exception as err:  # a part that breaks is reported, the others still run
-            result = {"ok": False, "summary": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                      "traceback": traceback.format_exc()}
+            result = {
+                "ok": False,
+                "summary": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                "traceback": traceback.format_exc(),
+            }
         result["seconds"] = round(time.perf_counter() - tic, 1)
         record["parts"][name] = result
         (work / "gpu_check.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,12 +1,15 @@
 """Train the Fashion-MNIST classifier behind the metrics; write its weights and their JSON record.
 
-    python scripts/train_fmnist_classifier.py [--root /usr/share/datasets/fashion-mnist] [--epochs 6] [--garment-side 16]
+    python scripts/train_fmnist_classifier.py [--root /usr/share/datasets/fashion-mnist] [--epochs 6] [--garment-side
+    16]
 
 Writes sprintdit/metrics/weights/fmnist_classifier.safetensors and fmnist_classifier.json (sha256, test
 accuracy, settings, training time) unless --out names another .safetensors path. With --garment-side S it trains
-and tests on garments shrunk to S x S and grown back (what `classify_garments` reads), into fmnist_garment16.*. CPU only and
+and tests on garments shrunk to S x S and grown back (what `classify_garments` reads), into fmnist_garment16.*. CPU only
+and
 deterministic: fixed seeds, deterministic algorithms, a fixed thread count, the library's seeded batch order.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +29,14 @@ from sprintdit.fashion_mnist import FashionMNIST
 from sprintdit.metrics import class_agreement, feature_stats, frechet_distance
 from sprintdit.files import sha256_file
 from sprintdit.layouts import shrink
-from sprintdit.metrics.fmnist_classifier import GARMENT_WEIGHTS, WEIGHTS, FMNISTClassifier, classify, record_path, regrown
+from sprintdit.metrics.fmnist_classifier import (
+    GARMENT_WEIGHTS,
+    WEIGHTS,
+    FMNISTClassifier,
+    classify,
+    record_path,
+    regrown,
+)
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 EPOCHS = 6
@@ -88,7 +98,10 @@ def train(train_set: FashionMNIST, epochs: int) -> FMNISTClassifier:
     decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on biases and norm scales
     rest = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}], lr=LR, momentum=MOMENTUM, nesterov=True
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}],
+        lr=LR,
+        momentum=MOMENTUM,
+        nesterov=True,
     )
     steps_per_epoch = len(train_set) // BATCH
     total = epochs * steps_per_epoch
@@ -111,9 +124,15 @@ def train(train_set: FashionMNIST, epochs: int) -> FMNISTClassifier:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=DEFAULT_ROOT, help="folder with the Fashion-MNIST IDX files")
-    parser.add_argument("--out", type=Path, help="weights file; the JSON record goes beside it (default: the shipped one)")
+    parser.add_argument(
+        "--out", type=Path, help="weights file; the JSON record goes beside it (default: the shipped one)"
+    )
     parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--garment-side", type=int, help="train and test on garments shrunk to this side and grown back (16: moving clips)")
+    parser.add_argument(
+        "--garment-side",
+        type=int,
+        help="train and test on garments shrunk to this side and grown back (16: moving clips)",
+    )
     args = parser.parse_args(argv)
     args.out = args.out or (GARMENT_WEIGHTS if args.garment_side else WEIGHTS)
 
@@ -139,10 +158,15 @@ def main(argv: list[str] | None = None) -> None:
         "threads": THREADS,
         "train_seconds": round(seconds),
         "torch": torch.__version__,
-        "command": shlex.join(["python", "scripts/train_fmnist_classifier.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(
+            ["python", "scripts/train_fmnist_classifier.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
     }
     record_path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"test accuracy {scores['test_accuracy']:.4f}, train-vs-test FID {scores['train_vs_test_fid']:.4f}, {seconds:.0f} s of training")
+    print(
+        f"test accuracy {scores['test_accuracy']:.4f}, train-vs-test FID {scores['train_vs_test_fid']:.4f}, "
+        f"{seconds:.0f} s of training"
+    )
     print(f"wrote {args.out} and {record_path(args.out).name}")
 
 

@@ -7,6 +7,7 @@
 
 The names below load on first use, so `import sprintdit` (and `sprintdit --help`) does not import torch.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -8,6 +8,7 @@ the same library functions).
     images = pipe(labels=[0, 1, 2], seeds=[0, 1, 2], steps=25, guidance="pdg", scale=2.0)  # PIL images
     images = text_pipe(prompts=["a bag top left"], seeds=[0])  # a text-conditioned run (model.condition text)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,19 +37,32 @@ def train(cfg: RunConfig, out: str | Path, stop_at: int | None = None, progress:
 MAX_SAMPLES = 100_000  # samples one `sample` call holds in memory at most (ADM's evaluation batches hold 50,000)
 
 
-def sample_conditions(model: ModelConfig, labels: Sequence[int] | None = None, prompts: Sequence[str] | None = None, per_label: int = 1,
-                      text_encoder_path: str | None = None, device: str | torch.device = "cpu") -> list:
+def sample_conditions(
+    model: ModelConfig,
+    labels: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
+    per_label: int = 1,
+    text_encoder_path: str | None = None,
+    device: str | torch.device = "cpu",
+) -> list:
     """One condition per sample, each label or prompt `per_label` times in a row: class labels (default: every
     class) for a class model; for a text model its prompts as token ids or embeddings (text_encoders.encode_prompts)."""
     if per_label < 1:
         raise UserError(f"per_label (--per-label) must be >= 1, got {per_label}")
-    count = per_label * len(prompts if model.condition == "text" and prompts else labels if labels is not None else range(model.num_classes))
+    count = per_label * len(
+        prompts if model.condition == "text" and prompts else labels if labels is not None else range(model.num_classes)
+    )
     if count > MAX_SAMPLES:
-        raise UserError(f"{count} samples asked for; one call draws at most {MAX_SAMPLES} (they are held in memory): split the job by --seeds or labels")
+        raise UserError(
+            f"{count} samples asked for; one call draws at most {MAX_SAMPLES} (they are held in memory): split the job "
+            f"by --seeds or labels"
+        )
     if model.condition == "text":
         if not prompts or labels is not None:
             raise UserError("this model is text-conditioned: give prompts (--prompt TEXT, --prompts FILE), not labels")
-        return list(encode_prompts(model, [p for p in prompts for _ in range(per_label)], text_encoder_path, device).cpu())
+        return list(
+            encode_prompts(model, [p for p in prompts for _ in range(per_label)], text_encoder_path, device).cpu()
+        )
     if prompts:
         raise UserError("this model is class-conditional: give labels, not prompts")
     return [int(y) for y in (range(model.num_classes) if labels is None else labels) for _ in range(per_label)]
@@ -61,12 +75,18 @@ class Pipeline:
     settings come from the checkpoint; latent models decode with the run's VAE and every image is clamped to
     [-1, 1] and rounded to uint8 as the ADM sample scripts do. An image depends only on its label and seed."""
 
-    def __init__(self, model: torch.nn.Module, run: RunConfig, device: torch.device, text_encoder_path: str | None = None):
-        self.handle = SamplingRun.of(model, run, Dist(device=device))  # one process: the pipeline samples on its own device
+    def __init__(
+        self, model: torch.nn.Module, run: RunConfig, device: torch.device, text_encoder_path: str | None = None
+    ):
+        self.handle = SamplingRun.of(
+            model, run, Dist(device=device)
+        )  # one process: the pipeline samples on its own device
         self.text_encoder_path = text_encoder_path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "auto", use_ema: bool = True, text_encoder_path: str | None = None) -> "Pipeline":
+    def from_pretrained(
+        cls, path: str | Path, device: str = "auto", use_ema: bool = True, text_encoder_path: str | None = None
+    ) -> "Pipeline":
         """A run folder (its latest checkpoint), a checkpoint folder, an exported folder or a .safetensors file."""
         model, run = load_model(path, use_ema=use_ema)
         return cls(model, run, pick_device(device), text_encoder_path)
@@ -93,16 +113,31 @@ class Pipeline:
         return self.run.model.num_classes
 
     def __call__(
-        self, labels: Sequence[int] | None = None, seeds: Sequence[int] | None = None, steps: int | None = None, guidance: str | None = None,
-        scale: float | None = None, sampler: str | None = None, interval: Sequence[float] | None = None, batch_size: int | None = None,
-        progress: bool = False, prompts: Sequence[str] | None = None,
+        self,
+        labels: Sequence[int] | None = None,
+        seeds: Sequence[int] | None = None,
+        steps: int | None = None,
+        guidance: str | None = None,
+        scale: float | None = None,
+        sampler: str | None = None,
+        interval: Sequence[float] | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+        prompts: Sequence[str] | None = None,
     ) -> list[Image.Image]:
-        """One image per label or prompt (seed: its position when `seeds` is not given); unset settings: the run's `sample`."""
+        """One image per label or prompt (seed: its position when `seeds` is not given); unset settings: the run's
+        `sample`."""
         if labels is None and prompts is None:
             raise UserError("give labels (a class model) or prompts (a text model)")
         labels = sample_conditions(self.run.model, labels, prompts, 1, self.text_encoder_path, self.device)
-        cfg = self.handle.sample_config(steps=steps, guidance=guidance, scale=scale, sampler=sampler, batch_size=batch_size,
-                                        interval=None if interval is None else [float(v) for v in interval])
+        cfg = self.handle.sample_config(
+            steps=steps,
+            guidance=guidance,
+            scale=scale,
+            sampler=sampler,
+            batch_size=batch_size,
+            interval=None if interval is None else [float(v) for v in interval],
+        )
         seeds = list(range(len(labels))) if seeds is None else list(seeds)
         pixels = to_uint8(self.handle.generate(list(labels), seeds, cfg, progress=progress)[0])  # (N, H, W, C) uint8
         return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in pixels]

@@ -5,6 +5,7 @@ Times are medians over `repeats` after `warmup` untimed repeats: CUDA events on 
 synchronize) elsewhere. FLOPs are analytic (`sprintdit.flops`); MFU divides achieved FLOP/s by a peak that
 is measured here as the best dense matmul rate of the device in the benchmark's precision, unless given.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -46,14 +47,25 @@ class BenchConfig:
     decoder_depth: int = 2
     precision: str = "auto"  # autocast dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
-    compile_mode: str = "default"  # torch.compile's mode: reduce-overhead captures CUDA graphs (small, launch-bound models)
+    compile_mode: str = (
+        "default"  # torch.compile's mode: reduce-overhead captures CUDA graphs (small, launch-bound models)
+    )
     grad_checkpointing: bool = False
     sample_steps: int = 25  # steps of the full sampler run
     warmup: int = 5
     repeats: int = 20
     peak_tflops: float | None = None  # measured when not given
-    sparse_grids: list[str] = field(default_factory=list)  # SparseDiT schedules to compare with the dense model, e.g. ["6:10", "8"]
-    sparse_layout: list[int] = field(default_factory=lambda: [SparseConfig.pool_depth, SparseConfig.modules, SparseConfig.sparse_depth, SparseConfig.dense_depth])  # Poolingformers, modules, sparse and dense blocks per module
+    sparse_grids: list[str] = field(
+        default_factory=list
+    )  # SparseDiT schedules to compare with the dense model, e.g. ["6:10", "8"]
+    sparse_layout: list[int] = field(
+        default_factory=lambda: [
+            SparseConfig.pool_depth,
+            SparseConfig.modules,
+            SparseConfig.sparse_depth,
+            SparseConfig.dense_depth,
+        ]
+    )  # Poolingformers, modules, sparse and dense blocks per module
     device: str = "auto"
 
 
@@ -98,8 +110,14 @@ def build_model(cfg: BenchConfig, device: torch.device) -> SiT:
         raise UserError(f"--resolution {cfg.resolution} is not a multiple of the latent factor {cfg.latent_factor}")
     if cfg.frames < 0:
         raise UserError(f"--frames must be >= 1 for video or 0 for images, got {cfg.frames}")
-    mc = ModelConfig(preset=cfg.preset, input_size=[cfg.frames] * bool(cfg.frames) + [side, side], patch_size_t=cfg.patch_size_t,
-                     in_channels=cfg.channels, num_classes=cfg.num_classes, sprint=SprintConfig(encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth))
+    mc = ModelConfig(
+        preset=cfg.preset,
+        input_size=[cfg.frames] * bool(cfg.frames) + [side, side],
+        patch_size_t=cfg.patch_size_t,
+        in_channels=cfg.channels,
+        num_classes=cfg.num_classes,
+        sprint=SprintConfig(encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth),
+    )
     model = SiT(mc).to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     return model
@@ -114,7 +132,9 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
     if cfg.batch < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.sample_steps < 1:
         raise UserError("--batch, --repeats and --sample-steps must be >= 1, --warmup >= 0")
     if cfg.compile_mode not in COMPILE_MODES or (cfg.compile_mode != "default" and not cfg.compile):
-        raise UserError(f"--compile-mode {cfg.compile_mode!r}: give it with --compile, one of {', '.join(COMPILE_MODES)}")
+        raise UserError(
+            f"--compile-mode {cfg.compile_mode!r}: give it with --compile, one of {', '.join(COMPILE_MODES)}"
+        )
     model = build_model(cfg, device)
     mc = model.config
     for ratio in cfg.mask_ratios:
@@ -144,16 +164,28 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         seconds = median_seconds(step, device, cfg.warmup, cfg.repeats)
         flops = 3 * forward_flops(mc, cfg.batch, ratio)
-        train.append({
-            "mask_ratio": ratio, "step_ms": seconds * 1e3, "images_per_s": cfg.batch / seconds, "flops_per_step": flops,
-            "tflops": flops / seconds / TERA, "mfu": flops / seconds / TERA / peak,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        })
+        train.append(
+            {
+                "mask_ratio": ratio,
+                "step_ms": seconds * 1e3,
+                "images_per_s": cfg.batch / seconds,
+                "flops_per_step": flops,
+                "tflops": flops / seconds / TERA,
+                "mfu": flops / seconds / TERA / peak,
+                "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            }
+        )
     dense = next((r for r in train if r["mask_ratio"] == 0.0), None)
     for r in train:
         r["speedup_vs_dense"] = dense["step_ms"] / r["step_ms"] if dense else None
-    report = {"config": asdict(cfg), "device": device_name(device), "torch": torch.__version__, "peak_tflops": peak,
-              "train": train, "sample": bench_sampling(model, cfg, device, autocast)}
+    report = {
+        "config": asdict(cfg),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "peak_tflops": peak,
+        "train": train,
+        "sample": bench_sampling(model, cfg, device, autocast),
+    }
     if cfg.sparse_grids:
         report["sparsedit"] = bench_sparsedit(model, cfg, device, autocast)
     return report
@@ -196,10 +228,15 @@ def bench_sampling(model: SiT, cfg: BenchConfig, device: torch.device, autocast)
 def sparsedit_configs(mc: ModelConfig, cfg: BenchConfig) -> tuple[ModelConfig, list[ModelConfig]]:
     """The dense source (the preset without SPRINT's fusion) and one SparseDiT per schedule."""
     if len(cfg.sparse_layout) != 4:
-        raise UserError(f"--sparse-layout needs 4 numbers (Poolingformers, modules, sparse, dense), got {cfg.sparse_layout}")
+        raise UserError(
+            f"--sparse-layout needs 4 numbers (Poolingformers, modules, sparse, dense), got {cfg.sparse_layout}"
+        )
     dense = resolve_model_config(replace(mc, sprint=replace(mc.sprint, fusion="none", path_drop_prob=0.0)))
     layout = dict(zip(("pool_depth", "modules", "sparse_depth", "dense_depth"), cfg.sparse_layout))
-    return dense, [resolve_model_config(replace(dense, arch="sparsedit", sparse=SparseConfig(grid=g, **layout))) for g in cfg.sparse_grids]
+    return dense, [
+        resolve_model_config(replace(dense, arch="sparsedit", sparse=SparseConfig(grid=g, **layout)))
+        for g in cfg.sparse_grids
+    ]
 
 
 def sampling_flops(mc: ModelConfig, batch: int, steps: int) -> int:
@@ -233,8 +270,13 @@ def bench_sparsedit(model: SiT, cfg: BenchConfig, device: torch.device, autocast
 
         seconds = median_seconds(full_run, device, warmup=1, repeats=max(1, cfg.repeats // 5))
         flops = sampling_flops(mc, cfg.batch, cfg.sample_steps)
-        rows.append({"grid": mc.sparse.grid if mc.arch == "sparsedit" else "dense", "images_per_s": cfg.batch / seconds,
-                     "gflops_per_image": flops / cfg.batch / GIGA})
+        rows.append(
+            {
+                "grid": mc.sparse.grid if mc.arch == "sparsedit" else "dense",
+                "images_per_s": cfg.batch / seconds,
+                "gflops_per_image": flops / cfg.batch / GIGA,
+            }
+        )
     for r in rows:
         r["speedup_vs_dense"] = r["images_per_s"] / rows[0]["images_per_s"]
         r["flops_vs_dense"] = r["gflops_per_image"] / rows[0]["gflops_per_image"]
@@ -252,20 +294,34 @@ def format_report(report: dict) -> str:
     clips = f"{c['frames']}-frame clips (frames per token {c['patch_size_t']}) " if c.get("frames") else ""
     mode = c.get("compile_mode", "default")
     compiled = (", compiled" + ("" if mode == "default" else f" ({mode})")) if c["compile"] else ""
-    lines = [f"{c['preset']} on {clips}at {c['resolution']}px (model input {c['resolution'] // c['latent_factor']}), batch {c['batch']}, "
-             f"{c['precision']}{compiled} on {report['device']}, torch {report['torch']}; "
-             f"peak {report['peak_tflops']:.3g} TFLOP/s"]
+    lines = [
+        f"{c['preset']} on {clips}at {c['resolution']}px (model input {c['resolution'] // c['latent_factor']}), batch "
+        f"{c['batch']}, "
+        f"{c['precision']}{compiled} on {report['device']}, torch {report['torch']}; "
+        f"peak {report['peak_tflops']:.3g} TFLOP/s"
+    ]
     lines.append(f"{'mask':>6}{'step ms':>10}{'img/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'vs dense':>10}{'mem GiB':>9}")
     for r in report["train"]:
         speed = f"{r['speedup_vs_dense']:.2f}x" if r["speedup_vs_dense"] else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        lines.append(f"{r['mask_ratio']:>6g}{r['step_ms']:>10.1f}{r['images_per_s']:>10.1f}{r['tflops']:>10.2f}{r['mfu']:>8.1%}{speed:>10}{mem:>9}")
+        lines.append(
+            f"{r['mask_ratio']:>6g}{r['step_ms']:>10.1f}{r['images_per_s']:>10.1f}{r['tflops']:>10.2f}{r['mfu']:>8.1%}"
+            f"{speed:>10}{mem:>9}"
+        )
     s = report["sample"]
-    lines.append(f"guided step (2 x {c['batch']}): CFG {s['cfg']['step_ms']:.1f} ms, PDG {s['pdg']['step_ms']:.1f} ms "
-                 f"({s['pdg_speedup_vs_cfg']:.2f}x); PDG sampler, {s['pdg_sample_steps']} steps: {s['pdg_images_per_s']:.1f} img/s")
+    lines.append(
+        f"guided step (2 x {c['batch']}): CFG {s['cfg']['step_ms']:.1f} ms, PDG {s['pdg']['step_ms']:.1f} ms "
+        f"({s['pdg_speedup_vs_cfg']:.2f}x); PDG sampler, {s['pdg_sample_steps']} steps: {s['pdg_images_per_s']:.1f} "
+        f"img/s"
+    )
     if "sparsedit" in report:
-        lines.append(f"SparseDiT vs its dense source, CFG Euler {c['sample_steps']} steps, layout {c['sparse_layout']}:")
+        lines.append(
+            f"SparseDiT vs its dense source, CFG Euler {c['sample_steps']} steps, layout {c['sparse_layout']}:"
+        )
         lines.append(f"{'grid':>8}{'img/s':>10}{'vs dense':>10}{'GFLOP/img':>11}{'FLOPs':>8}")
         for r in report["sparsedit"]:
-            lines.append(f"{r['grid']:>8}{r['images_per_s']:>10.2f}{r['speedup_vs_dense']:>9.2f}x{r['gflops_per_image']:>11.3g}{r['flops_vs_dense']:>8.1%}")
+            lines.append(
+                f"{r['grid']:>8}{r['images_per_s']:>10.2f}{r['speedup_vs_dense']:>9.2f}x{r['gflops_per_image']:>11.3g}"
+                f"{r['flops_vs_dense']:>8.1%}"
+            )
     return "\n".join(lines)

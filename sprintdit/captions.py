@@ -13,6 +13,7 @@ The table (`sprintdit prepare --captions`, for model.text.encoder t5 | clip) is 
   files, captions, truncated count, the safetensors file's sha256.
 Images then name their caption by row (the latent shards' `caption` tensor; the image-folder reader by file).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ def read_captions_jsonl(path: str | Path) -> dict[str, str]:
     """file (relative to the image folder) -> caption; one-line errors name the line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"captions file {path} does not exist (one JSON object per line: {{\"file\": ..., \"caption\": ...}})")
+        raise UserError(
+            f'captions file {path} does not exist (one JSON object per line: {{"file": ..., "caption": ...}})'
+        )
     captions: dict[str, str] = {}
     for number, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
@@ -43,7 +46,7 @@ def read_captions_jsonl(path: str | Path) -> dict[str, str]:
             entry = json.loads(line)
             file, caption = entry["file"], entry.get("caption", "")
         except (json.JSONDecodeError, TypeError, KeyError):
-            raise UserError(f"{path}:{number}: expected {{\"file\": ..., \"caption\": ...}}, got {line[:80]!r}") from None
+            raise UserError(f'{path}:{number}: expected {{"file": ..., "caption": ...}}, got {line[:80]!r}') from None
         if not isinstance(file, str) or not isinstance(caption, str):
             raise UserError(f"{path}:{number}: file and caption must be strings")
         if file in captions:
@@ -102,13 +105,29 @@ class CaptionTable:
     @classmethod
     def open(cls, folder: str | Path) -> "CaptionTable":
         folder = Path(folder)
-        info = read_format_json(folder / TABLE_INFO, CAPTIONS_FORMAT,
-                                f"no {TABLE_INFO} in {folder}: run `sprintdit prepare --captions CAPTIONS.jsonl --text-encoder-path FOLDER --out {folder}` first")
+        info = read_format_json(
+            folder / TABLE_INFO,
+            CAPTIONS_FORMAT,
+            f"no {TABLE_INFO} in {folder}: run `sprintdit prepare --captions CAPTIONS.jsonl --text-encoder-path FOLDER "
+            f"--out {folder}` first",
+        )
         if sha256_file(folder / TABLE_FILE) != info["sha256"]:
-            raise UserError(f"{folder / TABLE_FILE} is corrupt (sha256 differs from {TABLE_INFO}); re-run the same `sprintdit prepare --captions`")
+            raise UserError(
+                f"{folder / TABLE_FILE} is corrupt (sha256 differs from {TABLE_INFO}); re-run the same `sprintdit "
+                f"prepare --captions`"
+            )
         arrays = memmap_safetensors(folder / TABLE_FILE)
-        return cls(folder, info["encoder"]["kind"], info["encoder"]["path"], info["max_tokens"], info["dim"], info["files"],
-                   info["captions"], arrays["embeddings"], arrays["keep"])
+        return cls(
+            folder,
+            info["encoder"]["kind"],
+            info["encoder"]["path"],
+            info["max_tokens"],
+            info["dim"],
+            info["files"],
+            info["captions"],
+            arrays["embeddings"],
+            arrays["keep"],
+        )
 
     def rows_by_file(self) -> dict[str, int]:
         """image file -> its table row."""
@@ -132,11 +151,21 @@ def write_caption_table(out: Path, files: list[str], captions: list[str], encode
     tensors = {"embeddings": embeddings.to(STORED_DTYPE).contiguous(), "keep": keep.contiguous()}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / TABLE_FILE, lambda p: save_file(tensors, str(p)))
-    info = {"format": CAPTIONS_FORMAT, "encoder": {"kind": encoder.kind, "path": str(Path(encoder.folder).resolve()),
-                                                  "config_sha256": sha256_file(Path(encoder.folder) / "config.json")},
-            "max_tokens": encoder.max_tokens, "dim": encoder.dim, "dtype": "float16",
-            "truncated": sum(n > encoder.max_tokens for n in encoder.token_counts(captions)),
-            "files": list(files), "captions": list(captions), "sha256": sha256_file(out / TABLE_FILE)}
+    info = {
+        "format": CAPTIONS_FORMAT,
+        "encoder": {
+            "kind": encoder.kind,
+            "path": str(Path(encoder.folder).resolve()),
+            "config_sha256": sha256_file(Path(encoder.folder) / "config.json"),
+        },
+        "max_tokens": encoder.max_tokens,
+        "dim": encoder.dim,
+        "dtype": "float16",
+        "truncated": sum(n > encoder.max_tokens for n in encoder.token_counts(captions)),
+        "files": list(files),
+        "captions": list(captions),
+        "sha256": sha256_file(out / TABLE_FILE),
+    }
     atomic_write_text(out / TABLE_INFO, json.dumps(info, indent=1) + "\n")
     return out / TABLE_INFO
 
@@ -148,4 +177,9 @@ def caption_table_matches(out: Path, files: list[str], captions: list[str], enco
     except UserError:
         return False
     return (table.files, table.captions, table.max_tokens, table.encoder, table.path) == (
-        list(files), list(captions), encoder.max_tokens, encoder.kind, str(Path(encoder.folder).resolve()))
+        list(files),
+        list(captions),
+        encoder.max_tokens,
+        encoder.kind,
+        str(Path(encoder.folder).resolve()),
+    )

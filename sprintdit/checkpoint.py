@@ -12,6 +12,7 @@ leaves the previous checkpoints untouched and the partial one invisible; one is 
 of the step_* names (atomically), so a deletion cut short never looks like a checkpoint. A checkpoint's step is
 the one its weights record, never only its folder's name: a renamed or copied folder is refused.
 """
+
 from __future__ import annotations
 
 import errno
@@ -65,8 +66,11 @@ def write_error(err: OSError, what: str, folder: Path, need: int) -> UserError:
     """One line for a failed write: a full disk says how much to free, a read-only folder says so."""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(folder).free
-        return UserError(f"no space left on device: free {max(need - free, 0) // MB + 1} MB in {folder} ({what} needs about "
-                         f"{need // MB + 1} MB, {free // MB} MB are free); earlier checkpoints are intact, run the same command to resume")
+        return UserError(
+            f"no space left on device: free {max(need - free, 0) // MB + 1} MB in {folder} ({what} needs about "
+            f"{need // MB + 1} MB, {free // MB} MB are free); earlier checkpoints are intact, run the same command to "
+            f"resume"
+        )
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return UserError(f"cannot write {what} into {folder}: {err.strerror}")
     return UserError(f"writing {what} into {folder} failed: {err.strerror or err}")
@@ -96,21 +100,32 @@ def remove_folder(folder: Path) -> None:
     shutil.rmtree(hidden)
 
 
-def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema_state: dict, train_state: dict, config_yaml: str, keep_last: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model_state: dict, ema_state: dict, train_state: dict, config_yaml: str, keep_last: int
+) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep_last`. Non-finite weights are refused
     (so every checkpoint kept is finite); a failed write (full disk, read-only folder) leaves nothing behind."""
     for name, state in (("model", model_state), ("EMA", ema_state)):
         bad = nonfinite_tensors(state)
         if bad:
-            raise UserError(f"refusing to write checkpoint step {step}: the {name} weights are not finite ({', '.join(bad[:3])}); earlier checkpoints are kept")
+            raise UserError(
+                f"refusing to write checkpoint step {step}: the {name} weights are not finite ({', '.join(bad[:3])}); "
+                f"earlier checkpoints are kept"
+            )
     root = run_dir / "checkpoints"
     final = step_dir(run_dir, step)
     meta = {"config": config_yaml, "step": str(step), "format": "sprintdit"}
     try:
-        with atomic_folder(final, replace=remove_folder) as tmp:  # the same step written again (a stop right after a periodic save) replaces it
+        with atomic_folder(
+            final, replace=remove_folder
+        ) as tmp:  # the same step written again (a stop right after a periodic save) replaces it
             _write_weights(tmp, model_state, ema_state, meta)
             synced(tmp / "state.pt", lambda p: torch.save(train_state, p))
-    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save and safetensors report a full disk in their own types
+    except (
+        OSError,
+        RuntimeError,
+        SafetensorError,
+    ) as err:  # torch.save and safetensors report a full disk in their own types
         need = tensor_bytes([model_state, ema_state, train_state])
         if not isinstance(err, OSError):
             if not root.is_dir() or shutil.disk_usage(root).free >= need:
@@ -144,7 +159,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and all((p / f).is_file() for f in FILES))
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := STEP_DIR.match(p.name)) and all((p / f).is_file() for f in FILES)
+    )
     for step, folder in found:
         check_step(folder, step, _metadata(folder / FILES[0]).get("step"), "its weights record")
     return [p for _, p in found]
@@ -153,8 +172,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def check_step(folder: Path, named: int, recorded, source: str) -> None:
     """Refuse a checkpoint folder whose name's step is not the one `source` records (a renamed or copied folder)."""
     if recorded is not None and str(recorded) != str(named):
-        raise UserError(f"checkpoint folder {folder} is named step {named} but {source} step {recorded} (renamed or copied?); "
-                        f"move it out of {folder.parent} or give it its own step's name, step_{int(recorded):08d}")
+        raise UserError(
+            f"checkpoint folder {folder} is named step {named} but {source} step {recorded} (renamed or copied?); "
+            f"move it out of {folder.parent} or give it its own step's name, step_{int(recorded):08d}"
+        )
 
 
 def _metadata(path: Path) -> dict:
@@ -165,7 +186,9 @@ def _metadata(path: Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({str(err).splitlines()[0]})") from None
+        raise UserError(
+            f"checkpoint {path} is corrupt or not a safetensors file ({str(err).splitlines()[0]})"
+        ) from None
 
 
 def read_config(path: Path) -> RunConfig:
@@ -182,7 +205,9 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], RunConfig]:
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"checkpoint {path} is corrupt or not a safetensors file ({str(err).splitlines()[0]})") from None
+        raise UserError(
+            f"checkpoint {path} is corrupt or not a safetensors file ({str(err).splitlines()[0]})"
+        ) from None
     return state, cfg
 
 
@@ -198,10 +223,19 @@ def check_state(module: torch.nn.Module, state: dict, source: Path | str) -> Non
     own = module.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
-        raise UserError(f"{source} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]} (another architecture or config?)")
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
+        raise UserError(
+            f"{source} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]} (another "
+            f"architecture or config?)"
+        )
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if tuple(state[k].shape) != tuple(v.shape)
+    ]
     if wrong:
-        raise UserError(f"{source} does not fit this model: {'; '.join(wrong[:2])} (file vs model; another size or config?)")
+        raise UserError(
+            f"{source} does not fit this model: {'; '.join(wrong[:2])} (file vs model; another size or config?)"
+        )
 
 
 def load_train_state(path: Path) -> dict:
@@ -228,7 +262,9 @@ def resolve_weights(target: str | Path, use_ema: bool = True) -> Path:
         if ckpts:
             return ckpts[-1] / name
         raise UserError(f"{target} holds no complete checkpoint (expected checkpoints/step_XXXXXXXX/{name})")
-    raise UserError(f"checkpoint {target} does not exist (give a run folder, a checkpoint folder or a .safetensors file)")
+    raise UserError(
+        f"checkpoint {target} does not exist (give a run folder, a checkpoint folder or a .safetensors file)"
+    )
 
 
 def load_model(target: str | Path, use_ema: bool = True, device: str | torch.device = "cpu"):
@@ -239,7 +275,9 @@ def load_model(target: str | Path, use_ema: bool = True, device: str | torch.dev
     state, cfg = load_weights(path)
     bad = nonfinite_tensors(state)
     if bad:
-        raise UserError(f"the weights in {path} are not finite ({', '.join(bad[:3])}): the run diverged; use an earlier checkpoint")
+        raise UserError(
+            f"the weights in {path} are not finite ({', '.join(bad[:3])}): the run diverged; use an earlier checkpoint"
+        )
     model = build_model(cfg.model)
     load_state(model, state, path)
     return model.to(device).eval(), cfg

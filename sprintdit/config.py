@@ -5,6 +5,7 @@ list of `stages`
 (e.g. masked pre-training then full-token fine-tuning). Unknown keys and wrong types are rejected with
 the offending key and the closest valid one; the resolved config is saved with every run.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -25,7 +26,9 @@ from .errors import UserError, warn
 from .masking import MASK_TYPES
 from .sections import DDPM_SAMPLERS, FLOW_SAMPLERS, ModelConfig, ObjectiveConfig, SampleConfig
 
-CONFIG_DIR = Path(str(resources.files("sprintdit") / "configs"))  # the shipped configs (package data; studies under studies/)
+CONFIG_DIR = Path(
+    str(resources.files("sprintdit") / "configs")
+)  # the shipped configs (package data; studies under studies/)
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
 DATASETS = ("fashion_mnist", "fashion_mnist_layouts", "moving_fashion_mnist", "image_folder", "clip_folder", "latents")
@@ -33,26 +36,45 @@ VIDEO_DATASETS = ("moving_fashion_mnist", "clip_folder")
 FEATURE_NETWORKS = ("auto", "fmnist", "inception", "dinov2")
 LR_DECAYS = ("constant", "cosine")
 LOGGERS = ("jsonl", "tensorboard", "wandb")  # train.loggers (sprintdit.tracking); jsonl always
-INCEPTION_PYTORCH_FID, INCEPTION_TF = "pytorch-fid", "tf"  # eval.inception_resize: the preprocessing conventions (metrics/inception.py)
+INCEPTION_PYTORCH_FID, INCEPTION_TF = (
+    "pytorch-fid",
+    "tf",
+)  # eval.inception_resize: the preprocessing conventions (metrics/inception.py)
 INCEPTION_RESIZES = (INCEPTION_PYTORCH_FID, INCEPTION_TF)
 # The flat model keys of sprintdit 0.1 and their sections now; still read (YAML, overrides, saved configs and
 # checkpoints) with a one-line warning, until 0.3.
 MOVED_MODEL_KEYS = {
-    "encoder_depth": "sprint.encoder_depth", "decoder_depth": "sprint.decoder_depth", "fusion": "sprint.fusion",
-    "path_drop_prob": "sprint.path_drop_prob", "mask_token_std": "sprint.mask_token_std",
-    "repa_depth": "repa.depth", "repa_dim": "repa.dim", "repa_hidden": "repa.hidden",
+    "encoder_depth": "sprint.encoder_depth",
+    "decoder_depth": "sprint.decoder_depth",
+    "fusion": "sprint.fusion",
+    "path_drop_prob": "sprint.path_drop_prob",
+    "mask_token_std": "sprint.mask_token_std",
+    "repa_depth": "repa.depth",
+    "repa_dim": "repa.dim",
+    "repa_hidden": "repa.hidden",
 }
+
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | fashion_mnist_layouts (captioned 2x2 layouts; sprintdit.layouts) | moving_fashion_mnist (clips; sprintdit.moving) | image_folder | clip_folder | latents (written by `sprintdit prepare`)
+    # fashion_mnist | fashion_mnist_layouts (captioned 2x2 layouts; sprintdit.layouts) | moving_fashion_mnist (clips;
+    # sprintdit.moving) | image_folder | clip_folder | latents (written by `sprintdit prepare`)
+    name: str = "fashion_mnist"
     root: str = "/usr/share/datasets/fashion-mnist"  # IDX files, one folder per class, or a latent folder
     split: str = "train"  # fashion_mnist, moving_fashion_mnist: train | test; fashion_mnist_layouts: train | held_out
-    frames: Optional[int] = None  # video data: frames per clip (moving_fashion_mnist: default 8; clip_folder: default the first clip's)
-    resolution: int = 32  # pixels: fashion_mnist pads 28 -> 32; image_folder resizes and centre-crops; latents: as prepared
+    frames: Optional[int] = (
+        None  # video data: frames per clip (moving_fashion_mnist: default 8; clip_folder: default the first clip's)
+    )
+    resolution: int = (
+        32  # pixels: fashion_mnist pads 28 -> 32; image_folder resizes and centre-crops; latents: as prepared
+    )
     num_workers: int = 0  # data-loading processes (image_folder, latents)
     vae: Optional[str] = None  # latents: the VAE folder that decodes samples (default: the one in the manifest)
-    captions: Optional[str] = None  # image_folder: captions.jsonl (model.text.encoder learned) or a folder `prepare --captions` wrote (t5, clip); see sprintdit.captions
+    captions: Optional[str] = (
+        # image_folder: captions.jsonl (model.text.encoder learned) or a folder `prepare --captions` wrote (t5, clip);
+        # see sprintdit.captions
+        None
+    )
 
 
 @dataclass
@@ -74,8 +96,12 @@ class StageConfig:
     mask_ratio: float = 0.75  # fraction of tokens the middle blocks drop; 0 = full tokens
     mask_type: str = "structured"  # structured (g x g groups, k kept, random offset) | random
     batch_size: Optional[int] = None  # default: train.batch_size
-    frames: Optional[int] = None  # video, SiT: train on each clip's first `frames` frames (fewer tokens per step); default all
-    ema_restart: bool = False  # the EMA warm-up (train.ema_warmup) starts again here: the average forgets the earlier stages' weights within this stage
+    frames: Optional[int] = (
+        None  # video, SiT: train on each clip's first `frames` frames (fewer tokens per step); default all
+    )
+    # the EMA warm-up (train.ema_warmup) starts again here: the average forgets the earlier stages' weights within this
+    # stage
+    ema_restart: bool = False
 
 
 @dataclass
@@ -84,26 +110,44 @@ class TrainConfig:
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16 (with loss scaling)
     compile: bool = False
-    compile_mode: str = "default"  # passed to torch.compile: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    # passed to torch.compile: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     compile_fullgraph: bool = False
     grad_checkpointing: bool = False
-    sparse_gating: bool = False  # SparseDiT: each micro-batch draws t from one grid side's stratum (one grid, static shapes; see density.time_gates)
+    # SparseDiT: each micro-batch draws t from one grid side's stratum (one grid, static shapes; see density.time_gates)
+    sparse_gating: bool = False
     ema_decay: float = 0.9999
-    ema_warmup: bool = True  # the decay grows with the updates so far (see train.ema_decay_at): a short run's EMA spans its last tenth
+    ema_warmup: bool = (
+        True  # the decay grows with the updates so far (see train.ema_decay_at): a short run's EMA spans its last tenth
+    )
     seed: int = 0
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     log_every: int = 50
     ckpt_every: int = 1000  # also at every stage end
     sample_every: int = 1000  # sample grid from the EMA model; 0 disables
     keep_last: int = 3  # checkpoints kept (the newest K)
-    loggers: List[str] = field(default_factory=lambda: ["jsonl"])  # jsonl (always) | tensorboard | wandb (see sprintdit.tracking)
-    max_nonfinite_steps: int = 0  # steps with a non-finite loss or gradient norm skipped (no update) before the run stops as diverged
+    loggers: List[str] = field(
+        default_factory=lambda: ["jsonl"]
+    )  # jsonl (always) | tensorboard | wandb (see sprintdit.tracking)
+    max_nonfinite_steps: int = (
+        0  # steps with a non-finite loss or gradient norm skipped (no update) before the run stops as diverged
+    )
     grid_rows: int = 10  # sample grid: one row per class (spread over the classes if there are more)
     grid_columns: int = 10  # samples per row (seeds 0, 1, ...)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    init_from: Optional[str] = None  # start from these weights (run/checkpoint folder or .safetensors, e.g. from `sprintdit sparsify`); model and objective come from them
-    distill_from: Optional[str] = None  # a frozen teacher (run/checkpoint folder or .safetensors, its EMA weights): the target moves towards its prediction
-    distill_weight: float = 1.0  # with distill_from: 0 = the data's target only, 1 = the teacher's prediction only (see objective.Distill)
+    init_from: Optional[str] = (
+        # start from these weights (run/checkpoint folder or .safetensors, e.g. from `sprintdit sparsify`); model and
+        # objective come from them
+        None
+    )
+    distill_from: Optional[str] = (
+        # a frozen teacher (run/checkpoint folder or .safetensors, its EMA weights): the target moves towards its
+        # prediction
+        None
+    )
+    distill_weight: float = (
+        1.0  # with distill_from: 0 = the data's target only, 1 = the teacher's prediction only (see objective.Distill)
+    )
 
 
 @dataclass
@@ -114,9 +158,14 @@ class EvalConfig:
     num_samples: int = 1000  # labels cycle through the classes; sample i uses seed seed_start + i
     seed_start: int = 0
     features: List[str] = field(default_factory=lambda: ["auto"])  # auto | fmnist | inception | dinov2
-    ref: Optional[str] = None  # reference npz (ADM layout: images under arr_0 and/or statistics); default for fashion_mnist: its test split
+    ref: Optional[str] = (
+        # reference npz (ADM layout: images under arr_0 and/or statistics); default for fashion_mnist: its test split
+        None
+    )
     inception_weights: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth (FID, sFID, IS, precision/recall)
-    inception_resize: str = INCEPTION_TF  # tf: the TF graph's resize and scaling, as the ADM evaluator (its reference batches); pytorch-fid
+    inception_resize: str = (
+        INCEPTION_TF  # tf: the TF graph's resize and scaling, as the ADM evaluator (its reference batches); pytorch-fid
+    )
     dinov2_weights: Optional[str] = None  # dinov2_vitl14_pretrain.pth (FDD)
     dinov2_model: str = "ViT-L/14"  # the DINOv2 size the weights are for (FDD is defined with ViT-L/14)
     batch_size: int = 200  # images per feature-network forward
@@ -229,7 +278,9 @@ def _check_list_indices(cfg, key: str) -> None:
     for part in key.split("."):
         if OmegaConf.is_list(node):
             if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f"config key '{key}': '{'.'.join(path)}' has {len(node)} entries (indices 0..{len(node) - 1})")
+                raise UserError(
+                    f"config key '{key}': '{'.'.join(path)}' has {len(node)} entries (indices 0..{len(node) - 1})"
+                )
             node = node[int(part)]
         elif OmegaConf.is_dict(node) and part in node:
             node = node[part]
@@ -251,16 +302,29 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.frames is not None and cfg.data.name not in VIDEO_DATASETS:
         raise UserError(f"data.frames is for video data ({', '.join(VIDEO_DATASETS)}), not {cfg.data.name}")
     if cfg.data.name in VIDEO_DATASETS and cfg.eval.every > 0:
-        raise UserError("eval.every scores images; video runs are scored by the video demo (sprintdit.moving.score_clips): set eval.every=0")
-    counts = {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "keep_last": t.keep_last, "log_every": t.log_every,
-              "ckpt_every": t.ckpt_every, "grid_rows": t.grid_rows, "grid_columns": t.grid_columns}
+        raise UserError(
+            "eval.every scores images; video runs are scored by the video demo (sprintdit.moving.score_clips): set "
+            "eval.every=0"
+        )
+    counts = {
+        "batch_size": t.batch_size,
+        "grad_accum": t.grad_accum,
+        "keep_last": t.keep_last,
+        "log_every": t.log_every,
+        "ckpt_every": t.ckpt_every,
+        "grid_rows": t.grid_rows,
+        "grid_columns": t.grid_columns,
+    }
     for name, value in counts.items():
         if value < 1:
             raise UserError(f"train.{name} must be >= 1, got {value}")
     if t.sample_every < 0 or t.max_nonfinite_steps < 0 or cfg.data.num_workers < 0:
         raise UserError("train.sample_every, train.max_nonfinite_steps and data.num_workers must be >= 0")
     if any(n not in LOGGERS for n in t.loggers) or "jsonl" not in t.loggers:
-        raise UserError(f"train.loggers is {list(t.loggers)}: choose from {', '.join(LOGGERS)}; jsonl is always one of them (resume reads it)")
+        raise UserError(
+            f"train.loggers is {list(t.loggers)}: choose from {', '.join(LOGGERS)}; jsonl is always one of them "
+            f"(resume reads it)"
+        )
     if cfg.data.resolution < 1:
         raise UserError(f"data.resolution must be >= 1, got {cfg.data.resolution}")
     if not 0.0 <= t.ema_decay < 1.0:
@@ -269,21 +333,39 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("the config needs at least one entry under 'stages'")
     for i, s in enumerate(cfg.stages):
         batch = s.batch_size or t.batch_size
-        if s.steps < 1 or not 0 < s.lr < math.inf or s.warmup_steps < 0 or (s.batch_size is not None and s.batch_size < 1):
-            raise UserError(f"stages.{i} ({s.name}): steps must be >= 1, lr finite and > 0, warmup_steps >= 0, batch_size >= 1 (or unset)")
+        if (
+            s.steps < 1
+            or not 0 < s.lr < math.inf
+            or s.warmup_steps < 0
+            or (s.batch_size is not None and s.batch_size < 1)
+        ):
+            raise UserError(
+                f"stages.{i} ({s.name}): steps must be >= 1, lr finite and > 0, warmup_steps >= 0, batch_size >= 1 (or "
+                f"unset)"
+            )
         if batch % t.grad_accum:
-            raise UserError(f"stages.{i} ({s.name}): batch size {batch} is not divisible by train.grad_accum {t.grad_accum}")
+            raise UserError(
+                f"stages.{i} ({s.name}): batch size {batch} is not divisible by train.grad_accum {t.grad_accum}"
+            )
         if s.decay not in LR_DECAYS:
             raise UserError(f"stages.{i}.decay is {s.decay!r}; choose one of {', '.join(LR_DECAYS)}")
         if s.mask_type not in MASK_TYPES:
             raise UserError(f"stages.{i}.mask_type is {s.mask_type!r}; choose one of {', '.join(MASK_TYPES)}")
     validate_eval(cfg.eval)
     if cfg.model.sprint.fusion == "none" and cfg.sample.guidance == "pdg":
-        raise UserError("sample.guidance 'pdg' needs model.sprint.fusion 'concat_linear'; use sample.guidance=cfg for fusion 'none'")
+        raise UserError(
+            "sample.guidance 'pdg' needs model.sprint.fusion 'concat_linear'; use sample.guidance=cfg for fusion 'none'"
+        )
     if (cfg.sample.sampler in DDPM_SAMPLERS) != (cfg.objective.kind == "ddpm"):
-        raise UserError(f"sample.sampler {cfg.sample.sampler!r} does not fit objective.kind {cfg.objective.kind!r} (ddpm: {' | '.join(DDPM_SAMPLERS)}; flow: {' | '.join(FLOW_SAMPLERS)})")
+        raise UserError(
+            f"sample.sampler {cfg.sample.sampler!r} does not fit objective.kind {cfg.objective.kind!r} (ddpm: "
+            f"{' | '.join(DDPM_SAMPLERS)}; flow: {' | '.join(FLOW_SAMPLERS)})"
+        )
     if cfg.model.condition == "text" and cfg.eval.every:
-        raise UserError("eval.every: in-training evaluation scores class-conditional samples; a text model is scored by its demo (sprintdit.layouts)")
+        raise UserError(
+            "eval.every: in-training evaluation scores class-conditional samples; a text model is scored by its demo "
+            "(sprintdit.layouts)"
+        )
     if not 0.0 <= t.distill_weight <= 1.0:
         raise UserError(f"train.distill_weight must be in [0, 1], got {t.distill_weight}")
     if t.sparse_gating and (cfg.model.arch != "sparsedit" or cfg.objective.kind != "flow"):
@@ -300,11 +382,15 @@ def reference_root(data: DataConfig) -> str | None:
 
 def validate_eval(e: EvalConfig) -> None:
     if e.every < 0 or e.num_samples < 2 or e.batch_size < 1:
-        raise UserError("eval.every must be >= 0, eval.num_samples >= 2 (a covariance needs two samples), eval.batch_size >= 1")
+        raise UserError(
+            "eval.every must be >= 0, eval.num_samples >= 2 (a covariance needs two samples), eval.batch_size >= 1"
+        )
     if not e.features or any(f not in FEATURE_NETWORKS for f in e.features):
         raise UserError(f"eval.features is {list(e.features)}; choose from {', '.join(FEATURE_NETWORKS)}")
     if e.inception_resize not in INCEPTION_RESIZES:
-        raise UserError(f"eval.inception_resize is {e.inception_resize!r}; choose one of {', '.join(INCEPTION_RESIZES)}")
+        raise UserError(
+            f"eval.inception_resize is {e.inception_resize!r}; choose one of {', '.join(INCEPTION_RESIZES)}"
+        )
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -331,9 +417,14 @@ class ConfigLoader(yaml.SafeLoader):
 
 INT_TAG = "tag:yaml.org,2002:int"
 ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != INT_TAG] for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    first: [(tag, rx) for tag, rx in resolvers if tag != INT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-ConfigLoader.add_implicit_resolver(INT_TAG, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver(
+    INT_TAG,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
 
 
 def read_yaml(text: str):
@@ -357,7 +448,9 @@ def from_yaml_text(text: str, source: str) -> RunConfig:
         parsed = read_yaml(text)
     except yaml.YAMLError as err:
         raise UserError(f"{source} is not valid YAML: {str(err).splitlines()[0]}") from None
-    node = upgrade_moved_keys(mapping(OmegaConf.create(parsed) if isinstance(parsed, (dict, list)) else parsed, source), source)
+    node = upgrade_moved_keys(
+        mapping(OmegaConf.create(parsed) if isinstance(parsed, (dict, list)) else parsed, source), source
+    )
     try:
         run = OmegaConf.to_object(merge(OmegaConf.structured(RunConfig), node, source))
     except OmegaConfBaseException as err:
@@ -368,11 +461,15 @@ def from_yaml_text(text: str, source: str) -> RunConfig:
 
 def moved_warning(source: str, old: list[str]) -> None:
     new = [MOVED_MODEL_KEYS[k] for k in old]
-    warn(f"{source}: model.{', model.'.join(old)} {'is' if len(old) == 1 else 'are'} now model.{', model.'.join(new)} (the old keys are read until sprintdit 0.3)")
+    warn(
+        f"{source}: model.{', model.'.join(old)} {'is' if len(old) == 1 else 'are'} now model.{', model.'.join(new)} "
+        f"(the old keys are read until sprintdit 0.3)"
+    )
 
 
 def upgrade_moved_keys(node, source: str):
-    """A parsed config with the flat model keys of sprintdit 0.1 moved into their sections (`model.sprint`, `model.repa`)."""
+    """A parsed config with the flat model keys of sprintdit 0.1 moved into their sections (`model.sprint`,
+    `model.repa`)."""
     model = node.get("model")
     if not OmegaConf.is_dict(model):
         return node
@@ -390,7 +487,8 @@ def upgrade_moved_keys(node, source: str):
 
 
 def moved_override_key(key: str) -> str:
-    """`model.fusion` -> `model.sprint.fusion` (with a warning) for the flat keys of sprintdit 0.1; other keys as given."""
+    """`model.fusion` -> `model.sprint.fusion` (with a warning) for the flat keys of sprintdit 0.1; other keys as
+    given."""
     section, _, name = key.partition(".")
     if section != "model" or name not in MOVED_MODEL_KEYS:
         return key

@@ -25,6 +25,7 @@ Weight changes per source (the converted model computes what the released networ
           embedders (they must agree: ours has one); its timestep frequencies are exp(-ln(10000) i / (half - 1))
           (model.time_freq_shift 1) and its block LayerNorms use config.json's norm_eps (the final one 1e-6).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,17 @@ from safetensors.torch import load_file
 from .checkpoint import save_weights_folder
 from .config import DataConfig, RunConfig, to_yaml
 from .errors import UserError
-from .models.sit import PRESETS, SIZES, TIMESTEP_FREQ_DIM, ModelConfig, SiT, SprintConfig, resolve_model_config, sincos_table, timestep_frequencies
+from .models.sit import (
+    PRESETS,
+    SIZES,
+    TIMESTEP_FREQ_DIM,
+    ModelConfig,
+    SiT,
+    SprintConfig,
+    resolve_model_config,
+    sincos_table,
+    timestep_frequencies,
+)
 from .objective import ObjectiveConfig
 from .sampling import SampleConfig
 
@@ -58,7 +69,11 @@ SAFE_PICKLE_TYPES = [argparse.Namespace]
 SPRINT_STAGES = ("encoder_blocks", "middle_blocks", "decoder_blocks")
 SPRINT_PATCH_SIZE = 2  # the release hard-codes patch size 2
 SPRINT_PATH_DROP = 0.1  # the release's path-drop probability (a training setting, not in the weights)
-DROPPED = {"dit": (), "sit": (), "sprint": ("projectors.",)}  # key prefixes with no counterpart (pos_embed: checked, then dropped)
+DROPPED = {
+    "dit": (),
+    "sit": (),
+    "sprint": ("projectors.",),
+}  # key prefixes with no counterpart (pos_embed: checked, then dropped)
 POS_EMBED_ATOL = 1e-5  # released tables are float32 copies of a float64 computation
 MASK_TOKEN_SEED = 0  # dense sources have no MASK token: ours is drawn as in training, reproducibly
 DENSE_GUIDANCE_SCALE = 1.5  # DiT's and SiT's FID setting (classifier-free guidance)
@@ -149,10 +164,19 @@ def read_diffusers(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if (folder / "transformer" / "config.json").is_file():
         folder = folder / "transformer"
     if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} has no config.json: give a diffusers DiTTransformer2DModel folder (e.g. DiT-XL-2-256/transformer)")
+        raise UserError(
+            f"{folder} has no config.json: give a diffusers DiTTransformer2DModel folder (e.g. "
+            f"DiT-XL-2-256/transformer)"
+        )
     config = json.loads((folder / "config.json").read_text())
-    if config.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS or config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
-        raise UserError(f"{folder / 'config.json'} describes a {config.get('_class_name')} ({config.get('norm_type')}); only {DIFFUSERS_CLASS} with ada_norm_zero converts")
+    if (
+        config.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS
+        or config.get("norm_type", "ada_norm_zero") != "ada_norm_zero"
+    ):
+        raise UserError(
+            f"{folder / 'config.json'} describes a {config.get('_class_name')} ({config.get('norm_type')}); only "
+            f"{DIFFUSERS_CLASS} with ada_norm_zero converts"
+        )
     weights = path if path.is_file() else folder / DIFFUSERS_WEIGHTS
     if not weights.is_file():
         raise UserError(f"{weights} is missing (diffusers stores the weights as {DIFFUSERS_WEIGHTS})")
@@ -162,19 +186,26 @@ def read_diffusers(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def diffusers_block_map(i: int) -> dict[str, str]:
     """DiT key -> diffusers key within block i (the attention projections are handled apart: three into qkv)."""
     b = f"transformer_blocks.{i}."
-    return {f"blocks.{i}.adaLN_modulation.1.{w}": f"{b}norm1.linear.{w}" for w in ("weight", "bias")} | {
-        f"blocks.{i}.attn.proj.{w}": f"{b}attn1.to_out.0.{w}" for w in ("weight", "bias")} | {
-        f"blocks.{i}.mlp.fc1.{w}": f"{b}ff.net.0.proj.{w}" for w in ("weight", "bias")} | {
-        f"blocks.{i}.mlp.fc2.{w}": f"{b}ff.net.2.{w}" for w in ("weight", "bias")}
+    return (
+        {f"blocks.{i}.adaLN_modulation.1.{w}": f"{b}norm1.linear.{w}" for w in ("weight", "bias")}
+        | {f"blocks.{i}.attn.proj.{w}": f"{b}attn1.to_out.0.{w}" for w in ("weight", "bias")}
+        | {f"blocks.{i}.mlp.fc1.{w}": f"{b}ff.net.0.proj.{w}" for w in ("weight", "bias")}
+        | {f"blocks.{i}.mlp.fc2.{w}": f"{b}ff.net.2.{w}" for w in ("weight", "bias")}
+    )
 
 
 DIFFUSERS_SHARED = {  # DiT key -> diffusers key (block 0's copy of the embedders)
-    "x_embedder.proj.weight": "pos_embed.proj.weight", "x_embedder.proj.bias": "pos_embed.proj.bias",
-    "t_embedder.mlp.0.weight": "norm1.emb.timestep_embedder.linear_1.weight", "t_embedder.mlp.0.bias": "norm1.emb.timestep_embedder.linear_1.bias",
-    "t_embedder.mlp.2.weight": "norm1.emb.timestep_embedder.linear_2.weight", "t_embedder.mlp.2.bias": "norm1.emb.timestep_embedder.linear_2.bias",
+    "x_embedder.proj.weight": "pos_embed.proj.weight",
+    "x_embedder.proj.bias": "pos_embed.proj.bias",
+    "t_embedder.mlp.0.weight": "norm1.emb.timestep_embedder.linear_1.weight",
+    "t_embedder.mlp.0.bias": "norm1.emb.timestep_embedder.linear_1.bias",
+    "t_embedder.mlp.2.weight": "norm1.emb.timestep_embedder.linear_2.weight",
+    "t_embedder.mlp.2.bias": "norm1.emb.timestep_embedder.linear_2.bias",
     "y_embedder.embedding_table.weight": "norm1.emb.class_embedder.embedding_table.weight",
-    "final_layer.adaLN_modulation.1.weight": "proj_out_1.weight", "final_layer.adaLN_modulation.1.bias": "proj_out_1.bias",
-    "final_layer.linear.weight": "proj_out_2.weight", "final_layer.linear.bias": "proj_out_2.bias",
+    "final_layer.adaLN_modulation.1.weight": "proj_out_1.weight",
+    "final_layer.adaLN_modulation.1.bias": "proj_out_1.bias",
+    "final_layer.linear.weight": "proj_out_2.weight",
+    "final_layer.linear.bias": "proj_out_2.bias",
 }
 EMBEDDERS = ("t_embedder.", "y_embedder.")  # stored once per block by diffusers
 
@@ -197,7 +228,10 @@ def diffusers_to_dit(state: dict[str, torch.Tensor], config: dict) -> dict[str, 
         if dit_key.startswith(EMBEDDERS):
             for i in range(1, depth):
                 if not torch.equal(state.get(diffusers_key(dit_key, i), state[key]), state[key]):
-                    raise UserError(f"block {i} has its own '{DIFFUSERS_SHARED[dit_key]}': sprintdit's DiT shares one timestep and class embedder")
+                    raise UserError(
+                        f"block {i} has its own '{DIFFUSERS_SHARED[dit_key]}': sprintdit's DiT shares one timestep and "
+                        f"class embedder"
+                    )
     for i in range(depth):
         b = f"transformer_blocks.{i}.attn1."
         for w in ("weight", "bias"):
@@ -214,7 +248,9 @@ def dit_to_diffusers(state: dict[str, torch.Tensor], depth: int) -> dict[str, to
     out = {}
     for dit_key in DIFFUSERS_SHARED:
         for i in range(depth if dit_key.startswith(EMBEDDERS) else 1):
-            out[diffusers_key(dit_key, i)] = state[dit_key].clone()  # own storage per block (safetensors refuses shared tensors)
+            out[diffusers_key(dit_key, i)] = state[
+                dit_key
+            ].clone()  # own storage per block (safetensors refuses shared tensors)
     for i in range(depth):
         for w in ("weight", "bias"):
             for n, part in zip("qkv", state[f"blocks.{i}.attn.qkv.{w}"].chunk(3)):
@@ -230,7 +266,9 @@ def tensor(state: dict, key: str, ndim: int, source: str) -> torch.Tensor:
     if key not in state:
         raise UserError(f"not a {source} checkpoint: it has no '{key}' (first keys: {', '.join(list(state)[:3])})")
     if state[key].dim() != ndim:
-        raise UserError(f"'{key}' has shape {list(state[key].shape)}; a {source} checkpoint has a {ndim}-d tensor there")
+        raise UserError(
+            f"'{key}' has shape {list(state[key].shape)}; a {source} checkpoint has a {ndim}-d tensor there"
+        )
     return state[key]
 
 
@@ -255,24 +293,33 @@ def patch_geometry(state: dict, opts: ConvertOptions) -> tuple[int, int, int]:
         hidden, features = tensor(state, "x_embedder.proj.weight", 2, opts.source).shape
         p = opts.patch_size or SPRINT_PATCH_SIZE
         if features % (p * p):
-            raise UserError(f"x_embedder.proj.weight has {features} patch features, not a multiple of patch size {p} squared")
+            raise UserError(
+                f"x_embedder.proj.weight has {features} patch features, not a multiple of patch size {p} squared"
+            )
         return hidden, p, features // (p * p)
     hidden, channels, p, q = tensor(state, "x_embedder.proj.weight", 4, opts.source).shape  # Conv2d
     if p != q or opts.patch_size not in (None, p):
-        raise UserError(f"x_embedder.proj.weight has shape {[hidden, channels, p, q]}: patch {p}x{q}, not {opts.patch_size or 'square'}")
+        raise UserError(
+            f"x_embedder.proj.weight has shape {[hidden, channels, p, q]}: patch {p}x{q}, not "
+            f"{opts.patch_size or 'square'}"
+        )
     return hidden, p, channels
 
 
 def input_grid(state: dict, opts: ConvertOptions, patch: int) -> list[int]:
     if opts.source == "sprint" and opts.input_size is None:
-        raise UserError("the SPRINT release stores no positions: give --input-size (32 for 256px SD-VAE latents, 64 for 512px)")
+        raise UserError(
+            "the SPRINT release stores no positions: give --input-size (32 for 256px SD-VAE latents, 64 for 512px)"
+        )
     if opts.source == "sprint":
         return list(opts.input_size)
     tokens = tensor(state, "pos_embed", 3, opts.source).shape[1]
     if opts.input_size is not None:
         given = math.prod(s // patch for s in opts.input_size)
         if given != tokens:
-            raise UserError(f"pos_embed has {tokens} positions but --input-size {opts.input_size} at patch {patch} gives {given}")
+            raise UserError(
+                f"pos_embed has {tokens} positions but --input-size {opts.input_size} at patch {patch} gives {given}"
+            )
         return list(opts.input_size)
     side = math.isqrt(tokens)
     if side * side != tokens:
@@ -280,12 +327,17 @@ def input_grid(state: dict, opts: ConvertOptions, patch: int) -> list[int]:
     return [side * patch, side * patch]
 
 
-def head_count(state: dict, opts: ConvertOptions, preset: Optional[str], hidden: int, first_block: str, notes: list[str]) -> int:
+def head_count(
+    state: dict, opts: ConvertOptions, preset: Optional[str], hidden: int, first_block: str, notes: list[str]
+) -> int:
     """From the per-head q_norm weight when there is one, else --num-heads, the preset, or the size of that width."""
     if f"{first_block}attn.q_norm.weight" in state:
         head_dim = state[f"{first_block}attn.q_norm.weight"].shape[0]
         if hidden % head_dim or opts.num_heads not in (None, hidden // head_dim):
-            raise UserError(f"'{first_block}attn.q_norm.weight' gives head dim {head_dim}, which does not fit width {hidden} / {opts.num_heads} heads")
+            raise UserError(
+                f"'{first_block}attn.q_norm.weight' gives head dim {head_dim}, which does not fit width {hidden} / "
+                f"{opts.num_heads} heads"
+            )
         return hidden // head_dim
     if opts.num_heads is not None:
         return opts.num_heads
@@ -293,7 +345,9 @@ def head_count(state: dict, opts: ConvertOptions, preset: Optional[str], hidden:
         return PRESETS[preset]["num_heads"]
     by_width = {d: (name, heads) for name, (d, _, heads) in SIZES.items()}
     if hidden not in by_width:
-        raise UserError(f"width {hidden} is no preset size's: give --num-heads (the head count is not stored in the weights)")
+        raise UserError(
+            f"width {hidden} is no preset size's: give --num-heads (the head count is not stored in the weights)"
+        )
     name, heads = by_width[hidden]
     notes.append(f"{heads} heads assumed (size {name} has width {hidden}); give --num-heads if the run used another")
     return heads
@@ -319,7 +373,10 @@ def infer_model_config(state: dict, opts: ConvertOptions, notes: list[str]) -> M
     first = prefixes[0]
     out_rows = tensor(state, "final_layer.linear.weight", 2, opts.source).shape[0]
     if out_rows not in (patch * patch * channels, 2 * patch * patch * channels):
-        raise UserError(f"final_layer.linear.weight has {out_rows} rows; patch {patch} and {channels} channels need {patch * patch * channels} or twice that")
+        raise UserError(
+            f"final_layer.linear.weight has {out_rows} rows; patch {patch} and {channels} channels need "
+            f"{patch * patch * channels} or twice that"
+        )
     sizes = dict(hidden_size=hidden, depth=len(prefixes), patch_size=patch)
     if preset is not None and any(sizes[k] != PRESETS[preset][k] for k in sizes):
         raise UserError(f"the tensors give {sizes}, not preset {preset}'s {PRESETS[preset]}")
@@ -363,7 +420,7 @@ def rename(key: str, mapping: dict[str, str], inverse: bool = False) -> str:
     for new, old in mapping.items():
         src, dst = (new, old) if inverse else (old, new)
         if key.startswith(src):
-            return dst + key[len(src):]
+            return dst + key[len(src) :]
     return key
 
 
@@ -402,7 +459,10 @@ def dit_final_rows(w: torch.Tensor, patch: int) -> torch.Tensor:
 def check_pos_embed(pos: torch.Tensor, cfg: ModelConfig) -> None:
     diff = (pos[0].double() - sincos_table(cfg.grid, cfg.hidden_size).double()).abs().max().item()
     if diff > POS_EMBED_ATOL:
-        raise UserError(f"pos_embed is not the fixed 2D sin-cos table of a {cfg.grid[0]}x{cfg.grid[1]} grid (max difference {diff:.3g}); was it trained?")
+        raise UserError(
+            f"pos_embed is not the fixed 2D sin-cos table of a {cfg.grid[0]}x{cfg.grid[1]} grid (max difference "
+            f"{diff:.3g}); was it trained?"
+        )
 
 
 def fold_sit_time(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -416,7 +476,9 @@ def fold_sit_time(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     w = timestep_frequencies(half).double()  # (half,)
     first = state["t_embedder.mlp.0.weight"].double()  # (D, 2 * half): [cos features, sin features]
     w_cos, w_sin = first[:, :half], first[:, half:]
-    out["t_embedder.mlp.0.weight"] = torch.cat([w_cos * w.cos() + w_sin * w.sin(), w_cos * w.sin() - w_sin * w.cos()], dim=1).float()
+    out["t_embedder.mlp.0.weight"] = torch.cat(
+        [w_cos * w.cos() + w_sin * w.sin(), w_cos * w.sin() - w_sin * w.cos()], dim=1
+    ).float()
     velocity_rows = cfg.in_channels * cfg.patch_size**2  # our order (c, p_row, p_col): channels < C first
     for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
         sign = torch.ones(state[name].shape[0])
@@ -425,20 +487,29 @@ def fold_sit_time(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     return out
 
 
-def convert_weights(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str, notes: list[str]) -> dict[str, torch.Tensor]:
+def convert_weights(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, source: str, notes: list[str]
+) -> dict[str, torch.Tensor]:
     """Source tensors -> our state dict (float32); the layout is checked first, so every step below is exact."""
     mapping = key_map(cfg, source, stage_prefixes(state, source))
     check_layout(state, cfg, source, mapping)
     dropped = [k for k in state if k.startswith(DROPPED[source])]
     if dropped:
-        notes.append(f"dropped the REPA projection head ({len(dropped)} tensors under projectors.): our network has none")
+        notes.append(
+            f"dropped the REPA projection head ({len(dropped)} tensors under projectors.): our network has none"
+        )
     out = {rename(k, mapping): v.float() for k, v in state.items() if k not in dropped}
     if source != "sprint":
         check_pos_embed(out.pop("pos_embed"), cfg)
-        out["x_embedder.proj.weight"] = out["x_embedder.proj.weight"].flatten(1)  # (D, C, p, p) -> (D, C*p*p), same order
+        out["x_embedder.proj.weight"] = out["x_embedder.proj.weight"].flatten(
+            1
+        )  # (D, C, p, p) -> (D, C*p*p), same order
         for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
             out[name] = dit_final_rows(out[name], cfg.patch_size)
-        out["mask_token"] = torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(MASK_TOKEN_SEED)) * cfg.sprint.mask_token_std
+        out["mask_token"] = (
+            torch.randn(1, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(MASK_TOKEN_SEED))
+            * cfg.sprint.mask_token_std
+        )
     return fold_sit_time(out, cfg) if source == "sit" else out
 
 
@@ -460,8 +531,16 @@ def convert_diffusers(path: Path, opts: ConvertOptions) -> Converted:
     state, config = read_diffusers(Path(path))
     dit = diffusers_to_dit(state, config)
     side = config["sample_size"]
-    notes = [f"diffusers' final LayerNorm has eps {DIFFUSERS_FINAL_NORM_EPS:g}, its blocks' {config.get('norm_eps', DIFFUSERS_NORM_EPS):g}: ours uses the latter for both"]
-    dit_opts = replace(opts, source="dit", num_heads=opts.num_heads or config["num_attention_heads"], input_size=opts.input_size or [side, side])
+    notes = [
+        f"diffusers' final LayerNorm has eps {DIFFUSERS_FINAL_NORM_EPS:g}, its blocks' "
+        f"{config.get('norm_eps', DIFFUSERS_NORM_EPS):g}: ours uses the latter for both"
+    ]
+    dit_opts = replace(
+        opts,
+        source="dit",
+        num_heads=opts.num_heads or config["num_attention_heads"],
+        input_size=opts.input_size or [side, side],
+    )
     cfg = infer_model_config(dit, dit_opts, notes)
     cfg = replace(cfg, norm_eps=float(config.get("norm_eps", DIFFUSERS_NORM_EPS)), time_freq_shift=1)
     weights = convert_weights(dit, cfg, "dit", notes)
@@ -471,22 +550,46 @@ def convert_diffusers(path: Path, opts: ConvertOptions) -> Converted:
 def export_diffusers(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, config.json) of a DiTTransformer2DModel computing what the dense DiT-style model `cfg` computes,
     with diffusers' timestep = t * model.time_scale."""
-    needs = {"arch": (cfg.arch, "sit"), "sprint.fusion": (cfg.sprint.fusion, "none"), "pos_embed": (cfg.pos_embed, "sincos"), "qk_norm": (cfg.qk_norm, False),
-             "mlp": (cfg.mlp, "gelu"), "time_freq_shift": (cfg.time_freq_shift, 1)}
+    needs = {
+        "arch": (cfg.arch, "sit"),
+        "sprint.fusion": (cfg.sprint.fusion, "none"),
+        "pos_embed": (cfg.pos_embed, "sincos"),
+        "qk_norm": (cfg.qk_norm, False),
+        "mlp": (cfg.mlp, "gelu"),
+        "time_freq_shift": (cfg.time_freq_shift, 1),
+    }
     wrong = [f"model.{k} is {have!r} (needs {want!r})" for k, (have, want) in needs.items() if have != want]
     if wrong or cfg.input_size[0] != cfg.input_size[1]:
         why = "; ".join(wrong) or f"model.input_size {cfg.input_size} is not square"
-        raise UserError(f"{DIFFUSERS_CLASS} cannot hold this model: {why} (time_freq_shift 1: diffusers' timestep frequencies)")
+        raise UserError(
+            f"{DIFFUSERS_CLASS} cannot hold this model: {why} (time_freq_shift 1: diffusers' timestep frequencies)"
+        )
     dit = {k: v for k, v in weights.items() if k != "mask_token"}
-    dit["x_embedder.proj.weight"] = dit["x_embedder.proj.weight"].reshape(cfg.hidden_size, cfg.in_channels, cfg.patch_size, cfg.patch_size)
-    for name in ("final_layer.linear.weight", "final_layer.linear.bias"):  # ours (c, p_row, p_col) -> DiT's (p_row, p_col, c)
+    dit["x_embedder.proj.weight"] = dit["x_embedder.proj.weight"].reshape(
+        cfg.hidden_size, cfg.in_channels, cfg.patch_size, cfg.patch_size
+    )
+    for name in (
+        "final_layer.linear.weight",
+        "final_layer.linear.bias",
+    ):  # ours (c, p_row, p_col) -> DiT's (p_row, p_col, c)
         w = dit[name]
         dit[name] = w.reshape(-1, cfg.patch_size, cfg.patch_size, *w.shape[1:]).movedim(0, 2).reshape(w.shape)
     config = {
-        "_class_name": DIFFUSERS_CLASS, "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.hidden_size // cfg.num_heads,
-        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "num_layers": cfg.depth, "sample_size": cfg.input_size[0],
-        "patch_size": cfg.patch_size, "num_embeds_ada_norm": cfg.num_classes, "norm_eps": cfg.norm_eps, "activation_fn": "gelu-approximate",
-        "attention_bias": True, "norm_type": "ada_norm_zero", "norm_elementwise_affine": False, "dropout": 0.0,
+        "_class_name": DIFFUSERS_CLASS,
+        "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.hidden_size // cfg.num_heads,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "num_layers": cfg.depth,
+        "sample_size": cfg.input_size[0],
+        "patch_size": cfg.patch_size,
+        "num_embeds_ada_norm": cfg.num_classes,
+        "norm_eps": cfg.norm_eps,
+        "activation_fn": "gelu-approximate",
+        "attention_bias": True,
+        "norm_type": "ada_norm_zero",
+        "norm_elementwise_affine": False,
+        "dropout": 0.0,
     }
     return dit_to_diffusers(dit, cfg.depth), config
 
@@ -502,7 +605,11 @@ def run_config(model: ModelConfig, source: str) -> RunConfig:
         "sit": ObjectiveConfig(time_sampling="uniform"),  # SiT trains on uniform t
         "sprint": ObjectiveConfig(),  # the release's logit-normal ("lognormal") t
     }[source]
-    sample = SampleConfig() if model.sprint.fusion == "concat_linear" else SampleConfig(guidance="cfg", scale=DENSE_GUIDANCE_SCALE)
+    sample = (
+        SampleConfig()
+        if model.sprint.fusion == "concat_linear"
+        else SampleConfig(guidance="cfg", scale=DENSE_GUIDANCE_SCALE)
+    )
     if source in ("dit", "diffusers"):
         sample = replace(sample, sampler="ddpm", steps=DIT_SAMPLING_STEPS)
     data = DataConfig(name="image_folder", root="")  # converted weights come without their data
@@ -512,7 +619,9 @@ def run_config(model: ModelConfig, source: str) -> RunConfig:
 def write_run(out: Path, converted: Converted, source: str) -> Path:
     """A checkpoint folder (config.yaml, model/ema.safetensors) for sampling, evaluation, `sparsify` and
     `train.init_from`; it holds no training state to resume."""
-    return save_weights_folder(Path(out), converted.weights, converted.ema, to_yaml(run_config(converted.model, source)))
+    return save_weights_folder(
+        Path(out), converted.weights, converted.ema, to_yaml(run_config(converted.model, source))
+    )
 
 
 def describe(converted: Converted, source: str) -> str:
@@ -520,7 +629,14 @@ def describe(converted: Converted, source: str) -> str:
     m = converted.model
     name = (m.preset or "custom").replace("SiT-", "DiT-") if source in ("dit", "diffusers") else m.preset or "custom"
     params = sum(v.numel() for k, v in converted.ema.items() if k != "mask_token")
-    split = f", blocks {m.sprint.encoder_depth}/{m.middle_depth}/{m.sprint.decoder_depth}" if m.sprint.fusion == "concat_linear" else ""
+    split = (
+        f", blocks {m.sprint.encoder_depth}/{m.middle_depth}/{m.sprint.decoder_depth}"
+        if m.sprint.fusion == "concat_linear"
+        else ""
+    )
     sigma = ", learned sigma" if m.learn_sigma else ""
-    return (f"{source} {name} (width {m.hidden_size}, depth {m.depth}, {m.num_heads} heads, patch {m.patch_size}, "
-            f"input {m.in_channels}x{m.input_size[0]}x{m.input_size[1]}, {m.num_classes} classes{sigma}{split}), {params / 1e6:.2f}M params")
+    return (
+        f"{source} {name} (width {m.hidden_size}, depth {m.depth}, {m.num_heads} heads, patch {m.patch_size}, "
+        f"input {m.in_channels}x{m.input_size[0]}x{m.input_size[1]}, {m.num_classes} classes{sigma}{split}), "
+        f"{params / 1e6:.2f}M params"
+    )

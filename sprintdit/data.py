@@ -8,6 +8,7 @@ per epoch, seeded by (seed, epoch), so a position (samples consumed) is all that
 torchrun every rank walks the same global order and loads only its rows of each global batch, so the
 position counts global samples and does not depend on the world size.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,6 +28,7 @@ from .latents_format import open_shards, read_manifest
 from .layouts import CANVAS, FashionMNISTLayouts
 from .moving import MovingFashionMNIST
 
+
 class Batch(NamedTuple):
     x: torch.Tensor  # (B, C, H, W): the data, or for latents the scaled posterior mean
     y: torch.Tensor  # (B,) int64 labels, or captions: (B, L) token ids or (B, L, E) embeddings
@@ -42,23 +44,34 @@ class Batch(NamedTuple):
 class ClipFolder:
     """`data.name: clip_folder`: one sub-folder per class holding clips, each an `.npy` array (F, H, W, C) uint8 or a
     folder of numbered frames (images sorted by name). Every clip must have `frames` frames (default: the first
-    clip's) of resolution x resolution pixels and the same channels (1 or 3); all are checked when the data set opens."""
+    clip's) of resolution x resolution pixels and the same channels (1 or 3); all are checked when the data set
+    opens."""
 
     def __init__(self, root: str | Path, resolution: int, frames: int | None = None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"clip folder {self.root} does not exist")
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.clips = [(p, label) for label, name in enumerate(self.classes) for p in sorted((self.root / name).iterdir()) if p.suffix == ".npy" or p.is_dir()]
+        self.clips = [
+            (p, label)
+            for label, name in enumerate(self.classes)
+            for p in sorted((self.root / name).iterdir())
+            if p.suffix == ".npy" or p.is_dir()
+        ]
         if not self.clips:
-            raise UserError(f"no clips found under {self.root} (expected one sub-folder per class of .npy clips or frame folders)")
+            raise UserError(
+                f"no clips found under {self.root} (expected one sub-folder per class of .npy clips or frame folders)"
+            )
         shapes = {path: self.shape_of(path) for path, _ in self.clips}  # (F, H, W, C)
         frames = frames or shapes[self.clips[0][0]][0]
         channels = shapes[self.clips[0][0]][3]
         for path, shape in shapes.items():
             if shape != (frames, resolution, resolution, channels) or channels not in (1, 3):
-                raise UserError(f"clip {path} is {'x'.join(map(str, shape))} (F, H, W, C); every clip must be {frames}x{resolution}x{resolution}x{channels} "
-                                f"(data.frames, data.resolution; 1 or 3 channels)")
+                raise UserError(
+                    f"clip {path} is {'x'.join(map(str, shape))} (F, H, W, C); every clip must be "
+                    f"{frames}x{resolution}x{resolution}x{channels} "
+                    f"(data.frames, data.resolution; 1 or 3 channels)"
+                )
         self.num_classes, self.channels = len(self.classes), channels
         self.resolution = (frames, resolution, resolution)
 
@@ -92,7 +105,10 @@ class ClipFolder:
         frames = [np.asarray(Image.open(p).convert(mode), dtype=np.uint8) for p in self.frame_files(path)]
         array = np.stack(frames)
         if array.shape[1:3] != self.resolution[1:]:
-            raise UserError(f"clip {path} has frames of {array.shape[2]}x{array.shape[1]} pixels; data.resolution is {self.resolution[1]}")
+            raise UserError(
+                f"clip {path} has frames of {array.shape[2]}x{array.shape[1]} pixels; data.resolution is "
+                f"{self.resolution[1]}"
+            )
         return array.reshape(*array.shape[:3], self.channels)
 
     def load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +168,11 @@ class ImageFolder:
                 return read_image(path, self.resolution[0]), label
             except IMAGE_ERRORS as err:
                 self.unreadable.add(path)
-                print(f"warning: skipping unreadable image {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'empty'})", file=sys.stderr)
+                print(
+                    f"warning: skipping unreadable image {path} ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else 'empty'})",
+                    file=sys.stderr,
+                )
         raise UserError(f"no readable image under {self.root}")
 
     def load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +199,10 @@ class LatentDataset:
         self.vae_path = manifest["vae"]["path"]
         self.classes = list(manifest["classes"])
         self.num_classes = len(self.classes)
-        self.caption_table, self.vocabulary = None, None  # prepared with --captions: shards hold `caption` rows of the table
+        self.caption_table, self.vocabulary = (
+            None,
+            None,
+        )  # prepared with --captions: shards hold `caption` rows of the table
         if manifest.get("captions"):
             self.caption_table = CaptionTable.open(root)
             self.max_tokens = self.caption_table.max_tokens
@@ -213,7 +236,9 @@ def build_dataset(cfg) -> FashionMNIST | ImageFolder | LatentDataset:
         return LatentDataset(cfg.root, cfg.resolution)
     if cfg.name == "fashion_mnist_layouts":
         if cfg.resolution != CANVAS:
-            raise UserError(f"data.resolution for fashion_mnist_layouts is {CANVAS} (2x2 cells of 16), got {cfg.resolution}")
+            raise UserError(
+                f"data.resolution for fashion_mnist_layouts is {CANVAS} (2x2 cells of 16), got {cfg.resolution}"
+            )
         return FashionMNISTLayouts(cfg.root, cfg.split)
     if cfg.name == "moving_fashion_mnist":
         if cfg.resolution != CANVAS:
@@ -253,8 +278,15 @@ class _BatchDataset(torch.utils.data.Dataset):
         return self.dataset.load(indices)
 
 
-def batches(dataset, batch: int, seed: int, position: int, num_workers: int = 0, rows: torch.Tensor | None = None,
-            pin: bool = False) -> Iterator[Batch]:
+def batches(
+    dataset,
+    batch: int,
+    seed: int,
+    position: int,
+    num_workers: int = 0,
+    rows: torch.Tensor | None = None,
+    pin: bool = False,
+) -> Iterator[Batch]:
     """Batches in the stream order (only `rows` of each global batch, if given: one rank's share); with
     workers, batches are loaded ahead in other processes. `pin` (training on CUDA): in page-locked memory, so the
     copy to the device runs asynchronously instead of blocking the host."""
@@ -265,7 +297,9 @@ def batches(dataset, batch: int, seed: int, position: int, num_workers: int = 0,
         loaded = (Batch(*dataset.load(ids)) for ids in order)
         loaded = (Batch(*(None if v is None else v.pin_memory() for v in b)) for b in loaded) if pin else loaded
     else:
-        loader = torch.utils.data.DataLoader(_BatchDataset(dataset), sampler=order, batch_size=None, num_workers=num_workers, pin_memory=pin)
+        loader = torch.utils.data.DataLoader(
+            _BatchDataset(dataset), sampler=order, batch_size=None, num_workers=num_workers, pin_memory=pin
+        )
         loaded = (Batch(*b) for b in loader)
     return loaded if rows is None else (b._replace(rows=rows) for b in loaded)
 

@@ -1,5 +1,6 @@
 """`sprintdit demo`: train a config in all its stages, then sample the same labels and seeds with PDG and with CFG,
 score both and write one grid per guidance (a row per class) and demo.json."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ GUIDANCES = ("pdg", "cfg")
 SHOWN = ("class_agreement", "fid", "precision", "recall", "is")
 
 
-def run_demo(cfg: RunConfig, out: Path, per_class: int = 10, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def run_demo(
+    cfg: RunConfig, out: Path, per_class: int = 10, progress: bool = True, log: Callable[[str], None] = print
+) -> dict:
     """Train `cfg` into `out` (resuming if it exists), then sample and score eval.num_samples images per guidance;
     returns (and writes to out/demo.json) the timings and scores."""
     if env_world()[1] > 1:
@@ -32,7 +35,10 @@ def run_demo(cfg: RunConfig, out: Path, per_class: int = 10, progress: bool = Tr
     classes = run.model.num_classes
     if run.eval.num_samples < classes * per_class:
         raise UserError(f"eval.num_samples {run.eval.num_samples} is below {classes} classes x --per-class {per_class}")
-    log(f"demo: training {run.model.preset} on {run.data.name} ({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in run.stages)}) on {trainer.device}")
+    log(
+        f"demo: training {run.model.preset} on {run.data.name} "
+        f"({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in run.stages)}) on {trainer.device}"
+    )
     folder = trainer.fit()
     results: dict = {"train_seconds": time.perf_counter() - tic}
     labels, seeds = eval_labels_and_seeds(run.eval, classes)
@@ -43,20 +49,30 @@ def run_demo(cfg: RunConfig, out: Path, per_class: int = 10, progress: bool = Tr
         rows = [i for c in range(classes) for i in range(c, classes * per_class, classes)]  # one row per class
         grid = save_grid(images[rows], out / f"demo_{guidance}.png", columns=per_class)
         quantised = to_uint8_nchw(images)
-        evaluator = evaluator or Evaluator(run.eval, tuple(quantised.shape[1:]), trainer.device, reference_root(run.data))
+        evaluator = evaluator or Evaluator(
+            run.eval, tuple(quantised.shape[1:]), trainer.device, reference_root(run.data)
+        )
         scores = evaluator(quantised, torch.tensor(labels))
         results[guidance] = {"sample_seconds": seconds, "grid": str(grid), "guidance_scale": scfg.scale, **scores}
     network = evaluator.networks[0].name
-    log(f"{len(labels)} samples per guidance ({run.sample.sampler}, {run.sample.steps} steps); {network} features vs {evaluator.ref.source}:")
+    log(
+        f"{len(labels)} samples per guidance ({run.sample.sampler}, {run.sample.steps} steps); {network} features vs "
+        f"{evaluator.ref.source}:"
+    )
     log(f"{'guidance':<14}{'seconds':>9}" + "".join(f"{name:>17}" for name in SHOWN))
     for guidance in GUIDANCES:
         r = results[guidance]
         metrics = r["metrics"][network]
-        log(f"{guidance.upper() + ' scale ' + format(r['guidance_scale'], 'g'):<14}{r['sample_seconds']:>9.1f}"
-            + "".join(f"{metrics[name]:>17.4f}" if name in metrics else f"{'-':>17}" for name in SHOWN))
+        log(
+            f"{guidance.upper() + ' scale ' + format(r['guidance_scale'], 'g'):<14}{r['sample_seconds']:>9.1f}"
+            + "".join(f"{metrics[name]:>17.4f}" if name in metrics else f"{'-':>17}" for name in SHOWN)
+        )
     log(f"grids (one row per class): {results['pdg']['grid']}, {results['cfg']['grid']}")
     results["total_seconds"] = time.perf_counter() - start
-    log(f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: {folder.parent}; results: {out / 'demo.json'}")
+    log(
+        f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: "
+        f"{folder.parent}; results: {out / 'demo.json'}"
+    )
     atomic_write_text(out / "demo.json", json.dumps(results, indent=2) + "\n")
     return results
 
@@ -70,7 +86,9 @@ def demo_trainer(cfg: RunConfig, out: Path, kind: str, data_name: str, progress:
     return Trainer(cfg, out, progress=progress)
 
 
-def run_text_demo(cfg: RunConfig, out: Path, per_kind: int = 250, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def run_text_demo(
+    cfg: RunConfig, out: Path, per_kind: int = 250, progress: bool = True, log: Callable[[str], None] = print
+) -> dict:
     """Train a text-to-image config on compositional Fashion-MNIST into `out`, then sample `per_kind` captions of
     layouts seen in training and `per_kind` of held-out layouts with PDG and with CFG; scores: caption accuracy
     (every cell, and the filled cells alone) and the Frechet distance of the classifier's features of the whole
@@ -83,7 +101,10 @@ def run_text_demo(cfg: RunConfig, out: Path, per_kind: int = 250, progress: bool
     start = tic = time.perf_counter()
     trainer = demo_trainer(cfg, out, "text", "fashion_mnist_layouts", progress)
     run = trainer.cfg
-    log(f"demo: training {run.model.preset} on captioned layouts ({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in run.stages)}) on {trainer.device}")
+    log(
+        f"demo: training {run.model.preset} on captioned layouts "
+        f"({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in run.stages)}) on {trainer.device}"
+    )
     folder = trainer.fit()
     results: dict = {"train_seconds": time.perf_counter() - tic}
     kinds = {kind: FashionMNISTLayouts(run.data.root, kind) for kind in ("train", "held_out")}
@@ -99,26 +120,45 @@ def run_text_demo(cfg: RunConfig, out: Path, per_kind: int = 250, progress: bool
         scfg = sampler.sample_config(guidance=guidance)
         images, seconds = sampler.generate(ids, seeds, scfg)
         images = images.clamp(-1, 1)
-        r = {"sample_seconds": seconds, "guidance_scale": scfg.scale, "fid": frechet_distance(*feature_stats(classify(classifier, images)[0]), *real_stats)}
+        r = {
+            "sample_seconds": seconds,
+            "guidance_scale": scfg.scale,
+            "fid": frechet_distance(*feature_stats(classify(classifier, images)[0]), *real_stats),
+        }
         for k, kind in enumerate(kinds):
             part, truth = images[k * per_kind : (k + 1) * per_kind], torch.tensor(layouts[kind])
             read = cell_contents(part, classifier)
-            r[kind] = {"caption_accuracy": caption_accuracy(part, layouts[kind], classifier),
-                       "filled_cell_accuracy": (read == truth)[truth >= 0].float().mean().item()}
+            r[kind] = {
+                "caption_accuracy": caption_accuracy(part, layouts[kind], classifier),
+                "filled_cell_accuracy": (read == truth)[truth >= 0].float().mean().item(),
+            }
         shown = slice(per_kind, per_kind + 64)  # held-out captions
         r["grid"] = str(save_grid(images[shown], out / f"demo_{guidance}.png", columns=8))
         atomic_write_text(out / f"demo_{guidance}_captions.txt", "\n".join(captions[shown]) + "\n")
         results[guidance] = r
-    log(f"{per_kind} seen + {per_kind} held-out captions per guidance ({run.sample.sampler}, {run.sample.steps} steps); "
-        f"caption accuracy = share of the 4 cells read right (filled: the cells with a garment alone)")
+    log(
+        f"{per_kind} seen + {per_kind} held-out captions per guidance ({run.sample.sampler}, {run.sample.steps} "
+        f"steps); "
+        f"caption accuracy = share of the 4 cells read right (filled: the cells with a garment alone)"
+    )
     log(f"{'guidance':<14}{'seconds':>9}{'seen':>8}{'filled':>8}{'held-out':>10}{'filled':>8}{'FID':>9}")
     for guidance in GUIDANCES:
         r = results[guidance]
-        log(f"{guidance.upper() + ' scale ' + format(r['guidance_scale'], 'g'):<14}{r['sample_seconds']:>9.1f}{r['train']['caption_accuracy']:>8.1%}"
-            f"{r['train']['filled_cell_accuracy']:>8.1%}{r['held_out']['caption_accuracy']:>10.1%}{r['held_out']['filled_cell_accuracy']:>8.1%}{r['fid']:>9.2f}")
-    log(f"grids (held-out captions, in demo_<guidance>_captions.txt, 8 per row): {results['pdg']['grid']}, {results['cfg']['grid']}")
+        log(
+            f"{guidance.upper() + ' scale ' + format(r['guidance_scale'], 'g'):<14}{r['sample_seconds']:>9.1f}"
+            f"{r['train']['caption_accuracy']:>8.1%}"
+            f"{r['train']['filled_cell_accuracy']:>8.1%}{r['held_out']['caption_accuracy']:>10.1%}"
+            f"{r['held_out']['filled_cell_accuracy']:>8.1%}{r['fid']:>9.2f}"
+        )
+    log(
+        f"grids (held-out captions, in demo_<guidance>_captions.txt, 8 per row): {results['pdg']['grid']}, "
+        f"{results['cfg']['grid']}"
+    )
     results["total_seconds"] = time.perf_counter() - start
-    log(f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: {folder.parent}; results: {out / 'demo.json'}")
+    log(
+        f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: "
+        f"{folder.parent}; results: {out / 'demo.json'}"
+    )
     atomic_write_text(out / "demo.json", json.dumps(results, indent=2) + "\n")
     return results
 
@@ -133,19 +173,25 @@ def stage_rates(rows: list[dict]) -> dict[str, float]:
     return {name: sorted(v)[len(v) // 2] for name, v in rates.items()}
 
 
-def run_video_demo(cfg: RunConfig, out: Path, shown: int = 2, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def run_video_demo(
+    cfg: RunConfig, out: Path, shown: int = 2, progress: bool = True, log: Callable[[str], None] = print
+) -> dict:
     """Train a class-conditional video config on moving Fashion-MNIST into `out`, then sample eval.num_samples clips
     (classes cycling) with PDG and with CFG; scores (sprintdit.moving.score_clips) against real test clips, the
     same scores of real clips as the ceiling, and the stage-1 (masked) speed over the dense stage's from the run's
-    log. Writes out/demo.json, a frame-strip grid (`shown` clips per class), one GIF per class and an npz per guidance."""
+    log. Writes out/demo.json, a frame-strip grid (`shown` clips per class), one GIF per class and an npz per
+    guidance."""
     from .images import save_gif, save_npz
     from .moving import MovingFashionMNIST, load_readers, real_frame_stats, score_clips
 
     start = tic = time.perf_counter()
     trainer = demo_trainer(cfg, out, "video", "moving_fashion_mnist", progress)
     run = trainer.cfg
-    log(f"demo: training {run.model.preset} on moving Fashion-MNIST clips {'x'.join(map(str, run.model.input_size))}, "
-        f"{'x'.join(map(str, run.model.grid))} tokens ({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in run.stages)}) on {trainer.device}")
+    log(
+        f"demo: training {run.model.preset} on moving Fashion-MNIST clips {'x'.join(map(str, run.model.input_size))}, "
+        f"{'x'.join(map(str, run.model.grid))} tokens "
+        f"({', '.join(f'{s.name}: {s.steps} steps, mask {s.mask_ratio:g}' for s in run.stages)}) on {trainer.device}"
+    )
     folder = trainer.fit()
     results: dict = {"train_seconds": time.perf_counter() - tic}
     rates = stage_rates(trainer.folder.metrics())
@@ -160,29 +206,55 @@ def run_video_demo(cfg: RunConfig, out: Path, shown: int = 2, progress: bool = T
     real_data = MovingFashionMNIST(run.data.root, "test", run.data.frames)
     real, real_labels = real_data.load(torch.arange(len(labels)))
     real_stats = real_frame_stats(real, readers)
-    results["real"] = score_clips(real, real_labels, readers, real_frame_stats(real_data.load(torch.arange(len(labels)) + len(labels))[0], readers))
-    rows = [i for c in range(classes) for i in range(c, classes * shown, classes)]  # `shown` clips per class, a row each
+    results["real"] = score_clips(
+        real,
+        real_labels,
+        readers,
+        real_frame_stats(real_data.load(torch.arange(len(labels)) + len(labels))[0], readers),
+    )
+    rows = [
+        i for c in range(classes) for i in range(c, classes * shown, classes)
+    ]  # `shown` clips per class, a row each
     sampler = trainer.sampling_run()
     for guidance in GUIDANCES:
         scfg = sampler.sample_config(guidance=guidance)
         clips, seconds = sampler.generate(labels, seeds, scfg)
         clips = clips.clamp(-1, 1)
-        r = {"sample_seconds": seconds, "guidance_scale": scfg.scale, **score_clips(clips, torch.tensor(labels), readers, real_stats)}
+        r = {
+            "sample_seconds": seconds,
+            "guidance_scale": scfg.scale,
+            **score_clips(clips, torch.tensor(labels), readers, real_stats),
+        }
         r["grid"] = str(save_grid(clips[rows], out / f"demo_{guidance}.png", columns=1))
         r["npz"] = str(save_npz(clips, labels, out / f"demo_{guidance}.npz"))
         for c in range(classes):
             save_gif(clips[c], out / f"demo_{guidance}_gifs" / f"class{c}.gif")
         results[guidance] = r
-    log(f"{len(labels)} clips per guidance ({run.sample.sampler}, {run.sample.steps} steps), read frame by frame (sprintdit.moving.Readers):")
+    log(
+        f"{len(labels)} clips per guidance ({run.sample.sampler}, {run.sample.steps} steps), read frame by frame "
+        f"(sprintdit.moving.Readers):"
+    )
     log(f"{'':<14}{'seconds':>9}{'frame class':>13}{'clip consistent':>17}{'path residual px':>18}{'frame FID':>11}")
     for name in ("real", *GUIDANCES):
         r = results[name]
         head = "real test clips" if name == "real" else f"{name.upper()} scale {r['guidance_scale']:g}"
-        log(f"{head:<14}{r.get('sample_seconds', 0.0):>9.1f}{r['frame_class_agreement']:>13.1%}{r['clip_consistency']:>17.1%}{r['path_residual_px']:>18.2f}{r['frame_fid']:>11.2f}")
+        log(
+            f"{head:<14}{r.get('sample_seconds', 0.0):>9.1f}{r['frame_class_agreement']:>13.1%}"
+            f"{r['clip_consistency']:>17.1%}{r['path_residual_px']:>18.2f}{r['frame_fid']:>11.2f}"
+        )
     if "stage1_speedup" in results:
-        log(f"stage {masked.name} (mask {masked.mask_ratio:g}) runs {results['stage1_speedup']:.2f}x the dense stage's steps/s at the same clip size")
-    log(f"frame strips ({shown} clips per class, a row each): {results['pdg']['grid']}, {results['cfg']['grid']}; GIFs: {out}/demo_<guidance>_gifs")
+        log(
+            f"stage {masked.name} (mask {masked.mask_ratio:g}) runs {results['stage1_speedup']:.2f}x the dense stage's "
+            f"steps/s at the same clip size"
+        )
+    log(
+        f"frame strips ({shown} clips per class, a row each): {results['pdg']['grid']}, {results['cfg']['grid']}; "
+        f"GIFs: {out}/demo_<guidance>_gifs"
+    )
     results["total_seconds"] = time.perf_counter() - start
-    log(f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: {folder.parent}; results: {out / 'demo.json'}")
+    log(
+        f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: "
+        f"{folder.parent}; results: {out / 'demo.json'}"
+    )
     atomic_write_text(out / "demo.json", json.dumps(results, indent=2) + "\n")
     return results

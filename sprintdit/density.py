@@ -13,6 +13,7 @@ keeps M = s^2 tokens, pruning r = 1 - M / N. The paper's rule for t in [1/4, 1] 
 r(t) = (4 - 4t)/3 r_min + (4t - 1)/3 r_max, so "a:b" is the knots {1: a, 1/4: b}. Rates between knots are
 rounded to the achievable grid whose r is closest.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,9 +37,12 @@ class SparseConfig:
     modules: int = 4  # sparse-dense token modules (SDTM)
     sparse_depth: int = 3  # per module: ordinary blocks on the sparse tokens (after the merge block)
     dense_depth: int = 1  # per module: ordinary blocks on all tokens (after the recover block)
-    frames: Optional[int] = None  # video: frames of the sparse grid (pools time too; default: every frame of the token grid)
+    frames: Optional[int] = (
+        None  # video: frames of the sparse grid (pools time too; default: every frame of the token grid)
+    )
     readd_pos: bool = False  # add the sin-cos positions again to pooled tokens and to recovered tokens (sincos models)
-    recover: str = "fuse"  # fuse: W1 up(s) + W2 h, W1 = 0, W2 = I (the paper) | residual: h + up(what the module's sparse blocks added)
+    # fuse: W1 up(s) + W2 h, W1 = 0, W2 = I (the paper) | residual: h + up(what the module's sparse blocks added)
+    recover: str = "fuse"
 
     @property
     def module_depth(self) -> int:
@@ -69,7 +73,10 @@ def parse_schedule(text: str) -> DensitySchedule:
         else:
             knots = ((1.0, int(text)),)
     except ValueError:
-        raise UserError(f"sparse grid schedule {text!r} is not '8', 'min:max' (e.g. 6:10) or knots 't=grid,...' (e.g. 1=6,0.5=8,0.2=10)") from None
+        raise UserError(
+            f"sparse grid schedule {text!r} is not '8', 'min:max' (e.g. 6:10) or knots 't=grid,...' (e.g. "
+            f"1=6,0.5=8,0.2=10)"
+        ) from None
     if any(g < 1 for _, g in knots) or any(not 0.0 <= t <= 1.0 for t, _ in knots):
         raise UserError(f"sparse grid schedule {text!r}: grid sides must be >= 1 and knot times in [0, 1]")
     if len({t for t, _ in knots}) != len(knots):
@@ -80,7 +87,9 @@ def parse_schedule(text: str) -> DensitySchedule:
 def check_schedule(schedule: DensitySchedule, dense_grid: tuple[int, ...]) -> None:
     """The schedule's sides fit the (per-frame) token grid (rows, columns)."""
     if schedule.sides[1] > min(dense_grid[-2:]):
-        raise UserError(f"sparse grid {schedule.sides[1]} exceeds the {'x'.join(map(str, dense_grid[-2:]))} token grid (per frame)")
+        raise UserError(
+            f"sparse grid {schedule.sides[1]} exceeds the {'x'.join(map(str, dense_grid[-2:]))} token grid (per frame)"
+        )
 
 
 def pruning_rate(side: int, dense_tokens: int) -> float:
@@ -150,7 +159,9 @@ def time_gates(grid: str, dense_tokens: int, time_cdf: Callable[[float], float])
     the training distribution of t. The paper's gating gives each data-parallel rank a t sub-interval; here each
     micro-batch gets one, so any world size trains on the same draws. Taking stratum k with probability hi - lo and
     drawing t inside it leaves the distribution of t unchanged."""
-    gates = [Gate(time_cdf(lo), time_cdf(hi), side) for lo, hi, side in side_intervals(parse_schedule(grid), dense_tokens)]
+    gates = [
+        Gate(time_cdf(lo), time_cdf(hi), side) for lo, hi, side in side_intervals(parse_schedule(grid), dense_tokens)
+    ]
     return [g for g in gates if g.hi > g.lo]
 
 

@@ -6,6 +6,7 @@ group, and every helper here degrades to a no-op. Under torchrun the backend is 
 cuda:LOCAL_RANK) and gloo on CPU; every collective has the configured timeout, and a timed-out or failed
 collective is reported as one line naming the rank and what it was waiting for.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,9 +33,12 @@ COLLECTIVE_FAILURES = TIMEOUT_MARKS + ("connection", "gloo", "nccl", "peer")
 class DistributedConfig:
     """How a torchrun launch splits the work; ignored by a single process (no RANK/WORLD_SIZE in the env)."""
 
-    strategy: str = "ddp"  # ddp (replicated model) | fsdp (FSDP2 fully_shard per block + root: params, grads, optimizer sharded)
+    strategy: str = (
+        "ddp"  # ddp (replicated model) | fsdp (FSDP2 fully_shard per block + root: params, grads, optimizer sharded)
+    )
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU | nccl | gloo
-    timeout_s: float = 1800.0  # a collective waiting longer than this fails (a rank crashed or hangs); exceed rank-0-only work such as eval
+    # a collective waiting longer than this fails (a rank crashed or hangs); exceed rank-0-only work such as eval
+    timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -71,7 +75,11 @@ class Dist:
 def env_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
     try:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        return (
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
     except ValueError:
         raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
 
@@ -100,7 +108,8 @@ def rank_device(name: str) -> torch.device:
 
 
 def joined(device: torch.device) -> Dist:
-    """This process's place in the process group it has joined (e.g. in `process_group_from_env`); one process otherwise."""
+    """This process's place in the process group it has joined (e.g. in `process_group_from_env`); one process
+    otherwise."""
     if not (dist.is_available() and dist.is_initialized()):
         return Dist(device=device)
     return Dist(dist.get_rank(), dist.get_world_size(), env_world()[2], device)
@@ -116,7 +125,9 @@ def init_from_env(cfg: DistributedConfig, device: torch.device) -> Dist:
         return Dist(device=device, timeout_s=cfg.timeout_s)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and not torch.cuda.is_available():
-        raise UserError("distributed.backend nccl needs CUDA GPUs, none is available; use backend gloo (or auto) on CPU")
+        raise UserError(
+            "distributed.backend nccl needs CUDA GPUs, none is available; use backend gloo (or auto) on CPU"
+        )
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
@@ -199,7 +210,8 @@ def gather_to_main(d: Dist, obj: Any, what: str) -> list[Any] | None:
 
 
 def shard_rows(x: torch.Tensor, shard: Shard) -> torch.Tensor:
-    """A rank's contiguous block of rows of x, which was drawn (or loaded) for every rank: (N, ...) -> (N / world, ...)."""
+    """A rank's contiguous block of rows of x, which was drawn (or loaded) for every rank: (N, ...) -> (N / world,
+    ...)."""
     rank, world = shard
     n = x.shape[0] // world
     return x[rank * n : (rank + 1) * n]
@@ -224,7 +236,9 @@ def rank_rows(batch: int, micro_batches: int, shard: Shard) -> torch.Tensor:
     rank, world = shard
     micro = batch // micro_batches
     share = micro // world
-    return torch.cat([torch.arange(k * micro + rank * share, k * micro + (rank + 1) * share) for k in range(micro_batches)])
+    return torch.cat(
+        [torch.arange(k * micro + rank * share, k * micro + (rank + 1) * share) for k in range(micro_batches)]
+    )
 
 
 def batches_of_rank(n: int, batch: int, shard: Shard) -> list[range]:

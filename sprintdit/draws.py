@@ -7,6 +7,7 @@ step do not depend on the world size. `Draws` is the one place that does this sl
 step with `Draws.for_step`, whose generator is seeded from (seed, step) alone: resume needs no generator state,
 and any step's draws can be reproduced on their own. The objective and the data path take it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,9 @@ def step_seed(seed: int, step: int) -> int:
 
 
 class Draws:
-    def __init__(self, generator: torch.Generator | None = None, shard: Shard = SINGLE, device: torch.device | str | None = None):
+    def __init__(
+        self, generator: torch.Generator | None = None, shard: Shard = SINGLE, device: torch.device | str | None = None
+    ):
         """Draws from `generator` (None: torch's default), handed out on `device` (default: the generator's)."""
         self.generator = generator
         self.shard = shard
@@ -58,11 +61,15 @@ class Draws:
 
     def randn(self, rows: int, *shape: int) -> torch.Tensor:
         """(rows, *shape) standard normal."""
-        return self.keep(self.drawn(torch.randn((self.total(rows), *shape), generator=self.generator, device=self.source)))
+        return self.keep(
+            self.drawn(torch.randn((self.total(rows), *shape), generator=self.generator, device=self.source))
+        )
 
     def randint(self, high: int, rows: int) -> torch.Tensor:
         """(rows,) integers in [0, high)."""
-        return self.keep(self.drawn(torch.randint(0, high, (self.total(rows),), generator=self.generator, device=self.source)))
+        return self.keep(
+            self.drawn(torch.randint(0, high, (self.total(rows),), generator=self.generator, device=self.source))
+        )
 
     def randn_at(self, index: torch.Tensor, *shape: int) -> torch.Tensor:
         """(len(index), *shape): rows `index` of a global standard-normal draw of len(index) x world rows (a rank's
@@ -74,4 +81,6 @@ class Draws:
         """This rank's rows of a token mask drawn for the global micro-batch (None when nothing is dropped)."""
         mask = make_mask(self.total(rows), grid, ratio, mask_type, self.generator)
         rank = self.shard[0]
-        return None if mask is None else mask.rows(rank * rows, (rank + 1) * rows).to(self.device or mask.ids_keep.device)
+        return (
+            None if mask is None else mask.rows(rank * rows, (rank + 1) * rows).to(self.device or mask.ids_keep.device)
+        )

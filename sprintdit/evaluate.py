@@ -14,6 +14,7 @@ under `arr_1` (optional). A reference may instead (or also) hold statistics: `mu
 other networks; statistics, where present, are used for the Frechet distances and the images for
 precision/recall. The Fashion-MNIST test split's features are computed once and cached.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,7 +50,10 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         head = f.read(HEAD_SHOWN)
     if not head.startswith(ZIP_MAGIC):
-        raise UserError(f"{path} is not an npz file (an npz is a zip archive of arrays, as np.savez writes; this file starts with {head!r})")
+        raise UserError(
+            f"{path} is not an npz file (an npz is a zip archive of arrays, as np.savez writes; this file starts with "
+            f"{head!r})"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
@@ -60,16 +64,26 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
 def batch_images(arrays: dict[str, np.ndarray], source: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ADM layout -> images (N, C, H, W) uint8 and labels (N,) or None."""
     if "arr_0" not in arrays:
-        raise UserError(f"{source} has no arr_0 (the ADM layout keeps the images there); it holds {', '.join(sorted(arrays)) or 'nothing'}")
+        raise UserError(
+            f"{source} has no arr_0 (the ADM layout keeps the images there); it holds "
+            f"{', '.join(sorted(arrays)) or 'nothing'}"
+        )
     images = arrays["arr_0"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise UserError(f"{source}: arr_0 must be uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
     labels = arrays.get("arr_1")
     if labels is not None and labels.shape != (len(images),):
-        raise UserError(f"{source}: arr_1 must hold one label per image, got shape {labels.shape} for {len(images)} images")
+        raise UserError(
+            f"{source}: arr_1 must hold one label per image, got shape {labels.shape} for {len(images)} images"
+        )
     if labels is not None and (labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0)):
-        raise UserError(f"{source}: arr_1 must hold non-negative integer class labels, got {labels.dtype} values such as {labels[:3].tolist()}")
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), None if labels is None else torch.from_numpy(labels.astype(np.int64))
+        raise UserError(
+            f"{source}: arr_1 must hold non-negative integer class labels, got {labels.dtype} values such as "
+            f"{labels[:3].tolist()}"
+        )
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), None if labels is None else torch.from_numpy(
+        labels.astype(np.int64)
+    )
 
 
 # ----------------------------------------------------------------------------------- feature networks
@@ -167,7 +181,9 @@ class Reference:
 
     source: str
     features: dict[str, Features] = field(default_factory=dict)
-    stats: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # network -> kind -> (mu, sigma)
+    stats: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(
+        default_factory=dict
+    )  # network -> kind -> (mu, sigma)
 
     def gaussian(self, network: str, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(mu, sigma) of the reference for a network's `main` or `spatial` features, or None; computed
@@ -240,7 +256,10 @@ def fmnist_reference(root: str | Path, net: FMNISTFeatures) -> Reference:
     try:
         atomic_write_npz(path, features=feats.main.numpy())
     except OSError as err:  # the cache only saves time: go on without it
-        warn(f"cannot write the reference cache {path} ({err.strerror or err}); it is recomputed next time (set {CACHE_ENV} to a writable folder)")
+        warn(
+            f"cannot write the reference cache {path} ({err.strerror or err}); it is recomputed next time (set "
+            f"{CACHE_ENV} to a writable folder)"
+        )
     return Reference(f"Fashion-MNIST test split ({len(data)} images)", {"fmnist": Features(feats.main)})
 
 
@@ -254,7 +273,9 @@ def default_reference(cfg: EvalConfig, networks: list[FeatureNet], data_root: st
 
 # ----------------------------------------------------------------------------------- metrics
 
-RELIABLE_SAMPLES = 1000  # below this (or below the feature dimension) evaluate warns that a Frechet distance is unreliable
+RELIABLE_SAMPLES = (
+    1000  # below this (or below the feature dimension) evaluate warns that a Frechet distance is unreliable
+)
 
 
 def score(features: Features, net: str, ref: Reference, labels: torch.Tensor | None) -> dict[str, float]:
@@ -263,8 +284,12 @@ def score(features: Features, net: str, ref: Reference, labels: torch.Tensor | N
     frechet_name = "fdd" if net == "dinov2" else "fid"
     n, dim = features.main.shape
     if n < max(RELIABLE_SAMPLES, dim):
-        print(f"warning: {frechet_name} from {n} samples with {net} features ({dim} dims) is biased high and noisy (a covariance needs "
-              f"more samples than dims; papers use 50,000): compare only at equal sample counts", file=sys.stderr)
+        print(
+            f"warning: {frechet_name} from {n} samples with {net} features ({dim} dims) is biased high and noisy (a "
+            f"covariance needs "
+            f"more samples than dims; papers use 50,000): compare only at equal sample counts",
+            file=sys.stderr,
+        )
     for kind, name in (("main", frechet_name), ("spatial", "sfid")):
         values = features.main if kind == "main" else features.spatial
         target = ref.gaussian(net, kind)
@@ -280,7 +305,10 @@ def score(features: Features, net: str, ref: Reference, labels: torch.Tensor | N
         out["is"] = inception_score(features.logits)
         if labels is not None and net == "fmnist":
             if len(labels) and int(labels.max()) >= features.logits.shape[1]:
-                raise UserError(f"labels must be in [0, {features.logits.shape[1] - 1}] for the {net} classifier, found {int(labels.max())}")
+                raise UserError(
+                    f"labels must be in [0, {features.logits.shape[1] - 1}] for the {net} classifier, found "
+                    f"{int(labels.max())}"
+                )
             out["class_agreement"] = class_agreement(features.logits, labels)
     return out
 
@@ -288,10 +316,15 @@ def score(features: Features, net: str, ref: Reference, labels: torch.Tensor | N
 class Evaluator:
     """Feature networks and reference, built once for images of one shape; call it on sample sets."""
 
-    def __init__(self, cfg: EvalConfig, image_shape: tuple[int, ...], device: torch.device, data_root: str | None = None):
+    def __init__(
+        self, cfg: EvalConfig, image_shape: tuple[int, ...], device: torch.device, data_root: str | None = None
+    ):
         names = choose_networks(cfg, tuple(image_shape))
         if "fmnist" in names and tuple(image_shape) != FMNIST_SHAPE:
-            raise UserError(f"the fmnist feature network scores 1x32x32 images, got {'x'.join(map(str, image_shape))}; use inception")
+            raise UserError(
+                f"the fmnist feature network scores 1x32x32 images, got {'x'.join(map(str, image_shape))}; use "
+                f"inception"
+            )
         self.networks = build_networks(names, cfg, device)
         self.ref = default_reference(cfg, self.networks, data_root)
         self.image_shape = tuple(image_shape)
@@ -332,7 +365,10 @@ def to_uint8_nchw(x: torch.Tensor) -> torch.Tensor:
 
 def format_table(results: dict) -> str:
     rows = [(net, metric, value) for net, metrics in results["metrics"].items() for metric, value in metrics.items()]
-    lines = [f"{results['num_samples']} samples vs {results['reference']}", f"{'features':<10} {'metric':<16} {'value':>10}"]
+    lines = [
+        f"{results['num_samples']} samples vs {results['reference']}",
+        f"{'features':<10} {'metric':<16} {'value':>10}",
+    ]
     lines += [f"{net:<10} {metric:<16} {value:>10.4f}" for net, metric, value in rows]
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ card states the architecture, the training recipe and every evaluation stored be
 (eval_*.json). The diffusers folder loads with DiTTransformer2DModel.from_pretrained (dense DiT-style models only,
 see convert.export_diffusers); nothing is uploaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,32 +33,76 @@ def model_card(run: RunConfig, evals: dict[str, dict], source: Path) -> str:
     m, t = run.model, run.train
     params = "see model.safetensors"
     sp = m.sprint
-    split = f"; SPRINT split {sp.encoder_depth}/{m.middle_depth}/{sp.decoder_depth} blocks, fusion {sp.fusion}, path-drop {sp.path_drop_prob:g}" if sp.fusion != "none" else ""
-    stages = "\n".join(f"| {s.name} | {s.steps} | {s.mask_ratio:g} ({s.mask_type}) | {s.lr:g} | {s.batch_size or t.batch_size} |" for s in run.stages)
+    split = (
+        f"; SPRINT split {sp.encoder_depth}/{m.middle_depth}/{sp.decoder_depth} blocks, fusion {sp.fusion}, path-drop "
+        f"{sp.path_drop_prob:g}"
+        if sp.fusion != "none"
+        else ""
+    )
+    stages = "\n".join(
+        f"| {s.name} | {s.steps} | {s.mask_ratio:g} ({s.mask_type}) | {s.lr:g} | {s.batch_size or t.batch_size} |"
+        for s in run.stages
+    )
     lines = [
-        "---", "library_name: sprintdit", "tags: [diffusion, diffusion-transformer, class-conditional, sprintdit]", "---", "",
-        f"# {m.preset or 'sprintdit model'} ({m.arch})", "",
-        f"Exported by sprintdit {__version__} from `{source}`.", "",
-        "## Architecture", "",
-        f"{m.arch} with {m.depth} blocks, width {m.hidden_size}, {m.num_heads} heads, patch {m.patch_size} on a {'x'.join(map(str, [m.in_channels, *m.input_size]))} "
-        f"input ({'x'.join(map(str, m.grid))} tokens), {m.num_classes} classes, {m.pos_embed} positions, qk-norm {m.qk_norm}{split}. Objective: "
-        f"{run.objective.kind}; parameters: {params}.", "",
-        "## Training recipe", "",
-        f"Data: {run.data.name} at {run.data.resolution} px; global batch {t.batch_size}, {t.precision}, AdamW (betas {list(t.optim.betas)}, "
-        f"weight decay {t.optim.weight_decay:g}, clip {t.optim.grad_clip:g}), EMA decay {t.ema_decay:g}, seed {t.seed}.", "",
-        "| stage | steps | mask ratio | lr | batch |", "|---|---|---|---|---|", stages, "",
-        "## Evaluation", "",
+        "---",
+        "library_name: sprintdit",
+        "tags: [diffusion, diffusion-transformer, class-conditional, sprintdit]",
+        "---",
+        "",
+        f"# {m.preset or 'sprintdit model'} ({m.arch})",
+        "",
+        f"Exported by sprintdit {__version__} from `{source}`.",
+        "",
+        "## Architecture",
+        "",
+        f"{m.arch} with {m.depth} blocks, width {m.hidden_size}, {m.num_heads} heads, patch {m.patch_size} on a "
+        f"{'x'.join(map(str, [m.in_channels, *m.input_size]))} "
+        f"input ({'x'.join(map(str, m.grid))} tokens), {m.num_classes} classes, {m.pos_embed} positions, qk-norm "
+        f"{m.qk_norm}{split}. Objective: "
+        f"{run.objective.kind}; parameters: {params}.",
+        "",
+        "## Training recipe",
+        "",
+        f"Data: {run.data.name} at {run.data.resolution} px; global batch {t.batch_size}, {t.precision}, AdamW (betas "
+        f"{list(t.optim.betas)}, "
+        f"weight decay {t.optim.weight_decay:g}, clip {t.optim.grad_clip:g}), EMA decay {t.ema_decay:g}, seed "
+        f"{t.seed}.",
+        "",
+        "| stage | steps | mask ratio | lr | batch |",
+        "|---|---|---|---|---|",
+        stages,
+        "",
+        "## Evaluation",
+        "",
     ]
     if not evals:
-        lines.append("No evaluation was stored with this checkpoint (run `sprintdit evaluate --checkpoint ...` before exporting).")
+        lines.append(
+            "No evaluation was stored with this checkpoint (run `sprintdit evaluate --checkpoint ...` before "
+            "exporting)."
+        )
     for name, result in evals.items():
         setting = result.get("setting", {}).get("sample", {})
-        lines.append(f"- `{name}` ({result.get('num_samples', '?')} samples, {setting.get('guidance', '?')} scale {setting.get('scale', '?')}, "
-                     f"{setting.get('sampler', '?')} {setting.get('steps', '?')} steps): " + "; ".join(
-                         f"{net}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(vals.items()) if isinstance(v, (int, float)))
-                         for net, vals in result.get("metrics", {}).items()))
-    lines += ["", "## Use", "", "```python", "import sprintdit", "", 'pipe = sprintdit.Pipeline.from_pretrained("THIS_FOLDER", device="cuda")',
-              f"images = pipe(labels=[0, 1], seeds=[0, 1], guidance={run.sample.guidance!r}, scale={run.sample.scale:g})", "```", ""]
+        lines.append(
+            f"- `{name}` ({result.get('num_samples', '?')} samples, {setting.get('guidance', '?')} scale "
+            f"{setting.get('scale', '?')}, "
+            f"{setting.get('sampler', '?')} {setting.get('steps', '?')} steps): "
+            + "; ".join(
+                f"{net}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(vals.items()) if isinstance(v, (int, float)))
+                for net, vals in result.get("metrics", {}).items()
+            )
+        )
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import sprintdit",
+        "",
+        'pipe = sprintdit.Pipeline.from_pretrained("THIS_FOLDER", device="cuda")',
+        f"images = pipe(labels=[0, 1], seeds=[0, 1], guidance={run.sample.guidance!r}, scale={run.sample.scale:g})",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -75,9 +120,19 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "sprintdit", use_
         files["config.json"] = json.dumps({**config, "_sprintdit_version": __version__}, indent=2)
     else:
         evals = {p.name: json.loads(p.read_text()) for p in sorted(path.parent.glob("eval_*.json"))}
-        files[FILES[0]] = ({k: v.contiguous() for k, v in weights.items()}, {"config": to_yaml(run), "step": "0", "format": "sprintdit"})
-        files["config.json"] = json.dumps({"library_name": "sprintdit", "sprintdit_version": __version__, "weights": "ema" if use_ema else "raw",
-                                           "run": asdict(run)}, indent=2)
+        files[FILES[0]] = (
+            {k: v.contiguous() for k, v in weights.items()},
+            {"config": to_yaml(run), "step": "0", "format": "sprintdit"},
+        )
+        files["config.json"] = json.dumps(
+            {
+                "library_name": "sprintdit",
+                "sprintdit_version": __version__,
+                "weights": "ema" if use_ema else "raw",
+                "run": asdict(run),
+            },
+            indent=2,
+        )
         files["README.md"] = model_card(run, evals, path)
     try:
         with atomic_folder(out) as tmp:
@@ -87,5 +142,7 @@ def export(checkpoint: str | Path, out: str | Path, fmt: str = "sprintdit", use_
                 else:
                     synced(tmp / name, lambda p, c=content: p.write_text(c))
     except OSError as err:
-        raise write_error(err, out.name, out.parent, sum(t.numel() * t.element_size() for t in weights.values())) from None
+        raise write_error(
+            err, out.name, out.parent, sum(t.numel() * t.element_size() for t in weights.values())
+        ) from None
     return out

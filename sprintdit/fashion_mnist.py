@@ -1,5 +1,6 @@
 """Fashion-MNIST from its IDX files (Debian's dataset-fashion-mnist installs them under
 /usr/share/datasets/fashion-mnist): the embedded data set every demo builds on."""
+
 from __future__ import annotations
 
 import gzip
@@ -14,7 +15,18 @@ from .errors import UserError
 
 IDX_IMAGES, IDX_LABELS = 0x0803, 0x0801
 FASHION_MNIST_FILES = {"train": "train-{}-idx{}-ubyte", "test": "t10k-{}-idx{}-ubyte"}
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 FASHION_MNIST_HINT = (
     "install Debian's package dataset-fashion-mnist (apt-get install dataset-fashion-mnist, as root) "
     "or point data.root at a folder holding train-images-idx3-ubyte.gz and its three sibling files"
@@ -26,7 +38,9 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as err:  # truncated or not gzip at all
-        raise UserError(f"{path} is unreadable or a damaged gzip file ({err}); restore it (e.g. reinstall dataset-fashion-mnist)") from None
+        raise UserError(
+            f"{path} is unreadable or a damaged gzip file ({err}); restore it (e.g. reinstall dataset-fashion-mnist)"
+        ) from None
     if len(raw) < 4 or struct.unpack(">I", raw[:4])[0] != magic:
         raise UserError(f"{path} is not an IDX file of the expected kind (magic number mismatch)")
     ndim = magic & 0xFF
@@ -62,7 +76,10 @@ class FashionMNIST:
         if len(images) != len(labels):
             raise UserError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
         if labels.size and int(labels.max()) >= self.num_classes:
-            raise UserError(f"Fashion-MNIST {split} labels must be in [0, {self.num_classes - 1}], found {int(labels.max())}: the label file is damaged")
+            raise UserError(
+                f"Fashion-MNIST {split} labels must be in [0, {self.num_classes - 1}], found {int(labels.max())}: the "
+                f"label file is damaged"
+            )
         size = images.shape[1]
         if resolution < size:
             raise UserError(f"data.resolution {resolution} is below Fashion-MNIST's {size}x{size}")

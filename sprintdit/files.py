@@ -2,6 +2,7 @@
 fsynced, renamed into place), output paths checked before the work that fills them, text and JSON-lines reading
 that names the file and line of bad bytes, file checksums, format-stamped JSON and memory-mapped safetensors
 reading. Every writer in sprintdit goes through here."""
+
 from __future__ import annotations
 
 import contextlib
@@ -50,6 +51,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_npz(path: str | Path, *positional, **arrays) -> Path:
     """np.savez to exactly `path` (np.savez itself appends .npz to names without it)."""
+
     def write(p: Path) -> None:
         with open(p, "wb") as f:
             np.savez(f, *positional, **arrays)
@@ -109,7 +111,9 @@ def read_utf8(path: str | Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise UserError(f"{path} line {line} is not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8") from None
+        raise UserError(
+            f"{path} line {line} is not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8"
+        ) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -175,7 +179,6 @@ def check_writable_file(path: str | Path, what: str) -> Path:
     return _check_ancestors(path, path.parent, what)
 
 
-
 def memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as a read-only memory map (random access without loading the file)."""
     with open(path, "rb") as f:
@@ -183,7 +186,13 @@ def memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
         header = json.loads(f.read(size))
     start = HEADER_BYTES + size
     return {
-        name: np.memmap(path, dtype=SAFETENSORS_DTYPES[info["dtype"]], mode="r", offset=start + info["data_offsets"][0], shape=tuple(info["shape"]))
+        name: np.memmap(
+            path,
+            dtype=SAFETENSORS_DTYPES[info["dtype"]],
+            mode="r",
+            offset=start + info["data_offsets"][0],
+            shape=tuple(info["shape"]),
+        )
         for name, info in header.items()
         if name != "__metadata__"
     }

@@ -1,9 +1,11 @@
-"""Analytic model FLOPs of the SiT/SPRINT and SparseDiT networks: matrix multiplies and attention, counted as 2 FLOPs per
+"""Analytic model FLOPs of the SiT/SPRINT and SparseDiT networks: matrix multiplies and attention, counted as 2 FLOPs
+per
 multiply-add (the convention of torch's FlopCounterMode and of MFU figures). Norms, activations, RoPE and
 gathers are left out; they are a few percent at most and do not run on the tensor cores.
 
 A training step costs 3x its forward (the backward computes two products per forward product).
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,18 +40,24 @@ def attention_flops(d: int, batch: int, tokens: int, keys: int) -> int:
 
 
 def caption_cross_flops(cfg: ModelConfig, batch: int, tokens: int) -> int:
-    """A text model's cross-attention from `tokens` image tokens to the max_tokens caption tokens (0 for class models)."""
+    """A text model's cross-attention from `tokens` image tokens to the max_tokens caption tokens (0 for class
+    models)."""
     return attention_flops(cfg.hidden_size, batch, tokens, cfg.text.max_tokens) if cfg.condition == "text" else 0
 
 
 def caption_encoder_flops(cfg: ModelConfig, batch: int) -> int:
-    """The caption's way into the model width: the learned encoder's layers, or the embeddings' projection; and the pooled vector."""
+    """The caption's way into the model width: the learned encoder's layers, or the embeddings' projection; and the
+    pooled vector."""
     if cfg.condition != "text":
         return 0
     d, tx = cfg.hidden_size, cfg.text
     rows = batch * tx.max_tokens
     if tx.encoder == "learned":
-        layer = attention_flops(d, batch, tx.max_tokens, tx.max_tokens) + linear(rows, d, int(d * cfg.mlp_ratio)) + linear(rows, int(d * cfg.mlp_ratio), d)
+        layer = (
+            attention_flops(d, batch, tx.max_tokens, tx.max_tokens)
+            + linear(rows, d, int(d * cfg.mlp_ratio))
+            + linear(rows, int(d * cfg.mlp_ratio), d)
+        )
         total = tx.depth * layer
     else:
         total = linear(rows, tx.dim, d) + linear(rows, d, d)
@@ -66,7 +74,12 @@ def block_flops(cfg: ModelConfig, batch: int, tokens: int, context: int | None =
 def pooling_block_flops(cfg: ModelConfig, batch: int, tokens: int) -> int:
     """A Poolingformer block: V and the output projection act on one mean token per sample."""
     d = cfg.hidden_size
-    return linear(batch, d, 6 * d) + 2 * linear(batch, d, d) + caption_cross_flops(cfg, batch, tokens) + mlp_flops(cfg, batch * tokens)
+    return (
+        linear(batch, d, 6 * d)
+        + 2 * linear(batch, d, d)
+        + caption_cross_flops(cfg, batch, tokens)
+        + mlp_flops(cfg, batch * tokens)
+    )
 
 
 def sparsedit_body_flops(cfg: ModelConfig, batch: int, side: int) -> int:
@@ -84,7 +97,9 @@ def sparsedit_body_flops(cfg: ModelConfig, batch: int, side: int) -> int:
     return sp.pool_depth * pooling_block_flops(cfg, batch, n) + sp.modules * module + top * block_flops(cfg, batch, n)
 
 
-def forward_flops(cfg: ModelConfig, batch: int, mask_ratio: float = 0.0, middle_rows: int | None = None, side: int | None = None) -> int:
+def forward_flops(
+    cfg: ModelConfig, batch: int, mask_ratio: float = 0.0, middle_rows: int | None = None, side: int | None = None
+) -> int:
     """One forward of `batch` samples. SiT: the middle blocks see the kept tokens of `middle_rows` samples
     (default all: training; fewer: the cheap half of a Path-Drop Guidance step). SparseDiT: with a
     side x side sparse grid (per frame)."""
@@ -101,7 +116,9 @@ def forward_flops(cfg: ModelConfig, batch: int, mask_ratio: float = 0.0, middle_
     else:
         total += (cfg.sprint.encoder_depth + cfg.sprint.decoder_depth) * block_flops(cfg, batch, n)
         if rows:
-            total += cfg.middle_depth * block_flops(cfg, rows, num_kept_random(mask_ratio, n))  # = N k / g^2 for structured masks
+            total += cfg.middle_depth * block_flops(
+                cfg, rows, num_kept_random(mask_ratio, n)
+            )  # = N k / g^2 for structured masks
         if cfg.sprint.fusion == "concat_linear":
             total += linear(batch * n, 2 * d, d)
     total += linear(batch, d, 2 * d) + linear(batch * n, d, patch_features * (cfg.out_channels // cfg.in_channels))
@@ -149,10 +166,17 @@ class _ForwardRecorder:
     """Stands in for a network inside a sampler: records what each forward is asked for and returns zeros."""
 
     def __init__(self, model):
-        self.config, self.null_class, self.fusion, self.step_options = model.config, model.null_class, model.fusion, model.step_options
+        self.config, self.null_class, self.fusion, self.step_options = (
+            model.config,
+            model.null_class,
+            model.fusion,
+            model.step_options,
+        )
         self.calls: list[tuple[int, int | None, int | None]] = []  # (batch, middle_rows, SparseDiT grid side)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, middle_rows: int | None = None, side: int | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, middle_rows: int | None = None, side: int | None = None
+    ) -> torch.Tensor:
         self.calls.append((x.shape[0], middle_rows, side))
         return torch.zeros(x.shape[0], self.config.out_channels, *x.shape[2:])
 

@@ -1,6 +1,7 @@
 """Image files in and out. In: class-per-folder scans and ADM's centre crop, shared by the image-folder reader
 (sprintdit.data) and `sprintdit prepare`. Out: PNG grids for people (a clip as a strip of its frames), animated GIFs,
 npz batches in the ADM layout for evaluators (clips: uint8 (N, F, H, W, C))."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,13 @@ from PIL import Image
 from .errors import UserError
 from .files import atomic_write, atomic_write_npz
 
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)  # PIL's for empty, damaged or foreign files
+IMAGE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+)  # PIL's for empty, damaged or foreign files
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 STRIP_GAP = 1  # white pixels between the frames of a clip's strip
 GIF_FRAME_MS = 125  # GIF frame duration: 8 frames per second
@@ -39,10 +46,17 @@ def save_gif(clip: torch.Tensor, path: str | Path) -> Path:
     from PIL import Image
 
     frames = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in to_uint8(clip[None])[0]]  # F x (H, W[, 3])
-    return atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0, optimize=False))
+    return atomic_write(
+        path,
+        lambda tmp: frames[0].save(
+            tmp, format="GIF", save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0, optimize=False
+        ),
+    )
 
 
-def save_grid(x: torch.Tensor, path: str | Path, columns: int, pad: int = 2, row_labels: list[str] | None = None) -> Path:
+def save_grid(
+    x: torch.Tensor, path: str | Path, columns: int, pad: int = 2, row_labels: list[str] | None = None
+) -> Path:
     """Save images (N, C, H, W) in [-1, 1] as one PNG, `columns` images per row; `row_labels` (e.g. the prompts)
     are written to the left of their rows. Clips (N, C, F, H, W) are shown as strips of their frames."""
     from PIL import Image, ImageDraw, ImageFont
@@ -72,10 +86,16 @@ def save_npz(x: torch.Tensor, labels: list[int] | None, path: str | Path) -> Pat
     """ADM layout: arr_0 uint8 (N, H, W, 3 or 1), arr_1 int64 labels (none for prompts); x (N, C, H, W) in [-1, 1], or
     already uint8. Clips (N, C, F, H, W) give arr_0 (N, F, H, W, C)."""
     images = x.movedim(1, -1).cpu().numpy() if x.dtype == torch.uint8 else to_uint8(x)
-    return atomic_write_npz(path, images) if labels is None else atomic_write_npz(path, images, np.asarray(labels, dtype=np.int64))
+    return (
+        atomic_write_npz(path, images)
+        if labels is None
+        else atomic_write_npz(path, images, np.asarray(labels, dtype=np.int64))
+    )
 
 
-def save_samples(x: torch.Tensor, stem: Path, labels: list[int] | None, prompts: list[str] | None, per_label: int, grid_max: int) -> list[str]:
+def save_samples(
+    x: torch.Tensor, stem: Path, labels: list[int] | None, prompts: list[str] | None, per_label: int, grid_max: int
+) -> list[str]:
     """What `sprintdit sample` writes for images (N, C, H, W) in [-1, 1], each label or prompt `per_label` times in a
     row: STEM.npz (ADM layout; labels only for class models), STEM.prompts.txt (sample i: prompt i // per_label)
     and a PNG grid of at most `grid_max` images in whole rows (0: none). Clips (N, C, F, H, W) also get one GIF each,

@@ -7,6 +7,7 @@ seeded with (seed, i), so the data set is the same on every machine. One in HOLD
 the set of (cell, class) pairs) is held out: training never sees it, and the demo scores captions of both kinds.
 The score: each cell's content (garment class, or empty) against the caption, read by the shipped classifier.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -21,7 +22,18 @@ from .text import tokenize, vocabulary_of, words_of
 
 CANVAS, CELL, GARMENT = 32, 16, 28  # canvas side, cell side (the shrunk garment), Fashion-MNIST's side
 CELLS = ("top left", "top right", "bottom left", "bottom right")  # reading order; cell k at row k // 2, column k % 2
-CLASS_WORDS = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")  # FASHION_MNIST_CLASSES
+CLASS_WORDS = (
+    "tshirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "boot",
+)  # FASHION_MNIST_CLASSES
 EMPTY = -1  # a cell's content when no garment stands there
 MAX_GARMENTS = 2
 HOLDOUT_FOLD = 10  # one layout in 10 is held out
@@ -129,7 +141,9 @@ def cell_contents(images: torch.Tensor, classifier) -> torch.Tensor:
     from .metrics.fmnist_classifier import classify_garments
 
     n = images.shape[0]
-    cells = images[:, 0].unflatten(1, (2, CELL)).unflatten(3, (2, CELL)).permute(0, 1, 3, 2, 4).reshape(n * 4, CELL, CELL)  # (N*4, 16, 16)
+    cells = (
+        images[:, 0].unflatten(1, (2, CELL)).unflatten(3, (2, CELL)).permute(0, 1, 3, 2, 4).reshape(n * 4, CELL, CELL)
+    )  # (N*4, 16, 16)
     ink = ((cells + 1) / 2).flatten(1).amax(1)  # (N*4,)
     logits = classify_garments(classifier, cells)
     read = torch.where(ink < EMPTY_INK, torch.full((n * 4,), EMPTY), logits.argmax(1))
@@ -140,4 +154,3 @@ def caption_accuracy(images: torch.Tensor, layouts: list[Layout], classifier) ->
     """Share of cells (all 4 of each canvas) whose content matches the caption's layout."""
     read = cell_contents(images, classifier)
     return (read == torch.tensor(layouts)).float().mean().item()
-

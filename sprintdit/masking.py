@@ -10,6 +10,7 @@ with the group lattice shifted by a random offset per sample (groups wrap around
 groups as cubic as the grid allows; g_t = 1 for one frame, which is then the image mask draw for draw), and the
 lattice is offset in time as well.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,11 @@ def group_shape(g: int, grid: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def achievable_structured_ratios(grid: tuple[int, ...], max_group: int | None = None) -> list[Fraction]:
-    """Every drop ratio 1 - k/|group| (1 <= k <= |group|) with the side g dividing both spatial grid sides (g <= max_group)."""
-    sizes = [math.prod(group_shape(g, grid)) for g in _divisors(math.gcd(*grid[-2:])) if max_group is None or g <= max_group]
+    """Every drop ratio 1 - k/|group| (1 <= k <= |group|) with the side g dividing both spatial grid sides (g <=
+    max_group)."""
+    sizes = [
+        math.prod(group_shape(g, grid)) for g in _divisors(math.gcd(*grid[-2:])) if max_group is None or g <= max_group
+    ]
     return sorted({1 - Fraction(k, size) for size in sizes for k in range(1, size + 1)})
 
 
@@ -88,7 +92,9 @@ def structured_group(ratio: float, grid: tuple[int, ...]) -> tuple[int, int]:
 def num_kept_random(ratio: float, num_tokens: int) -> int:
     keep = round(num_tokens * (1.0 - ratio))
     if not 0.0 <= ratio < 1.0 or keep < 1:
-        raise UserError(f"mask ratio {ratio:g} keeps no token of {num_tokens}; use a ratio in [0, {1 - 1 / num_tokens:g}]")
+        raise UserError(
+            f"mask ratio {ratio:g} keeps no token of {num_tokens}; use a ratio in [0, {1 - 1 / num_tokens:g}]"
+        )
     return keep
 
 
@@ -123,7 +129,11 @@ def lattice_layout(group_dropped: torch.Tensor, group: tuple[int, ...], offset: 
     b, *counts, _ = group_dropped.shape
     d = len(group)
     grid = [c * g for c, g in zip(counts, group)]
-    layout = group_dropped.view(b, *counts, *group).permute(0, *[v for i in range(d) for v in (1 + i, 1 + d + i)]).reshape(b, -1)
+    layout = (
+        group_dropped.view(b, *counts, *group)
+        .permute(0, *[v for i in range(d) for v in (1 + i, 1 + d + i)])
+        .reshape(b, -1)
+    )
     source = torch.zeros(b, *[1] * d, dtype=torch.long, device=offset.device)  # (B, 1, ..., 1)
     for axis, n in enumerate(grid):  # the unshifted position each token of the shifted lattice reads
         index = (torch.arange(n, device=offset.device) - offset[:, axis : axis + 1]) % n  # (B, n)
@@ -131,17 +141,25 @@ def lattice_layout(group_dropped: torch.Tensor, group: tuple[int, ...], offset: 
     return torch.gather(layout, 1, source.reshape(b, -1))
 
 
-def structured_mask(batch: int, grid: tuple[int, ...], ratio: float, generator: torch.Generator | None = None) -> TokenMask:
+def structured_mask(
+    batch: int, grid: tuple[int, ...], ratio: float, generator: torch.Generator | None = None
+) -> TokenMask:
     """Keep k random tokens in every group (g x g, or g_t x g x g on a video grid); the group lattice is offset at
     random per sample."""
     g, k = structured_group(ratio, grid)
     group = group_shape(g, grid)
     device = generator_device(generator)
-    scores = torch.rand(batch, *[n // s for n, s in zip(grid, group)], math.prod(group), generator=generator, device=device)  # (B, groups..., |group|)
+    scores = torch.rand(
+        batch, *[n // s for n, s in zip(grid, group)], math.prod(group), generator=generator, device=device
+    )  # (B, groups..., |group|)
     ranks = torch.argsort(torch.argsort(scores, dim=-1), dim=-1)
     offset = torch.randint(0, g, (batch, 2), generator=generator, device=device)  # (B, 2) lattice shift (rows, cols)
     if len(grid) == 3:  # drawn after the spatial shift, and only when it can move: one frame stays the image mask
-        shift_t = torch.randint(0, group[0], (batch, 1), generator=generator, device=device) if group[0] > 1 else offset[:, :1] * 0
+        shift_t = (
+            torch.randint(0, group[0], (batch, 1), generator=generator, device=device)
+            if group[0] > 1
+            else offset[:, :1] * 0
+        )
         offset = torch.cat([shift_t, offset], dim=1)  # (B, 3)
     return mask_from_dropped(lattice_layout(ranks >= k, group, offset))
 

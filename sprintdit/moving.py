@@ -12,6 +12,7 @@ consistency (the share of clips whose frames are all read as one class), the gar
 best constant-velocity-with-bounces path (mean residual in pixels; 0 for real clips), and a Frechet distance of the
 classifier's features of every frame against real clips' frames.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ START_STEP, SPEED_STEP = 0.25, 0.125  # the path fit's search grid: start (pixel
 
 
 def bounce(start: np.ndarray, velocity: np.ndarray, frames: int, travel: float = TRAVEL) -> np.ndarray:
-    """Positions (..., frames) of start + velocity * f reflected into [0, travel] (a triangle wave of period 2 travel)."""
+    """Positions (..., frames) of start + velocity * f reflected into [0, travel] (a triangle wave of period 2
+    travel)."""
     u = np.mod(start[..., None] + velocity[..., None] * np.arange(frames), 2 * travel)
     return travel - np.abs(travel - u)
 
@@ -175,4 +177,3 @@ def real_frame_stats(clips: torch.Tensor, readers: Readers):
 def check_clip_shape(x: torch.Tensor) -> None:
     if x.ndim != 5 or tuple(x.shape[1:2]) + tuple(x.shape[3:]) != (1, CANVAS, CANVAS):
         raise UserError(f"moving Fashion-MNIST scores take clips (N, 1, F, {CANVAS}, {CANVAS}), got {tuple(x.shape)}")
-

@@ -10,6 +10,7 @@ beta_k (improved DDPM); loss = MSE(eps) + the variational bound with the mean fr
 Whatever the objective, the network sees the noise level t = k / T in [0, 1] (1 = noise); a DiT-style
 network multiplies it by model.time_scale = T, so its embedding sees the integer step k exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,21 +25,26 @@ from .masking import gather_tokens, generator_device
 from .models.sit import RepaTap
 from .sections import ObjectiveConfig  # noqa: F401  (the objective's config, re-exported beside it)
 
-CDF_FLOOR = 1e-12  # conditional logit-normal draws keep P(T <= t) inside [floor, 1 - floor]: t stays finite in logit space
+CDF_FLOOR = (
+    1e-12  # conditional logit-normal draws keep P(T <= t) inside [floor, 1 - floor]: t stays finite in logit space
+)
 
 
 @dataclass
 class Distill:
     """Knowledge distillation from a frozen teacher: the regression target becomes lerp(data target, teacher's
     prediction at the same x_t, t and condition, weight). Since (1 - w) |p - a|^2 + w |p - b|^2 equals
-    |p - lerp(a, b, w)|^2 plus a constant, this is the weighted sum of the two losses, with one forward of the teacher."""
+    |p - lerp(a, b, w)|^2 plus a constant, this is the weighted sum of the two losses, with one forward of the
+    teacher."""
 
     teacher: torch.nn.Module  # in eval mode, no gradients; takes (x_t, t, condition) like the student
     weight: float  # 0: the data's target only; 1: the teacher's prediction only
 
     def target(self, target: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            taught = self.teacher(x_t, t, labels)[:, : target.shape[1]]  # the teacher's velocity (or eps), without learned sigma
+            taught = self.teacher(x_t, t, labels)[
+                :, : target.shape[1]
+            ]  # the teacher's velocity (or eps), without learned sigma
         return torch.lerp(target.float(), taught.float(), self.weight)
 
 
@@ -67,7 +73,9 @@ def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class FlowMatching:
     def __init__(self, cfg: ObjectiveConfig, null_class: int):
         if cfg.kind != "flow":
-            raise UserError(f"objective.kind {cfg.kind!r} is not flow matching; this version trains and samples flow runs only")
+            raise UserError(
+                f"objective.kind {cfg.kind!r} is not flow matching; this version trains and samples flow runs only"
+            )
         self.cfg = cfg
         self.null_class = null_class
 
@@ -99,32 +107,52 @@ class FlowMatching:
             return min(max(t, 0.0), 1.0)
         return 0.5 * math.erfc(-(math.log(t / (1.0 - t)) - self.cfg.logit_mean) / (self.cfg.logit_std * math.sqrt(2.0)))
 
-    def sample_t(self, batch: int, generator: torch.Generator | None = None, cdf: tuple[float, float] | None = None) -> torch.Tensor:
+    def sample_t(
+        self, batch: int, generator: torch.Generator | None = None, cdf: tuple[float, float] | None = None
+    ) -> torch.Tensor:
         """(batch,) noise levels from the training distribution; with `cdf` (lo, hi), from that distribution
         conditioned on P(T <= t) in [lo, hi) (inverse-CDF draws: the gated strata of SparseDiT training)."""
         if cdf is not None:
-            u = cdf[0] + (cdf[1] - cdf[0]) * torch.rand(batch, generator=generator, device=generator_device(generator), dtype=torch.float64)
+            u = cdf[0] + (cdf[1] - cdf[0]) * torch.rand(
+                batch, generator=generator, device=generator_device(generator), dtype=torch.float64
+            )
             if self.cfg.time_sampling == "uniform":
                 return u.float()
             z = torch.special.ndtri(u.clamp(CDF_FLOOR, 1.0 - CDF_FLOOR)) * self.cfg.logit_std + self.cfg.logit_mean
             return torch.sigmoid(z).float()
         if self.cfg.time_sampling == "uniform":
             return torch.rand(batch, generator=generator, device=generator_device(generator))
-        z = torch.randn(batch, generator=generator, device=generator_device(generator)) * self.cfg.logit_std + self.cfg.logit_mean
+        z = (
+            torch.randn(batch, generator=generator, device=generator_device(generator)) * self.cfg.logit_std
+            + self.cfg.logit_mean
+        )
         return torch.sigmoid(z)
 
     def drop_labels(self, y: torch.Tensor, draws: Draws) -> torch.Tensor:
         drop = draws.rand(y.shape[0]) < self.cfg.label_dropout  # (B,)
         return torch.where(drop.to(y.device).view(-1, *[1] * (y.dim() - 1)), null_like(y, self.null_class), y)
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, draws: Draws, features: torch.Tensor | None = None,
-             t_cdf: tuple[float, float] | None = None, distill: Distill | None = None, **model_kwargs) -> torch.Tensor:
+    def loss(
+        self,
+        model,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        draws: Draws,
+        features: torch.Tensor | None = None,
+        t_cdf: tuple[float, float] | None = None,
+        distill: Distill | None = None,
+        **model_kwargs,
+    ) -> torch.Tensor:
         """Mean squared velocity error over x0's rows, plus repa_weight * the REPA loss when `features` (B, N, D)
         are given. Randomness (t, eps, label dropout, in that order) comes from `draws`: drawn for every rank's rows
         (x0 is this rank's block), so it is the same for any world size. `t_cdf`: draw t within that stratum.
         `distill`: the target moves towards a teacher's velocity."""
-        t = draws.keep(self.sample_t(draws.total(x0.shape[0]), draws.generator, t_cdf)).to(x0.device)  # no copy when drawn on x0's device
-        eps = correlate_frames(draws.randn(x0.shape[0], *x0.shape[1:]), self.cfg.frame_noise_corr).to(x0.device, x0.dtype)
+        t = draws.keep(self.sample_t(draws.total(x0.shape[0]), draws.generator, t_cdf)).to(
+            x0.device
+        )  # no copy when drawn on x0's device
+        eps = correlate_frames(draws.randn(x0.shape[0], *x0.shape[1:]), self.cfg.frame_noise_corr).to(
+            x0.device, x0.dtype
+        )
         x_t, target = self.interpolate(x0, eps, t)
         labels = self.drop_labels(y, draws)
         if distill is not None:
@@ -169,7 +197,9 @@ def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, l
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, bins: int = 256) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, bins: int = 256
+) -> torch.Tensor:
     """log P(x) of data in [-1, 1] quantised to `bins` levels under N(mean, e^(2 log_scale)), elementwise;
     the edge bins extend to +-infinity."""
     half_bin = 1.0 / (bins - 1)
@@ -225,7 +255,8 @@ class DiffusionProcess:
         return mean, self.take(self.posterior_logvar, index, x)
 
     def model_logvar(self, v: torch.Tensor | None, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Learned: interpolate between the posterior's log-variance and log beta by (v + 1) / 2; fixed: the posterior's."""
+        """Learned: interpolate between the posterior's log-variance and log beta by (v + 1) / 2; fixed: the
+        posterior's."""
         low = self.take(self.posterior_logvar, index, like)
         if v is None:
             return low.expand_as(like)
@@ -246,7 +277,9 @@ class DDPM:
         """Network output -> (eps, variance value v or None)."""
         return out[:, :channels], (out[:, channels : 2 * channels] if self.learn_sigma else None)
 
-    def vb_bits(self, eps: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def vb_bits(
+        self, eps: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         """The variational-bound term per sample, in bits per dimension, with the predicted mean frozen."""
         p = self.process
         mean, logvar = p.posterior(p.x0_from_eps(x_t, eps.detach(), index), x_t, index)
@@ -256,8 +289,16 @@ class DDPM:
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).flatten(1).mean(1) / math.log(2.0)
         return torch.where(index.to(x0.device) == 0, nll, kl)
 
-    def loss(self, model, x0: torch.Tensor, y: torch.Tensor, draws: Draws, features: torch.Tensor | None = None,
-             distill: Distill | None = None, **model_kwargs) -> torch.Tensor:
+    def loss(
+        self,
+        model,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        draws: Draws,
+        features: torch.Tensor | None = None,
+        distill: Distill | None = None,
+        **model_kwargs,
+    ) -> torch.Tensor:
         """MSE on eps (+ the variational bound when sigma is learned) over x0's rows. Randomness (step, eps, label
         dropout) comes from `draws`, for every rank's rows as in flow matching. `distill`: the eps target moves
         towards a teacher's eps (the variational bound keeps the true posterior)."""
@@ -265,7 +306,9 @@ class DDPM:
             raise UserError("REPA (model.repa.depth) is implemented for flow matching only, not objective.kind ddpm")
         channels = x0.shape[1]
         index = draws.randint(self.cfg.num_timesteps, x0.shape[0])
-        eps = correlate_frames(draws.randn(x0.shape[0], *x0.shape[1:]), self.cfg.frame_noise_corr).to(x0.device, x0.dtype)
+        eps = correlate_frames(draws.randn(x0.shape[0], *x0.shape[1:]), self.cfg.frame_noise_corr).to(
+            x0.device, x0.dtype
+        )
         x_t = self.process.q_sample(x0, eps, index)
         t = self.process.noise_level(index).to(x0.device)
         labels = self.drop_labels(y, draws)

@@ -1,5 +1,6 @@
 """Charts of runs (matplotlib, PNG): loss and FID against steps, training TFLOP and wall-clock; sample grids side
 by side; FID against sampling cost. `sprintdit plot` and the study report draw with these."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,14 +50,29 @@ def draw_series(ax, series: list[tuple[str, int, list[dict]]], x: str, y: str | 
             continue
         first = label not in colours
         colour = colours.setdefault(label, f"C{len(colours) % 10}")
-        ax.plot(xs, ys, LINESTYLES[style % len(LINESTYLES)], color=colour, marker="o" if y is None else None, markersize=3, label=label if first else None)
+        ax.plot(
+            xs,
+            ys,
+            LINESTYLES[style % len(LINESTYLES)],
+            color=colour,
+            marker="o" if y is None else None,
+            markersize=3,
+            label=label if first else None,
+        )
         drawn = True
     ax.set_xlabel(AXES[x][2])
     ax.grid(alpha=0.3)
     return drawn
 
 
-def curve_chart(series: list[tuple[str, int, list[dict]]], x: str, path: str | Path, title: str, y: str | None = None, ylabel: str = "FID") -> Path:
+def curve_chart(
+    series: list[tuple[str, int, list[dict]]],
+    x: str,
+    path: str | Path,
+    title: str,
+    y: str | None = None,
+    ylabel: str = "FID",
+) -> Path:
     """One chart of y (default the FID) against `x` for every series; line style tells seeds apart."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if draw_series(ax, series, x, y):
@@ -95,7 +111,11 @@ def grids_chart(grids: list[tuple[str, Path]], path: str | Path) -> Path:
     return save(fig, path)
 
 
-def tradeoff_chart(series: dict[str, tuple[list[tuple[float, float, float, float, str]], bool]], path: str | Path, xlabels: tuple[str, str]) -> Path:
+def tradeoff_chart(
+    series: dict[str, tuple[list[tuple[float, float, float, float, str]], bool]],
+    path: str | Path,
+    xlabels: tuple[str, str],
+) -> Path:
     """FID against sampling cost, two panels: series name -> ([(GFLOP per image, ms per image, FID, FID's half-range
     over the seeds (drawn as an error bar), point label)], whether its points are one model's settings and so joined
     by a line)."""
@@ -103,8 +123,17 @@ def tradeoff_chart(series: dict[str, tuple[list[tuple[float, float, float, float
     for i, (name, (pts, joined)) in enumerate(series.items()):
         pts = sorted(pts)
         for ax, column in zip(axes, (0, 1)):
-            ax.errorbar([p[column] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts], fmt="o-" if joined else "o",
-                        color=f"C{i % 10}", label=name, markersize=4, capsize=2, elinewidth=0.8)
+            ax.errorbar(
+                [p[column] for p in pts],
+                [p[2] for p in pts],
+                yerr=[p[3] for p in pts],
+                fmt="o-" if joined else "o",
+                color=f"C{i % 10}",
+                label=name,
+                markersize=4,
+                capsize=2,
+                elinewidth=0.8,
+            )
             for p in pts:
                 ax.annotate(p[4], (p[column], p[2]), fontsize=6, xytext=(2, 2), textcoords="offset points")
     for ax, label in zip(axes, xlabels):
@@ -124,7 +153,9 @@ def bars_chart(bars: list[tuple[str, list[float]]], path: str | Path, title: str
         mean = sum(values) / len(values)
         ax.bar(i, mean, color=f"C{i % 10}", alpha=0.6, yerr=[[mean - min(values)], [max(values) - mean]], capsize=3)
         ax.plot([i] * len(values), values, "k.", markersize=5)
-        ax.annotate(f"{mean:.1f}", (i, mean), ha="right", fontsize=7, xytext=(-4, 2), textcoords="offset points")  # clear of the error bar
+        ax.annotate(
+            f"{mean:.1f}", (i, mean), ha="right", fontsize=7, xytext=(-4, 2), textcoords="offset points"
+        )  # clear of the error bar
     ax.set_xticks(range(len(bars)), [label for label, _ in bars], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

@@ -14,9 +14,11 @@ Layout of the output folder:
   `--text-encoder-path`, then shards whose `caption` (N,) int64 holds each image's table row instead of `labels`.
   Without --vae only the table is written: pixel training reads it with data.captions=OUT.
 
-Images are cropped as ADM does (`images.adm_center_crop`, as the image-folder reader). Shard i of the (sorted) file list goes to rank
+Images are cropped as ADM does (`images.adm_center_crop`, as the image-folder reader). Shard i of the (sorted) file list
+goes to rank
 i mod world, so torchrun processes share the work; every rank writes its own shards and sidecars.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,15 +41,19 @@ PIXEL_MAX = 255.0
 
 @dataclass
 class PrepareConfig:
-    images: str  # class-per-folder image tree (ImageNet train layout), or with `clips` a clip folder (sprintdit.data.ClipFolder)
+    # class-per-folder image tree (ImageNet train layout), or with `clips` a clip folder (sprintdit.data.ClipFolder)
+    images: str
     out: str  # latent folder
-    vae: str | None = None  # local AutoencoderKL folder (config.json + weights); None: only the caption table (needs captions)
+    vae: str | None = (
+        None  # local AutoencoderKL folder (config.json + weights); None: only the caption table (needs captions)
+    )
     captions: str | None = None  # captions.jsonl: store caption embeddings (and caption rows in the shards)
     text_encoder: str = "t5"  # t5 | clip (sprintdit.text_encoders)
     text_encoder_path: str | None = None  # its local transformers folder
     max_tokens: int = 120  # caption tokens (PixArt-alpha's T5: 120; CLIP: 77)
     resolution: int = 256  # image side after the ADM centre crop (clips: the frames' side, not cropped)
-    clips: bool = False  # `images` holds clips: every frame is encoded with the image VAE, latents (C, F, h, w) as Latte trains on
+    # `images` holds clips: every frame is encoded with the image VAE, latents (C, F, h, w) as Latte trains on
+    clips: bool = False
     frames: int | None = None  # clips: frames per clip (default: the first clip's)
     shard_size: int = 10000  # images per shard
     batch_size: int = 32  # images per VAE forward
@@ -92,7 +98,9 @@ def complete_shard(shard: Path, settings: dict, fingerprint: str) -> dict | None
         return None
     info = json.loads(side.read_text())
     if info["settings"] != settings or info["files"] != fingerprint:
-        raise UserError(f"{shard.parent} holds shards prepared with other settings or images ({side.name}); use a new --out")
+        raise UserError(
+            f"{shard.parent} holds shards prepared with other settings or images ({side.name}); use a new --out"
+        )
     return info if sha256_file(shard) == info["sha256"] else None
 
 
@@ -104,7 +112,9 @@ def pixels_reader(cfg: PrepareConfig, clips=None):
     return lambda path: torch.from_numpy(clips.read(path)).permute(3, 0, 1, 2).expand(3, -1, -1, -1)
 
 
-def encode_shard(files, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, bar, read) -> tuple[dict, list]:
+def encode_shard(
+    files, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, bar, read
+) -> tuple[dict, list]:
     """Tensors of one shard and the images skipped as unreadable ([{path, reason}]). files: (path, label) pairs,
     the label a class index, or with captions a caption-table row (stored as `caption`); read: `pixels_reader`'s."""
     from .vae import encode
@@ -154,9 +164,10 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     rank, world = d.shard
     clips = None
     if cfg.clips:
-
         if cfg.captions or features is not None or cfg.vae is None:
-            raise UserError("prepare --clips encodes class-labelled clips with --vae; captions and DINOv2 features are for images")
+            raise UserError(
+                "prepare --clips encodes class-labelled clips with --vae; captions and DINOv2 features are for images"
+            )
         clips = ClipFolder(root, cfg.resolution, cfg.frames)
         classes, files = clips.classes, clips.clips
     elif cfg.captions:
@@ -168,14 +179,19 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     vae = load_vae(cfg.vae, device)
     factor = downsample_factor(vae)
     if cfg.resolution % (factor * cfg.patch_size):
-        raise UserError(f"--resolution {cfg.resolution} is not divisible by the VAE's factor {factor} x --patch-size {cfg.patch_size}")
+        raise UserError(
+            f"--resolution {cfg.resolution} is not divisible by the VAE's factor {factor} x --patch-size "
+            f"{cfg.patch_size}"
+        )
     grid = cfg.resolution // factor // cfg.patch_size
     if features is not None:
         features.model.to(device).eval()
     settings = {
         "resolution": cfg.resolution,
         "vae_config_sha256": config_sha256(cfg.vae),
-        "dinov2": None if features is None else {"model": features.name, "weights": str(features.weights), "grid": grid},
+        "dinov2": None
+        if features is None
+        else {"model": features.name, "weights": str(features.weights), "grid": grid},
         "captions": None if cfg.captions is None else json.loads((out / TABLE_INFO).read_text())["sha256"],
         **({"frames": clips.resolution[0]} if clips is not None else {}),
     }
@@ -185,9 +201,26 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     for i in range(rank, len(plan), world):  # this rank's shards: kept when complete, else (re-)encoded below
         done = complete_shard(out / SHARD_NAME.format(i), settings, files_fingerprint(plan[i], root)) is not None
         (result.kept if done else result.encoded).append(i)
-    bar = tqdm(total=sum(len(plan[i]) for i in result.encoded), disable=not cfg.progress, unit="img", desc=f"encoding (rank {rank})", dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(plan[i]) for i in result.encoded),
+        disable=not cfg.progress,
+        unit="img",
+        desc=f"encoding (rank {rank})",
+        dynamic_ncols=True,
+    )
     for i in result.encoded:
-        write_shard(out / SHARD_NAME.format(i), plan[i], vae, features, cfg, grid, settings, root, bar, pixels_reader(cfg, clips))
+        write_shard(
+            out / SHARD_NAME.format(i),
+            plan[i],
+            vae,
+            features,
+            cfg,
+            grid,
+            settings,
+            root,
+            bar,
+            pixels_reader(cfg, clips),
+        )
     bar.close()
     barrier(d, "waiting for every rank's shards before the manifest")
     if rank == 0:
@@ -195,7 +228,18 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     return result
 
 
-def write_shard(shard: Path, files: list, vae, features: FeatureEncoder | None, cfg: PrepareConfig, grid: int, settings: dict, root: Path, bar, read) -> None:
+def write_shard(
+    shard: Path,
+    files: list,
+    vae,
+    features: FeatureEncoder | None,
+    cfg: PrepareConfig,
+    grid: int,
+    settings: dict,
+    root: Path,
+    bar,
+    read,
+) -> None:
     """Encode one shard and write it, then its sidecar (both atomically: a sidecar means a complete shard)."""
     from safetensors.torch import save_file
 
@@ -203,8 +247,17 @@ def write_shard(shard: Path, files: list, vae, features: FeatureEncoder | None, 
     if not tensors:
         raise UserError(f"no readable image in {shard.name} of {root} (first: {files[0][0]})")
     atomic_write(shard, lambda p: save_file(tensors, str(p)))
-    write_json(sidecar_path(shard), {"file": shard.name, "count": len(tensors["mean"]), "sha256": sha256_file(shard), "skipped": skipped,
-                                     "settings": settings, "files": files_fingerprint(files, root)})
+    write_json(
+        sidecar_path(shard),
+        {
+            "file": shard.name,
+            "count": len(tensors["mean"]),
+            "sha256": sha256_file(shard),
+            "skipped": skipped,
+            "settings": settings,
+            "files": files_fingerprint(files, root),
+        },
+    )
 
 
 def prepare_captions(cfg: PrepareConfig, root: Path, out: Path, device: torch.device, d) -> list[tuple[Path, int]]:
@@ -224,7 +277,9 @@ def prepare_captions(cfg: PrepareConfig, root: Path, out: Path, device: torch.de
     return [(root / f, i + 1) for i, f in enumerate(names)]
 
 
-def write_manifest(out: Path, plan: list, classes: list[str], settings: dict, vae, cfg: PrepareConfig, features: FeatureEncoder | None) -> Path:
+def write_manifest(
+    out: Path, plan: list, classes: list[str], settings: dict, vae, cfg: PrepareConfig, features: FeatureEncoder | None
+) -> Path:
     from safetensors import safe_open
 
     from .vae import downsample_factor, scaling_factor
@@ -233,7 +288,9 @@ def write_manifest(out: Path, plan: list, classes: list[str], settings: dict, va
     for i in range(len(plan)):
         side = sidecar_path(out / SHARD_NAME.format(i))
         if not side.is_file():
-            raise UserError(f"shard {i} of {out} is not finished ({side.name} missing); run prepare again to complete it")
+            raise UserError(
+                f"shard {i} of {out} is not finished ({side.name} missing); run prepare again to complete it"
+            )
         infos.append(json.loads(side.read_text()))
     with safe_open(str(out / infos[0]["file"]), framework="pt") as f:
         latent_shape = list(f.get_slice("mean").get_shape()[1:])
@@ -243,9 +300,15 @@ def write_manifest(out: Path, plan: list, classes: list[str], settings: dict, va
         "resolution": cfg.resolution,
         "latent_shape": latent_shape,  # (C, h, w), clips (C, F, h, w)
         "storage": "unscaled posterior mean and std, float32; multiply by vae.scaling_factor for the model",
-        "vae": {"path": str(Path(cfg.vae).resolve()), "config_sha256": settings["vae_config_sha256"],
-                "scaling_factor": scaling_factor(vae), "downsample": downsample_factor(vae)},
-        "dinov2": None if features is None else {**settings["dinov2"], "tokens": dinov2_shape[0], "dim": dinov2_shape[1], "dtype": "float16"},
+        "vae": {
+            "path": str(Path(cfg.vae).resolve()),
+            "config_sha256": settings["vae_config_sha256"],
+            "scaling_factor": scaling_factor(vae),
+            "downsample": downsample_factor(vae),
+        },
+        "dinov2": None
+        if features is None
+        else {**settings["dinov2"], "tokens": dinov2_shape[0], "dim": dinov2_shape[1], "dtype": "float16"},
         "classes": {name: i for i, name in enumerate(classes)},
         "captions": None if cfg.captions is None else TABLE_INFO,  # shards hold `caption` rows of this table
         "count": sum(info["count"] for info in infos),

@@ -1,4 +1,5 @@
 """A study's report: rows aggregated over seeds, the claims judged, results.md / results.json and the plots."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -11,20 +12,39 @@ from pathlib import Path
 from . import plots
 from .files import atomic_write_text
 
-NUMBERS = ("fid", "class_agreement", "precision", "recall", "train_tflops", "train_seconds", "steps", "sample_gflops", "sample_ms")
+NUMBERS = (
+    "fid",
+    "class_agreement",
+    "precision",
+    "recall",
+    "train_tflops",
+    "train_seconds",
+    "steps",
+    "sample_gflops",
+    "sample_ms",
+)
 COLUMNS = (  # (key, header, format)
-    ("steps", "steps", "{:.0f}"), ("train_tflops", "train TFLOP", "{:.1f}"), ("train_seconds", "train s", "{:.0f}"),
-    ("fid", "FID", "{:.2f}"), ("class_agreement", "class agr.", "{:.3f}"), ("precision", "precision", "{:.3f}"),
-    ("recall", "recall", "{:.3f}"), ("sample_gflops", "sample GFLOP/img", "{:.3f}"), ("sample_ms", "sample ms/img", "{:.2f}"),
+    ("steps", "steps", "{:.0f}"),
+    ("train_tflops", "train TFLOP", "{:.1f}"),
+    ("train_seconds", "train s", "{:.0f}"),
+    ("fid", "FID", "{:.2f}"),
+    ("class_agreement", "class agr.", "{:.3f}"),
+    ("precision", "precision", "{:.3f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("sample_gflops", "sample GFLOP/img", "{:.3f}"),
+    ("sample_ms", "sample ms/img", "{:.2f}"),
 )
 
 
 def aggregate(results: list[dict], order: list[str]) -> dict[str, dict]:
-    """row id -> {"seeds": [...], "values": {key: [per seed]}, "mean": {...}, "spread": {...}} (spread: half the range)."""
+    """row id -> {"seeds": [...], "values": {key: [per seed]}, "mean": {...}, "spread": {...}} (spread: half the
+    range)."""
     rows: dict[str, dict] = {}
     for result in results:
         for row_id, values in result["rows"].items():
-            row = rows.setdefault(row_id, {"seeds": [], "values": {k: [] for k in NUMBERS}, "overrides": result["overrides"]})
+            row = rows.setdefault(
+                row_id, {"seeds": [], "values": {k: [] for k in NUMBERS}, "overrides": result["overrides"]}
+            )
             row["seeds"].append(result["seed"])
             for k in NUMBERS:
                 row["values"][k].append(values.get(k))
@@ -59,7 +79,11 @@ def judge(claim, rows: dict[str, dict]) -> tuple[str, str]:
         b = others[0]
         bv = [v for v in rows[b]["values"][claim.metric] if v is not None]
         ok = (lambda x, y: x <= y) if claim.inclusive else (lambda x, y: x < y)
-        bound = f"{'<=' if claim.inclusive else '<'} {claim.factor:g} x " if claim.factor != 1 else ("<= " if claim.inclusive else "< ")
+        bound = (
+            f"{'<=' if claim.inclusive else '<'} {claim.factor:g} x "
+            if claim.factor != 1
+            else ("<= " if claim.inclusive else "< ")
+        )
         evidence = f"{claim.metric}: {shown(rows, a, claim.metric)} {bound}{shown(rows, b, claim.metric)}"
         if ok(max(av), claim.factor * min(bv)) and (len(av) > 1 or len(bv) > 1 or by != claim.metric):
             return "holds", evidence
@@ -83,7 +107,9 @@ def cell(row: dict, key: str, fmt: str) -> str:
     if mean is None:
         return "-"
     text = fmt.format(mean)
-    return text + (" ± " + fmt.format(spread) if len(row["seeds"]) > 1 and spread and key not in ("sample_gflops",) else "")
+    return text + (
+        " ± " + fmt.format(spread) if len(row["seeds"]) > 1 and spread and key not in ("sample_gflops",) else ""
+    )
 
 
 def sweep_of(spec, row_id: str):
@@ -96,16 +122,26 @@ def describe_sweep(sweep) -> str:
     return "sampling " + ", ".join(f"{k} {v}" for k, v in asdict(sweep).items() if k != "name" and v is not None)
 
 
-def markdown(study, rows: dict[str, dict], claims: list[tuple], seeds: int, charts: list[Path], wall: float, device: str) -> str:
+def markdown(
+    study, rows: dict[str, dict], claims: list[tuple], seeds: int, charts: list[Path], wall: float, device: str
+) -> str:
     spec, ev = study.spec, study.spec.evaluation
     lines = [
-        f"# Study `{study.name}`, size `{study.size}`", "", spec.description.strip(), "",
+        f"# Study `{study.name}`, size `{study.size}`",
+        "",
+        spec.description.strip(),
+        "",
         f"- command: `sprintdit study {study.name} --size {study.size} --seeds {seeds}`",
-        f"- device: {device}; date: {date.today().isoformat()}; wall-clock of the finished runs (training and evaluation): {wall / 60:.1f} min",
-        f"- evaluation: {ev.num_samples} samples per row (labels cycling through the classes, seeds {ev.seed_start}..{ev.seed_start + ev.num_samples - 1}), "
-        f"{ev.sampler} {ev.steps} steps, guidance {ev.guidance}" + (f" scale {ev.scale:g}" if ev.guidance != "none" else "")
-        + ", EMA weights; FID, class agreement, precision and recall from the run's feature network against its reference",
-        "- values: mean ± half the range over the seeds (per-seed values in results.json)", "",
+        f"- device: {device}; date: {date.today().isoformat()}; wall-clock of the finished runs (training and "
+        f"evaluation): {wall / 60:.1f} min",
+        f"- evaluation: {ev.num_samples} samples per row (labels cycling through the classes, seeds "
+        f"{ev.seed_start}..{ev.seed_start + ev.num_samples - 1}), "
+        f"{ev.sampler} {ev.steps} steps, guidance {ev.guidance}"
+        + (f" scale {ev.scale:g}" if ev.guidance != "none" else "")
+        + ", EMA weights; FID, class agreement, precision and recall from the run's feature network against its "
+        "reference",
+        "- values: mean ± half the range over the seeds (per-seed values in results.json)",
+        "",
         "| row | what differs | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
         "|---|---|" + "---|" * len(COLUMNS),
     ]
@@ -128,15 +164,35 @@ def write_report(study, results: list[dict], seeds: int, row_names: list[str], m
     charts = []
     series = [(r.name, s, plots.read_metrics(study.run_dir(r.name, s))) for s in range(seeds) for r in spec.runs]
     if any(records for _, _, records in series):
-        charts.append(plots.curve_chart(series, "tflops", out / "fid_vs_tflops.png", f"{study.name}: FID against training compute (line style: seed)"))
-        charts.append(plots.curve_chart(series, "seconds", out / "fid_vs_seconds.png", f"{study.name}: FID against training wall-clock (line style: seed)"))
-    bars = [(row_id, [v for v in row["values"]["fid"] if v is not None]) for row_id, row in rows.items() if "/" not in row_id]
+        charts.append(
+            plots.curve_chart(
+                series,
+                "tflops",
+                out / "fid_vs_tflops.png",
+                f"{study.name}: FID against training compute (line style: seed)",
+            )
+        )
+        charts.append(
+            plots.curve_chart(
+                series,
+                "seconds",
+                out / "fid_vs_seconds.png",
+                f"{study.name}: FID against training wall-clock (line style: seed)",
+            )
+        )
+    bars = [
+        (row_id, [v for v in row["values"]["fid"] if v is not None])
+        for row_id, row in rows.items()
+        if "/" not in row_id
+    ]
     bars = [(row_id, values) for row_id, values in bars if values]
     if bars:
         charts.append(plots.bars_chart(bars, out / "fid_final.png", f"{study.name}: final FID per run (dots: seeds)"))
     grids = [(r["run"], out / r["grid"]) for r in results if r["seed"] == 0]
     for run, path in grids:
-        if not path.is_file():  # a run folder copied, renamed or cleaned by hand: its grid is left out, the report still written
+        if (
+            not path.is_file()
+        ):  # a run folder copied, renamed or cleaned by hand: its grid is left out, the report still written
             study.log(f"note: {run}'s sample grid {path} is missing; samples.png leaves it out")
     grids = [(run, path) for run, path in grids if path.is_file()]
     if grids:
@@ -146,17 +202,38 @@ def write_report(study, results: list[dict], seeds: int, row_names: list[str], m
         for row_id, row in rows.items():
             if "/" in row_id:  # a sweep: one series per run and guidance
                 sweep = sweep_of(spec, row_id)
-                name, label = f"{row_id.split('/')[0]}: {sweep.guidance or spec.evaluation.guidance}", row_id.split("/", 1)[1]
+                name, label = (
+                    f"{row_id.split('/')[0]}: {sweep.guidance or spec.evaluation.guidance}",
+                    row_id.split("/", 1)[1],
+                )
             else:
                 name, label = "runs (the study's evaluation)", row_id
-            point = (row["mean"]["sample_gflops"], row["mean"]["sample_ms"], row["mean"]["fid"], row["spread"]["fid"] or 0.0, label)
+            point = (
+                row["mean"]["sample_gflops"],
+                row["mean"]["sample_ms"],
+                row["mean"]["fid"],
+                row["spread"]["fid"] or 0.0,
+                label,
+            )
             tradeoff.setdefault(name, ([], "/" in row_id))[0].append(point)
-        charts.append(plots.tradeoff_chart(tradeoff, out / "fid_vs_sampling.png", ("sampling GFLOP per image", "sampling ms per image (this machine)")))
+        charts.append(
+            plots.tradeoff_chart(
+                tradeoff,
+                out / "fid_vs_sampling.png",
+                ("sampling GFLOP per image", "sampling ms per image (this machine)"),
+            )
+        )
     wall = sum(r["wall_seconds"] for r in results)
     atomic_write_text(out / "results.md", markdown(study, rows, claims, seeds, charts, wall, machine))
     data = {
-        "study": study.name, "size": study.size, "folder": str(out), "seeds": seeds, "rows": rows, "wall_seconds": wall,
-        "claims": [{**asdict(c), "verdict": v, "evidence": e} for c, v, e in claims], "runs": results,
+        "study": study.name,
+        "size": study.size,
+        "folder": str(out),
+        "seeds": seeds,
+        "rows": rows,
+        "wall_seconds": wall,
+        "claims": [{**asdict(c), "verdict": v, "evidence": e} for c, v, e in claims],
+        "runs": results,
     }
     atomic_write_text(out / "results.json", json.dumps(data, indent=2) + "\n")
     return data

@@ -6,6 +6,7 @@ Samplers know nothing about networks; `guided_output` turns a network into a fun
 sample draws its noise from its own generator, seeded by its own seed, so an image depends only on its
 seed and label.
 """
+
 from __future__ import annotations
 
 
@@ -91,7 +92,9 @@ def euler_maruyama(
     return x
 
 
-def ddpm_loop(out: VelocityFn, x: torch.Tensor, objective: DDPM, steps: int, noise: SampleNoise, ddim: bool) -> torch.Tensor:
+def ddpm_loop(
+    out: VelocityFn, x: torch.Tensor, objective: DDPM, steps: int, noise: SampleNoise, ddim: bool
+) -> torch.Tensor:
     """Ancestral DDPM (learned or posterior variance) or deterministic DDIM over `steps` respaced steps."""
     process = DiffusionProcess.respaced(objective.process, spaced_steps(objective.cfg.num_timesteps, steps))
     for i in reversed(range(len(process.steps))):
@@ -103,7 +106,9 @@ def ddpm_loop(out: VelocityFn, x: torch.Tensor, objective: DDPM, steps: int, noi
             x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
         else:
             mean, _ = process.posterior(x0, x, index)
-            x = mean + (torch.exp(0.5 * process.model_logvar(v, index, x)) * noise.randn(tuple(x.shape[1:])) if i > 0 else 0)
+            x = mean + (
+                torch.exp(0.5 * process.model_logvar(v, index, x)) * noise.randn(tuple(x.shape[1:])) if i > 0 else 0
+            )
     return x
 
 
@@ -134,7 +139,9 @@ def guided_output(model, y: torch.Tensor, cfg: SampleConfig, channels: int) -> V
     return v
 
 
-def check_request(model, objective: FlowMatching | DDPM, labels: list[int], seeds: list[int], cfg: SampleConfig) -> None:
+def check_request(
+    model, objective: FlowMatching | DDPM, labels: list[int], seeds: list[int], cfg: SampleConfig
+) -> None:
     """Raise a UserError for labels, seeds, guidance or a sampler the model cannot sample."""
     if len(labels) != len(seeds):
         raise UserError(f"got {len(labels)} labels but {len(seeds)} seeds")
@@ -154,12 +161,21 @@ def check_request(model, objective: FlowMatching | DDPM, labels: list[int], seed
     ddpm = isinstance(objective, DDPM)
     if (cfg.sampler in DDPM_SAMPLERS) != ddpm:
         choices = DDPM_SAMPLERS if ddpm else FLOW_SAMPLERS
-        raise UserError(f"sampler {cfg.sampler!r} does not fit this {'DDPM' if ddpm else 'flow-matching'} model; choose one of {', '.join(choices)}")
+        raise UserError(
+            f"sampler {cfg.sampler!r} does not fit this {'DDPM' if ddpm else 'flow-matching'} model; choose one of "
+            f"{', '.join(choices)}"
+        )
 
 
 @torch.no_grad()
 def generate(
-    model, objective: FlowMatching | DDPM, labels: list, seeds: list[int], cfg: SampleConfig, device, progress: bool = False
+    model,
+    objective: FlowMatching | DDPM,
+    labels: list,
+    seeds: list[int],
+    cfg: SampleConfig,
+    device,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Samples (N, C, H, W) in the model's data space for the given conditions (labels, or captions: token-id
     rows or embeddings, e.g. from text_encoders.encode_prompts) and per-sample seeds."""
@@ -173,7 +189,9 @@ def generate(
 
         chunks = tqdm(chunks, desc="sampling", unit="batch")
     for start in chunks:
-        y = torch.stack([torch.as_tensor(row) for row in labels[start : start + cfg.batch_size]]).to(device)  # (B,), (B, L) or (B, L, E)
+        y = torch.stack([torch.as_tensor(row) for row in labels[start : start + cfg.batch_size]]).to(
+            device
+        )  # (B,), (B, L) or (B, L, E)
         noise = SampleNoise(seeds[start : start + cfg.batch_size], device, objective.cfg.frame_noise_corr)
         x = noise.randn((mc.in_channels, *mc.input_size))
         out_fn = guided_output(model, y, cfg, mc.in_channels)
@@ -196,14 +214,26 @@ def generate(
 
 
 def generate_on_ranks(
-    model, objective: FlowMatching | DDPM, labels: list[int], seeds: list[int], cfg: SampleConfig, d: Dist, progress: bool = False
+    model,
+    objective: FlowMatching | DDPM,
+    labels: list[int],
+    seeds: list[int],
+    cfg: SampleConfig,
+    d: Dist,
+    progress: bool = False,
 ) -> torch.Tensor | None:
     """`generate` with whole sampling batches spread over the ranks (batch k on rank k mod W): rank 0 gets all
     samples (N, C, H, W) in the requested order, the other ranks None. Every sample is computed in the same
     batch as with one process, so the result is identical (bitwise on one kind of device) for any world size."""
     check_request(model, objective, labels, seeds, cfg)  # on every rank, before any rank waits for another
     mine = [i for block in batches_of_rank(len(labels), cfg.batch_size, d.shard) for i in block]
-    part = generate(model, objective, [labels[i] for i in mine], [seeds[i] for i in mine], cfg, d.device, progress and d.is_main) if mine else None
+    part = (
+        generate(
+            model, objective, [labels[i] for i in mine], [seeds[i] for i in mine], cfg, d.device, progress and d.is_main
+        )
+        if mine
+        else None
+    )
     parts = gather_to_main(d, (mine, part), "gathering samples on rank 0")
     if parts is None:
         return None

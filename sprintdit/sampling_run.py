@@ -2,6 +2,7 @@
 decoder, process group and, once built, the evaluator's feature networks and reference). Opened from a checkpoint
 (`SamplingRun.open`: `sample`, `evaluate`, `Pipeline`) or taken from a trainer's EMA (`Trainer.sampling_run()`:
 periodic grids and evaluation, the demos, the studies)."""
+
 from __future__ import annotations
 
 import time
@@ -34,13 +35,17 @@ class SamplingRun:
     evaluator: object | None = None  # sprintdit.evaluate.Evaluator, built at the first `score` and kept for the next
 
     @classmethod
-    def open(cls, checkpoint: str | Path, use_ema: bool = True, device: str = "auto", sparse_grid: str | None = None) -> "SamplingRun":
+    def open(
+        cls, checkpoint: str | Path, use_ema: bool = True, device: str = "auto", sparse_grid: str | None = None
+    ) -> "SamplingRun":
         """A run folder (its latest checkpoint), a checkpoint folder or a .safetensors file; under torchrun, this rank's
         share. sparse_grid: sample a SparseDiT with this density schedule instead of its own (e.g. "8" or "6:10")."""
         model, run = load_model(checkpoint, use_ema=use_ema)
         if sparse_grid is not None:
             if run.model.arch != "sparsedit":
-                raise UserError(f"a sparse grid applies to SparseDiT checkpoints; {checkpoint} holds a {run.model.arch} model")
+                raise UserError(
+                    f"a sparse grid applies to SparseDiT checkpoints; {checkpoint} holds a {run.model.arch} model"
+                )
             model.use_grid(sparse_grid)
             run.model.sparse.grid = sparse_grid  # the run's config describes the network that samples
         return cls.of(model, run, init_from_env(run.distributed, pick_device(device)))
@@ -59,12 +64,16 @@ class SamplingRun:
         """The run's `sample` section with the `given` settings (None: unset) on top, validated."""
         return SampleConfig(**{**vars(self.config.sample), **{k: v for k, v in given.items() if v is not None}})
 
-    def generate(self, conditions: list, seeds: list[int], cfg: SampleConfig | None = None, progress: bool = False) -> tuple[torch.Tensor | None, float]:
+    def generate(
+        self, conditions: list, seeds: list[int], cfg: SampleConfig | None = None, progress: bool = False
+    ) -> tuple[torch.Tensor | None, float]:
         """(pixels (N, C, H, W) in [-1, 1], seconds) on rank 0, (None, seconds) on the others: one sample per condition
         (class label, or caption token ids / embeddings) and seed, spread over the ranks and decoded on rank 0.
         `cfg` None: the run's sampling settings."""
         tic = time.perf_counter()
-        samples = generate_on_ranks(self.model, self.objective, conditions, seeds, cfg or self.config.sample, self.dist, progress=progress)
+        samples = generate_on_ranks(
+            self.model, self.objective, conditions, seeds, cfg or self.config.sample, self.dist, progress=progress
+        )
         images = self.to_pixels(samples) if self.dist.is_main else None
         return images, time.perf_counter() - tic
 
@@ -78,15 +87,23 @@ class SamplingRun:
         cfg = cfg or self.config.eval
         mc = self.model.config
         if mc.condition != "class":
-            raise UserError("evaluate scores class-conditional models; a text model needs captions to sample from (the text demo scores its own: sprintdit demo --config fashion_mnist_text)")
+            raise UserError(
+                "evaluate scores class-conditional models; a text model needs captions to sample from (the text demo "
+                "scores its own: sprintdit demo --config fashion_mnist_text)"
+            )
         if mc.video:
-            raise UserError("evaluate scores images; a video model's clips are scored frame by frame by the video demo (sprintdit demo --config fashion_mnist_video, sprintdit.moving.score_clips)")
+            raise UserError(
+                "evaluate scores images; a video model's clips are scored frame by frame by the video demo (sprintdit "
+                "demo --config fashion_mnist_video, sprintdit.moving.score_clips)"
+            )
         labels, seeds = eval_labels_and_seeds(cfg, mc.num_classes)
         pixels, seconds = self.generate(labels, seeds, scfg, progress)
         if pixels is None:
             return None
         images = to_uint8_nchw(pixels)
-        self.evaluator = self.evaluator or Evaluator(cfg, tuple(images.shape[1:]), self.device, data_root or reference_root(self.config.data))
+        self.evaluator = self.evaluator or Evaluator(
+            cfg, tuple(images.shape[1:]), self.device, data_root or reference_root(self.config.data)
+        )
         return Scored(self.evaluator(images, torch.tensor(labels)), images, labels, seconds, self.evaluator)
 
     def sampling_gflops(self, scfg: SampleConfig | None = None) -> float:

@@ -3,6 +3,7 @@
 `objective` (objective.py) and `sample` (sampling.py). Plain dataclasses with the checks of their own fields, so
 config.py, the foundation, reads and validates a run config without importing a network, an objective or a sampler.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,9 +13,11 @@ from typing import List, Optional
 from .density import SparseConfig
 from .errors import UserError
 
+
 @dataclass
 class SprintConfig:
-    """SPRINT: `blocks` split into a dense encoder, a middle on the kept tokens and a dense decoder, the two paths fused."""
+    """SPRINT: `blocks` split into a dense encoder, a middle on the kept tokens and a dense decoder, the two paths
+    fused."""
 
     encoder_depth: int = 2  # dense shallow blocks; middle depth = depth - encoder_depth - decoder_depth
     decoder_depth: int = 2
@@ -36,21 +39,36 @@ class RepaConfig:
 class TextConfig:
     """Text conditioning (model.condition text): every block cross-attends from the image tokens to the caption's."""
 
-    encoder: str = "learned"  # learned: word embeddings and a small transformer trained with the model (closed vocabularies) | t5 | clip: embeddings precomputed by `sprintdit prepare --captions`
-    vocabulary: Optional[List[str]] = None  # learned: the words, in token order (ids 2, 3, ...; 0 pads, 1 starts); default: the data's
-    max_tokens: int = 16  # caption tokens (learned: including the start token; t5, clip: the tokenizer's); longer captions are truncated; default for t5, clip: the data's
+    # learned: word embeddings and a small transformer trained with the model (closed vocabularies) | t5 | clip:
+    # embeddings precomputed by `sprintdit prepare --captions`
+    encoder: str = "learned"
+    vocabulary: Optional[List[str]] = (
+        None  # learned: the words, in token order (ids 2, 3, ...; 0 pads, 1 starts); default: the data's
+    )
+    # caption tokens (learned: including the start token; t5, clip: the tokenizer's); longer captions are truncated;
+    # default for t5, clip: the data's
+    max_tokens: int = 16
     depth: int = 2  # learned: transformer layers over the caption
-    path: Optional[str] = None  # t5, clip: the local transformers folder the embeddings came from (sampling encodes prompts with it); default: the data's
+    path: Optional[str] = (
+        # t5, clip: the local transformers folder the embeddings came from (sampling encodes prompts with it); default:
+        # the data's
+        None
+    )
     dim: Optional[int] = None  # t5, clip: the embedding width (T5-XXL: 4096); default: the data's
-    pooled: bool = False  # also add the caption's mean kept token, through a linear layer, to the timestep embedding (as SD3 and Flux add a pooled text vector); PixArt-alpha: off
+    # also add the caption's mean kept token, through a linear layer, to the timestep embedding (as SD3 and Flux add a
+    # pooled text vector); PixArt-alpha: off
+    pooled: bool = False
 
 
 @dataclass
 class ModelConfig:
     arch: str = "sit"  # sit (dense / SPRINT) | sparsedit (SparseDiT; see model.sparse and sprintdit.models.sparsedit)
-    condition: str = "class"  # class (a label table added to the timestep embedding) | text (cross-attention to a caption; model.text)
+    # class (a label table added to the timestep embedding) | text (cross-attention to a caption; model.text)
+    condition: str = "class"
     preset: Optional[str] = None  # e.g. "SiT-XL/2": fills hidden_size, depth, num_heads, patch_size left unset
-    input_size: Optional[List[int]] = None  # [H, W] of the model input (pixels or latents), or [F, H, W] for video; default: the data's
+    input_size: Optional[List[int]] = (
+        None  # [H, W] of the model input (pixels or latents), or [F, H, W] for video; default: the data's
+    )
     in_channels: Optional[int] = None  # default: the data's
     num_classes: Optional[int] = None  # default: the data's; the label num_classes is the null (unconditional) class
     patch_size: Optional[int] = None
@@ -68,8 +86,12 @@ class ModelConfig:
     init_std: float = 0.02  # normal init of the timestep MLP
     label_init_std: float = 0.02  # normal init of the label table (larger: class conditioning is learned sooner)
     time_scale: float = 1.0  # t is multiplied by this before the sinusoidal embedding (SiT: 1; DiT-style: 1000)
-    time_freq_shift: int = 0  # timestep frequencies exp(-ln(10000) i / (half - shift)): 0 as DiT and SiT, 1 as diffusers' DiT
-    sprint: SprintConfig = field(default_factory=SprintConfig)  # arch sit: the encoder / middle / decoder split and the fusion
+    time_freq_shift: int = (
+        0  # timestep frequencies exp(-ln(10000) i / (half - shift)): 0 as DiT and SiT, 1 as diffusers' DiT
+    )
+    sprint: SprintConfig = field(
+        default_factory=SprintConfig
+    )  # arch sit: the encoder / middle / decoder split and the fusion
     repa: RepaConfig = field(default_factory=RepaConfig)  # arch sit: representation alignment (off by default)
     sparse: SparseConfig = field(default_factory=SparseConfig)  # arch sparsedit only
     text: TextConfig = field(default_factory=TextConfig)  # condition text only
@@ -134,7 +156,9 @@ class ObjectiveConfig:
     beta_start: float = 1e-4  # ddpm: linear betas from beta_start to beta_end
     beta_end: float = 0.02
     repa_weight: float = 0.5  # REPA alignment loss weight (used when model.repa.depth > 0)
-    frame_noise_corr: float = 0.0  # video: correlation of the noise between any two frames (a mixed noise prior); 0: independent
+    frame_noise_corr: float = (
+        0.0  # video: correlation of the noise between any two frames (a mixed noise prior); 0: independent
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -144,7 +168,9 @@ class ObjectiveConfig:
         if self.path not in PATHS:
             raise UserError(f"objective.path is {self.path!r}; choose one of {', '.join(PATHS)}")
         if self.time_sampling not in TIME_SAMPLINGS:
-            raise UserError(f"objective.time_sampling is {self.time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}")
+            raise UserError(
+                f"objective.time_sampling is {self.time_sampling!r}; choose one of {', '.join(TIME_SAMPLINGS)}"
+            )
         if not 0.0 <= self.label_dropout < 1.0:
             raise UserError(f"objective.label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.repa_weight < 0:
@@ -165,7 +191,9 @@ GUIDANCES = ("none", "cfg", "pdg")
 
 @dataclass
 class SampleConfig:
-    sampler: str = "euler"  # flow: euler | heun | dopri5 (adaptive, torchdiffeq; steps unused) (ODE) | sde (Euler-Maruyama, SiT's); ddpm objective: ddpm | ddim
+    # flow: euler | heun | dopri5 (adaptive, torchdiffeq; steps unused) (ODE) | sde (Euler-Maruyama, SiT's); ddpm
+    # objective: ddpm | ddim
+    sampler: str = "euler"
     steps: int = 50
     guidance: str = "pdg"  # none | cfg (classifier-free) | pdg (Path-Drop Guidance)
     scale: float = 2.0  # v = v_uncond + scale (v_cond - v_uncond) (DDPM: on eps)

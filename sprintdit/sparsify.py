@@ -1,4 +1,5 @@
 """Turn a dense DiT/SiT checkpoint into a SparseDiT checkpoint folder (`sprintdit sparsify`, and study runs)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -33,12 +34,17 @@ def sparsify(checkpoint: str | Path, out: str | Path, layout: SparseConfig, use_
     state, run = load_weights(path)
     dense = run.model
     if dense.arch != "sit" or dense.sprint.fusion != "none":
-        raise UserError(f"{path} is not a dense DiT/SiT (arch {dense.arch}, fusion {dense.sprint.fusion}); SparseDiT starts from a dense model")
+        raise UserError(
+            f"{path} is not a dense DiT/SiT (arch {dense.arch}, fusion {dense.sprint.fusion}); SparseDiT starts from a "
+            f"dense model"
+        )
     with torch.device("meta"):  # shapes only
         check_state(build_model(dense), state, path)
     sparse_cfg = resolve_model_config(replace(dense, arch="sparsedit", sparse=layout))
     sparse_state = sparsify_state_dict(state, sparse_cfg)
     SparseDiT(sparse_cfg).load_state_dict(sparse_state)  # the mapping covers the whole network
     sample = replace(run.sample, guidance="cfg") if run.sample.guidance == "pdg" else run.sample
-    folder = save_weights_folder(Path(out), sparse_state, sparse_state, to_yaml(replace(run, model=sparse_cfg, sample=sample)))
+    folder = save_weights_folder(
+        Path(out), sparse_state, sparse_state, to_yaml(replace(run, model=sparse_cfg, sample=sample))
+    )
     return Sparsified(folder, path, sparse_cfg, mean_forward_flops(sparse_cfg, 1) / forward_flops(dense, 1))

@@ -13,6 +13,7 @@ re-running the command resumes unfinished runs and skips finished ones; the step
 are kept in DIR/plan.json, so a resumed study trains exactly what it started. DIR/results.md, results.json and
 the plots are rewritten after every run.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -64,7 +65,8 @@ class SparsifySpec(SparseConfig):
     """A SparseDiT layout (model.sparse's fields and defaults: grid, pool_depth, modules, ...) made from another run."""
 
     source: str = ""  # the earlier run (same seed) whose final EMA weights become a SparseDiT
-    distill: float = 0.0  # > 0: fine-tune towards the source run's predictions with this weight (train.distill_from, train.distill_weight)
+    # > 0: fine-tune towards the source run's predictions with this weight (train.distill_from, train.distill_weight)
+    distill: float = 0.0
 
 
 @dataclass
@@ -148,7 +150,9 @@ def load_study(path: str | Path, size: str) -> StudySpec:
         raise UserError(f"study file {path} must be a mapping of keys (description, base, runs, ...)")
     sizes = raw.pop("sizes", None) or {}
     if not isinstance(sizes, dict) or size not in sizes:
-        raise UserError(f"study {path.stem} has no size {size!r}; sizes: {', '.join(sizes) if isinstance(sizes, dict) else 'none'}")
+        raise UserError(
+            f"study {path.stem} has no size {size!r}; sizes: {', '.join(sizes) if isinstance(sizes, dict) else 'none'}"
+        )
     section = dict(sizes[size] or {})
     extra = section.pop("overrides", [])  # a size's overrides come after the study's (other lists replace the study's)
     if not isinstance(extra, list):
@@ -194,11 +198,20 @@ def validate_study(spec: StudySpec, name: str) -> None:
         for budget in (run.budget or spec.budget,):
             check_budget(budget, f"{where}, run {run.name}", seen)
         if run.sparsify is not None and run.sparsify.source not in seen:
-            raise UserError(f"{where}, run {run.name}: sparsify.source {run.sparsify.source!r} must name an earlier run")
+            raise UserError(
+                f"{where}, run {run.name}: sparsify.source {run.sparsify.source!r} must name an earlier run"
+            )
         if run.sparsify is not None and not 0.0 <= run.sparsify.distill <= 1.0:
-            raise UserError(f"{where}, run {run.name}: sparsify.distill is {run.sparsify.distill}; give a weight in [0, 1] (0: no distillation)")
-        if run.split is not None and (any(s < 0 for s in run.split) or not math.isclose(sum(run.split), 1.0, abs_tol=1e-6)):
-            raise UserError(f"{where}, run {run.name}: split {list(run.split)} must be non-negative shares that sum to 1")
+            raise UserError(
+                f"{where}, run {run.name}: sparsify.distill is {run.sparsify.distill}; give a weight in [0, 1] (0: no "
+                f"distillation)"
+            )
+        if run.split is not None and (
+            any(s < 0 for s in run.split) or not math.isclose(sum(run.split), 1.0, abs_tol=1e-6)
+        ):
+            raise UserError(
+                f"{where}, run {run.name}: split {list(run.split)} must be non-negative shares that sum to 1"
+            )
         sweeps = [s.name for s in run.sweep]
         if any(not NAME.match(s) for s in sweeps) or len(set(sweeps)) != len(sweeps):
             raise UserError(f"{where}, run {run.name}: sweep names {sweeps} must be unique names")
@@ -207,22 +220,31 @@ def validate_study(spec: StudySpec, name: str) -> None:
     if unknown:
         raise UserError(f"{where}: run_overrides names unknown runs {sorted(unknown)}; runs: {', '.join(seen)}")
     ev = spec.evaluation
-    SampleConfig(sampler=ev.sampler, steps=ev.steps, guidance=ev.guidance, scale=ev.scale, interval=list(ev.interval))  # its checks
+    SampleConfig(
+        sampler=ev.sampler, steps=ev.steps, guidance=ev.guidance, scale=ev.scale, interval=list(ev.interval)
+    )  # its checks
     if ev.num_samples < 2 or ev.points < 1 or ev.grid_columns < 1:
         raise UserError(f"{where}: evaluation needs num_samples >= 2, points >= 1 and grid_columns >= 1")
     rows = row_ids(spec)
     for claim in spec.claims:
         if claim.kind not in CLAIM_KINDS:
-            raise UserError(f"{where}: claim {claim.text!r} has kind {claim.kind!r}; choose one of {', '.join(CLAIM_KINDS)}")
+            raise UserError(
+                f"{where}: claim {claim.text!r} has kind {claim.kind!r}; choose one of {', '.join(CLAIM_KINDS)}"
+            )
         for metric in (claim.metric, claim.select_by or claim.metric):
             if metric not in CLAIM_METRICS:
-                raise UserError(f"{where}: claim {claim.text!r} compares {metric!r}; choose one of {', '.join(CLAIM_METRICS)} (lower is better)")
+                raise UserError(
+                    f"{where}: claim {claim.text!r} compares {metric!r}; choose one of {', '.join(CLAIM_METRICS)} "
+                    f"(lower is better)"
+                )
         selectors = [claim.a] + ([claim.b] if claim.kind == "less" else list(claim.among))
         if claim.kind == "less" and claim.b is None or claim.kind == "best" and not claim.among:
             raise UserError(f"{where}: claim {claim.text!r} needs b (kind less) or among (kind best)")
         for sel in selectors:
             if not fnmatch.filter(rows, sel):
-                raise UserError(f"{where}: claim {claim.text!r} names {sel!r}, which matches no row ({', '.join(rows)})")
+                raise UserError(
+                    f"{where}: claim {claim.text!r} names {sel!r}, which matches no row ({', '.join(rows)})"
+                )
 
 
 def check_budget(budget: BudgetSpec, where: str, earlier: list[str]) -> None:
@@ -244,7 +266,9 @@ def row_ids(spec: StudySpec) -> list[str]:
 # ----------------------------------------------------------------------------------- planning
 
 
-def stage_steps_for_budget(cfg: RunConfig, kind: str, value: float, split: list[float] | None, step_seconds: list[float] | None = None) -> list[int]:
+def stage_steps_for_budget(
+    cfg: RunConfig, kind: str, value: float, split: list[float] | None, step_seconds: list[float] | None = None
+) -> list[int]:
     """Steps per stage that spend `value` (TFLOP, seconds or steps) on `cfg`'s stages (its model resolved).
 
     split: the budget's share per stage; None keeps the config's step proportions, scaled to fit the budget."""
@@ -265,7 +289,9 @@ def stage_steps_for_budget(cfg: RunConfig, kind: str, value: float, split: list[
 def with_steps(cfg: RunConfig, steps: list[int]) -> RunConfig:
     """`cfg` with these stage lengths; each warm-up keeps its share of its stage (a 30-step warm-up of a 180-step
     fine-tune stays a sixth of it, rather than most of a 40-step one)."""
-    stages = [replace(s, steps=n, warmup_steps=min(n, round(s.warmup_steps * n / s.steps))) for s, n in zip(cfg.stages, steps)]
+    stages = [
+        replace(s, steps=n, warmup_steps=min(n, round(s.warmup_steps * n / s.steps))) for s, n in zip(cfg.stages, steps)
+    ]
     return replace(cfg, stages=stages)
 
 
@@ -282,9 +308,12 @@ def measure_step_seconds(cfg: RunConfig) -> list[float]:
     warmup, timed = CALIBRATION_STEPS
     out = []
     for stage in cfg.stages:
-        probe = replace(cfg, stages=[replace(stage, steps=warmup + timed)],
-                        train=replace(cfg.train, log_every=1, ckpt_every=10**9, sample_every=0, init_from=None),
-                        eval=replace(cfg.eval, every=0))
+        probe = replace(
+            cfg,
+            stages=[replace(stage, steps=warmup + timed)],
+            train=replace(cfg.train, log_every=1, ckpt_every=10**9, sample_every=0, init_from=None),
+            eval=replace(cfg.eval, every=0),
+        )
         with tempfile.TemporaryDirectory() as scratch:
             Trainer(probe, Path(scratch) / "probe", progress=False).fit()
             seconds = [r["train_seconds"] for r in read_metrics(Path(scratch) / "probe") if "loss" in r]
@@ -299,10 +328,15 @@ def row_values(scores: dict, record: dict, sample_gflops: float) -> dict:
     """The numbers a result row shows for one seed."""
     metrics = {k.split("/", 1)[1]: v for k, v in scores.items() if "/" in k}
     return {
-        "fid": metrics.get("fid"), "class_agreement": metrics.get("class_agreement"),
-        "precision": metrics.get("precision"), "recall": metrics.get("recall"),
-        "train_tflops": record["train_flops"] / TERA, "train_seconds": record["train_seconds"], "steps": record["step"],
-        "sample_gflops": sample_gflops, "sample_ms": 1000 * scores["sample_seconds"] / scores["eval_samples"],
+        "fid": metrics.get("fid"),
+        "class_agreement": metrics.get("class_agreement"),
+        "precision": metrics.get("precision"),
+        "recall": metrics.get("recall"),
+        "train_tflops": record["train_flops"] / TERA,
+        "train_seconds": record["train_seconds"],
+        "steps": record["step"],
+        "sample_gflops": sample_gflops,
+        "sample_ms": 1000 * scores["sample_seconds"] / scores["eval_samples"],
     }
 
 
@@ -342,14 +376,30 @@ class Study:
         ev = self.spec.evaluation
         shared = [o for o in self.spec.overrides if run.sparsify is None or not o.startswith(("model.", "objective."))]
         try:
-            cfg = compose_config(find_config(run.base or self.spec.base), shared + list(run.overrides) + list(self.spec.run_overrides.get(run.name, [])))
+            cfg = compose_config(
+                find_config(run.base or self.spec.base),
+                shared + list(run.overrides) + list(self.spec.run_overrides.get(run.name, [])),
+            )
             train = {"seed": seed, "sample_every": 0}
             if run.sparsify is not None:
                 train["init_from"] = str(self.sparsify_source(run, seed))
                 if run.sparsify.distill > 0:
-                    train.update(distill_from=str(self.run_dir(run.sparsify.source, seed)), distill_weight=run.sparsify.distill)
-            cfg = replace(cfg, train=replace(cfg.train, **train), eval=replace(cfg.eval, num_samples=ev.num_samples, seed_start=ev.seed_start),
-                          sample=replace(cfg.sample, sampler=ev.sampler, steps=ev.steps, guidance=ev.guidance, scale=ev.scale, interval=list(ev.interval)))
+                    train.update(
+                        distill_from=str(self.run_dir(run.sparsify.source, seed)), distill_weight=run.sparsify.distill
+                    )
+            cfg = replace(
+                cfg,
+                train=replace(cfg.train, **train),
+                eval=replace(cfg.eval, num_samples=ev.num_samples, seed_start=ev.seed_start),
+                sample=replace(
+                    cfg.sample,
+                    sampler=ev.sampler,
+                    steps=ev.steps,
+                    guidance=ev.guidance,
+                    scale=ev.scale,
+                    interval=list(ev.interval),
+                ),
+            )
             validate(cfg)
             return cfg
         except UserError as err:
@@ -368,7 +418,9 @@ class Study:
 
     def measured(self, run: str, seed: int, kind: str) -> float:
         record = self.final_record(self.run_dir(run, seed))
-        return {"tflops": record["train_flops"] / TERA, "seconds": record["train_seconds"], "steps": record["step"]}[kind]
+        return {"tflops": record["train_flops"] / TERA, "seconds": record["train_seconds"], "steps": record["step"]}[
+            kind
+        ]
 
     @staticmethod
     def final_record(run_dir: Path) -> dict:
@@ -386,7 +438,9 @@ class Study:
         plans = self.load_plan()
         if key not in plans:
             budget = run.budget or self.spec.budget
-            value = budget.scale * (budget.value if budget.match is None else self.measured(budget.match, seed, budget.kind))
+            value = budget.scale * (
+                budget.value if budget.match is None else self.measured(budget.match, seed, budget.kind)
+            )
             resolved = resolve_run(cfg, build_dataset(cfg.data))
             step_seconds = measure_step_seconds(resolved) if budget.kind == "seconds" else None
             steps = stage_steps_for_budget(resolved, budget.kind, value, run.split, step_seconds)
@@ -407,9 +461,14 @@ class Study:
         done = self.done_path(run.name, seed)
         if done.is_file():
             result = json.loads(done.read_text())
-            if result["run"] != run.name or result["seed"] != seed:  # its rows and grid are keyed by the run it was written for
-                raise UserError(f"{done} was written for run {result['run']} seed {result['seed']}, not {run.name} seed {seed} "
-                                f"(a copied run folder?); delete that file to evaluate the folder as {run.name} (its config must be the one the study gives {run.name})")
+            if (
+                result["run"] != run.name or result["seed"] != seed
+            ):  # its rows and grid are keyed by the run it was written for
+                raise UserError(
+                    f"{done} was written for run {result['run']} seed {result['seed']}, not {run.name} seed {seed} "
+                    f"(a copied run folder?); delete that file to evaluate the folder as {run.name} (its config must "
+                    f"be the one the study gives {run.name})"
+                )
             self.log(f"{index} {run.name} seed {seed}: finished earlier, skipped")
             return result
         tic = time.perf_counter()
@@ -425,10 +484,20 @@ class Study:
             scores = self.sweep_scores(sampler, trainer.run_dir, scfg, sweep.name)
             rows[f"{run.name}/{sweep.name}"] = row_values(scores, final, sampler.sampling_gflops(scfg))
         grid = self.sample_grid(sampler, trainer.run_dir)
-        result = {"run": run.name, "seed": seed, "rows": rows, "grid": grid, "overrides": self.describe(run), "wall_seconds": time.perf_counter() - tic}
+        result = {
+            "run": run.name,
+            "seed": seed,
+            "rows": rows,
+            "grid": grid,
+            "overrides": self.describe(run),
+            "wall_seconds": time.perf_counter() - tic,
+        }
         atomic_write_text(done, json.dumps(result, indent=2) + "\n")
-        self.log(f"{index} {run.name} seed {seed}: FID {rows[run.name]['fid']:.2f} after {final['train_flops'] / TERA:.1f} TFLOP, "
-                 f"{final['train_seconds']:.0f} s of training ({result['wall_seconds']:.0f} s with evaluation)")
+        self.log(
+            f"{index} {run.name} seed {seed}: FID {rows[run.name]['fid']:.2f} after {final['train_flops'] / TERA:.1f} "
+            f"TFLOP, "
+            f"{final['train_seconds']:.0f} s of training ({result['wall_seconds']:.0f} s with evaluation)"
+        )
         return result
 
     def sweep_scores(self, sampler: SamplingRun, run_dir: Path, scfg: SampleConfig, name: str) -> dict:
@@ -439,7 +508,12 @@ class Study:
         if path.is_file():
             return json.loads(path.read_text())
         scored = sampler.score(scfg=scfg)
-        scores = {**flatten(scored.results), "sample_seconds": scored.sample_seconds, "eval_samples": len(scored.labels), "sample": asdict(scfg)}
+        scores = {
+            **flatten(scored.results),
+            "sample_seconds": scored.sample_seconds,
+            "eval_samples": len(scored.labels),
+            "sample": asdict(scfg),
+        }
         atomic_write_text(path, json.dumps(scores, indent=2) + "\n")
         return scores
 
@@ -460,11 +534,18 @@ class Study:
             parts.insert(0, f"base {run.base}")
         if run.sparsify is not None:
             sp = run.sparsify
-            parts.insert(0, f"SparseDiT of {sp.source}: grid {sp.grid}, layout {sp.pool_depth}+{sp.modules}x(1+{sp.sparse_depth}+1+{sp.dense_depth}), recover {sp.recover}"
-                         + (f", distilled from it (weight {sp.distill:g})" if sp.distill else ""))
+            parts.insert(
+                0,
+                f"SparseDiT of {sp.source}: grid {sp.grid}, layout "
+                f"{sp.pool_depth}+{sp.modules}x(1+{sp.sparse_depth}+1+{sp.dense_depth}), recover {sp.recover}"
+                + (f", distilled from it (weight {sp.distill:g})" if sp.distill else ""),
+            )
         budget = run.budget or self.spec.budget
-        parts.append(f"budget {'matched to ' + budget.match + ' ' if budget.match else ''}{budget.kind}"
-                     + (f" x{budget.scale:g}" if budget.scale != 1 else "") + (f", split {list(run.split)}" if run.split else ""))
+        parts.append(
+            f"budget {'matched to ' + budget.match + ' ' if budget.match else ''}{budget.kind}"
+            + (f" x{budget.scale:g}" if budget.scale != 1 else "")
+            + (f", split {list(run.split)}" if run.split else "")
+        )
         return "; ".join(parts)
 
     def run(self, seeds: int | None = None) -> dict:
@@ -480,7 +561,12 @@ class Study:
         return self.report(n)
 
     def results(self, seeds: int) -> list[dict]:
-        return [json.loads(self.done_path(run.name, s).read_text()) for s in range(seeds) for run in self.spec.runs if self.done_path(run.name, s).is_file()]
+        return [
+            json.loads(self.done_path(run.name, s).read_text())
+            for s in range(seeds)
+            for run in self.spec.runs
+            if self.done_path(run.name, s).is_file()
+        ]
 
     def report(self, seeds: int) -> dict:
         from .report import write_report
@@ -497,8 +583,16 @@ def machine() -> str:
     return f"{device}; torch {torch.__version__}"
 
 
-def run_study(name: str, size: str = "cpu", out: str | Path | None = None, seeds: int | None = None, progress: bool = True, log=print) -> dict:
-    """Run (or resume) the study `name` (a file or a shipped study) at `size` into `out` (default runs/studies/NAME-SIZE)."""
+def run_study(
+    name: str,
+    size: str = "cpu",
+    out: str | Path | None = None,
+    seeds: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Run (or resume) the study `name` (a file or a shipped study) at `size` into `out` (default
+    runs/studies/NAME-SIZE)."""
     path = find_study(name)
     spec = load_study(path, size)
     if seeds is not None and seeds < 1:

@@ -4,6 +4,7 @@ A caption is lower-cased and split on white space; its ids are START, then the w
 order), padded with PAD to model.text.max_tokens. The empty caption is START alone: the unconditional input of
 classifier-free guidance and of caption dropout. Pure functions; the network's side is `models.sit.TextEncoder`.
 """
+
 from __future__ import annotations
 
 from .errors import UserError, warn
@@ -25,9 +26,15 @@ def tokenize(caption: str, vocabulary: list[str], max_tokens: int) -> list[int]:
     words = words_of(caption)
     unknown = [w for w in words if w not in index]
     if unknown:
-        raise UserError(f"caption {caption!r}: {', '.join(repr(w) for w in unknown[:5])} not in the model's vocabulary of {len(vocabulary)} words")
+        raise UserError(
+            f"caption {caption!r}: {', '.join(repr(w) for w in unknown[:5])} not in the model's vocabulary of "
+            f"{len(vocabulary)} words"
+        )
     if len(words) > max_tokens - 1:
-        warn(f"captions longer than model.text.max_tokens - 1 = {max_tokens - 1} words are truncated (first: {caption!r})")
+        warn(
+            f"captions longer than model.text.max_tokens - 1 = {max_tokens - 1} words are truncated (first: "
+            f"{caption!r})"
+        )
         words = words[: max_tokens - 1]
     ids = [START] + [index[w] for w in words]
     return ids + [PAD] * (max_tokens - len(ids))
@@ -44,6 +51,12 @@ def check_token_ids(rows: list, cfg: ModelConfig) -> None:
     for row in rows:
         row = [int(i) for i in row]
         words = row[1 : row.index(PAD)] if PAD in row else row[1:]
-        if (len(row) != tx.max_tokens or row[0] != START or any(i != PAD for i in row[1 + len(words):])
-                or any(not SPECIAL_TOKENS <= i < SPECIAL_TOKENS + len(tx.vocabulary) for i in words)):
-            raise UserError(f"token ids {row[:8]}... are not a caption of this model (START, word ids, PAD; {tx.max_tokens} in all)")
+        if (
+            len(row) != tx.max_tokens
+            or row[0] != START
+            or any(i != PAD for i in row[1 + len(words) :])
+            or any(not SPECIAL_TOKENS <= i < SPECIAL_TOKENS + len(tx.vocabulary) for i in words)
+        ):
+            raise UserError(
+                f"token ids {row[:8]}... are not a caption of this model (START, word ids, PAD; {tx.max_tokens} in all)"
+            )

@@ -7,6 +7,7 @@ truncated with one warning that counts them. The empty caption is encoded like a
 alone), so its embedding is never all zero: the all-zero caption is left to mean "unconditional" (see
 `models.sit.CaptionProjection`). Training never runs these: `sprintdit prepare --captions` stores the embeddings.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,10 @@ from .errors import UserError, warn
 
 MODEL_CLASSES = {"t5": "T5EncoderModel", "clip": "CLIPTextModel"}
 WHERE_TO_GET = {
-    "t5": "a T5 encoder folder (config.json, weights, tokenizer files), e.g. DeepFloyd/t5-v1_1-xxl as PixArt-alpha uses, from huggingface.co",
-    "clip": "a CLIP text model folder (config.json, weights, tokenizer files), e.g. openai/clip-vit-large-patch14, from huggingface.co",
+    "t5": "a T5 encoder folder (config.json, weights, tokenizer files), e.g. DeepFloyd/t5-v1_1-xxl as PixArt-alpha "
+    "uses, from huggingface.co",
+    "clip": "a CLIP text model folder (config.json, weights, tokenizer files), e.g. openai/clip-vit-large-patch14, "
+    "from huggingface.co",
 }
 ENCODE_BATCH = 64  # captions per encoder forward
 
@@ -33,7 +36,14 @@ def import_transformers():
 
 
 class PretrainedTextEncoder:
-    def __init__(self, kind: str, folder: str | Path, max_tokens: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        kind: str,
+        folder: str | Path,
+        max_tokens: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         if kind not in MODEL_CLASSES:
             raise UserError(f"text encoder {kind!r} is not a pretrained one; choose one of {', '.join(MODEL_CLASSES)}")
         folder = Path(folder)
@@ -63,16 +73,25 @@ class PretrainedTextEncoder:
             warn(f"{long} of {len(captions)} captions are longer than {self.max_tokens} tokens and were truncated")
         embeddings, keeps = [], []
         for start in range(0, len(captions), ENCODE_BATCH):
-            tokens = self.tokenizer(list(captions[start : start + ENCODE_BATCH]), padding="max_length", truncation=True,
-                                    max_length=self.max_tokens, return_tensors="pt").to(self.device)
+            tokens = self.tokenizer(
+                list(captions[start : start + ENCODE_BATCH]),
+                padding="max_length",
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors="pt",
+            ).to(self.device)
             keep = tokens["attention_mask"].bool()  # (B, L)
-            h = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state  # (B, L, E)
+            h = self.model(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            ).last_hidden_state  # (B, L, E)
             embeddings.append((h.float() * keep[..., None]).cpu())
             keeps.append(keep.cpu())
         return torch.cat(embeddings), torch.cat(keeps)
 
 
-def encode_prompts(cfg, prompts: list[str], encoder_path: str | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+def encode_prompts(
+    cfg, prompts: list[str], encoder_path: str | None = None, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """The condition a text model (ModelConfig cfg) samples from for each prompt: token ids (N, L) for the learned
     encoder, embeddings (N, L, E) from the encoder at `encoder_path` (default: model.text.path) for t5 and clip."""
     from .text import tokenize
@@ -84,7 +103,9 @@ def encode_prompts(cfg, prompts: list[str], encoder_path: str | None = None, dev
         return torch.tensor([tokenize(p, tx.vocabulary, tx.max_tokens) for p in prompts])
     folder = encoder_path or tx.path
     if folder is None:
-        raise UserError(f"prompts for this {tx.encoder} model need its text encoder folder: pass it (--text-encoder-path)")
+        raise UserError(
+            f"prompts for this {tx.encoder} model need its text encoder folder: pass it (--text-encoder-path)"
+        )
     encoder = PretrainedTextEncoder(tx.encoder, folder, tx.max_tokens, device)
     if encoder.dim != tx.dim:
         raise UserError(f"the text encoder at {folder} gives width {encoder.dim}; this model reads {tx.dim}")

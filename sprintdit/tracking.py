@@ -7,6 +7,7 @@ seconds, evaluation metrics) and every sample grid as an image. Both are optiona
 stopped run logged after its checkpoint (purge_step); W&B keeps one run id per run folder (RUN/wandb_id, resumed
 with it) and runs offline when its server cannot be reached (sync later with `wandb sync RUN/wandb`).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,11 @@ REACH_TIMEOUT_S = 3.0
 
 
 def numeric(record: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def online(host: tuple[str, int] = WANDB_HOST) -> bool:
@@ -41,20 +46,36 @@ class Tracker:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise UserError("train.loggers has tensorboard but it is not installed: pip install tensorboard (or sprintdit[tracking])") from None
+                raise UserError(
+                    "train.loggers has tensorboard but it is not installed: pip install tensorboard (or "
+                    "sprintdit[tracking])"
+                ) from None
             self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1 if step else None)
         if "wandb" in names:
             try:
                 import wandb
             except ImportError:
-                raise UserError("train.loggers has wandb but it is not installed: pip install wandb (or sprintdit[tracking])") from None
+                raise UserError(
+                    "train.loggers has wandb but it is not installed: pip install wandb (or sprintdit[tracking])"
+                ) from None
             id_file = run_dir / "wandb_id"
             if not id_file.is_file():
                 id_file.write_text(wandb.util.generate_id())
             mode = os.environ.get("WANDB_MODE") or ("online" if online() else "offline")
             if mode == "offline":
-                print(f"note: W&B runs offline (no connection to {WANDB_HOST[0]}); sync later with `wandb sync {run_dir / 'wandb'}`", file=sys.stderr)
-            self.wandb = wandb.init(id=id_file.read_text().strip(), resume="allow", dir=str(run_dir), name=run_dir.name, config=config, mode=mode)
+                print(
+                    f"note: W&B runs offline (no connection to {WANDB_HOST[0]}); sync later with `wandb sync "
+                    f"{run_dir / 'wandb'}`",
+                    file=sys.stderr,
+                )
+            self.wandb = wandb.init(
+                id=id_file.read_text().strip(),
+                resume="allow",
+                dir=str(run_dir),
+                name=run_dir.name,
+                config=config,
+                mode=mode,
+            )
 
     def scalars(self, record: dict) -> None:
         values, step = numeric(record), record["step"]

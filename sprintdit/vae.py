@@ -4,6 +4,7 @@ latents * scaling_factor, the factor read from the VAE's own config (0.18215 for
 
 diffusers is imported only when a VAE is loaded, so the pixel-space path does not need it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -76,12 +77,16 @@ def decode(vae, latents: torch.Tensor, scale: float, batch_size: int = DECODE_BA
     """latents (B, C, h, w) in the model's (scaled) space -> images (B, 3, h*f, w*f) in [-1, 1], float32 on CPU; clips
     (B, C, F, h, w) frame by frame -> (B, 3, F, h*f, w*f)."""
     frames = frames_as_images(latents)
-    out = [vae.decode((z / scale).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1).cpu() for z in frames.split(batch_size)]
+    out = [
+        vae.decode((z / scale).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1).cpu()
+        for z in frames.split(batch_size)
+    ]
     return images_as_frames(torch.cat(out), latents)
 
 
 def pixel_decoder(data_cfg, device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Model-space samples -> images in [-1, 1]: identity for pixel data, the run's VAE (loaded at first use) for latents."""
+    """Model-space samples -> images in [-1, 1]: identity for pixel data, the run's VAE (loaded at first use) for
+    latents."""
     if data_cfg.name != "latents":
         return lambda x: x
     loaded = []

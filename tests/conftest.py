@@ -30,7 +30,9 @@ def fmnist_dir(tmp_path):
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    base = dict(preset="SiT-Nano/4", input_size=[16, 16], in_channels=2, num_classes=5, depth=6, hidden_size=32, num_heads=2)
+    base = dict(
+        preset="SiT-Nano/4", input_size=[16, 16], in_channels=2, num_classes=5, depth=6, hidden_size=32, num_heads=2
+    )
     return ModelConfig(**{**base, **overrides})
 
 

@@ -1,4 +1,5 @@
 """The Python API as the README shows it: its snippet runs as written and agrees with the CLI."""
+
 import re
 import subprocess
 import sys
@@ -30,7 +31,9 @@ def test_readme_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
 
 
 def test_import_is_light_and_names_load_on_use():
-    code = "import sys, sprintdit; assert 'torch' not in sys.modules; sprintdit.load_config; assert 'torch' in sys.modules"
+    code = (
+        "import sys, sprintdit; assert 'torch' not in sys.modules; sprintdit.load_config; assert 'torch' in sys.modules"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     with pytest.raises(AttributeError):
         sprintdit.no_such_name
@@ -38,13 +41,42 @@ def test_import_is_light_and_names_load_on_use():
 
 def test_pipeline_images_equal_the_cli_batch(fmnist_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    cfg = sprintdit.load_config("fashion_mnist_sprint", [f"data.root={fmnist_dir}", "model.preset=SiT-Nano/4", "train.batch_size=4",
-                                                          "train.sample_every=0", "stages=[{name: pre, steps: 2, mask_ratio: 0.75}]"])
+    cfg = sprintdit.load_config(
+        "fashion_mnist_sprint",
+        [
+            f"data.root={fmnist_dir}",
+            "model.preset=SiT-Nano/4",
+            "train.batch_size=4",
+            "train.sample_every=0",
+            "stages=[{name: pre, steps: 2, mask_ratio: 0.75}]",
+        ],
+    )
     assert sprintdit.train(cfg, out=run, progress=False).name == "step_00000002"
     pipe = sprintdit.Pipeline.from_pretrained(run, device="cpu").to("cpu")
     images = pipe(labels=[3, 4], seeds=[5, 6], steps=3, guidance="cfg", scale=1.5)
-    assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--labels", "3,4", "--seeds", "5,6", "--steps", "3",
-                 "--guidance", "cfg", "--scale", "1.5", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--out",
+                str(tmp_path / "s"),
+                "--labels",
+                "3,4",
+                "--seeds",
+                "5,6",
+                "--steps",
+                "3",
+                "--guidance",
+                "cfg",
+                "--scale",
+                "1.5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     batch = np.load(tmp_path / "s" / "cfg_euler3_s1.5.npz")["arr_0"]  # (2, 32, 32, 1)
     assert [im.mode for im in images] == ["L", "L"]
     assert np.array_equal(np.stack([np.asarray(im) for im in images])[..., None], batch)

@@ -1,5 +1,6 @@
 """The layering the code is organised by (docs/architecture.md), checked on the source: the trainer's internals stay
 inside sprintdit/training, and nothing outside it reaches into them."""
+
 import ast
 from pathlib import Path
 
@@ -35,8 +36,19 @@ def test_the_trainer_delegates_its_jobs():
     """The loop reads as one page: the run folder, checkpoints, records and sampling live in their own components."""
     tree = ast.parse((TRAINING / "loop.py").read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
-    methods = [f for f in cls.body if isinstance(f, ast.FunctionDef) and not any(getattr(d, "id", "") == "property" for d in f.decorator_list)]
-    stored = {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self" and isinstance(n.ctx, ast.Store)}
+    methods = [
+        f
+        for f in cls.body
+        if isinstance(f, ast.FunctionDef) and not any(getattr(d, "id", "") == "property" for d in f.decorator_list)
+    ]
+    stored = {
+        n.attr
+        for n in ast.walk(cls)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Name)
+        and n.value.id == "self"
+        and isinstance(n.ctx, ast.Store)
+    }
     assert len(methods) <= 13 and len(stored) <= 16, ([f.name for f in methods], sorted(stored))
 
 
@@ -45,8 +57,11 @@ def test_config_is_a_foundation():
     import subprocess
     import sys
 
-    probe = ("import sys, sprintdit.config as c; c.load_config('fashion_mnist_sprint'); "
-             "print(sorted(m for m in sys.modules if m.startswith(('sprintdit.models', 'sprintdit.objective', 'sprintdit.sampling', "
-             "'sprintdit.metrics', 'sprintdit.tracking', 'sprintdit.training'))))")
+    probe = (
+        "import sys, sprintdit.config as c; c.load_config('fashion_mnist_sprint'); "
+        "print(sorted(m for m in sys.modules if m.startswith(('sprintdit.models', 'sprintdit.objective', "
+        "'sprintdit.sampling', "
+        "'sprintdit.metrics', 'sprintdit.tracking', 'sprintdit.training'))))"
+    )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]", loaded

@@ -9,8 +9,28 @@ from sprintdit.flops import forward_flops
 from sprintdit.models import SiT
 from sprintdit.models.sit import ModelConfig
 
-SMALL = ["--preset", "SiT-Nano/4", "--resolution", "32", "--latent-factor", "1", "--channels", "1", "--num-classes", "10",
-         "--batch", "4", "--warmup", "0", "--repeats", "2", "--sample-steps", "2", "--peak-tflops", "1.0"]
+SMALL = [
+    "--preset",
+    "SiT-Nano/4",
+    "--resolution",
+    "32",
+    "--latent-factor",
+    "1",
+    "--channels",
+    "1",
+    "--num-classes",
+    "10",
+    "--batch",
+    "4",
+    "--warmup",
+    "0",
+    "--repeats",
+    "2",
+    "--sample-steps",
+    "2",
+    "--peak-tflops",
+    "1.0",
+]
 
 
 def test_bench_reports_every_ratio_with_analytic_flops(tmp_path, capsys):
@@ -32,20 +52,33 @@ def test_bench_reports_every_ratio_with_analytic_flops(tmp_path, capsys):
 
 
 def test_bench_measures_a_peak_when_none_is_given():
-    cfg = BenchConfig(preset="SiT-Nano/8", resolution=16, latent_factor=1, channels=1, num_classes=2, batch=2,
-                      mask_ratios=[0.0], warmup=0, repeats=1, sample_steps=1)
+    cfg = BenchConfig(
+        preset="SiT-Nano/8",
+        resolution=16,
+        latent_factor=1,
+        channels=1,
+        num_classes=2,
+        batch=2,
+        mask_ratios=[0.0],
+        warmup=0,
+        repeats=1,
+        sample_steps=1,
+    )
     report = run_bench(cfg, __import__("torch").device("cpu"))
     assert report["peak_tflops"] > 0 and 0 < report["train"][0]["mfu"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--mask-ratios", "0,0.3"], "not achievable"),
-    (["--mask-ratios", "a"], "--mask-ratios"),
-    (["--resolution", "30"], "multiple of"),
-    (["--precision", "fp8"], "--precision"),
-    (["--compile-mode", "reduce-overhead"], "give it with --compile"),  # without --compile it would do nothing
-    (["--compile", "--compile-mode", "fast"], "--compile-mode 'fast'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--mask-ratios", "0,0.3"], "not achievable"),
+        (["--mask-ratios", "a"], "--mask-ratios"),
+        (["--resolution", "30"], "multiple of"),
+        (["--precision", "fp8"], "--precision"),
+        (["--compile-mode", "reduce-overhead"], "give it with --compile"),  # without --compile it would do nothing
+        (["--compile", "--compile-mode", "fast"], "--compile-mode 'fast'"),
+    ],
+)
 def test_bench_bad_input_is_one_line(argv, message, capsys):
     args = SMALL.copy()
     if "--resolution" in argv:
@@ -59,20 +92,42 @@ def test_bench_bad_input_is_one_line(argv, message, capsys):
 
 def test_bench_compares_sparsedit_with_its_dense_source(tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["bench", *SMALL, "--mask-ratios", "0", "--sparse-grids", "2:4 8", "--sparse-layout", "1,1,1,0", "--out", str(out)]
+    argv = [
+        "bench",
+        *SMALL,
+        "--mask-ratios",
+        "0",
+        "--sparse-grids",
+        "2:4 8",
+        "--sparse-layout",
+        "1,1,1,0",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     rows = json.loads(out.read_text())["sparsedit"]
     assert [r["grid"] for r in rows] == ["dense", "2:4", "8"]
-    dense_cfg = SiT(ModelConfig(preset="SiT-Nano/4", input_size=[32, 32], in_channels=1, num_classes=10, sprint=DENSE)).config
-    assert rows[0]["gflops_per_image"] * 4 * 1e9 == pytest.approx(2 * forward_flops(dense_cfg, 2 * 4))  # 2 CFG steps of 2 x 4
+    dense_cfg = SiT(
+        ModelConfig(preset="SiT-Nano/4", input_size=[32, 32], in_channels=1, num_classes=10, sprint=DENSE)
+    ).config
+    assert rows[0]["gflops_per_image"] * 4 * 1e9 == pytest.approx(
+        2 * forward_flops(dense_cfg, 2 * 4)
+    )  # 2 CFG steps of 2 x 4
     assert rows[1]["flops_vs_dense"] < rows[2]["flops_vs_dense"] < 1.0 and rows[0]["speedup_vs_dense"] == 1.0
 
 
 def test_bench_times_video_models_with_frame_aware_flops(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", *SMALL, "--frames", "4", "--patch-size-t", "2", "--mask-ratios", "0,0.75", "--out", str(out)]) == 0
+    assert (
+        main(["bench", *SMALL, "--frames", "4", "--patch-size-t", "2", "--mask-ratios", "0,0.75", "--out", str(out)])
+        == 0
+    )
     assert "4-frame clips" in capsys.readouterr().out
     report = json.loads(out.read_text())
-    video = SiT(ModelConfig(preset="SiT-Nano/4", input_size=[4, 32, 32], patch_size_t=2, in_channels=1, num_classes=10)).config
+    video = SiT(
+        ModelConfig(preset="SiT-Nano/4", input_size=[4, 32, 32], patch_size_t=2, in_channels=1, num_classes=10)
+    ).config
     assert video.grid == (2, 8, 8)
-    assert [r["flops_per_step"] for r in report["train"]] == [3 * forward_flops(video, 4, ratio) for ratio in (0.0, 0.75)]
+    assert [r["flops_per_step"] for r in report["train"]] == [
+        3 * forward_flops(video, 4, ratio) for ratio in (0.0, 0.75)
+    ]

@@ -7,8 +7,14 @@ import torch
 
 from sprintdit.cli import build_parser, main
 
-TINY = ["model.preset=SiT-Nano/4", "train.batch_size=4", "train.log_every=1", "train.sample_every=2",
-        "stages=[{name: pre, steps: 1, mask_ratio: 0.75}, {name: ft, steps: 1, mask_ratio: 0}]", "sample.steps=2"]
+TINY = [
+    "model.preset=SiT-Nano/4",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.sample_every=2",
+    "stages=[{name: pre, steps: 1, mask_ratio: 0.75}, {name: ft, steps: 1, mask_ratio: 0}]",
+    "sample.steps=2",
+]
 
 
 def run_cli(capsys, *argv):
@@ -19,11 +25,38 @@ def run_cli(capsys, *argv):
 
 def test_train_then_sample_end_to_end(fmnist_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    code, out, _ = run_cli(capsys, "train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}", *TINY)
+    code, out, _ = run_cli(
+        capsys,
+        "train",
+        "--config",
+        "fashion_mnist_sprint",
+        "--out",
+        str(run),
+        "--no-progress",
+        f"data.root={fmnist_dir}",
+        *TINY,
+    )
     assert code == 0 and "latest checkpoint" in out
     assert (run / "config.yaml").is_file() and (run / "samples" / "step_00000002.png").is_file()
-    code, out, _ = run_cli(capsys, "sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--labels", "0-2",
-                           "--per-label", "2", "--guidance", "cfg", "--scale", "1.5", "--steps", "2", "--no-progress")
+    code, out, _ = run_cli(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(tmp_path / "s"),
+        "--labels",
+        "0-2",
+        "--per-label",
+        "2",
+        "--guidance",
+        "cfg",
+        "--scale",
+        "1.5",
+        "--steps",
+        "2",
+        "--no-progress",
+    )
     assert code == 0
     npz = np.load(tmp_path / "s" / "cfg_euler2_s1.5.npz")
     assert npz["arr_0"].shape == (6, 32, 32, 1) and npz["arr_0"].dtype == np.uint8
@@ -58,7 +91,22 @@ def test_bad_input_is_one_line_and_nonzero(fmnist_dir, tmp_path, capsys, argv, m
     bad.write_bytes(b"not a checkpoint")
     if "RUN" in argv:  # a real tiny run to sample from
         run = tmp_path / "run"
-        assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}", *TINY, "train.sample_every=0"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--config",
+                    "fashion_mnist_sprint",
+                    "--out",
+                    str(run),
+                    "--no-progress",
+                    f"data.root={fmnist_dir}",
+                    *TINY,
+                    "train.sample_every=0",
+                ]
+            )
+            == 0
+        )
         capsys.readouterr()
     argv = [str(bad) if a == "FILE" else str(tmp_path / "run") if a == "RUN" else a for a in argv]
     if argv[0] == "train" and "--config" in argv and not any(a.startswith("data.root") for a in argv):
@@ -71,7 +119,11 @@ def test_bad_input_is_one_line_and_nonzero(fmnist_dir, tmp_path, capsys, argv, m
 
 
 def test_exit_code_from_a_real_process(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sprintdit", "sample", "--checkpoint", str(tmp_path / "none")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sprintdit", "sample", "--checkpoint", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 
@@ -92,79 +144,228 @@ def test_help_documents_every_option(command, capsys):
     assert all(a.option_strings[-1] in text for a in sub._actions if a.option_strings)
 
 
-DENSE = ["model.preset=SiT-Nano/4", "model.sprint.fusion=none", "model.sprint.path_drop_prob=0", "train.batch_size=4", "train.log_every=1",
-         "train.sample_every=0", "stages=[{name: dense, steps: 2, mask_ratio: 0}]", "sample.steps=2", "sample.guidance=cfg"]
+DENSE = [
+    "model.preset=SiT-Nano/4",
+    "model.sprint.fusion=none",
+    "model.sprint.path_drop_prob=0",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.sample_every=0",
+    "stages=[{name: dense, steps: 2, mask_ratio: 0}]",
+    "sample.steps=2",
+    "sample.guidance=cfg",
+]
 
 
 def test_sparsify_finetune_sample_end_to_end(fmnist_dir, tmp_path, capsys):
     dense, init, tuned = tmp_path / "dense", tmp_path / "init", tmp_path / "tuned"
-    assert run_cli(capsys, "train", "--config", "fashion_mnist_dense", "--out", str(dense), "--no-progress", f"data.root={fmnist_dir}", *DENSE)[0] == 0
-    code, out, _ = run_cli(capsys, "sparsify", "--checkpoint", str(dense), "--out", str(init), "--sparse-grid", "2:4",
-                           "--pool-depth", "1", "--modules", "1", "--sparse-depth", "1", "--dense-depth", "0", "--recover", "residual")
+    assert (
+        run_cli(
+            capsys,
+            "train",
+            "--config",
+            "fashion_mnist_dense",
+            "--out",
+            str(dense),
+            "--no-progress",
+            f"data.root={fmnist_dir}",
+            *DENSE,
+        )[0]
+        == 0
+    )
+    code, out, _ = run_cli(
+        capsys,
+        "sparsify",
+        "--checkpoint",
+        str(dense),
+        "--out",
+        str(init),
+        "--sparse-grid",
+        "2:4",
+        "--pool-depth",
+        "1",
+        "--modules",
+        "1",
+        "--sparse-depth",
+        "1",
+        "--dense-depth",
+        "0",
+        "--recover",
+        "residual",
+    )
     assert code == 0 and "of dense" in out
-    code, out, _ = run_cli(capsys, "train", "--config", "fashion_mnist_sparsedit", "--out", str(tuned), "--no-progress",
-                           f"data.root={fmnist_dir}", f"train.init_from={init}", "train.batch_size=4", "stages.0.steps=2", "sample.steps=2")
+    code, out, _ = run_cli(
+        capsys,
+        "train",
+        "--config",
+        "fashion_mnist_sparsedit",
+        "--out",
+        str(tuned),
+        "--no-progress",
+        f"data.root={fmnist_dir}",
+        f"train.init_from={init}",
+        "train.batch_size=4",
+        "stages.0.steps=2",
+        "sample.steps=2",
+    )
     assert code == 0
     from sprintdit.checkpoint import load_model
 
     model, cfg = load_model(tuned)
     assert cfg.model.arch == "sparsedit" and cfg.model.sparse.grid == "2:4" and type(model).__name__ == "SparseDiT"
     start, _ = load_model(init)
-    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))  # it trained
-    code, _, _ = run_cli(capsys, "sample", "--checkpoint", str(tuned), "--out", str(tmp_path / "s"), "--labels", "0-1", "--steps", "2", "--no-progress")
+    assert any(
+        not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values())
+    )  # it trained
+    code, _, _ = run_cli(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(tuned),
+        "--out",
+        str(tmp_path / "s"),
+        "--labels",
+        "0-1",
+        "--steps",
+        "2",
+        "--no-progress",
+    )
     assert code == 0 and np.load(tmp_path / "s" / "cfg_euler2_s4.npz")["arr_0"].shape == (2, 32, 32, 1)
-    # another density schedule at sampling time (tests/test_sparsedit.py checks its outputs): its own file; a grid that does not
+    # another density schedule at sampling time (tests/test_sparsedit.py checks its outputs): its own file; a grid that
+    # does not
     # fit, or a dense model: one line
-    code, _, _ = run_cli(capsys, "sample", "--checkpoint", str(tuned), "--out", str(tmp_path / "s"), "--labels", "0-1", "--steps", "2",
-                         "--no-progress", "--sparse-grid", "1=2,0.5=3")
+    code, _, _ = run_cli(
+        capsys,
+        "sample",
+        "--checkpoint",
+        str(tuned),
+        "--out",
+        str(tmp_path / "s"),
+        "--labels",
+        "0-1",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--sparse-grid",
+        "1=2,0.5=3",
+    )
     assert code == 0 and np.load(tmp_path / "s" / "cfg_euler2_s4_grid1-2-0.5-3.npz")["arr_0"].shape == (2, 32, 32, 1)
     from sprintdit.sampling_run import SamplingRun
 
     run = SamplingRun.open(tuned, device="cpu", sparse_grid="1=2,0.5=3")
     assert run.model.sides(torch.tensor([1.0, 0.25])) == [2, 3] and run.config.model.sparse.grid == "1=2,0.5=3"
-    for target, grid, message in ((tuned, "9", "exceeds the 8x8 token grid"), (dense, "2", "applies to SparseDiT checkpoints")):
-        code, _, err = run_cli(capsys, "sample", "--checkpoint", str(target), "--out", str(tmp_path / "s"), "--sparse-grid", grid)
+    for target, grid, message in (
+        (tuned, "9", "exceeds the 8x8 token grid"),
+        (dense, "2", "applies to SparseDiT checkpoints"),
+    ):
+        code, _, err = run_cli(
+            capsys, "sample", "--checkpoint", str(target), "--out", str(tmp_path / "s"), "--sparse-grid", grid
+        )
         assert code == 2 and message in err and err.count("\n") == 1
     # a model section beside init_from, an existing --out: one line each
-    code, _, err = run_cli(capsys, "train", "--config", "fashion_mnist_sparsedit", "--out", str(tmp_path / "x"), f"train.init_from={init}", "model.depth=3")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--config",
+        "fashion_mnist_sparsedit",
+        "--out",
+        str(tmp_path / "x"),
+        f"train.init_from={init}",
+        "model.depth=3",
+    )
     assert code == 2 and "come from train.init_from" in err
     code, _, err = run_cli(capsys, "sparsify", "--checkpoint", str(dense), "--out", str(init))
     assert code == 2 and "already exists" in err
 
 
 def test_distillation_from_a_teacher(fmnist_dir, tmp_path, capsys):
-    """With weight 1 a student that starts as its teacher has zero loss, hence zero gradient, at every step (the teacher sees
-    the student's x_t, t and labels); the step's FLOPs add one teacher forward; a teacher of another objective is a one-line error."""
+    """With weight 1 a student that starts as its teacher has zero loss, hence zero gradient, at every step (the teacher
+    sees
+    the student's x_t, t and labels); the step's FLOPs add one teacher forward; a teacher of another objective is a
+    one-line error."""
     from sprintdit.flops import forward_flops
     from sprintdit.plots import read_metrics
 
     dense, student = tmp_path / "dense", tmp_path / "student"
     common = ["--no-progress", f"data.root={fmnist_dir}"]
     assert run_cli(capsys, "train", "--config", "fashion_mnist_dense", "--out", str(dense), *common, *DENSE)[0] == 0
-    code, out, _ = run_cli(capsys, "train", "--config", "fashion_mnist_sparsedit", "--out", str(student), *common, f"train.init_from={dense}",
-                           f"train.distill_from={dense}", "train.batch_size=4", "train.log_every=1", "stages.0.steps=2", "sample.steps=2")
+    code, out, _ = run_cli(
+        capsys,
+        "train",
+        "--config",
+        "fashion_mnist_sparsedit",
+        "--out",
+        str(student),
+        *common,
+        f"train.init_from={dense}",
+        f"train.distill_from={dense}",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "stages.0.steps=2",
+        "sample.steps=2",
+    )
     assert code == 0 and "the teacher's" in out
     first, second = [r for r in read_metrics(student) if "loss" in r]
     assert first["loss"] == 0.0 and second["loss"] == 0.0
     from sprintdit.checkpoint import load_model
 
     _, cfg = load_model(student)
-    assert first["train_flops"] == 4 * forward_flops(cfg.model, 4)  # forward + backward of the student, forward of the teacher
-    code, _, err = run_cli(capsys, "train", "--config", "fashion_mnist_dense", "--out", str(tmp_path / "x"), *common, *DENSE,
-                           "objective.path=cosine", f"train.distill_from={dense}")
+    assert first["train_flops"] == 4 * forward_flops(
+        cfg.model, 4
+    )  # forward + backward of the student, forward of the teacher
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        "--config",
+        "fashion_mnist_dense",
+        "--out",
+        str(tmp_path / "x"),
+        *common,
+        *DENSE,
+        "objective.path=cosine",
+        f"train.distill_from={dense}",
+    )
     assert code == 2 and "teacher's objective.path is linear" in err and len(err.strip().splitlines()) == 1
 
 
 def test_ddpm_objective_trains_and_samples(fmnist_dir, tmp_path, capsys):
     run = tmp_path / "ddpm"
-    code, _, _ = run_cli(capsys, "train", "--config", "fashion_mnist_dense", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}",
-                         *DENSE, "objective.kind=ddpm", "model.learn_sigma=true", "model.time_scale=1000", "sample.sampler=ddpm")
+    code, _, _ = run_cli(
+        capsys,
+        "train",
+        "--config",
+        "fashion_mnist_dense",
+        "--out",
+        str(run),
+        "--no-progress",
+        f"data.root={fmnist_dir}",
+        *DENSE,
+        "objective.kind=ddpm",
+        "model.learn_sigma=true",
+        "model.time_scale=1000",
+        "sample.sampler=ddpm",
+    )
     assert code == 0
     for sampler in ("ddpm", "ddim"):
-        code, _, _ = run_cli(capsys, "sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--labels", "3", "--sampler", sampler,
-                             "--steps", "3", "--no-progress")
+        code, _, _ = run_cli(
+            capsys,
+            "sample",
+            "--checkpoint",
+            str(run),
+            "--out",
+            str(tmp_path / "s"),
+            "--labels",
+            "3",
+            "--sampler",
+            sampler,
+            "--steps",
+            "3",
+            "--no-progress",
+        )
         assert code == 0 and (tmp_path / "s" / f"cfg_{sampler}3_s4.npz").is_file()
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--sampler", "euler", "--no-progress")
+    code, _, err = run_cli(
+        capsys, "sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--sampler", "euler", "--no-progress"
+    )
     assert code == 2 and "does not fit" in err
 
 
@@ -172,13 +373,42 @@ def test_sample_grid_is_capped_and_train_names_only_what_it_wrote(fmnist_dir, tm
     from PIL import Image
 
     run = tmp_path / "run"
-    code, out, _ = run_cli(capsys, "train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}",
-                           *TINY, "train.sample_every=0", "train.log_every=50")
-    assert code == 0 and "metrics.jsonl" in out and "samples" not in out.replace(str(run), "")  # step 1 is logged, no grid was made
-    args = ["sample", "--checkpoint", str(run), "--labels", "0-4", "--per-label", "2", "--steps", "2", "--no-progress", "--guidance", "cfg"]
+    code, out, _ = run_cli(
+        capsys,
+        "train",
+        "--config",
+        "fashion_mnist_sprint",
+        "--out",
+        str(run),
+        "--no-progress",
+        f"data.root={fmnist_dir}",
+        *TINY,
+        "train.sample_every=0",
+        "train.log_every=50",
+    )
+    assert (
+        code == 0 and "metrics.jsonl" in out and "samples" not in out.replace(str(run), "")
+    )  # step 1 is logged, no grid was made
+    args = [
+        "sample",
+        "--checkpoint",
+        str(run),
+        "--labels",
+        "0-4",
+        "--per-label",
+        "2",
+        "--steps",
+        "2",
+        "--no-progress",
+        "--guidance",
+        "cfg",
+    ]
     code, out, _ = run_cli(capsys, *args, "--out", str(tmp_path / "s"), "--grid-max", "5")
     assert code == 0 and "(first 4)" in out
-    assert Image.open(tmp_path / "s" / "cfg_euler2_s4.png").size == (2 * 34 + 2, 2 * 34 + 2)  # 2 rows of 2 (32 px + 2 px padding)
+    assert Image.open(tmp_path / "s" / "cfg_euler2_s4.png").size == (
+        2 * 34 + 2,
+        2 * 34 + 2,
+    )  # 2 rows of 2 (32 px + 2 px padding)
     assert np.load(tmp_path / "s" / "cfg_euler2_s4.npz")["arr_0"].shape[0] == 10  # the batch keeps every sample
     code, out, _ = run_cli(capsys, *args, "--out", str(tmp_path / "t"), "--grid-max", "0")
     assert code == 0 and "no grid" in out and not list((tmp_path / "t").glob("*.png"))

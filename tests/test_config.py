@@ -6,7 +6,9 @@ from sprintdit.errors import UserError
 
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("train:\n  batch_size: 16\nstages:\n  - {name: a, steps: 5}\n  - {name: b, steps: 2, mask_ratio: 0}\n")
+    path.write_text(
+        "train:\n  batch_size: 16\nstages:\n  - {name: a, steps: 5}\n  - {name: b, steps: 2, mask_ratio: 0}\n"
+    )
     cfg = load_config(path, ["stages.1.lr=3e-4", "train.optim.betas=[0.9,0.95]", "model.input_size=[16,24]"])
     assert cfg.train.batch_size == 16 and [s.steps for s in cfg.stages] == [5, 2]
     assert cfg.stages[1].lr == 3e-4 and cfg.train.optim.betas == [0.9, 0.95] and cfg.model.input_size == [16, 24]
@@ -51,11 +53,19 @@ def test_shipped_configs_load():
     assert shipped
     for path in shipped:
         load_config(path)
-    assert load_config("fashion_mnist_sprint") == load_config(CONFIG_DIR / "fashion_mnist_sprint.yaml")  # shipped names too
+    assert load_config("fashion_mnist_sprint") == load_config(
+        CONFIG_DIR / "fashion_mnist_sprint.yaml"
+    )  # shipped names too
 
 
-FLAT = "model:\n  preset: SiT-Ti/4\n  fusion: none\n  path_drop_prob: 0.0\n  encoder_depth: 1\n  repa_hidden: 64\nsample: {guidance: cfg}\n"
-NESTED = "sample: {guidance: cfg}\nmodel:\n  preset: SiT-Ti/4\n  sprint: {fusion: none, path_drop_prob: 0.0, encoder_depth: 1}\n  repa: {hidden: 64}\n"
+FLAT = (
+    "model:\n  preset: SiT-Ti/4\n  fusion: none\n  path_drop_prob: 0.0\n  encoder_depth: 1\n  repa_hidden: 64\n"
+    "sample: {guidance: cfg}\n"
+)
+NESTED = (
+    "sample: {guidance: cfg}\nmodel:\n  preset: SiT-Ti/4\n"
+    "  sprint: {fusion: none, path_drop_prob: 0.0, encoder_depth: 1}\n  repa: {hidden: 64}\n"
+)
 
 
 def test_flat_model_keys_of_0_1_still_load_with_one_warning(tmp_path, capsys):
@@ -65,9 +75,18 @@ def test_flat_model_keys_of_0_1_still_load_with_one_warning(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     assert load_config(tmp_path / "flat.yaml") == nested
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "model.encoder_depth, model.fusion, model.path_drop_prob, model.repa_hidden are now model.sprint.encoder_depth" in err[0]
-    assert load_config(tmp_path / "nested.yaml", ["model.decoder_depth=1"]).model.sprint.decoder_depth == 1  # an old override
-    assert "override model.decoder_depth: model.decoder_depth is now model.sprint.decoder_depth" in capsys.readouterr().err
+    assert (
+        len(err) == 1
+        and "model.encoder_depth, model.fusion, model.path_drop_prob, model.repa_hidden are now "
+        "model.sprint.encoder_depth"
+        in err[0]
+    )
+    assert (
+        load_config(tmp_path / "nested.yaml", ["model.decoder_depth=1"]).model.sprint.decoder_depth == 1
+    )  # an old override
+    assert (
+        "override model.decoder_depth: model.decoder_depth is now model.sprint.decoder_depth" in capsys.readouterr().err
+    )
     # a config saved by 0.1 (a run's config.yaml, a checkpoint's metadata) reads as the nested one
     saved = to_yaml(nested).replace("  sprint:\n    encoder_depth: 1\n", "  encoder_depth: 1\n  sprint:\n")
     assert "  encoder_depth: 1\n  sprint:\n" in saved

@@ -1,5 +1,6 @@
 """`sprintdit convert`: released layouts built here from their documented keys and shapes, converted, and
 compared with reference forwards written for those layouts (not with our network's code)."""
+
 import argparse
 import math
 
@@ -35,7 +36,13 @@ def sincos_table(grid: int, dim: int) -> torch.Tensor:
 
 def block_tensors(g: torch.Generator, qk_norm: bool, mlp_ratio: int = 4) -> dict:
     d, hidden = WIDTH, WIDTH * mlp_ratio
-    shapes = {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (hidden, d), "mlp.fc2": (d, hidden), "adaLN_modulation.1": (6 * d, d)}
+    shapes = {
+        "attn.qkv": (3 * d, d),
+        "attn.proj": (d, d),
+        "mlp.fc1": (hidden, d),
+        "mlp.fc2": (d, hidden),
+        "adaLN_modulation.1": (6 * d, d),
+    }
     out = {}
     for name, (rows, cols) in shapes.items():
         out[f"{name}.weight"] = torch.randn(rows, cols, generator=g) / math.sqrt(cols)
@@ -50,8 +57,10 @@ def shared_tensors(g: torch.Generator, out_channels: int) -> dict:
     """Timestep MLP, label table and final layer: random, non-zero (adaLN-Zero would hide bugs)."""
     d = WIDTH
     return {
-        "t_embedder.mlp.0.weight": torch.randn(d, 256, generator=g) / 16, "t_embedder.mlp.0.bias": torch.randn(d, generator=g) * 0.1,
-        "t_embedder.mlp.2.weight": torch.randn(d, d, generator=g) / math.sqrt(d), "t_embedder.mlp.2.bias": torch.randn(d, generator=g) * 0.1,
+        "t_embedder.mlp.0.weight": torch.randn(d, 256, generator=g) / 16,
+        "t_embedder.mlp.0.bias": torch.randn(d, generator=g) * 0.1,
+        "t_embedder.mlp.2.weight": torch.randn(d, d, generator=g) / math.sqrt(d),
+        "t_embedder.mlp.2.bias": torch.randn(d, generator=g) * 0.1,
         "y_embedder.embedding_table.weight": torch.randn(CLASSES + 1, d, generator=g),
         "final_layer.linear.weight": torch.randn(PATCH * PATCH * out_channels, d, generator=g) / math.sqrt(d),
         "final_layer.linear.bias": torch.randn(PATCH * PATCH * out_channels, generator=g) * 0.1,
@@ -64,7 +73,8 @@ def dit_layout(seed: int = 0, depth: int = 3, learn_sigma: bool = True) -> dict:
     """facebookresearch/DiT (and willisma/SiT) keys: Conv2d patch embedding, fixed pos_embed, blocks.{i}."""
     g = torch.Generator().manual_seed(seed)
     state = {
-        "x_embedder.proj.weight": torch.randn(WIDTH, CHANNELS, PATCH, PATCH, generator=g) / math.sqrt(CHANNELS * PATCH * PATCH),
+        "x_embedder.proj.weight": torch.randn(WIDTH, CHANNELS, PATCH, PATCH, generator=g)
+        / math.sqrt(CHANNELS * PATCH * PATCH),
         "x_embedder.proj.bias": torch.randn(WIDTH, generator=g) * 0.1,
         "pos_embed": sincos_table(GRID, WIDTH).unsqueeze(0),
         **shared_tensors(g, CHANNELS * (2 if learn_sigma else 1)),
@@ -91,7 +101,10 @@ def sprint_layout(seed: int = 0, split=(1, 2, 1), prefix: str = "_orig_mod.", pr
             state.update({f"{stage}.{i}.{k}": v for k, v in block_tensors(g, qk_norm=True).items()})
     if projectors:
         for i, (rows, cols) in zip((0, 2, 4), ((16, WIDTH), (16, 16), (8, 16))):
-            state[f"projectors.{i}.weight"], state[f"projectors.{i}.bias"] = torch.randn(rows, cols, generator=g), torch.zeros(rows)
+            state[f"projectors.{i}.weight"], state[f"projectors.{i}.bias"] = (
+                torch.randn(rows, cols, generator=g),
+                torch.zeros(rows),
+            )
     return {prefix + k: v for k, v in state.items()}
 
 
@@ -222,12 +235,24 @@ def test_dit_matches_reference_forward(tmp_path, learn_sigma):
     torch.save(sd, path)
     converted = convert(path, ConvertOptions("dit"))
     cfg = converted.model
-    assert (cfg.pos_embed, cfg.qk_norm, cfg.sprint.fusion, cfg.learn_sigma, cfg.time_scale) == ("sincos", False, "none", learn_sigma, 1000.0)
-    assert (cfg.num_heads, cfg.depth, cfg.input_size) == (HEADS, 3, [SIDE, SIDE])  # heads from the size of width 64: no q_norm, no --num-heads
+    assert (cfg.pos_embed, cfg.qk_norm, cfg.sprint.fusion, cfg.learn_sigma, cfg.time_scale) == (
+        "sincos",
+        False,
+        "none",
+        learn_sigma,
+        1000.0,
+    )
+    assert (cfg.num_heads, cfg.depth, cfg.input_size) == (
+        HEADS,
+        3,
+        [SIDE, SIDE],
+    )  # heads from the size of width 64: no q_norm, no --num-heads
     x, _, y = inputs()
     k = torch.tensor([0.0, 417.0, 999.0], dtype=torch.float64)  # DiT: integer steps into the sinusoids; ours: t = k / T
     with torch.no_grad():
-        torch.testing.assert_close(ours(converted.ema, cfg)(x, k / 1000, y), dit_reference(sd, x, k, y), rtol=0, atol=1e-9)
+        torch.testing.assert_close(
+            ours(converted.ema, cfg)(x, k / 1000, y), dit_reference(sd, x, k, y), rtol=0, atol=1e-9
+        )
     # every source tensor is used: all but the fixed pos_embed, plus our MASK token
     assert len(converted.ema) == len(sd) - 1 + 1 and "pos_embed" not in converted.ema
 
@@ -243,7 +268,9 @@ def test_sit_velocity_is_minus_sit_at_flipped_time(tmp_path):
         ref = dit_reference(sd, x, 1 - t, y)  # SiT's time: 1 is data
     torch.testing.assert_close(out[:, :CHANNELS], -ref[:, :CHANNELS], rtol=0, atol=1e-5)  # v = eps - x0 = -(x0 - eps)
     torch.testing.assert_close(out[:, CHANNELS:], ref[:, CHANNELS:], rtol=0, atol=1e-5)  # unused sigma half: same time
-    assert torch.allclose(ref, dit_reference(sd, x, 1 - t, y)) and not torch.allclose(ref, dit_reference(sd, x, t, y), atol=1e-3)
+    assert torch.allclose(ref, dit_reference(sd, x, 1 - t, y)) and not torch.allclose(
+        ref, dit_reference(sd, x, t, y), atol=1e-3
+    )
 
 
 def test_sprint_matches_reference_dense_and_token_dropped(tmp_path, capsys):
@@ -252,7 +279,14 @@ def test_sprint_matches_reference_dense_and_token_dropped(tmp_path, capsys):
     torch.save({"model": sd, "ema": sd, "steps": 10, "args": argparse.Namespace(model="SiT-XL/2", lr=1e-4)}, path)
     converted = convert(path, ConvertOptions("sprint", input_size=[SIDE, SIDE]))
     cfg = converted.model
-    assert (cfg.sprint.encoder_depth, cfg.middle_depth, cfg.sprint.decoder_depth, cfg.num_heads, cfg.qk_norm, cfg.sprint.fusion) == (1, 2, 1, HEADS, True, "concat_linear")
+    assert (
+        cfg.sprint.encoder_depth,
+        cfg.middle_depth,
+        cfg.sprint.decoder_depth,
+        cfg.num_heads,
+        cfg.qk_norm,
+        cfg.sprint.fusion,
+    ) == (1, 2, 1, HEADS, True, "concat_linear")
     assert any("projectors" in note for note in converted.notes)
     model = ours(converted.ema, cfg)
     x, t, y = inputs()
@@ -260,7 +294,9 @@ def test_sprint_matches_reference_dense_and_token_dropped(tmp_path, capsys):
     with torch.no_grad():
         # our RoPE tables are stored in float32, hence 1e-6 rather than float64 round-off
         torch.testing.assert_close(model(x, t, y), sprint_reference(sd, x, t, y), rtol=0, atol=1e-6)
-        torch.testing.assert_close(model(x, t, y, mask=mask), sprint_reference(sd, x, t, y, keep=mask.ids_keep), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            model(x, t, y, mask=mask), sprint_reference(sd, x, t, y, keep=mask.ids_keep), rtol=0, atol=1e-6
+        )
     dropped = [k for k in sd if ".projectors." in "." + k]
     assert len(converted.ema) == len(sd) - len(dropped)
 
@@ -297,15 +333,26 @@ def broken(change):
     "state,options,message",
     [
         (broken(lambda sd: sd.pop("blocks.1.mlp.fc2.bias")), {}, "lacks 'blocks.1.mlp.fc2.bias'"),
-        (broken(lambda sd: sd.update({"blocks.0.attn.proj.weight": torch.zeros(WIDTH, WIDTH + 1)})), {},
-         "'blocks.0.attn.proj.weight' has shape [64, 65]; this model needs [64, 64]"),
-        (broken(lambda sd: sd.update({"blocks.0.norm1.weight": torch.ones(WIDTH)})), {}, "unexpected 'blocks.0.norm1.weight'"),
+        (
+            broken(lambda sd: sd.update({"blocks.0.attn.proj.weight": torch.zeros(WIDTH, WIDTH + 1)})),
+            {},
+            "'blocks.0.attn.proj.weight' has shape [64, 65]; this model needs [64, 64]",
+        ),
+        (
+            broken(lambda sd: sd.update({"blocks.0.norm1.weight": torch.ones(WIDTH)})),
+            {},
+            "unexpected 'blocks.0.norm1.weight'",
+        ),
         (broken(lambda sd: sd["pos_embed"].add_(0.01)), {}, "not the fixed 2D sin-cos table"),
         (broken(lambda sd: sd.update({"pos_embed": sd["pos_embed"][:, :12]})), {}, "not a square grid"),
         (broken(lambda sd: sd.pop("x_embedder.proj.weight")), {}, "no 'x_embedder.proj.weight'"),
         (dit_layout(), {"preset": "DiT-XL/2"}, "not preset SiT-XL/2"),
         (dit_layout(), {"source": "sprint"}, "a sprint checkpoint has a 2-d tensor there"),  # the wrong --from
-        (sprint_layout(), {"source": "sprint", "input_size": [SIDE, SIDE], "patch_size": 5}, "not a multiple of patch size 5"),
+        (
+            sprint_layout(),
+            {"source": "sprint", "input_size": [SIDE, SIDE], "patch_size": 5},
+            "not a multiple of patch size 5",
+        ),
     ],
 )
 def test_bad_checkpoints_give_one_line(tmp_path, state, options, message):
@@ -328,7 +375,9 @@ def run_cli(capsys, *argv):
 def test_cli_converts_a_dit_training_checkpoint(tmp_path, capsys):
     model_sd, ema_sd = dit_layout(seed=4), dit_layout(seed=5)
     path = tmp_path / "DiT-tiny.pt"
-    torch.save({"model": model_sd, "ema": ema_sd, "opt": {"state": {}}, "args": argparse.Namespace(model="DiT-XL/2")}, path)
+    torch.save(
+        {"model": model_sd, "ema": ema_sd, "opt": {"state": {}}, "args": argparse.Namespace(model="DiT-XL/2")}, path
+    )
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "convert", "--from", "dit", "--checkpoint", path, "--out", run)
     assert code == 0, err
@@ -342,15 +391,46 @@ def test_cli_converts_a_dit_training_checkpoint(tmp_path, capsys):
             torch.testing.assert_close(model.double()(x, k / 1000, y), dit_reference(sd, x, k, y), rtol=0, atol=1e-5)
     code, _, err = run_cli(capsys, "convert", "--from", "dit", "--checkpoint", path, "--out", run)
     assert code == 2 and "already exists" in err
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", run, "--out", tmp_path / "s", "--labels", "1", "--steps", "2", "--no-progress")
+    code, _, err = run_cli(
+        capsys, "sample", "--checkpoint", run, "--out", tmp_path / "s", "--labels", "1", "--steps", "2", "--no-progress"
+    )
     assert code == 0, err
     assert np.load(tmp_path / "s" / "cfg_ddpm2_s1.5.npz")["arr_0"].shape == (1, SIDE, SIDE, CHANNELS)
     # a released DiT becomes a SparseDiT (DDPM objective kept) that samples
-    code, _, err = run_cli(capsys, "sparsify", "--checkpoint", run, "--out", tmp_path / "sparse", "--sparse-grid", "2:3",
-                           "--pool-depth", "1", "--modules", "1", "--sparse-depth", "0", "--dense-depth", "0")
+    code, _, err = run_cli(
+        capsys,
+        "sparsify",
+        "--checkpoint",
+        run,
+        "--out",
+        tmp_path / "sparse",
+        "--sparse-grid",
+        "2:3",
+        "--pool-depth",
+        "1",
+        "--modules",
+        "1",
+        "--sparse-depth",
+        "0",
+        "--dense-depth",
+        "0",
+    )
     assert code == 0, err
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", tmp_path / "sparse", "--out", tmp_path / "s2", "--labels", "1", "--sampler", "ddim",
-                           "--steps", "2", "--no-progress")
+    code, _, err = run_cli(
+        capsys,
+        "sample",
+        "--checkpoint",
+        tmp_path / "sparse",
+        "--out",
+        tmp_path / "s2",
+        "--labels",
+        "1",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "2",
+        "--no-progress",
+    )
     assert code == 0, err
 
 
@@ -358,9 +438,23 @@ def test_cli_converted_sit_samples(tmp_path, capsys):
     path = tmp_path / "sit.safetensors"
     save_file(dit_layout(seed=6), str(path))
     run = tmp_path / "run"
-    code, out, err = run_cli(capsys, "convert", "--from", "sit", "--checkpoint", path, "--out", run, "--num-heads", HEADS)
+    code, out, err = run_cli(
+        capsys, "convert", "--from", "sit", "--checkpoint", path, "--out", run, "--num-heads", HEADS
+    )
     assert code == 0, err
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", run, "--out", tmp_path / "s", "--labels", "0-1", "--steps", "2", "--no-progress")
+    code, _, err = run_cli(
+        capsys,
+        "sample",
+        "--checkpoint",
+        run,
+        "--out",
+        tmp_path / "s",
+        "--labels",
+        "0-1",
+        "--steps",
+        "2",
+        "--no-progress",
+    )
     assert code == 0, err
     npz = np.load(tmp_path / "s" / "cfg_euler2_s1.5.npz")
     assert npz["arr_0"].shape == (2, SIDE, SIDE, CHANNELS) and npz["arr_1"].tolist() == [0, 1]
@@ -371,7 +465,9 @@ def test_cli_sprint_needs_input_size_and_converts_with_it(tmp_path, capsys):
     torch.save(sprint_layout(), path)
     code, _, err = run_cli(capsys, "convert", "--from", "sprint", "--checkpoint", path, "--out", tmp_path / "a")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--input-size" in err
-    code, out, err = run_cli(capsys, "convert", "--from", "sprint", "--checkpoint", path, "--out", tmp_path / "b", "--input-size", SIDE)
+    code, out, err = run_cli(
+        capsys, "convert", "--from", "sprint", "--checkpoint", path, "--out", tmp_path / "b", "--input-size", SIDE
+    )
     assert code == 0, err
     assert "note: dropped the REPA projection head" in out and "blocks 1/2/1" in out
     model, cfg = load_model(tmp_path / "b")

@@ -1,5 +1,6 @@
 """CUDA paths (`pytest -m cuda`, run by scripts/gpu_check.sh): each compares the GPU against the CPU or against the
 plain code path. Skipped where no CUDA device is present."""
+
 import os
 import socket
 
@@ -15,11 +16,21 @@ ATOL = 1e-4  # CPU and GPU kernels sum in other orders
 
 
 def tiny(fmnist_dir, *extra):
-    return load_config(None, [
-        f"data.root={fmnist_dir}", "model.preset=SiT-Nano/4", "model.hidden_size=32", "train.batch_size=8", "train.log_every=1",
-        "train.sample_every=0", "train.ema_decay=0.9",
-        "stages=[{name: pre, steps: 3, lr: 0.001, mask_ratio: 0.75}, {name: ft, steps: 2, lr: 0.0005, mask_ratio: 0.0}]", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"data.root={fmnist_dir}",
+            "model.preset=SiT-Nano/4",
+            "model.hidden_size=32",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.sample_every=0",
+            "train.ema_decay=0.9",
+            "stages=[{name: pre, steps: 3, lr: 0.001, mask_ratio: 0.75}, {name: ft, steps: 2, lr: 0.0005, mask_ratio: "
+            "0.0}]",
+            *extra,
+        ],
+    )
 
 
 def weights(trainer):
@@ -31,7 +42,9 @@ def test_training_on_cuda_matches_cpu(fmnist_dir, tmp_path, monkeypatch):
     the CPU run. (A CUDA run draws with a CUDA generator, whose numbers differ from the CPU's.)"""
     cpu = Trainer(tiny(fmnist_dir, "train.device=cpu"), tmp_path / "cpu", progress=False)
     cpu.fit()
-    cpu_draws = lambda seed, step, shard, device: Draws(torch.Generator().manual_seed(step_seed(seed, step)), shard, device)
+    cpu_draws = lambda seed, step, shard, device: Draws(
+        torch.Generator().manual_seed(step_seed(seed, step)), shard, device
+    )
     monkeypatch.setattr(Draws, "for_step", staticmethod(cpu_draws))
     gpu = Trainer(tiny(fmnist_dir, "train.device=cuda"), tmp_path / "gpu", progress=False)
     assert gpu.networks.optimizer.defaults["fused"]
@@ -55,7 +68,9 @@ def test_draws_on_cuda_are_made_there_and_split_over_ranks():
 def test_training_step_makes_no_host_sync(fmnist_dir, tmp_path, stage):
     """Draws, masks, forward and backward run without a host-device sync (the step's one sync, on the finite and
     stop flags, is in `update`): torch raises on any synchronising call inside the step."""
-    trainer = Trainer(tiny(fmnist_dir, "train.device=cuda", "model.sprint.path_drop_prob=0.1"), tmp_path / "s", progress=False)
+    trainer = Trainer(
+        tiny(fmnist_dir, "train.device=cuda", "model.sprint.path_drop_prob=0.1"), tmp_path / "s", progress=False
+    )
     loaded = trainer.next_batch(stage)
     assert loaded.x.is_pinned() and loaded.y.is_pinned()  # page-locked: the copy to the device does not block the host
     batch = loaded.to(trainer.device)
@@ -82,11 +97,15 @@ def test_resume_on_cuda_is_exact(fmnist_dir, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_on_cuda(fmnist_dir, tmp_path, precision):
-    trainer = Trainer(tiny(fmnist_dir, "train.device=cuda", f"train.precision={precision}"), tmp_path / precision, progress=False)
+    trainer = Trainer(
+        tiny(fmnist_dir, "train.device=cuda", f"train.precision={precision}"), tmp_path / precision, progress=False
+    )
     before = [p.detach().clone() for p in trainer.networks.params]
     trainer.fit()
     assert trainer.networks.scaler.is_enabled() == (precision == "fp16")
-    assert all(torch.isfinite(p).all() for p in trainer.networks.params) and any(not torch.equal(a, p) for a, p in zip(before, trainer.networks.params))
+    assert all(torch.isfinite(p).all() for p in trainer.networks.params) and any(
+        not torch.equal(a, p) for a, p in zip(before, trainer.networks.params)
+    )
 
 
 def test_sampling_on_cuda_matches_cpu():
@@ -121,8 +140,15 @@ def test_sparsedit_grids_on_cuda_match_cpu():
     from sprintdit.models import SparseDiT, resolve_model_config
 
     torch.manual_seed(0)
-    cfg = resolve_model_config(tiny_config(arch="sparsedit", sprint=DENSE, input_size=[32, 32], depth=8,
-                                           sparse=SparseConfig(grid="4:8", pool_depth=1, modules=2, sparse_depth=1, dense_depth=0)))
+    cfg = resolve_model_config(
+        tiny_config(
+            arch="sparsedit",
+            sprint=DENSE,
+            input_size=[32, 32],
+            depth=8,
+            sparse=SparseConfig(grid="4:8", pool_depth=1, modules=2, sparse_depth=1, dense_depth=0),
+        )
+    )
     model = SparseDiT(cfg).eval()  # an 8x8 token grid pooled to 4..8 per side as t falls
     x, t, y = torch.randn(4, 2, 32, 32), torch.tensor([0.05, 0.3, 0.6, 0.95]), torch.tensor([0, 1, 2, 5])
     cpu = model(x, t, y)
@@ -172,7 +198,10 @@ def text_guidance_samples(device: str) -> dict:
     model = text_model(pooled=True).float().to(device)
     ids = [tokenize(c, VOCAB, 6) for c in ("a bag top left", "a bag", "")]
     fm = FlowMatching(ObjectiveConfig(), model.null_class)
-    return {g: generate(model, fm, ids, [5, 6, 7], SampleConfig(steps=4, guidance=g, batch_size=3), device) for g in ("pdg", "cfg")}
+    return {
+        g: generate(model, fm, ids, [5, 6, 7], SampleConfig(steps=4, guidance=g, batch_size=3), device)
+        for g in ("pdg", "cfg")
+    }
 
 
 def test_text_model_guidance_on_cuda_matches_cpu():

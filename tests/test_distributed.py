@@ -1,6 +1,7 @@
 """Multi-process training and sampling on CPU: two gloo ranks spawned here (no torchrun needed) against one
 process. The ranks are spawned once for all scenarios (a module-scoped fixture) and one thread each; the
 tests assert on what they wrote."""
+
 import json
 import os
 import shutil
@@ -31,14 +32,26 @@ NUM_SAMPLES = 7  # 4 batches of 2: the last one partial, the ranks get 2 batches
 
 
 def tiny_run(root, *extra):
-    """Two stages (3 masked steps, then 1 dense) of a tiny SPRINT, global batch 8 in 2 micro-batches (2 rows per rank)."""
-    return load_config(None, [
-        f"data.root={root}", "model.preset=SiT-Nano/4", "model.hidden_size=32",
-        "train.batch_size=8", "train.grad_accum=2", "train.log_every=1", "train.ckpt_every=100", "train.sample_every=0",
-        "train.ema_decay=0.9", "train.keep_last=5",
-        "stages=[{name: pre, steps: 3, lr: 0.001, warmup_steps: 2, mask_ratio: 0.75}, {name: ft, steps: 1, lr: 0.0005, mask_ratio: 0.0}]",
-        *extra,
-    ])
+    """Two stages (3 masked steps, then 1 dense) of a tiny SPRINT, global batch 8 in 2 micro-batches (2 rows per
+    rank)."""
+    return load_config(
+        None,
+        [
+            f"data.root={root}",
+            "model.preset=SiT-Nano/4",
+            "model.hidden_size=32",
+            "train.batch_size=8",
+            "train.grad_accum=2",
+            "train.log_every=1",
+            "train.ckpt_every=100",
+            "train.sample_every=0",
+            "train.ema_decay=0.9",
+            "train.keep_last=5",
+            "stages=[{name: pre, steps: 3, lr: 0.001, warmup_steps: 2, mask_ratio: 0.75}, {name: ft, steps: 1, lr: "
+            "0.0005, mask_ratio: 0.0}]",
+            *extra,
+        ],
+    )
 
 
 def free_port() -> int:
@@ -50,7 +63,9 @@ def free_port() -> int:
 def join(rank: int, port: int, timeout_s: float = 120.0) -> D.Dist:
     """What torchrun would set up for this rank (one thread: the ranks share the CI's cores)."""
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     return D.init_from_env(D.DistributedConfig(timeout_s=timeout_s), torch.device("cpu"))
 
 
@@ -109,7 +124,9 @@ def worker(rank, ports, root, base):
     try:
         trainer.fit()
     except Stopped as err:
-        (base / f"stopped_rank{rank}.json").write_text(json.dumps({"message": str(err), "code": err.exit_code, "step": trainer.step}))
+        (base / f"stopped_rank{rank}.json").write_text(
+            json.dumps({"message": str(err), "code": err.exit_code, "step": trainer.step})
+        )
     model = perturbed_model(dtype=torch.float32)
     fm = FlowMatching(ObjectiveConfig(), model.null_class)
     labels, seeds = [i % 5 for i in range(NUM_SAMPLES)], list(range(10, 10 + NUM_SAMPLES))
@@ -179,7 +196,10 @@ def ranks(data_root, single, tmp_path_factory):
 def test_two_ranks_with_half_batches_train_like_one_process(single, ranks):
     assert_close_checkpoints(single / "one", ranks / "two", step=3)
     first = checkpoint_tensors(single / "one", 3)
-    assert not torch.equal(first["model.blocks.0.adaLN_modulation.1.weight"], torch.zeros_like(first["model.blocks.0.adaLN_modulation.1.weight"]))
+    assert not torch.equal(
+        first["model.blocks.0.adaLN_modulation.1.weight"],
+        torch.zeros_like(first["model.blocks.0.adaLN_modulation.1.weight"]),
+    )
     # the logged loss is the mean over both ranks: the single process's loss
     np.testing.assert_allclose(losses(ranks / "two"), losses(single / "one")[:3], rtol=1e-5)
     state = ckpt.load_train_state(ckpt.step_dir(ranks / "two", 3) / "state.pt")
@@ -270,7 +290,9 @@ def test_optimizer_state_keys_round_trip():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for NCCL without CUDA")
 def test_batch_not_divisible_by_the_world_is_one_line(data_root, tmp_path, monkeypatch):
-    with pytest.raises(UserError, match=r"stages.0 \(pre\): global batch 8 is not divisible by world size 3 x train.grad_accum 2"):
+    with pytest.raises(
+        UserError, match=r"stages.0 \(pre\): global batch 8 is not divisible by world size 3 x train.grad_accum 2"
+    ):
         Trainer(tiny_run(data_root), tmp_path / "r", progress=False, dist=D.Dist(rank=0, world_size=3))
     assert not (tmp_path / "r").exists()  # refused before rank 0 writes anything
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -281,11 +303,14 @@ def test_batch_not_divisible_by_the_world_is_one_line(data_root, tmp_path, monke
     assert not alone.active and alone.is_main and not torch.distributed.is_initialized()
 
 
-@pytest.mark.parametrize("override,message", [
-    ("distributed.strategy=zero", "distributed.strategy is 'zero'; choose one of ddp, fsdp"),
-    ("distributed.timeout_s=0", "distributed.timeout_s must be positive"),
-    ("distributed.bakend=gloo", "did you mean 'distributed.backend'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("distributed.strategy=zero", "distributed.strategy is 'zero'; choose one of ddp, fsdp"),
+        ("distributed.timeout_s=0", "distributed.timeout_s must be positive"),
+        ("distributed.bakend=gloo", "did you mean 'distributed.backend'"),
+    ],
+)
 def test_distributed_config_errors_are_one_line(override, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])

@@ -20,8 +20,14 @@ from sprintdit.evaluate import (
 )
 from sprintdit.metrics import feature_stats, frechet_distance
 
-TINY = ["model.preset=SiT-Nano/8", "train.batch_size=4", "train.log_every=1", "train.sample_every=0",
-        "stages=[{name: pre, steps: 1, mask_ratio: 0.75}, {name: ft, steps: 1, mask_ratio: 0}]", "sample.steps=2"]
+TINY = [
+    "model.preset=SiT-Nano/8",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.sample_every=0",
+    "stages=[{name: pre, steps: 1, mask_ratio: 0.75}, {name: ft, steps: 1, mask_ratio: 0}]",
+    "sample.steps=2",
+]
 
 
 class PixelFeatures:
@@ -44,7 +50,11 @@ def test_npz_batches_in_the_adm_layout(tmp_path):
     images = random_images(5, 0)
     np.savez(tmp_path / "a.npz", images, np.arange(5))
     x, y = batch_images(read_npz(tmp_path / "a.npz"), "a")
-    assert x.shape == (5, 1, 8, 8) and x.dtype == torch.uint8 and torch.equal(x[2, 0], torch.from_numpy(images[2, :, :, 0]))
+    assert (
+        x.shape == (5, 1, 8, 8)
+        and x.dtype == torch.uint8
+        and torch.equal(x[2, 0], torch.from_numpy(images[2, :, :, 0]))
+    )
     assert y.tolist() == [0, 1, 2, 3, 4]
     np.savez(tmp_path / "b.npz", images)
     assert batch_images(read_npz(tmp_path / "b.npz"), "b")[1] is None  # labels are optional
@@ -83,7 +93,10 @@ def test_reference_statistics_take_precedence_over_its_images(tmp_path):
 
 def test_adm_reference_keys_feed_inception_fid_and_sfid():
     ref = Reference("adm", stats={"inception": {"main": (np.zeros(3), np.eye(3)), "spatial": (np.ones(2), np.eye(2))}})
-    feats = Features(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)) + 2, spatial=torch.ones(500, 2) * 3 + torch.randn(500, 2) * 1e-3)
+    feats = Features(
+        torch.randn(500, 3, generator=torch.Generator().manual_seed(0)) + 2,
+        spatial=torch.ones(500, 2) * 3 + torch.randn(500, 2) * 1e-3,
+    )
     out = score(feats, "inception", ref, None)
     assert out["fid"] == pytest.approx(frechet_distance(*feature_stats(feats.main), np.zeros(3), np.eye(3)))
     assert out["sfid"] == pytest.approx(8.0 + 2.0, rel=1e-2)  # |3 - 1|^2 in 2 dims, plus tr(I) with a ~0 covariance
@@ -116,15 +129,45 @@ def test_fmnist_reference_is_cached(fmnist_dir, tmp_path, monkeypatch):
 def test_evaluate_checkpoint_then_its_samples_agree(fmnist_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPRINTDIT_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}", *TINY]) == 0
-    args = ["evaluate", "--checkpoint", str(run), "--num-samples", "12", "--guidance", "cfg", "--scale", "3", "--no-progress", "--save-samples"]
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "fashion_mnist_sprint",
+                "--out",
+                str(run),
+                "--no-progress",
+                f"data.root={fmnist_dir}",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    args = [
+        "evaluate",
+        "--checkpoint",
+        str(run),
+        "--num-samples",
+        "12",
+        "--guidance",
+        "cfg",
+        "--scale",
+        "3",
+        "--no-progress",
+        "--save-samples",
+    ]
     assert main(args) == 0
     out, err = capsys.readouterr()
     assert "fmnist" in out and "class_agreement" in out
     assert "warning: fid from 12 samples" in err  # too few for a trustworthy FID, and the user is told
     written = run / "checkpoints" / "step_00000002" / "eval_cfg_euler2_s3_n12.json"
     result = json.loads(written.read_text())
-    assert result["num_samples"] == 12 and 0.0 <= result["metrics"]["fmnist"]["class_agreement"] <= 1.0 and result["metrics"]["fmnist"]["fid"] > 0
+    assert (
+        result["num_samples"] == 12
+        and 0.0 <= result["metrics"]["fmnist"]["class_agreement"] <= 1.0
+        and result["metrics"]["fmnist"]["fid"] > 0
+    )
     batch = np.load(written.with_suffix(".npz"))
     assert batch["arr_0"].shape == (12, 32, 32, 1) and batch["arr_1"].tolist() == [i % 10 for i in range(12)]
     # the same images scored from the saved batch give the same numbers
@@ -142,8 +185,24 @@ def test_training_logs_metrics_with_flops(fmnist_dir, tmp_path, monkeypatch):
 
     monkeypatch.setenv("SPRINTDIT_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}",
-                 *TINY, "model.depth=6", "eval.every=1", "eval.num_samples=10"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "fashion_mnist_sprint",
+                "--out",
+                str(run),
+                "--no-progress",
+                f"data.root={fmnist_dir}",
+                *TINY,
+                "model.depth=6",
+                "eval.every=1",
+                "eval.num_samples=10",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "fmnist/fid" in r]
     assert [r["step"] for r in evals] == [1, 2]
@@ -151,7 +210,9 @@ def test_training_logs_metrics_with_flops(fmnist_dir, tmp_path, monkeypatch):
 
     cfg = from_yaml_text((run / "config.yaml").read_text(), "run")
     assert [r["train_flops"] for r in evals] == [train_flops(cfg, 1), train_flops(cfg, 2)]
-    assert evals[1]["train_flops"] > 2 * evals[0]["train_flops"] > 0  # the second step is dense: dearer than the masked first
+    assert (
+        evals[1]["train_flops"] > 2 * evals[0]["train_flops"] > 0
+    )  # the second step is dense: dearer than the masked first
 
 
 def test_evaluating_along_a_run_leaves_its_training_unchanged(fmnist_dir, tmp_path, monkeypatch):
@@ -162,8 +223,24 @@ def test_evaluating_along_a_run_leaves_its_training_unchanged(fmnist_dir, tmp_pa
     final = {}
     for every in (0, 1):
         run = tmp_path / f"every{every}"
-        assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}",
-                     *TINY, "model.depth=6", f"eval.every={every}", "eval.num_samples=10"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--config",
+                    "fashion_mnist_sprint",
+                    "--out",
+                    str(run),
+                    "--no-progress",
+                    f"data.root={fmnist_dir}",
+                    *TINY,
+                    "model.depth=6",
+                    f"eval.every={every}",
+                    "eval.num_samples=10",
+                ]
+            )
+            == 0
+        )
         final[every] = load_file(sorted((run / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
     assert (tmp_path / "every1" / "metrics.jsonl").read_text().count("fmnist/fid") == 2  # it did evaluate, twice
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
@@ -201,12 +278,33 @@ def test_evaluate_rgb_batches_with_inception_and_dinov2(tmp_path, monkeypatch, c
     np.savez(tmp_path / "samples.npz", samples)
     np.savez(tmp_path / "same.npz", samples)
     np.savez(tmp_path / "other.npz", np.concatenate([other, 255 - other]))
-    weights = ["--inception-weights", str(tmp_path / "inception.pth"), "--dinov2-weights", str(tmp_path / "dinov2.pth"), "--dinov2-model", "ViT-tiny/14"]
+    weights = [
+        "--inception-weights",
+        str(tmp_path / "inception.pth"),
+        "--dinov2-weights",
+        str(tmp_path / "dinov2.pth"),
+        "--dinov2-model",
+        "ViT-tiny/14",
+    ]
     results = {}
     for ref in ("same", "other"):
-        assert main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / f"{ref}.npz"), *weights]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--samples",
+                    str(tmp_path / "samples.npz"),
+                    "--ref",
+                    str(tmp_path / f"{ref}.npz"),
+                    *weights,
+                ]
+            )
+            == 0
+        )
         results[ref] = json.loads((tmp_path / "samples.eval.json").read_text())["metrics"]
-    assert set(results["same"]["inception"]) == {"fid", "sfid", "precision", "recall", "is"} and set(results["same"]["dinov2"]) == {"fdd"}
+    assert set(results["same"]["inception"]) == {"fid", "sfid", "precision", "recall", "is"} and set(
+        results["same"]["dinov2"]
+    ) == {"fdd"}
     for net, frechet in (("inception", "fid"), ("inception", "sfid"), ("dinov2", "fdd")):
         assert abs(results["same"][net][frechet]) < 1e-6 * results["other"][net][frechet]  # a set against itself: 0
     assert results["same"]["inception"]["precision"] == 1.0 and results["same"]["inception"]["is"] >= 1.0
@@ -220,14 +318,34 @@ def test_evaluate_rgb_batches_with_inception_and_dinov2(tmp_path, monkeypatch, c
 def test_demo_scores_both_guidances(fmnist_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPRINTDIT_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-progress", "--per-class", "2", f"data.root={fmnist_dir}", *TINY, "eval.num_samples=20"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--per-class",
+                "2",
+                f"data.root={fmnist_dir}",
+                *TINY,
+                "eval.num_samples=20",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "class_agreement" in printed and "PDG scale" in printed and "CFG scale" in printed
     results = json.loads((out / "demo.json").read_text())
     for guidance in ("pdg", "cfg"):
-        assert results[guidance]["num_samples"] == 20 and 0 <= results[guidance]["metrics"]["fmnist"]["class_agreement"] <= 1
+        assert (
+            results[guidance]["num_samples"] == 20
+            and 0 <= results[guidance]["metrics"]["fmnist"]["class_agreement"] <= 1
+        )
         assert (out / f"demo_{guidance}.png").is_file()
-    assert main(["demo", "--out", str(tmp_path / "d2"), f"data.root={fmnist_dir}", *TINY, "eval.num_samples=10"]) == 2  # fewer than 10 x 10
+    assert (
+        main(["demo", "--out", str(tmp_path / "d2"), f"data.root={fmnist_dir}", *TINY, "eval.num_samples=10"]) == 2
+    )  # fewer than 10 x 10
 
 
 def test_written_reference_scores_like_its_images(fmnist_dir, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """Fault injection: divergence, signals at random points, concurrent trainers, kill -9 loops, a full disk, and a
 table of bad inputs. Every run is a tiny SPRINT on the stand-in data; every resume must match an uninterrupted
 run bit for bit."""
+
 import errno
 import json
 import os
@@ -35,9 +36,17 @@ STEPS = 8
 
 def overrides(data, *extra):
     return [
-        f"data.root={data}", "model.preset=SiT-Nano/4", "model.hidden_size=32", "train.batch_size=8", "train.log_every=1",
-        "train.ckpt_every=2", "train.sample_every=0", "train.ema_decay=0.9", "train.keep_last=3",
-        f"stages=[{{name: pre, steps: {STEPS // 2}, lr: 0.001, mask_ratio: 0.75}}, {{name: ft, steps: {STEPS // 2}, lr: 0.0005, mask_ratio: 0.0}}]",
+        f"data.root={data}",
+        "model.preset=SiT-Nano/4",
+        "model.hidden_size=32",
+        "train.batch_size=8",
+        "train.log_every=1",
+        "train.ckpt_every=2",
+        "train.sample_every=0",
+        "train.ema_decay=0.9",
+        "train.keep_last=3",
+        f"stages=[{{name: pre, steps: {STEPS // 2}, lr: 0.001, mask_ratio: 0.75}}, "
+        f"{{name: ft, steps: {STEPS // 2}, lr: 0.0005, mask_ratio: 0.0}}]",
         *extra,
     ]
 
@@ -47,13 +56,18 @@ def tiny(data, *extra):
 
 
 def weights(trainer):
-    return {**{f"m.{k}": v for k, v in trainer.model.state_dict().items()}, **{f"e.{k}": v for k, v in trainer.ema.state_dict().items()}}
+    return {
+        **{f"m.{k}": v for k, v in trainer.model.state_dict().items()},
+        **{f"e.{k}": v for k, v in trainer.ema.state_dict().items()},
+    }
 
 
 def saved_weights(run):
     folder = ckpt.list_checkpoints(run)[-1]
-    return {**{f"m.{k}": v for k, v in ckpt.load_weights(folder / "model.safetensors")[0].items()},
-            **{f"e.{k}": v for k, v in ckpt.load_weights(folder / "ema.safetensors")[0].items()}}
+    return {
+        **{f"m.{k}": v for k, v in ckpt.load_weights(folder / "model.safetensors")[0].items()},
+        **{f"e.{k}": v for k, v in ckpt.load_weights(folder / "ema.safetensors")[0].items()},
+    }
 
 
 def assert_same(a, b):
@@ -106,10 +120,15 @@ def poison_gradients_at(monkeypatch, steps):
 def test_nonfinite_step_stops_and_keeps_the_last_finite_checkpoint(data, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     poison_gradients_at(monkeypatch, range(6, STEPS + 1))
-    with pytest.raises(Diverged, match=r"diverged at step 6 \(ft\): loss .*, gradient norm nan.*step_00000005 stands") as err:
+    with pytest.raises(
+        Diverged, match=r"diverged at step 6 \(ft\): loss .*, gradient norm nan.*step_00000005 stands"
+    ) as err:
         Trainer(tiny(data, "train.ckpt_every=1", "train.keep_last=2"), run, progress=False).fit()
     assert err.value.exit_code == 3
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000004", "step_00000005"]  # nothing after the bad step
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [
+        "step_00000004",
+        "step_00000005",
+    ]  # nothing after the bad step
     assert not ckpt.nonfinite_tensors(saved_weights(run))
     records = strict_json(run / "metrics.jsonl")  # strict JSON: a non-finite number is written as null
     assert records[-1] == {"step": 6, "event": "nonfinite", "loss": records[-1]["loss"], "grad_norm": None}
@@ -127,7 +146,9 @@ def test_skipped_nonfinite_steps_are_counted_and_resume_exactly(data, tmp_path, 
     after2 = [p.detach().clone() for p in lone.networks.params]
     lone.fit(stop_at=3)  # the skipped step changes nothing
     assert lone.state.nonfinite_steps == [3] and lone.step == 3
-    assert all(torch.equal(a, b) for a, b in zip(after2, lone.networks.params)) and not all(torch.equal(a, b) for a, b in zip(before, after2))
+    assert all(torch.equal(a, b) for a, b in zip(after2, lone.networks.params)) and not all(
+        torch.equal(a, b) for a, b in zip(before, after2)
+    )
     lone.fit()
     resumed = Trainer(tiny(data, "train.max_nonfinite_steps=1"), tmp_path / "b", progress=False)
     resumed.fit(stop_at=2)
@@ -212,7 +233,9 @@ CASES = [(where, RNG.randrange(1, STEPS), SIGNALS[i % len(SIGNALS)]) for i, wher
 
 
 @pytest.mark.parametrize("where,step,signum", CASES, ids=[f"{w}-step{s}-{signal.Signals(n).name}" for w, s, n in CASES])
-def test_signal_at_any_point_saves_and_resumes_bit_for_bit(data, tmp_path, monkeypatch, capsys, straight, where, step, signum):
+def test_signal_at_any_point_saves_and_resumes_bit_for_bit(
+    data, tmp_path, monkeypatch, capsys, straight, where, step, signum
+):
     if where == "saving":
         step = min(step + step % 2, STEPS - 2)  # periodic saves happen at even steps (train.ckpt_every=2)
     run = tmp_path / "run"
@@ -223,7 +246,9 @@ def test_signal_at_any_point_saves_and_resumes_bit_for_bit(data, tmp_path, monke
     assert f"{signal.Signals(signum).name} at step {at}: saved" in str(stopped.value)
     assert stopped.value.exit_code == 128 + signum
     err = capsys.readouterr().err
-    assert f"{signal.Signals(signum).name}: stopping" in err and (where != "saving" or "being written; it finishes" in err)
+    assert f"{signal.Signals(signum).name}: stopping" in err and (
+        where != "saving" or "being written; it finishes" in err
+    )
     assert ckpt.list_checkpoints(run)[-1].name == f"step_{at:08d}"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are restored
     monkeypatch.undo()
@@ -271,8 +296,19 @@ print("done", flush=True)
 
 
 def child(script):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(__file__)]), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.getcwd(), os.path.dirname(__file__)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def test_second_trainer_is_refused_and_the_first_is_unharmed(data, tmp_path, capsys, straight):
@@ -280,9 +316,14 @@ def test_second_trainer_is_refused_and_the_first_is_unharmed(data, tmp_path, cap
     first = child(HOLDER.format(args=overrides(data), run=str(run)))
     try:
         assert first.stdout.readline().strip() == "ready", first.stderr.read()
-        with pytest.raises(UserError, match=rf"in use by another trainer \(pid {first.pid} on {re.escape(socket.gethostname())}\)"):
+        with pytest.raises(
+            UserError, match=rf"in use by another trainer \(pid {first.pid} on {re.escape(socket.gethostname())}\)"
+        ):
             Trainer(tiny(data), run, progress=False)
-        assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", *overrides(data)]) == 2
+        assert (
+            main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", *overrides(data)])
+            == 2
+        )
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
         first.stdin.write("go\n")
         first.stdin.flush()
@@ -319,6 +360,7 @@ def fail_lock_writes(monkeypatch, code):
             if self.name.startswith(runlock.LOCK_NAME):
                 raise OSError(code, os.strerror(code))
             return real(self, *args, **kwargs)
+
         return call
 
     monkeypatch.setattr(pathlib.Path, "write_text", failing(write_text))
@@ -356,7 +398,9 @@ def test_releasing_the_lock_of_a_folder_turned_read_only_does_not_mask_the_error
     assert main(["train", "--out", str(run), "--no-progress"]) == 2
     err = capsys.readouterr().err
     note, error = err.strip().splitlines()  # the lock is left, and said so; then the real error
-    assert "Traceback" not in err and error.startswith("error: cannot write checkpoint step 6") and "Read-only" in error, err
+    assert (
+        "Traceback" not in err and error.startswith("error: cannot write checkpoint step 6") and "Read-only" in error
+    ), err
     assert note.startswith("note: could not remove") and "takes it over" in note
     monkeypatch.undo()
     assert Trainer(None, run, progress=False).step == 4  # its own dead lock is taken over at once
@@ -402,7 +446,9 @@ def test_a_renamed_or_copied_step_folder_is_refused_and_the_real_newest_resumes(
     Trainer(tiny(data), run, progress=False).fit()  # checkpoints 4, 6, 8
     root = run / "checkpoints"
     shutil.copytree(root / "step_00000004", root / "step_00000099")
-    with pytest.raises(UserError, match=r"step_00000099 is named step 99 but its weights record step 4 \(renamed or copied\?\)"):
+    with pytest.raises(
+        UserError, match=r"step_00000099 is named step 99 but its weights record step 4 \(renamed or copied\?\)"
+    ):
         Trainer(None, run, progress=False)
     assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
@@ -418,7 +464,9 @@ class Killed(BaseException):
     """A stand-in for SIGKILL: nothing after it runs (no handler catches a BaseException it does not know)."""
 
 
-def test_a_kill_during_rotation_leaves_no_partial_checkpoint_and_the_next_start_cleans_it(data, tmp_path, monkeypatch, straight):
+def test_a_kill_during_rotation_leaves_no_partial_checkpoint_and_the_next_start_cleans_it(
+    data, tmp_path, monkeypatch, straight
+):
     run = tmp_path / "run"
     real = shutil.rmtree
 
@@ -460,8 +508,12 @@ def failing_writes(monkeypatch, code):
     monkeypatch.setattr(ckpt, "save_file", save_file)
 
 
-@pytest.mark.parametrize("code,message", [(errno.ENOSPC, r"no space left on device: free \d+ MB in"), (errno.EROFS, "Read-only file system")])
-def test_failed_write_leaves_the_previous_checkpoint_and_the_run_continues(data, tmp_path, monkeypatch, straight, code, message):
+@pytest.mark.parametrize(
+    "code,message", [(errno.ENOSPC, r"no space left on device: free \d+ MB in"), (errno.EROFS, "Read-only file system")]
+)
+def test_failed_write_leaves_the_previous_checkpoint_and_the_run_continues(
+    data, tmp_path, monkeypatch, straight, code, message
+):
     run = tmp_path / "run"
     failing_writes(monkeypatch, code)
     with pytest.raises(UserError, match=message):
@@ -534,10 +586,29 @@ def world(data, tmp_path_factory):
     save_file(poisoned, str(root / "nonfinite.safetensors"), metadata=meta)
     wrong = {k: (torch.zeros(3) if i == 0 else v.contiguous()) for i, (k, v) in enumerate(ema.items())}
     save_file(wrong, str(root / "wrong_shape.safetensors"), metadata=meta)
-    save_file({k: v.contiguous() for k, v in ema.items()}, str(root / "bad_meta.safetensors"), metadata={**meta, "config": "model: [unclosed"})
-    other = load_config(None, ["model.preset=SiT-Nano/4", "model.hidden_size=64", "model.input_size=[32,32]", "model.in_channels=1",
-                               "model.num_classes=10", "model.sprint.fusion=none", "model.sprint.path_drop_prob=0", "sample.guidance=cfg"])
-    save_file({k: v.contiguous() for k, v in ema.items()}, str(root / "other_arch.safetensors"), metadata={**meta, "config": to_yaml(other)})
+    save_file(
+        {k: v.contiguous() for k, v in ema.items()},
+        str(root / "bad_meta.safetensors"),
+        metadata={**meta, "config": "model: [unclosed"},
+    )
+    other = load_config(
+        None,
+        [
+            "model.preset=SiT-Nano/4",
+            "model.hidden_size=64",
+            "model.input_size=[32,32]",
+            "model.in_channels=1",
+            "model.num_classes=10",
+            "model.sprint.fusion=none",
+            "model.sprint.path_drop_prob=0",
+            "sample.guidance=cfg",
+        ],
+    )
+    save_file(
+        {k: v.contiguous() for k, v in ema.items()},
+        str(root / "other_arch.safetensors"),
+        metadata={**meta, "config": to_yaml(other)},
+    )
     (root / "list.yaml").write_text("- model\n- train\n")
     (root / "stages_map.yaml").write_text("stages: {name: pre, steps: 2}\n")
     (root / "a_file").write_text("x")
@@ -594,9 +665,30 @@ BAD = [  # (argv with {root}, {data}, {out}; a phrase of the one-line message)
     (["evaluate", "--samples", "{root}/no_arr0.npz"], "has no arr_0"),
     (["evaluate", "--samples", "{root}/float_labels.npz"], "integer class labels"),
     (["evaluate", "--samples", "{root}/big_labels.npz", "--data-root", "{data}"], "labels must be in [0, 9]"),
-    (["evaluate", "--samples", "{root}/real.npz", "--write-ref", "{root}/missing/ref.npz"], "does not exist; create it first"),
-    (["sparsify", "--checkpoint", "{root}/other_arch.safetensors", "--out", "{out}", "--pool-depth", "1", "--modules", "1",
-      "--sparse-depth", "1", "--dense-depth", "0", "--sparse-grid", "4"], "does not fit this model"),
+    (
+        ["evaluate", "--samples", "{root}/real.npz", "--write-ref", "{root}/missing/ref.npz"],
+        "does not exist; create it first",
+    ),
+    (
+        [
+            "sparsify",
+            "--checkpoint",
+            "{root}/other_arch.safetensors",
+            "--out",
+            "{out}",
+            "--pool-depth",
+            "1",
+            "--modules",
+            "1",
+            "--sparse-depth",
+            "1",
+            "--dense-depth",
+            "0",
+            "--sparse-grid",
+            "4",
+        ],
+        "does not fit this model",
+    ),
     (["sparsify", "--checkpoint", "{root}/run", "--out", "{root}/a_file/sparse"], "is under"),
     (["sample", "--checkpoint", "{root}/run", "--out", "{root}/a_file/samples"], "which is a file"),
     (["sample", "--checkpoint", "{root}/run", "--seeds", "0-1000000000"], "gives 1000000001 numbers; at most 100000"),
@@ -633,7 +725,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(world, data, tmp_path, capsys,
 
 
 OUTPUT_AFTER_WORK = [  # a command whose output path is refused, and the function that would have done its work
-    (["sample", "--checkpoint", "{root}/run", "--out", "{root}/a_file/samples"], "sprintdit.sampling_run.SamplingRun.generate"),
+    (
+        ["sample", "--checkpoint", "{root}/run", "--out", "{root}/a_file/samples"],
+        "sprintdit.sampling_run.SamplingRun.generate",
+    ),
     (["bench", "--preset", "SiT-Nano/4", "--out", "{root}"], "sprintdit.bench.run_bench"),
     (["evaluate", "--checkpoint", "{root}/run", "--device", "cpu"], "sprintdit.sampling_run.SamplingRun.score"),
     (["export", "--checkpoint", "{root}/run", "--out", "{root}/a_file/export"], "sprintdit.export.load_weights"),
@@ -666,13 +761,17 @@ def test_damaged_text_inputs_are_one_line_or_skipped_with_a_count(world, tmp_pat
     from sprintdit.files import read_jsonl
 
     captions = tmp_path / "captions.jsonl"
-    captions.write_bytes(b'{"file": "a.png", "caption": "a bag"}\n{"file": "b.png", "caption": "un sac tr\xe8s cher"}\n')
+    captions.write_bytes(
+        b'{"file": "a.png", "caption": "a bag"}\n{"file": "b.png", "caption": "un sac tr\xe8s cher"}\n'
+    )
     with pytest.raises(UserError, match=r"captions.jsonl line 2 is not UTF-8 text \(byte 0xe8\)"):
         read_captions_jsonl(captions)
     run = tmp_path / "run"
     shutil.copytree(world / "run", run)
     lines = (run / "metrics.jsonl").read_bytes().splitlines(keepends=True)
-    (run / "metrics.jsonl").write_bytes(b"".join(lines[:1] + [b'{"step": 9, "lo\xff', b"\n", b'{"step": 1\n'] + lines[1:]))
+    (run / "metrics.jsonl").write_bytes(
+        b"".join(lines[:1] + [b'{"step": 9, "lo\xff', b"\n", b'{"step": 1\n'] + lines[1:])
+    )
     assert len(read_jsonl(run / "metrics.jsonl")) == len(lines)
     assert main(["plot", str(run), "--out", str(tmp_path)]) == 0  # a folder: the chart goes into it
     out, err = capsys.readouterr()

@@ -7,7 +7,15 @@ from conftest import randomised
 from safetensors.torch import save_file
 
 from sprintdit.errors import UserError
-from sprintdit.metrics.dinov2 import PRESETS, Attention, DINOv2ViT, ViTConfig, dinov2_features, load_dinov2, swiglu_hidden
+from sprintdit.metrics.dinov2 import (
+    PRESETS,
+    Attention,
+    DINOv2ViT,
+    ViTConfig,
+    dinov2_features,
+    load_dinov2,
+    swiglu_hidden,
+)
 from sprintdit.metrics.inception import (
     INPUT_SIZE,
     NUM_LOGITS,
@@ -127,12 +135,17 @@ def test_tf_convention_resizes_like_tensorflow_1x_and_centres_on_128():
     row = torch.tensor([0.0, 10.0]).view(1, 1, 1, 2).expand(1, 1, 2, 2)  # (1, 1, 2, 2), columns 0 and 10
     up = tf1_resize(row, 4)  # source columns 0, 0.5, 1, 1.5 -> the last clamps to the edge
     torch.testing.assert_close(up[0, 0, 0], torch.tensor([0.0, 5.0, 10.0, 10.0]))
-    torch.testing.assert_close(F.interpolate(row, size=(4, 4), mode="bilinear", align_corners=False)[0, 0, 0], torch.tensor([0.0, 2.5, 7.5, 10.0]))
+    torch.testing.assert_close(
+        F.interpolate(row, size=(4, 4), mode="bilinear", align_corners=False)[0, 0, 0],
+        torch.tensor([0.0, 2.5, 7.5, 10.0]),
+    )
     x = images(2, size=(INPUT_SIZE, INPUT_SIZE))
     torch.testing.assert_close(preprocess(x, TF), (x.float() - 128) / 128)  # same size: no resampling
     from sprintdit.config import EvalConfig
 
-    assert torch.equal(preprocess(x), preprocess(x, TF)) and EvalConfig().inception_resize == TF  # one default: Python API = CLI
+    assert (
+        torch.equal(preprocess(x), preprocess(x, TF)) and EvalConfig().inception_resize == TF
+    )  # one default: Python API = CLI
     assert preprocess(images(1, channels=1), TF).shape == (1, 3, INPUT_SIZE, INPUT_SIZE)
     with pytest.raises(UserError):
         preprocess(x, "pil")
@@ -140,8 +153,12 @@ def test_tf_convention_resizes_like_tensorflow_1x_and_centres_on_128():
 
 def test_fid_average_pool_leaves_padding_out_of_the_average():
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
-    sums = F.conv2d(F.pad(x, (1, 1, 1, 1)).reshape(6, 1, 7, 8), torch.ones(1, 1, 3, 3, dtype=torch.float64)).reshape(2, 3, 5, 6)
-    counts = F.conv2d(F.pad(torch.ones(1, 1, 5, 6, dtype=torch.float64), (1, 1, 1, 1)), torch.ones(1, 1, 3, 3, dtype=torch.float64))
+    sums = F.conv2d(F.pad(x, (1, 1, 1, 1)).reshape(6, 1, 7, 8), torch.ones(1, 1, 3, 3, dtype=torch.float64)).reshape(
+        2, 3, 5, 6
+    )
+    counts = F.conv2d(
+        F.pad(torch.ones(1, 1, 5, 6, dtype=torch.float64), (1, 1, 1, 1)), torch.ones(1, 1, 3, 3, dtype=torch.float64)
+    )
     torch.testing.assert_close(fid_avg_pool(x), sums / counts)
     assert counts[0, 0, 0, 0] == 4  # a corner averages 4 pixels, not 9
     torch.testing.assert_close(fid_avg_pool(torch.ones(1, 1, 4, 4)), torch.ones(1, 1, 4, 4))
@@ -174,7 +191,9 @@ def test_inception_wrong_keys_and_shapes_are_reported(inception_file, tmp_path):
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(UserError) as error:
         load_inception(tmp_path / "bad.pth")
-    assert_one_line_naming(error, "bad.pth", "missing: fc.weight", "unexpected: fc.kernel", "wrong shape: fc.bias", "--inception-weights")
+    assert_one_line_naming(
+        error, "bad.pth", "missing: fc.weight", "unexpected: fc.kernel", "wrong shape: fc.bias", "--inception-weights"
+    )
 
 
 class NotATensor:

@@ -36,8 +36,16 @@ def test_forward_flops_match_torch_counter(mlp, learn_sigma):
 @pytest.mark.parametrize("encoder", ["learned", "t5"])
 def test_text_model_flops_match_torch_counter(encoder):
     """Cross-attention to the caption in every block, the caption encoder (or projection) and the pooled vector."""
-    text = TextConfig(encoder=encoder, vocabulary=["a", "b"] if encoder == "learned" else None, dim=None if encoder == "learned" else 12, max_tokens=4, pooled=True)
-    model = SiT(tiny_config(condition="text", num_classes=None, text=text)).train()  # train mode: the plain (counted) encoder layers
+    text = TextConfig(
+        encoder=encoder,
+        vocabulary=["a", "b"] if encoder == "learned" else None,
+        dim=None if encoder == "learned" else 12,
+        max_tokens=4,
+        pooled=True,
+    )
+    model = SiT(
+        tiny_config(condition="text", num_classes=None, text=text)
+    ).train()  # train mode: the plain (counted) encoder layers
     cfg, b = model.config, 2
     x, t = torch.randn(b, cfg.in_channels, *cfg.input_size), torch.rand(b)
     y = torch.tensor([[1, 2, 3, 0], [1, 0, 0, 0]]) if encoder == "learned" else torch.randn(b, 4, 12)
@@ -55,11 +63,19 @@ def test_dense_sit_flops_without_fusion():
 
 def test_train_flops_sum_the_stages():
     model_cfg = SiT(tiny_config()).config
-    run = RunConfig(model=model_cfg, stages=[StageConfig(name="a", steps=3, mask_ratio=0.75), StageConfig(name="b", steps=2, mask_ratio=0.0, batch_size=8)])
+    run = RunConfig(
+        model=model_cfg,
+        stages=[
+            StageConfig(name="a", steps=3, mask_ratio=0.75),
+            StageConfig(name="b", steps=2, mask_ratio=0.0, batch_size=8),
+        ],
+    )
     first, second = train_step_flops(run, 0), train_step_flops(run, 1)
     assert first == 3 * forward_flops(model_cfg, run.train.batch_size, 0.75)
     assert second == 3 * forward_flops(model_cfg, 8)
     assert train_flops(run, 0) == 0 and train_flops(run, 2) == 2 * first
     assert train_flops(run, 4) == 3 * first + second and train_flops(run, 99) == 3 * first + 2 * second
-    accumulated = replace(run, train=replace(run.train, grad_accum=4))  # train.batch_size is the global batch, however it is split
+    accumulated = replace(
+        run, train=replace(run.train, grad_accum=4)
+    )  # train.batch_size is the global batch, however it is split
     assert train_step_flops(accumulated, 0) == first

@@ -1,4 +1,5 @@
 """The GPU check runs end to end in its CPU smoke mode, so it cannot rot between GPU windows."""
+
 import json
 import subprocess
 import sys
@@ -8,8 +9,12 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
 
 
 def test_gpu_check_cpu_smoke(tmp_path):
-    proc = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path)], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--cpu-smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     record = json.loads((tmp_path / "gpu_check.json").read_text())
     assert list(record["parts"]) == ["cuda-tests", "train-resume", "bench-smoke", "compile-switch"]

@@ -1,4 +1,5 @@
 """The latent (ImageNet) path on tiny stand-ins: a 2-block AutoencoderKL and a 1-block DINOv2 with random weights."""
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,8 +34,17 @@ def vae_dir(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=LATENT[0], norm_num_groups=8, sample_size=RESOLUTION)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=LATENT[0],
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+    )
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path)
     return path
@@ -54,7 +64,16 @@ def image_tree(tmp_path):
 
 
 def tiny_prepare(image_tree, vae_dir, out, **kw) -> PrepareConfig:
-    return PrepareConfig(images=str(image_tree), out=str(out), vae=str(vae_dir), resolution=RESOLUTION, shard_size=2, batch_size=2, progress=False, **kw)
+    return PrepareConfig(
+        images=str(image_tree),
+        out=str(out),
+        vae=str(vae_dir),
+        resolution=RESOLUTION,
+        shard_size=2,
+        batch_size=2,
+        progress=False,
+        **kw,
+    )
 
 
 def tiny_features() -> FeatureEncoder:
@@ -74,8 +93,24 @@ def test_adm_center_crop_halves_then_resizes_then_crops():
 
 def test_prepare_writes_shards_and_manifest_and_lists_unreadable_images(image_tree, vae_dir, tmp_path, capsys):
     out = tmp_path / "latents"
-    code = main(["prepare", "--images", str(image_tree), "--out", str(out), "--vae", str(vae_dir), "--resolution", str(RESOLUTION),
-                 "--shard-size", "2", "--batch-size", "2", "--no-progress"])
+    code = main(
+        [
+            "prepare",
+            "--images",
+            str(image_tree),
+            "--out",
+            str(out),
+            "--vae",
+            str(vae_dir),
+            "--resolution",
+            str(RESOLUTION),
+            "--shard-size",
+            "2",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert code == 0 and "6 images in 4 shards" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["count"] == 6 and manifest["latent_shape"] == list(LATENT) and manifest["resolution"] == RESOLUTION
@@ -170,17 +205,36 @@ def test_latent_batches_are_scaled_posterior_samples(image_tree, vae_dir, tmp_pa
 
 
 def latent_run(out, **extra) -> list[str]:
-    return [f"data.root={out}", f"data.resolution={RESOLUTION}", "model.preset=SiT-Nano/2", "model.hidden_size=32", "model.sprint.encoder_depth=1",
-            "model.sprint.decoder_depth=1", "train.batch_size=4", "train.log_every=1", "train.sample_every=3", "train.grid_rows=2", "train.grid_columns=2",
-            "train.precision=fp32", "data.num_workers=0", "stages=[{name: pre, steps: 2, lr: 1.0e-3, mask_ratio: 0.75}, {name: ft, steps: 1, lr: 1.0e-3, mask_ratio: 0}]",
-            "sample.steps=2", "sample.sampler=euler", "sample.batch_size=4", "train.device=cpu", *[f"{k}={v}" for k, v in extra.items()]]
+    return [
+        f"data.root={out}",
+        f"data.resolution={RESOLUTION}",
+        "model.preset=SiT-Nano/2",
+        "model.hidden_size=32",
+        "model.sprint.encoder_depth=1",
+        "model.sprint.decoder_depth=1",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.sample_every=3",
+        "train.grid_rows=2",
+        "train.grid_columns=2",
+        "train.precision=fp32",
+        "data.num_workers=0",
+        "stages=[{name: pre, steps: 2, lr: 1.0e-3, mask_ratio: 0.75}, {name: ft, steps: 1, lr: 1.0e-3, mask_ratio: 0}]",
+        "sample.steps=2",
+        "sample.sampler=euler",
+        "sample.batch_size=4",
+        "train.device=cpu",
+        *[f"{k}={v}" for k, v in extra.items()],
+    ]
 
 
 def test_prepare_train_sample_decode_end_to_end(image_tree, vae_dir, tmp_path, capsys):
     latents = tmp_path / "latents"
     prepare(tiny_prepare(image_tree, vae_dir, latents), tiny_features())
     run = tmp_path / "run"
-    args = latent_run(latents, **{"model.repa.depth": 2, "model.repa.hidden": 16, "data.num_workers": 1})  # batches (and features) via a worker
+    args = latent_run(
+        latents, **{"model.repa.depth": 2, "model.repa.hidden": 16, "data.num_workers": 1}
+    )  # batches (and features) via a worker
     assert main(["train", "--config", "imagenet256_sprint_repa", "--out", str(run), "--no-progress", *args]) == 0
     saved = load_config(run / "config.yaml")
     assert saved.data.vae == str(Path(vae_dir).resolve()) and saved.model.repa.dim == TINY_VIT.dim
@@ -189,7 +243,25 @@ def test_prepare_train_sample_decode_end_to_end(image_tree, vae_dir, tmp_path, c
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(np.isfinite(losses))
     capsys.readouterr()
-    assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--labels", "0,1", "--guidance", "pdg", "--steps", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--out",
+                str(tmp_path / "s"),
+                "--labels",
+                "0,1",
+                "--guidance",
+                "pdg",
+                "--steps",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     npz = np.load(tmp_path / "s" / "pdg_euler2_s3.npz")
     assert npz["arr_0"].shape == (2, RESOLUTION, RESOLUTION, 3) and npz["arr_1"].tolist() == [0, 1]
 
@@ -204,18 +276,34 @@ def test_latent_training_resumes_exactly(image_tree, vae_dir, tmp_path):
     resumed = Trainer(cfg, tmp_path / "b", progress=False)
     assert resumed.step == 1
     resumed.fit()
-    assert all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values())
+    )
     # the trainer trains on a posterior sample: with the same draws (the same step), a zero std gives another loss
     batch = straight._dataset.load(torch.arange(4))
     sampled = straight.train_step(batch, cfg.stages[1])
     assert straight.train_step(batch._replace(std=torch.zeros_like(batch.std)), cfg.stages[1]) != sampled
 
 
-@pytest.mark.parametrize("name,latent_side", [("imagenet256_sprint", 32), ("imagenet256_sprint_repa", 32), ("imagenet512_sprint", 64), ("imagenet256_dense", 32)])
+@pytest.mark.parametrize(
+    "name,latent_side",
+    [
+        ("imagenet256_sprint", 32),
+        ("imagenet256_sprint_repa", 32),
+        ("imagenet512_sprint", 64),
+        ("imagenet256_dense", 32),
+    ],
+)
 def test_shipped_imagenet_configs_resolve(name, latent_side):
     cfg = load_config(CONFIG_DIR / f"{name}.yaml")
     tokens = (latent_side // 2) ** 2
-    data = SimpleNamespace(resolution=(latent_side, latent_side), channels=4, num_classes=1000, feature_shape=(tokens, 768), vae_path="/vae")
+    data = SimpleNamespace(
+        resolution=(latent_side, latent_side),
+        channels=4,
+        num_classes=1000,
+        feature_shape=(tokens, 768),
+        vae_path="/vae",
+    )
     run = resolve_run_config(cfg, data)
     m = run.model
     assert (m.hidden_size, m.depth, m.patch_size, m.sprint.encoder_depth, m.sprint.decoder_depth) == (1152, 28, 2, 2, 2)
@@ -253,14 +341,34 @@ def test_clips_prepare_frame_by_frame_then_train_and_sample_video_latents(vae_di
         for i in range(2):
             np.save(clips / name / f"{i}.npy", rng.integers(0, 256, (4, RESOLUTION, RESOLUTION, 1), dtype=np.uint8))
     latents = tmp_path / "latents"
-    assert main(["prepare", "--images", str(clips), "--clips", "--vae", str(vae_dir), "--out", str(latents), "--resolution", str(RESOLUTION),
-                 "--batch-size", "3", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--images",
+                str(clips),
+                "--clips",
+                "--vae",
+                str(vae_dir),
+                "--out",
+                str(latents),
+                "--resolution",
+                str(RESOLUTION),
+                "--batch-size",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((latents / "manifest.json").read_text())
     assert manifest["latent_shape"] == [LATENT[0], 4, *LATENT[1:]] and manifest["count"] == 4
     data = LatentDataset(latents, RESOLUTION)
     assert data.resolution == (4, *LATENT[1:])
     vae = load_vae(vae_dir, "cpu")
-    clip = torch.from_numpy(np.load(clips / "b" / "1.npy")).permute(3, 0, 1, 2).expand(3, -1, -1, -1).float() / 127.5 - 1  # (3, F, R, R)
+    clip = (
+        torch.from_numpy(np.load(clips / "b" / "1.npy")).permute(3, 0, 1, 2).expand(3, -1, -1, -1).float() / 127.5 - 1
+    )  # (3, F, R, R)
     mean, _ = encode(vae, clip.movedim(1, 0))  # the frames one by one as images
     batch = data.load(torch.tensor([3]))
     torch.testing.assert_close(batch.x[0] / manifest["vae"]["scaling_factor"], mean.movedim(0, 1), rtol=1e-4, atol=1e-4)
@@ -269,9 +377,30 @@ def test_clips_prepare_frame_by_frame_then_train_and_sample_video_latents(vae_di
     args = latent_run(latents, **{"model.patch_size_t": 2, "train.grid_columns": 1})
     assert main(["train", "--config", "imagenet256_sprint", "--out", str(run), "--no-progress", *args]) == 0
     capsys.readouterr()
-    assert main(["sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), "--labels", "0,1", "--guidance", "cfg", "--steps", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(run),
+                "--out",
+                str(tmp_path / "s"),
+                "--labels",
+                "0,1",
+                "--guidance",
+                "cfg",
+                "--steps",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     npz = np.load(tmp_path / "s" / "cfg_euler2_s3.npz")
-    assert npz["arr_0"].shape == (2, 4, RESOLUTION, RESOLUTION, 3) and (tmp_path / "s" / "cfg_euler2_s3_gifs" / "00001.gif").is_file()
+    assert (
+        npz["arr_0"].shape == (2, 4, RESOLUTION, RESOLUTION, 3)
+        and (tmp_path / "s" / "cfg_euler2_s3_gifs" / "00001.gif").is_file()
+    )
 
 
 def test_posterior_noise_of_a_ranks_rows_is_the_one_process_noise():

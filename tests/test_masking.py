@@ -16,7 +16,9 @@ from sprintdit.masking import (
 )
 
 
-@pytest.mark.parametrize("ratio,expected", [(0.75, (2, 1)), (0.5, (2, 2)), (0.875, (4, 2)), (0.9375, (4, 1)), (0.625, (4, 6)), (0.0, (1, 1))])
+@pytest.mark.parametrize(
+    "ratio,expected", [(0.75, (2, 1)), (0.5, (2, 2)), (0.875, (4, 2)), (0.9375, (4, 1)), (0.625, (4, 6)), (0.0, (1, 1))]
+)
 def test_structured_group_for_ratio(ratio, expected):
     assert structured_group(ratio, (8, 8)) == expected
 

@@ -9,7 +9,15 @@ import torch
 
 from sprintdit.fashion_mnist import FashionMNIST
 from sprintdit.errors import UserError
-from sprintdit.metrics import class_agreement, classify, feature_stats, frechet_distance, inception_score, load_classifier, prdc
+from sprintdit.metrics import (
+    class_agreement,
+    classify,
+    feature_stats,
+    frechet_distance,
+    inception_score,
+    load_classifier,
+    prdc,
+)
 from sprintdit.files import sha256_file as sha256
 from sprintdit.metrics.fmnist_classifier import FEATURE_DIM, NUM_CLASSES, WEIGHTS, read_record, record_path
 
@@ -120,7 +128,12 @@ def brute_force_prdc(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float,
     r_real, r_fake = radii(real), radii(fake)
     d = np.sqrt(((fake[:, None] - real[None]) ** 2).sum(-1))  # (M, N)
     inside = d <= r_real[None]
-    return inside.any(1).mean(), (d <= r_fake[:, None]).any(0).mean(), inside.sum() / (k * len(fake)), inside.any(0).mean()
+    return (
+        inside.any(1).mean(),
+        (d <= r_fake[:, None]).any(0).mean(),
+        inside.sum() / (k * len(fake)),
+        inside.any(0).mean(),
+    )
 
 
 def test_identical_sets_have_full_precision_recall_and_coverage():
@@ -145,7 +158,9 @@ def test_half_the_modes_gives_full_precision_and_half_recall():
 def test_same_distribution_scores_near_one():
     m = prdc(clusters(list(range(MODES)), seed=0), clusters(list(range(MODES)), seed=1))
     assert m.precision > 0.97 and m.recall > 0.97 and m.coverage > 0.85
-    m = prdc(clusters(list(range(MODES)), seed=0, noise=torch.randn), clusters(list(range(MODES)), seed=1, noise=torch.randn))
+    m = prdc(
+        clusters(list(range(MODES)), seed=0, noise=torch.randn), clusters(list(range(MODES)), seed=1, noise=torch.randn)
+    )
     assert 0.95 < m.density < 1.05  # density's expectation is 1 (up to edge effects, which a Gaussian has few of)
 
 

@@ -32,7 +32,9 @@ def plain_sit_forward(model, x, t, y):
 
 @pytest.mark.parametrize("split", [(2, 2), (0, 0), (1, 4)])
 def test_fusion_none_without_mask_is_a_dense_sit(split):
-    model = perturbed_model(sprint=SprintConfig(fusion="none", path_drop_prob=0.0, encoder_depth=split[0], decoder_depth=split[1]))
+    model = perturbed_model(
+        sprint=SprintConfig(fusion="none", path_drop_prob=0.0, encoder_depth=split[0], decoder_depth=split[1])
+    )
     x, t, y = tiny_inputs(model)
     torch.testing.assert_close(model(x, t, y), plain_sit_forward(model, x, t, y), rtol=0, atol=1e-12)
     assert "fusion.weight" not in model.state_dict()
@@ -42,7 +44,9 @@ def reference_rope(rows, cols, head_dim, theta=10000.0):
     """The spec's 2D RoPE, written per token from its (row, col)."""
     m = head_dim // 2
     freqs = [theta ** (-j / m) for j in range(0, m, 2) for _ in range(2)]
-    angles = torch.tensor([[r * f for f in freqs] + [c * f for f in freqs] for r, c in zip(rows, cols)], dtype=torch.float64)
+    angles = torch.tensor(
+        [[r * f for f in freqs] + [c * f for f in freqs] for r, c in zip(rows, cols)], dtype=torch.float64
+    )
     return angles.cos(), angles.sin()
 
 
@@ -62,7 +66,9 @@ def test_sparse_path_sees_rope_angles_of_kept_positions():
         for block in model.middle:
             ref = block(ref, c[i : i + 1], (cos.float().double(), sin.float().double()))  # tables are stored in fp32
         torch.testing.assert_close(sparse[i, ids], ref[0], rtol=0, atol=1e-9)
-        torch.testing.assert_close(sparse[i, mask.dropped[i]], model.mask_token[0].expand(int(mask.dropped[i].sum()), -1))
+        torch.testing.assert_close(
+            sparse[i, mask.dropped[i]], model.mask_token[0].expand(int(mask.dropped[i].sum()), -1)
+        )
 
 
 def test_rope_tables_match_reference():
@@ -127,7 +133,14 @@ def test_patchify_matches_conv_patch_embedding():
 
 @pytest.mark.parametrize(
     "options",
-    [dict(pos_embed="sincos"), dict(mlp="swiglu"), dict(qk_norm=False), dict(learn_sigma=True), dict(input_size=[8, 16]), dict(patch_size=2)],
+    [
+        dict(pos_embed="sincos"),
+        dict(mlp="swiglu"),
+        dict(qk_norm=False),
+        dict(learn_sigma=True),
+        dict(input_size=[8, 16]),
+        dict(patch_size=2),
+    ],
 )
 def test_options_build_and_run(options):
     model = perturbed_model(**options)
@@ -141,11 +154,23 @@ def test_options_build_and_run(options):
 def test_published_preset_sizes():
     assert PRESETS["SiT-XL/2"] == dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2)
     assert PRESETS["SiT-B/4"] == dict(hidden_size=768, depth=12, num_heads=12, patch_size=4)
-    cfg = ModelConfig(preset="SiT-XL/2", input_size=[32, 32], in_channels=4, num_classes=1000, learn_sigma=True,
-                      qk_norm=False, pos_embed="sincos", sprint=DENSE)
+    cfg = ModelConfig(
+        preset="SiT-XL/2",
+        input_size=[32, 32],
+        in_channels=4,
+        num_classes=1000,
+        learn_sigma=True,
+        qk_norm=False,
+        pos_embed="sincos",
+        sprint=DENSE,
+    )
     with torch.device("meta"):
         dense = SiT(cfg)
-        sprint = SiT(resolve_model_config(ModelConfig(**{**vars(cfg), "sprint": SprintConfig(fusion="concat_linear", path_drop_prob=0.1)})))
+        sprint = SiT(
+            resolve_model_config(
+                ModelConfig(**{**vars(cfg), "sprint": SprintConfig(fusion="concat_linear", path_drop_prob=0.1)})
+            )
+        )
     n_dense = sum(p.numel() for p in dense.parameters())
     n_sprint = sum(p.numel() for p in sprint.parameters())
     assert abs(n_dense / 675e6 - 1) < 0.005  # DiT-XL/2: 675M parameters
@@ -155,8 +180,15 @@ def test_published_preset_sizes():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(preset="SiT-XXL/2"), dict(sprint=SprintConfig(fusion="sum")), dict(sprint=SprintConfig(encoder_depth=4, decoder_depth=3)), dict(input_size=[15, 16]),
-     dict(num_heads=3), dict(sprint=SprintConfig(fusion="none", path_drop_prob=0.1)), dict(hidden_size=None, preset=None)],
+    [
+        dict(preset="SiT-XXL/2"),
+        dict(sprint=SprintConfig(fusion="sum")),
+        dict(sprint=SprintConfig(encoder_depth=4, decoder_depth=3)),
+        dict(input_size=[15, 16]),
+        dict(num_heads=3),
+        dict(sprint=SprintConfig(fusion="none", path_drop_prob=0.1)),
+        dict(hidden_size=None, preset=None),
+    ],
 )
 def test_bad_model_configs_rejected(bad):
     with pytest.raises(UserError):
@@ -191,7 +223,11 @@ def test_qk_norm_under_bf16_autocast_stays_on_the_fused_kernel(monkeypatch):
     x = torch.randn(2, 3, 5, 16)
     assert torch.equal(norm(x), plain(x))
     seen, rms_norm = [], F.rms_norm
-    monkeypatch.setattr(F, "rms_norm", lambda x, shape, weight, eps: seen.append((x.dtype, weight.dtype)) or rms_norm(x, shape, weight, eps))
+    monkeypatch.setattr(
+        F,
+        "rms_norm",
+        lambda x, shape, weight, eps: seen.append((x.dtype, weight.dtype)) or rms_norm(x, shape, weight, eps),
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = norm(torch.nn.functional.linear(x, torch.eye(16)))  # bf16 under autocast, as q and k are
     assert seen == [(torch.bfloat16, torch.bfloat16)] and out.dtype == torch.bfloat16

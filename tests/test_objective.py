@@ -54,7 +54,9 @@ def test_loss_is_zero_for_the_exact_velocity(shape, corr):
     assert fm.loss(lambda x_t, tt, y: 0 * x_t, x0, torch.zeros(5, dtype=torch.long), Draws(g)).item() > 0.1
 
 
-@pytest.mark.parametrize("bad", [dict(path="vp"), dict(time_sampling="beta"), dict(label_dropout=1.0), dict(logit_std=0.0)])
+@pytest.mark.parametrize(
+    "bad", [dict(path="vp"), dict(time_sampling="beta"), dict(label_dropout=1.0), dict(logit_std=0.0)]
+)
 def test_bad_objective_configs_rejected(bad):
     with pytest.raises(UserError):
         ObjectiveConfig(**bad)
@@ -62,7 +64,8 @@ def test_bad_objective_configs_rejected(bad):
 
 @pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
 def test_distillation_is_the_weighted_sum_of_the_two_losses(weight):
-    """The target lerp(data target, teacher, w) gives (1 - w) MSE(data) + w MSE(teacher) up to a constant: the same gradient."""
+    """The target lerp(data target, teacher, w) gives (1 - w) MSE(data) + w MSE(teacher) up to a constant: the same
+    gradient."""
     from sprintdit.objective import Distill
 
     fm = FlowMatching(ObjectiveConfig(label_dropout=0.0), null_class=3)
@@ -99,7 +102,9 @@ def test_correlated_frame_noise_has_the_mixed_prior_covariance(frames, corr):
     basis = torch.eye(frames, dtype=torch.float64).view(frames, 1, frames, 1, 1)  # row k: frame k set to 1
     lin = correlate_frames(basis, corr).view(frames, frames)  # (draw frame, output frame)
     cov = lin.T @ lin
-    expected = (1 - corr) * torch.eye(frames, dtype=torch.float64) + corr * torch.ones(frames, frames, dtype=torch.float64)
+    expected = (1 - corr) * torch.eye(frames, dtype=torch.float64) + corr * torch.ones(
+        frames, frames, dtype=torch.float64
+    )
     torch.testing.assert_close(cov, expected)
     # A clip cut to its first k frames sees the same law as k frames drawn that way.
     k = frames // 2

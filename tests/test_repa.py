@@ -1,4 +1,5 @@
 """REPA: projected intermediate tokens aligned to DINOv2 features by negative cosine similarity, kept tokens only."""
+
 import math
 
 import pytest
@@ -23,12 +24,16 @@ def test_repa_loss_matches_a_hand_computation():
     assert repa_loss(projected, features, ids_keep).item() == pytest.approx(expected, rel=1e-6)
     full = torch.cat([projected[:, :1], torch.tensor([[[0.0, 1.0]]]), projected[:, 1:]], dim=1)  # (1, 3, 2), all tokens
     cos_middle = -7.0 / math.hypot(5.0, 7.0)
-    assert repa_loss(full, features, None).item() == pytest.approx(-(1.0 + cos_middle + 1.0 / math.sqrt(2)) / 3, rel=1e-6)
+    assert repa_loss(full, features, None).item() == pytest.approx(
+        -(1.0 + cos_middle + 1.0 / math.sqrt(2)) / 3, rel=1e-6
+    )
 
 
 def repa_model(repa_depth: int):
     # 6 blocks: encoder 2, middle 2, decoder 2; depth 3 or 4 is a middle (sparse) block, 1-2 encoder, 5-6 decoder
-    return perturbed_model(sprint=SprintConfig(encoder_depth=2, decoder_depth=2), repa=RepaConfig(depth=repa_depth, dim=REPA_DIM, hidden=8))
+    return perturbed_model(
+        sprint=SprintConfig(encoder_depth=2, decoder_depth=2), repa=RepaConfig(depth=repa_depth, dim=REPA_DIM, hidden=8)
+    )
 
 
 @pytest.mark.parametrize("repa_depth,sparse", [(1, False), (3, True), (4, True), (6, False)])
@@ -85,7 +90,9 @@ def test_repa_weight_zero_or_no_features_is_the_plain_loss():
     model(*_noised(model, x, y, mask), repa=tap, mask=mask)
     projected, ids = tap.projected, tap.ids_keep
     torch.testing.assert_close(with_repa, plain + 0.5 * repa_loss(projected, features, ids))
-    off = perturbed_model(sprint=SprintConfig(encoder_depth=2, decoder_depth=2))  # REPA off: no projector, the same weights otherwise
+    off = perturbed_model(
+        sprint=SprintConfig(encoder_depth=2, decoder_depth=2)
+    )  # REPA off: no projector, the same weights otherwise
     off.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("repa_projector.")})
     assert off.repa_projector is None
     torch.testing.assert_close(loss_of(off, x, t, y, None, mask, 0.5), plain, rtol=0, atol=0)

@@ -3,7 +3,16 @@ import torch
 from conftest import DENSE, tiny_config
 from test_flops import counted
 
-from sprintdit.density import SparseConfig, gate_at, parse_schedule, pooled_centres, side_at, side_intervals, sides_for, time_gates
+from sprintdit.density import (
+    SparseConfig,
+    gate_at,
+    parse_schedule,
+    pooled_centres,
+    side_at,
+    side_intervals,
+    sides_for,
+    time_gates,
+)
 from sprintdit.errors import UserError
 from sprintdit.flops import forward_flops
 from sprintdit.models import SiT, SparseDiT, resolve_model_config
@@ -14,27 +23,40 @@ from sprintdit.objective import FlowMatching, ObjectiveConfig
 LAYOUT = SparseConfig(grid="2:4", pool_depth=1, modules=2, sparse_depth=1, dense_depth=0)  # 1 + 2 x 3 blocks, 1 top
 
 
-TEXT = dict(condition="text", num_classes=None, text=TextConfig(encoder="t5", dim=8, max_tokens=5, pooled=True))  # caption embeddings (B, 5, 8)
+TEXT = dict(
+    condition="text", num_classes=None, text=TextConfig(encoder="t5", dim=8, max_tokens=5, pooled=True)
+)  # caption embeddings (B, 5, 8)
 
 
 def dense_and_sparse(pos_embed="rope", grid="2:4", seed=0, recover="fuse", condition="class"):
     """A dense model with every weight random and the SparseDiT sparsified from it (float64)."""
     torch.manual_seed(seed)
-    cfg = tiny_config(input_size=[32, 32], depth=8, sprint=DENSE, pos_embed=pos_embed, **(TEXT if condition == "text" else {}))  # 8 x 8 tokens
+    cfg = tiny_config(
+        input_size=[32, 32], depth=8, sprint=DENSE, pos_embed=pos_embed, **(TEXT if condition == "text" else {})
+    )  # 8 x 8 tokens
     dense = SiT(cfg).double().eval()
     with torch.no_grad():
         for p in dense.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
         if condition == "text":
             dense.y_embedder.empty.copy_(torch.randn(5, 8) * (torch.arange(5) < 2)[:, None])  # the empty text: 2 tokens
-    sparse_cfg = resolve_model_config(tiny_config(**{**vars(dense.config), "arch": "sparsedit", "sparse": SparseConfig(**{**vars(LAYOUT), "grid": grid, "recover": recover})}))
+    sparse_cfg = resolve_model_config(
+        tiny_config(
+            **{
+                **vars(dense.config),
+                "arch": "sparsedit",
+                "sparse": SparseConfig(**{**vars(LAYOUT), "grid": grid, "recover": recover}),
+            }
+        )
+    )
     sparse = SparseDiT(sparse_cfg).double().eval()
     sparse.load_state_dict(sparsify_state_dict(dense.state_dict(), sparse_cfg))
     return dense, sparse
 
 
 def inputs(model, batch=3, seed=1):
-    """x, t and labels (the null label among them), or captions of 1 to 5 tokens (the all-zero empty text among them)."""
+    """x, t and labels (the null label among them), or captions of 1 to 5 tokens (the all-zero empty text among
+    them)."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     x = torch.randn(batch, cfg.in_channels, *cfg.input_size, generator=g, dtype=torch.float64)
@@ -43,7 +65,11 @@ def inputs(model, batch=3, seed=1):
         return x, t, torch.randint(0, cfg.num_classes + 1, (batch,), generator=g)
     lengths = torch.arange(batch) % (cfg.text.max_tokens + 1)  # 0: the unconditional caption
     keep = torch.arange(cfg.text.max_tokens)[None] < lengths[:, None]  # (B, L)
-    return x, t, torch.randn(batch, cfg.text.max_tokens, cfg.text.dim, generator=g, dtype=torch.float64) * keep[..., None]
+    return (
+        x,
+        t,
+        torch.randn(batch, cfg.text.max_tokens, cfg.text.dim, generator=g, dtype=torch.float64) * keep[..., None],
+    )
 
 
 def test_poolingformer_equals_uniform_attention():
@@ -68,7 +94,8 @@ def test_recover_fusion_starts_as_identity_on_the_dense_path():
 @pytest.mark.parametrize("pos_embed", ["rope", "sincos"])
 def test_residual_recover_at_the_full_grid_starts_as_the_dense_model(pos_embed):
     """recover residual: m = h + up(s - pooled). At sparse grid = dense grid pooling is the identity, so m = s and every
-    cross-attention is self-attention: straight after sparsify the SparseDiT is the dense model with Poolingformers below."""
+    cross-attention is self-attention: straight after sparsify the SparseDiT is the dense model with Poolingformers
+    below."""
     dense, sparse = dense_and_sparse(pos_embed, grid="8", recover="residual")
     x, t, y = inputs(dense)
     h, c, _ = dense.embed(x, t, y)
@@ -84,9 +111,23 @@ def test_sparsify_maps_every_block_to_the_same_depth():
     d, ds, ss = dense.config.hidden_size, dense.state_dict(), sparse.state_dict()
     assert torch.equal(ss["blocks.0.attn.v.weight"], ds["blocks.0.attn.qkv.weight"][2 * d :])  # block 0: Poolingformer
     assert "blocks.0.attn.q_norm.weight" not in ss
-    for key in ("blocks.1.attn.qkv.weight", "blocks.4.mlp.fc1.bias", "blocks.7.adaLN_modulation.1.weight", "final_layer.linear.weight"):
+    for key in (
+        "blocks.1.attn.qkv.weight",
+        "blocks.4.mlp.fc1.bias",
+        "blocks.7.adaLN_modulation.1.weight",
+        "final_layer.linear.weight",
+    ):
         assert torch.equal(ss[key], ds[key])
-    assert SparseDiT.block_kinds(sparse.config) == ["pool", "merge", "sparse", "recover", "merge", "sparse", "recover", "top"]
+    assert SparseDiT.block_kinds(sparse.config) == [
+        "pool",
+        "merge",
+        "sparse",
+        "recover",
+        "merge",
+        "sparse",
+        "recover",
+        "top",
+    ]
 
 
 @pytest.mark.parametrize("pos_embed,condition", [("rope", "class"), ("sincos", "class"), ("rope", "text")])
@@ -120,7 +161,9 @@ def test_mixed_noise_levels_in_a_batch_equal_one_sample_at_a_time(condition):
 
 def test_another_grid_at_sampling_time_equals_a_model_built_with_it():
     _, sparse = dense_and_sparse(grid="2:4", recover="residual")  # (fuse starts with the sparse path weighted 0)
-    _, built = dense_and_sparse(grid="1=3,0.5=2", recover="residual")  # the same weights (same seed), built with the other schedule
+    _, built = dense_and_sparse(
+        grid="1=3,0.5=2", recover="residual"
+    )  # the same weights (same seed), built with the other schedule
     x, _, y = inputs(sparse, batch=4)
     t = torch.tensor([0.05, 0.4, 0.8, 0.95], dtype=torch.float64)
     before = sparse(x, t, y)
@@ -165,7 +208,11 @@ def test_bad_schedules_are_one_line_errors(text):
 def test_layout_and_grid_are_checked():
     base = tiny_config(input_size=[32, 32], depth=8, sprint=DENSE, arch="sparsedit")
     with pytest.raises(UserError, match="exceed depth"):
-        resolve_model_config(tiny_config(**{**vars(base), "sparse": SparseConfig(modules=3, pool_depth=1, sparse_depth=1, dense_depth=0)}))
+        resolve_model_config(
+            tiny_config(
+                **{**vars(base), "sparse": SparseConfig(modules=3, pool_depth=1, sparse_depth=1, dense_depth=0)}
+            )
+        )
     with pytest.raises(UserError, match="exceeds"):
         resolve_model_config(tiny_config(**{**vars(base), "sparse": SparseConfig(**{**vars(LAYOUT), "grid": "4:9"})}))
     with pytest.raises(UserError, match="fusion"):
@@ -178,7 +225,9 @@ def test_flops_at_each_grid_match_torch_counter(side, condition):
     x, t, y = inputs(sparse, batch=2)
     assert counted(sparse, x, t, y, side=side) == forward_flops(sparse.config, 2, side=side)
     dense_flops = forward_flops(resolve_model_config(tiny_config(input_size=[32, 32], depth=8, sprint=DENSE)), 2)
-    assert forward_flops(sparse.config, 2, side=side) < dense_flops  # even at the full grid: the Poolingformer has no N x N attention
+    assert (
+        forward_flops(sparse.config, 2, side=side) < dense_flops
+    )  # even at the full grid: the Poolingformer has no N x N attention
 
 
 def test_merge_block_cross_attention_by_hand():
@@ -204,7 +253,11 @@ def test_readd_pos_adds_the_cell_centre_positions():
     """With positions re-added and the full grid, pooled tokens get the dense table once more: the model changes,
     and the sparse positions at side == grid are exactly the dense table."""
     dense, plain = dense_and_sparse("sincos", grid="8")
-    readd_cfg = resolve_model_config(tiny_config(**{**vars(plain.config), "sparse": SparseConfig(**{**vars(plain.config.sparse), "readd_pos": True})}))
+    readd_cfg = resolve_model_config(
+        tiny_config(
+            **{**vars(plain.config), "sparse": SparseConfig(**{**vars(plain.config.sparse), "readd_pos": True})}
+        )
+    )
     readd = SparseDiT(readd_cfg).double().eval()
     readd.load_state_dict(plain.state_dict())
     x, t, y = inputs(dense)
@@ -216,7 +269,11 @@ def test_readd_pos_adds_the_cell_centre_positions():
 
 def test_side_intervals_cut_t_where_the_grid_changes():
     intervals = side_intervals(parse_schedule("6:10"), 256)  # 16 x 16 tokens
-    assert intervals[0][0] == 0.0 and intervals[-1][1] == 1.0 and all(a[1] == b[0] for a, b in zip(intervals, intervals[1:]))
+    assert (
+        intervals[0][0] == 0.0
+        and intervals[-1][1] == 1.0
+        and all(a[1] == b[0] for a, b in zip(intervals, intervals[1:]))
+    )
     assert [side for *_, side in intervals] == [10, 9, 8, 7, 6]
     # kept tokens fall linearly from 100 (t = 1/4) to 36 (t = 1): 10 gives way to 9 where 90.5 are kept
     assert intervals[0][1] == pytest.approx(0.25 + 0.75 * (100 - 90.5) / 64)
@@ -246,18 +303,39 @@ def test_gated_training_runs_one_grid_per_micro_batch_without_per_sample_sides(f
     from sprintdit.config import load_config
     from sprintdit.training import Trainer
 
-    cfg = load_config(None, [f"data.root={fmnist_dir}", "model.preset=SiT-Nano/4", "model.hidden_size=32", "model.arch=sparsedit",
-                             "model.sprint.fusion=none", "model.sprint.path_drop_prob=0", "model.sparse.grid=2:4", "model.sparse.pool_depth=1",
-                             "model.sparse.modules=1", "model.sparse.sparse_depth=1", "model.sparse.dense_depth=0", "train.batch_size=4",
-                             "train.grad_accum=2", "train.sample_every=0", "train.sparse_gating=true", "sample.guidance=cfg",
-                             "stages=[{name: ft, steps: 3, lr: 0.001, mask_ratio: 0.0}]"])
+    cfg = load_config(
+        None,
+        [
+            f"data.root={fmnist_dir}",
+            "model.preset=SiT-Nano/4",
+            "model.hidden_size=32",
+            "model.arch=sparsedit",
+            "model.sprint.fusion=none",
+            "model.sprint.path_drop_prob=0",
+            "model.sparse.grid=2:4",
+            "model.sparse.pool_depth=1",
+            "model.sparse.modules=1",
+            "model.sparse.sparse_depth=1",
+            "model.sparse.dense_depth=0",
+            "train.batch_size=4",
+            "train.grad_accum=2",
+            "train.sample_every=0",
+            "train.sparse_gating=true",
+            "sample.guidance=cfg",
+            "stages=[{name: ft, steps: 3, lr: 0.001, mask_ratio: 0.0}]",
+        ],
+    )
     trainer = Trainer(cfg, tmp_path / "g", progress=False)
     seen = []
     forward = trainer.model.forward
     monkeypatch.setattr(trainer.model, "sides", lambda t: pytest.fail("a gated step chose grid sides per sample"))
-    monkeypatch.setattr(trainer.model, "forward", lambda *a, side=None, **k: seen.append(side) or forward(*a, side=side, **k))
+    monkeypatch.setattr(
+        trainer.model, "forward", lambda *a, side=None, **k: seen.append(side) or forward(*a, side=side, **k)
+    )
     trainer.fit()
-    assert seen == [gate_at(trainer._gates, n).side for n in range(6)] and len(set(seen)) > 1  # 3 steps x 2 micro-batches
+    assert (
+        seen == [gate_at(trainer._gates, n).side for n in range(6)] and len(set(seen)) > 1
+    )  # 3 steps x 2 micro-batches
     with pytest.raises(UserError, match="sparse_gating"):
         load_config(None, ["train.sparse_gating=true"])
 
@@ -269,7 +347,10 @@ def test_sampling_chooses_the_grid_on_the_host_from_each_steps_t(monkeypatch):
 
     _, sparse = dense_and_sparse()
     sparse.float()
-    fm, cfg = FlowMatching(ObjectiveConfig(), null_class=sparse.null_class), SampleConfig(steps=4, guidance="cfg", scale=2.0)
+    fm, cfg = (
+        FlowMatching(ObjectiveConfig(), null_class=sparse.null_class),
+        SampleConfig(steps=4, guidance="cfg", scale=2.0),
+    )
     sides_of_t, seen = sparse.sides, []
     monkeypatch.setattr(sparse, "sides", lambda t: seen.append(len(t)) or sides_of_t(t))
     chosen = generate(sparse, fm, [1, 2], [0, 1], cfg, "cpu")

@@ -18,8 +18,13 @@ from sprintdit.training.resolve import resolve_run_config
 from sprintdit.data import build_dataset
 
 TINY = [
-    "model.preset=SiT-Nano/4", "model.hidden_size=32", "model.depth=6", "train.batch_size=4", "train.log_every=1",
-    "stages=[{name: pre, steps: 3, lr: 0.001, warmup_steps: 1, mask_ratio: 0.75}, {name: ft, steps: 1, lr: 0.001, mask_ratio: 0}]",
+    "model.preset=SiT-Nano/4",
+    "model.hidden_size=32",
+    "model.depth=6",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "stages=[{name: pre, steps: 3, lr: 0.001, warmup_steps: 1, mask_ratio: 0.75}, {name: ft, steps: 1, lr: 0.001, "
+    "mask_ratio: 0}]",
 ]
 
 
@@ -74,9 +79,13 @@ def test_two_run_study_runs_resumes_and_skips(fmnist_dir, tmp_path, monkeypatch)
     assert list(rows) == ["dense", "sprint", "sprint/pdg"]
     assert all(r["values"]["steps"] == [2] for r in rows.values())
     assert rows["sprint"]["mean"]["train_tflops"] < rows["dense"]["mean"]["train_tflops"]  # a masked step is cheaper
-    assert rows["sprint/pdg"]["mean"]["sample_gflops"] > rows["sprint"]["mean"]["sample_gflops"]  # guidance costs a second pass
+    assert (
+        rows["sprint/pdg"]["mean"]["sample_gflops"] > rows["sprint"]["mean"]["sample_gflops"]
+    )  # guidance costs a second pass
     curve = [r for r in read_metrics(out / "runs" / "sprint" / "seed0") if "eval_samples" in r]
-    assert [r["step"] for r in curve] == [1, 2] and all(r["train_seconds"] > 0 for r in curve)  # at most 3 points, the last at the end
+    assert [r["step"] for r in curve] == [1, 2] and all(
+        r["train_seconds"] > 0 for r in curve
+    )  # at most 3 points, the last at the end
     report = (out / "results.md").read_text()
     assert "| sprint |" in report and "| dense |" in report and "SPRINT beats dense" in report
     for png in ("fid_vs_tflops.png", "fid_vs_seconds.png", "fid_final.png", "samples.png", "fid_vs_sampling.png"):
@@ -112,7 +121,9 @@ def test_flops_budget_gives_the_steps_that_spend_it(fmnist_dir):
     assert steps == [6, 2]
     assert stage_steps_for_budget(cfg, "steps", 8, [0.75, 0.25]) == [6, 2]
     assert stage_steps_for_budget(cfg, "seconds", 10, [0.5, 0.5], [0.5, 1.0]) == [10, 5]
-    scaled = with_steps(cfg, [30, 2])  # warm-ups keep their share of a stage: 1 of 3 steps -> 10 of 30; 0 of 1 -> 0 of 2
+    scaled = with_steps(
+        cfg, [30, 2]
+    )  # warm-ups keep their share of a stage: 1 of 3 steps -> 10 of 30; 0 of 1 -> 0 of 2
     assert [(s.steps, s.warmup_steps) for s in scaled.stages] == [(30, 10), (2, 0)]
     with pytest.raises(UserError, match="3 shares but the config has 2 stages"):
         stage_steps_for_budget(cfg, "steps", 8, [0.5, 0.25, 0.25])
@@ -155,7 +166,8 @@ def test_malformed_study_file_is_one_line(fmnist_dir, tmp_path, capsys, body, me
 @pytest.mark.parametrize("name", sorted(p.stem for p in STUDY_DIR.glob("*.yaml")))
 @pytest.mark.parametrize("size", ["cpu", "gpu"])
 def test_every_shipped_study_resolves_every_run_config(name, size, tmp_path):
-    """A typo in a shipped study's override (or one its base config no longer accepts) fails here, not an hour into a study."""
+    """A typo in a shipped study's override (or one its base config no longer accepts) fails here, not an hour into a
+    study."""
     spec = load_study(STUDY_DIR / f"{name}.yaml", size)
     study = Study(spec, name, size, tmp_path)
     for run in spec.runs:
@@ -163,7 +175,9 @@ def test_every_shipped_study_resolves_every_run_config(name, size, tmp_path):
             cfg = study.base_config(run, seed=1)
             assert cfg.train.seed == 1 and cfg.eval.num_samples == spec.evaluation.num_samples
         else:  # its model comes from the source run, which does not exist here: only its own overrides can be checked
-            cfg = load_config(find_config(run.base or spec.base), list(run.overrides) + list(spec.run_overrides.get(run.name, [])))
+            cfg = load_config(
+                find_config(run.base or spec.base), list(run.overrides) + list(spec.run_overrides.get(run.name, []))
+            )
         assert cfg.stages, run.name
 
 
@@ -179,8 +193,24 @@ def test_unknown_size_and_study_names_are_one_line(fmnist_dir, tmp_path, capsys)
 
 def test_plot_draws_any_runs(fmnist_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", "--config", "fashion_mnist_sprint", "--out", str(run), "--no-progress", f"data.root={fmnist_dir}", *TINY,
-                 "eval.every=2", "eval.num_samples=10", "sample.steps=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "fashion_mnist_sprint",
+                "--out",
+                str(run),
+                "--no-progress",
+                f"data.root={fmnist_dir}",
+                *TINY,
+                "eval.every=2",
+                "eval.num_samples=10",
+                "sample.steps=2",
+            ]
+        )
+        == 0
+    )
     assert main(["plot", str(run), str(run), "--out", str(tmp_path / "runs.png")]) == 0
     assert (tmp_path / "runs.png").stat().st_size > 1000
     assert main(["plot", str(tmp_path)]) == 2

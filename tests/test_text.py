@@ -13,8 +13,15 @@ VOCAB = ["a", "bag", "left", "top"]
 
 def text_model(pooled=False, **overrides):
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="SiT-Nano/4", input_size=[16, 16], in_channels=1, depth=6, condition="text",
-                      text=TextConfig(vocabulary=VOCAB, max_tokens=6, pooled=pooled), **overrides)
+    cfg = ModelConfig(
+        preset="SiT-Nano/4",
+        input_size=[16, 16],
+        in_channels=1,
+        depth=6,
+        condition="text",
+        text=TextConfig(vocabulary=VOCAB, max_tokens=6, pooled=pooled),
+        **overrides,
+    )
     model = SiT(cfg).double().eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -63,7 +70,9 @@ def test_caption_dropout_gives_the_empty_text():
     y = torch.tensor([tokenize("a bag", VOCAB, 6)] * 64)
     dropped = fm.drop_labels(y, Draws(torch.Generator().manual_seed(0)))
     empty = (dropped == fm.null_class).all(1)
-    assert 10 < empty.sum() < 54 and torch.equal(dropped[~empty], y[~empty])  # whole rows: the caption or the empty text
+    assert 10 < empty.sum() < 54 and torch.equal(
+        dropped[~empty], y[~empty]
+    )  # whole rows: the caption or the empty text
 
 
 def test_layouts_are_deterministic_and_captions_parse_back(fmnist_dir):
@@ -83,9 +92,20 @@ def test_the_learned_encoder_reads_word_order_from_the_start():
     init: without position embeddings the encoder is a bag of words and its mean token cannot tell them apart."""
     vocab = ["a", "and", "bag", "bottom", "left", "right", "shirt", "top"]
     torch.manual_seed(0)
-    cfg = ModelConfig(preset="SiT-Nano/4", input_size=[16, 16], in_channels=1, condition="text", text=TextConfig(vocabulary=vocab, max_tokens=12))
+    cfg = ModelConfig(
+        preset="SiT-Nano/4",
+        input_size=[16, 16],
+        in_channels=1,
+        condition="text",
+        text=TextConfig(vocabulary=vocab, max_tokens=12),
+    )
     encoder = SiT(cfg).eval().y_embedder
-    ids = torch.tensor([tokenize(c, vocab, 12) for c in ("a bag top left and a shirt bottom right", "a shirt top left and a bag bottom right")])
+    ids = torch.tensor(
+        [
+            tokenize(c, vocab, 12)
+            for c in ("a bag top left and a shirt bottom right", "a shirt top left and a bag bottom right")
+        ]
+    )
     with torch.no_grad():
         tokens, keep = encoder(ids)
     means = tokens.sum(1) / keep.sum(1, keepdim=True)  # (2, D)

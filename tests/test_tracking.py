@@ -1,4 +1,5 @@
 """train.loggers: TensorBoard receives the same scalars as metrics.jsonl and the sample grids; W&B is optional."""
+
 import json
 import socket
 
@@ -11,11 +12,21 @@ from sprintdit.training import Trainer
 
 
 def run_config(fmnist_dir, *extra):
-    return load_config("fashion_mnist_sprint", [
-        f"data.root={fmnist_dir}", "model.preset=SiT-Nano/4", "train.batch_size=8", "train.log_every=1", "train.sample_every=2",
-        "train.grid_rows=2", "train.grid_columns=2", "sample.steps=2", "stages=[{name: pre, steps: 2, mask_ratio: 0.75}, {name: ft, steps: 2, mask_ratio: 0}]",
-        *extra,
-    ])
+    return load_config(
+        "fashion_mnist_sprint",
+        [
+            f"data.root={fmnist_dir}",
+            "model.preset=SiT-Nano/4",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.sample_every=2",
+            "train.grid_rows=2",
+            "train.grid_columns=2",
+            "sample.steps=2",
+            "stages=[{name: pre, steps: 2, mask_ratio: 0.75}, {name: ft, steps: 2, mask_ratio: 0}]",
+            *extra,
+        ],
+    )
 
 
 def test_tensorboard_holds_the_jsonl_scalars_and_the_grids(fmnist_dir, tmp_path):

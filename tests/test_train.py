@@ -20,17 +20,31 @@ from sprintdit.training.schedules import due_after, ema_decay_at, ema_updates, s
 
 def tiny_run(fmnist_dir, *extra):
     """Two stages (masked, then dense) of a tiny SPRINT on the stand-in data."""
-    return load_config(None, [
-        f"data.root={fmnist_dir}", "model.preset=SiT-Nano/4", "model.hidden_size=32",
-        "train.batch_size=8", "train.grad_accum=2", "train.log_every=1", "train.ckpt_every=100", "train.sample_every=0",
-        "train.ema_decay=0.9", "train.keep_last=5",
-        "stages=[{name: pre, steps: 3, lr: 0.001, warmup_steps: 2, mask_ratio: 0.75}, {name: ft, steps: 3, lr: 0.0005, mask_ratio: 0.0}]",
-        *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"data.root={fmnist_dir}",
+            "model.preset=SiT-Nano/4",
+            "model.hidden_size=32",
+            "train.batch_size=8",
+            "train.grad_accum=2",
+            "train.log_every=1",
+            "train.ckpt_every=100",
+            "train.sample_every=0",
+            "train.ema_decay=0.9",
+            "train.keep_last=5",
+            "stages=[{name: pre, steps: 3, lr: 0.001, warmup_steps: 2, mask_ratio: 0.75}, {name: ft, steps: 3, lr: "
+            "0.0005, mask_ratio: 0.0}]",
+            *extra,
+        ],
+    )
 
 
 def weights(trainer):
-    return {**{f"m.{k}": v for k, v in trainer.model.state_dict().items()}, **{f"e.{k}": v for k, v in trainer.ema.state_dict().items()}}
+    return {
+        **{f"m.{k}": v for k, v in trainer.model.state_dict().items()},
+        **{f"e.{k}": v for k, v in trainer.ema.state_dict().items()},
+    }
 
 
 def test_resume_is_bitwise_exact(fmnist_dir, tmp_path):
@@ -83,6 +97,7 @@ def test_training_reduces_loss_and_keeps_mask_token(fmnist_dir, tmp_path):
     fusion = trainer.model.fusion.weight.detach().clone()
     trainer.fit()
     import json
+
     losses = [json.loads(l)["loss"] for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert sum(losses[-3:]) < sum(losses[:3])
     assert torch.equal(trainer.model.mask_token, mask_token)  # fixed, never trained
@@ -91,7 +106,9 @@ def test_training_reduces_loss_and_keeps_mask_token(fmnist_dir, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps(fmnist_dir, tmp_path, precision):
-    trainer = Trainer(tiny_run(fmnist_dir, f"train.precision={precision}", "stages.1.steps=1"), tmp_path / precision, progress=False)
+    trainer = Trainer(
+        tiny_run(fmnist_dir, f"train.precision={precision}", "stages.1.steps=1"), tmp_path / precision, progress=False
+    )
     assert trainer.networks.scaler.is_enabled() == (precision == "fp16")
     before = [p.detach().clone() for p in trainer.networks.params]
     trainer.fit()
@@ -114,8 +131,16 @@ def test_compile_honours_its_options(fmnist_dir, tmp_path, monkeypatch):
 
 
 def test_what_is_due_after_each_step():
-    cfg = load_config(None, ["stages=[{name: a, steps: 3, lr: 0.1}, {name: b, steps: 4, lr: 0.1}]", "train.log_every=2",
-                             "train.ckpt_every=4", "train.sample_every=0", "eval.every=3"])
+    cfg = load_config(
+        None,
+        [
+            "stages=[{name: a, steps: 3, lr: 0.1}, {name: b, steps: 4, lr: 0.1}]",
+            "train.log_every=2",
+            "train.ckpt_every=4",
+            "train.sample_every=0",
+            "eval.every=3",
+        ],
+    )
     due = {step: due_after(cfg, step, end=7) for step in range(1, 8)}
     assert [s for s, d in due.items() if d.log] == [1, 2, 3, 4, 6, 7]  # every 2, the first step, each stage's end
     assert [s for s, d in due.items() if d.checkpoint] == [3, 4, 7]  # every 4 and each stage's end
@@ -150,8 +175,13 @@ def test_compiled_stages_are_built_before_the_first_step(fmnist_dir, tmp_path, m
 
 
 def test_stage_schedule():
-    cfg = load_config(None, ["stages=[{name: a, steps: 10, lr: 0.1, warmup_steps: 4, warmup_start: 0.0}, {name: b, steps: 5, lr: 0.2}]"])
-    assert stage_at(cfg.stages, 0) == (0, 0) and stage_at(cfg.stages, 9) == (0, 0) and stage_at(cfg.stages, 10) == (1, 10)
+    cfg = load_config(
+        None,
+        ["stages=[{name: a, steps: 10, lr: 0.1, warmup_steps: 4, warmup_start: 0.0}, {name: b, steps: 5, lr: 0.2}]"],
+    )
+    assert (
+        stage_at(cfg.stages, 0) == (0, 0) and stage_at(cfg.stages, 9) == (0, 0) and stage_at(cfg.stages, 10) == (1, 10)
+    )
     assert [stage_lr(cfg.stages[0], i) for i in (0, 2, 4, 9)] == [0.0, 0.05, 0.1, 0.1]
     cosine = replace(cfg.stages[0], decay="cosine")  # 6 steps after warm-up: lr (1 + cos(pi k / 6)) / 2
     assert [stage_lr(cosine, i) for i in (2, 4, 7)] == [0.05, 0.1, pytest.approx(0.05)]
@@ -168,7 +198,9 @@ def test_other_config_on_existing_run_is_refused(fmnist_dir, tmp_path, capsys):
     fresh.fit(stop_at=1)
     with pytest.raises(UserError, match="another config"):
         Trainer(tiny_run(fmnist_dir, "train.seed=1"), run, progress=False)
-    resumed = Trainer(tiny_run(fmnist_dir, "train.seed=2", "sample.scale=5.0"), run, progress=False)  # sampling may change
+    resumed = Trainer(
+        tiny_run(fmnist_dir, "train.seed=2", "sample.scale=5.0"), run, progress=False
+    )  # sampling may change
     assert resumed.cfg.sample.scale == 5.0 and "scale: 5.0" in (run / "config.yaml").read_text()
     (run / "config.yaml").unlink()  # the checkpoint's own config still guards the run
     with pytest.raises(UserError, match="step_00000001 was written with another config"):
@@ -238,7 +270,8 @@ def test_corrupt_checkpoint_is_a_clear_error(fmnist_dir, tmp_path, damage):
 
 
 def test_ema_follows_its_warmup_recursion(fmnist_dir, tmp_path):
-    """EMA_k = d_k EMA_(k-1) + (1 - d_k) theta_k with d_k = min(decay, (1 + k - 1) / (10 + k - 1)), EMA_0 = the initial weights."""
+    """EMA_k = d_k EMA_(k-1) + (1 - d_k) theta_k with d_k = min(decay, (1 + k - 1) / (10 + k - 1)), EMA_0 = the initial
+    weights."""
     trainer = Trainer(tiny_run(fmnist_dir, "train.ema_decay=0.3"), tmp_path / "r", progress=False)
     expected = {k: v.clone().double() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
     decays = []
@@ -251,14 +284,19 @@ def test_ema_follows_its_warmup_recursion(fmnist_dir, tmp_path):
     assert decays == [0.1, 2 / 11, 0.25, 0.3]  # warm-up (4 / 13 at the fourth), then capped by ema_decay
     ema = trainer.ema.state_dict()
     assert all(torch.allclose(ema[k].double(), v, atol=1e-6) for k, v in expected.items())
-    plain = Trainer(tiny_run(fmnist_dir, "train.ema_decay=0.5", "train.ema_warmup=false"), tmp_path / "p", progress=False)
+    plain = Trainer(
+        tiny_run(fmnist_dir, "train.ema_decay=0.5", "train.ema_warmup=false"), tmp_path / "p", progress=False
+    )
     assert ema_decay_at(plain.cfg.train, 0) == 0.5
 
 
 def test_ema_restart_starts_the_warmup_again_at_its_stage(fmnist_dir, tmp_path):
-    """With stages.1.ema_restart the fine-tune's first update keeps a tenth of the pre-training average (decay 1/10), the
+    """With stages.1.ema_restart the fine-tune's first update keeps a tenth of the pre-training average (decay 1/10),
+    the
     next 2/11, ...: the EMA follows that recursion over the whole run."""
-    trainer = Trainer(tiny_run(fmnist_dir, "train.ema_decay=0.9", "stages.1.ema_restart=true"), tmp_path / "r", progress=False)
+    trainer = Trainer(
+        tiny_run(fmnist_dir, "train.ema_decay=0.9", "stages.1.ema_restart=true"), tmp_path / "r", progress=False
+    )
     expected = {k: v.clone().double() for k, v in trainer.model.state_dict().items() if v.is_floating_point()}
     for step, decay in enumerate([0.1, 2 / 11, 0.25, 0.1, 2 / 11, 0.25], start=1):
         trainer.fit(stop_at=step)
@@ -270,8 +308,12 @@ def test_ema_restart_starts_the_warmup_again_at_its_stage(fmnist_dir, tmp_path):
 
 
 def test_ema_updates_count_from_the_latest_restart_less_skipped_steps(fmnist_dir):
-    cfg = tiny_run(fmnist_dir, "stages=[{name: a, steps: 4}, {name: b, steps: 3, ema_restart: true}, {name: c, steps: 5}]")
+    cfg = tiny_run(
+        fmnist_dir, "stages=[{name: a, steps: 4}, {name: b, steps: 3, ema_restart: true}, {name: c, steps: 5}]"
+    )
     assert [ema_updates(cfg, step, []) for step in range(12)] == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]
-    assert ema_updates(cfg, 3, [2]) == 2 and ema_updates(cfg, 9, [2, 6]) == 4  # step 2 was before the restart (at step 4)
+    assert (
+        ema_updates(cfg, 3, [2]) == 2 and ema_updates(cfg, 9, [2, 6]) == 4
+    )  # step 2 was before the restart (at step 4)
     plain = tiny_run(fmnist_dir, "stages=[{name: a, steps: 4}, {name: b, steps: 3}]")
     assert ema_updates(plain, 6, [2, 6]) == 4

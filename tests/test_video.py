@@ -1,5 +1,6 @@
 """Video: (B, C, F, H, W) inputs on 3D token grids. One frame is the image model; space-time masks, 3D positions,
 SparseDiT pooling and the FLOPs counter on video grids."""
+
 import itertools
 
 import pytest
@@ -11,9 +12,24 @@ from torch.utils.flop_counter import FlopCounterMode
 from sprintdit.density import SparseConfig
 from sprintdit.errors import UserError
 from sprintdit.flops import forward_flops
-from sprintdit.masking import check_mask_ratio, group_shape, lattice_layout, make_mask, restore_tokens, gather_tokens, structured_group
+from sprintdit.masking import (
+    check_mask_ratio,
+    group_shape,
+    lattice_layout,
+    make_mask,
+    restore_tokens,
+    gather_tokens,
+    structured_group,
+)
 from sprintdit.models import SiT, SparseDiT
-from sprintdit.models.sit import SprintConfig, axis_channels, patchify, resolve_model_config, rope_tables, sincos_table, unpatchify
+from sprintdit.models.sit import (
+    SprintConfig,
+    axis_channels,
+    patchify,
+    resolve_model_config,
+    sincos_table,
+    unpatchify,
+)
 
 VIDEO = dict(input_size=[4, 16, 16], patch_size_t=2)  # a (2, 4, 4) token grid
 
@@ -22,7 +38,11 @@ def video_inputs(model, batch=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     x = torch.randn(batch, cfg.in_channels, *cfg.input_size, generator=g, dtype=torch.float64)
-    return x, torch.rand(batch, generator=g, dtype=torch.float64), torch.randint(0, cfg.num_classes, (batch,), generator=g)
+    return (
+        x,
+        torch.rand(batch, generator=g, dtype=torch.float64),
+        torch.randint(0, cfg.num_classes, (batch,), generator=g),
+    )
 
 
 @pytest.mark.parametrize("pos_embed", ["rope", "sincos"])
@@ -45,7 +65,19 @@ def test_one_frame_sparsedit_is_the_image_sparsedit():
     models = []
     for size in ([16, 16], [1, 16, 16]):
         torch.manual_seed(0)
-        models.append(SparseDiT(tiny_config(arch="sparsedit", input_size=size, depth=7, sparse=layout, sprint=SprintConfig(fusion="none", path_drop_prob=0.0))).double().eval())
+        models.append(
+            SparseDiT(
+                tiny_config(
+                    arch="sparsedit",
+                    input_size=size,
+                    depth=7,
+                    sparse=layout,
+                    sprint=SprintConfig(fusion="none", path_drop_prob=0.0),
+                )
+            )
+            .double()
+            .eval()
+        )
     with torch.no_grad():
         for a, b in zip(*(m.parameters() for m in models)):
             a.copy_(torch.randn_like(a) * 0.2)
@@ -65,7 +97,9 @@ def test_a_shorter_clip_runs_as_the_model_of_its_length(pos_embed):
     x, t, y = video_inputs(short, batch=3)
     mask = make_mask(3, short.config.grid, 0.75, "structured", torch.Generator().manual_seed(1))
     path_drop = torch.tensor([False, True, False])
-    torch.testing.assert_close(long(x, t, y, mask=mask, path_drop=path_drop), short(x, t, y, mask=mask, path_drop=path_drop), rtol=0, atol=0)
+    torch.testing.assert_close(
+        long(x, t, y, mask=mask, path_drop=path_drop), short(x, t, y, mask=mask, path_drop=path_drop), rtol=0, atol=0
+    )
     torch.testing.assert_close(long(x, t, y, middle_rows=1), short(x, t, y, middle_rows=1), rtol=0, atol=0)
 
 
@@ -119,7 +153,9 @@ def test_3d_sincos_blocks_are_columns_rows_frames():
     for block, pos, width in ((slice(0, 12), col, 12), (slice(12, 24), row, 12), (slice(24, 32), frame, 8)):
         omega = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width / 2))
         angles = pos[:, None].double() * omega
-        torch.testing.assert_close(table[:, block].double(), torch.cat([angles.sin(), angles.cos()], 1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            table[:, block].double(), torch.cat([angles.sin(), angles.cos()], 1), atol=1e-6, rtol=0
+        )
 
 
 @pytest.mark.parametrize("grid", [(4, 4, 4), (8, 4, 4), (2, 6, 6), (3, 4, 8)])
@@ -131,15 +167,25 @@ def test_space_time_masks_keep_k_in_every_group_and_restore(grid, ratio):
     assert mask.num_kept == k * (grid[0] * grid[1] * grid[2]) // (group[0] * g * g)
     for dropped in mask.dropped.view(6, *grid):
         kept = (~dropped).int()
-        counts = lambda o: torch.roll(kept, tuple(-v for v in o), (0, 1, 2)).view(grid[0] // group[0], group[0], grid[1] // g, g, grid[2] // g, g).sum((1, 3, 5))
+        counts = lambda o: (
+            torch.roll(kept, tuple(-v for v in o), (0, 1, 2))
+            .view(grid[0] // group[0], group[0], grid[1] // g, g, grid[2] // g, g)
+            .sum((1, 3, 5))
+        )
         assert any(bool((counts(o) == k).all()) for o in itertools.product(*(range(s) for s in group)))
     x = torch.randn(6, mask.dropped.shape[1], 3)
     restored = restore_tokens(gather_tokens(x, mask.ids_keep), mask, torch.zeros(3))
-    assert torch.equal(restored[~mask.dropped], x[~mask.dropped]) and torch.equal(restored[mask.dropped], torch.zeros(int(mask.dropped.sum()), 3))
+    assert torch.equal(restored[~mask.dropped], x[~mask.dropped]) and torch.equal(
+        restored[mask.dropped], torch.zeros(int(mask.dropped.sum()), 3)
+    )
 
 
 def test_space_time_groups_follow_the_frames():
-    assert group_shape(2, (8, 4, 4)) == (2, 2, 2) and group_shape(4, (2, 8, 8)) == (2, 4, 4) and group_shape(2, (3, 4, 4)) == (1, 2, 2)
+    assert (
+        group_shape(2, (8, 4, 4)) == (2, 2, 2)
+        and group_shape(4, (2, 8, 8)) == (2, 4, 4)
+        and group_shape(2, (3, 4, 4)) == (1, 2, 2)
+    )
     assert structured_group(0.75, (8, 4, 4)) == (2, 2)  # 2 of every 2x2x2 block
 
 
@@ -155,7 +201,10 @@ def test_structured_3d_lattice_at_an_offset_matches_a_hand_layout():
 
 
 def test_unachievable_space_time_ratio_lists_the_achievable():
-    with pytest.raises(UserError, match=r"not achievable on a 8x4x4 token grid; achievable with groups up to 4x4 \(x up to 4 frames\): .*0\.75"):
+    with pytest.raises(
+        UserError,
+        match=r"not achievable on a 8x4x4 token grid; achievable with groups up to 4x4 \(x up to 4 frames\): .*0\.75",
+    ):
         check_mask_ratio(0.3, "structured", (8, 4, 4))
 
 
@@ -182,14 +231,25 @@ def test_video_flops_match_torch_counter():
 @pytest.mark.parametrize("frames", [None, 1])
 def test_video_sparsedit_flops_match_torch_counter_and_pool_time(frames):
     layout = SparseConfig(grid="2", pool_depth=1, modules=1, sparse_depth=1, dense_depth=1, frames=frames)
-    model = SparseDiT(tiny_config(arch="sparsedit", depth=6, sparse=layout, sprint=SprintConfig(fusion="none", path_drop_prob=0.0), **VIDEO)).eval()
+    model = SparseDiT(
+        tiny_config(
+            arch="sparsedit", depth=6, sparse=layout, sprint=SprintConfig(fusion="none", path_drop_prob=0.0), **VIDEO
+        )
+    ).eval()
     x, t, y = (v.float() if v.is_floating_point() else v for v in video_inputs(model, batch=2))
     assert model(x, t, y).shape == x.shape
     assert counted(model, x, t, y, side=2) == forward_flops(model.config, 2, side=2)
 
 
-@pytest.mark.parametrize("bad", [dict(input_size=[4, 16], patch_size_t=2), dict(input_size=[3, 16, 16], patch_size_t=2), dict(input_size=[2, 3, 16, 16]),
-                                 dict(input_size=[4, 16, 16], hidden_size=8, num_heads=2)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(input_size=[4, 16], patch_size_t=2),
+        dict(input_size=[3, 16, 16], patch_size_t=2),
+        dict(input_size=[2, 3, 16, 16]),
+        dict(input_size=[4, 16, 16], hidden_size=8, num_heads=2),
+    ],
+)
 def test_bad_video_configs_rejected(bad):
     with pytest.raises(UserError):
         resolve_model_config(tiny_config(**bad))
@@ -219,7 +279,9 @@ def test_video_token_pooling_is_the_3d_adaptive_average(shape):
 
     grid = (4, 6, 6)
     h = torch.randn(2, 4 * 6 * 6, 5, dtype=torch.float64)  # (B, F H W, D)
-    expected = torch.nn.functional.adaptive_avg_pool3d(h.transpose(1, 2).unflatten(2, grid), shape).flatten(2).transpose(1, 2)
+    expected = (
+        torch.nn.functional.adaptive_avg_pool3d(h.transpose(1, 2).unflatten(2, grid), shape).flatten(2).transpose(1, 2)
+    )
     torch.testing.assert_close(pool_tokens(h, grid, shape), expected)
 
 
@@ -232,7 +294,9 @@ def test_sampling_starts_from_the_objectives_correlated_frame_noise():
     seeds, labels = list(range(200)), [0] * 200
     cfg = SampleConfig(guidance="none", steps=1, batch_size=64)
     plain = generate(model, FlowMatching(ObjectiveConfig(), model.null_class), labels, seeds, cfg, "cpu")
-    mixed = generate(model, FlowMatching(ObjectiveConfig(frame_noise_corr=0.6), model.null_class), labels, seeds, cfg, "cpu")
+    mixed = generate(
+        model, FlowMatching(ObjectiveConfig(frame_noise_corr=0.6), model.null_class), labels, seeds, cfg, "cpu"
+    )
     first, second = plain[:, :, 0].flatten(), plain[:, :, 3].flatten()
     assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1]) < 0.05
     first, second = mixed[:, :, 0].flatten(), mixed[:, :, 3].flatten()

@@ -1,5 +1,6 @@
 """Video data and files: moving Fashion-MNIST, clip folders, GIF / npz / frame-strip writers, the clip scores,
 and a two-stage video run that resumes exactly."""
+
 import numpy as np
 import pytest
 import torch
@@ -36,7 +37,9 @@ def test_moving_fashion_mnist_is_deterministic_and_moves_at_constant_velocity(fm
 
 def test_path_residual_is_zero_for_bounces_and_positive_for_jumps():
     start, velocity = np.array([[3.0, 10.0]]), np.array([[2.5, -1.75]])
-    path = np.stack([bounce(start[:, 0], velocity[:, 0], 8), bounce(start[:, 1], velocity[:, 1], 8)], axis=-1) + 7.5  # (1, 8, 2) centroid offset
+    path = (
+        np.stack([bounce(start[:, 0], velocity[:, 0], 8), bounce(start[:, 1], velocity[:, 1], 8)], axis=-1) + 7.5
+    )  # (1, 8, 2) centroid offset
     assert path_residual(path)[0] == pytest.approx(0.0, abs=1e-9)
     jumpy = path.copy()
     jumpy[0, ::2, 0] += 5.0
@@ -65,7 +68,11 @@ def test_gif_and_npz_round_trip(tmp_path):
     written = save_samples(clips, tmp_path / "s", [3, 4], None, per_label=1, grid_max=10)
     batch = np.load(tmp_path / "s.npz")
     assert batch["arr_0"].shape == (2, 3, 4, 5, 1) and np.array_equal(batch["arr_0"], expected.movedim(1, -1).numpy())
-    assert batch["arr_1"].tolist() == [3, 4] and (tmp_path / "s_gifs" / "00001.gif").is_file() and any("GIFs" in w for w in written)
+    assert (
+        batch["arr_1"].tolist() == [3, 4]
+        and (tmp_path / "s_gifs" / "00001.gif").is_file()
+        and any("GIFs" in w for w in written)
+    )
     with Image.open(tmp_path / "s.png") as grid:  # a strip of 3 frames per row, 2 rows
         assert grid.size[0] > 3 * 5 and grid.size[1] < 2 * 3 * 4
 
@@ -102,8 +109,14 @@ def test_clip_folder_reads_npy_and_frame_folders(tmp_path):
     torch.testing.assert_close(x[3, :, 2], torch.from_numpy(frame).permute(2, 0, 1).float() / 127.5 - 1)
 
 
-@pytest.mark.parametrize("fault,message", [("length", r"clip .*c0.npy is 3x8x8x3 .*every clip must be 4x8x8x3"),
-                                           ("size", r"clip .*c1 is 4x8x6x3"), ("frames", r"data.frames")])
+@pytest.mark.parametrize(
+    "fault,message",
+    [
+        ("length", r"clip .*c0.npy is 3x8x8x3 .*every clip must be 4x8x8x3"),
+        ("size", r"clip .*c1 is 4x8x6x3"),
+        ("frames", r"data.frames"),
+    ],
+)
 def test_clip_folder_rejects_clips_of_the_wrong_length_or_size(tmp_path, fault, message):
     root = write_clip_folder(tmp_path / "clips")
     if fault == "length":
@@ -115,17 +128,41 @@ def test_clip_folder_rejects_clips_of_the_wrong_length_or_size(tmp_path, fault, 
 
 
 def test_stage_rates_skip_each_stage_start():
-    rows = [{"steps_per_s": 9.0, "stage": "short"}, {"steps_per_s": 8.0, "stage": "short"},
-            {"steps_per_s": 1.0, "stage": "pre"}, {"steps_per_s": 4.0, "stage": "pre"}, {"steps_per_s": 5.0, "stage": "pre"},
-            {"steps_per_s": 0.5, "stage": "ft"}, {"steps_per_s": 2.0, "stage": "ft"}, {"fid": 3.0}]
+    rows = [
+        {"steps_per_s": 9.0, "stage": "short"},
+        {"steps_per_s": 8.0, "stage": "short"},
+        {"steps_per_s": 1.0, "stage": "pre"},
+        {"steps_per_s": 4.0, "stage": "pre"},
+        {"steps_per_s": 5.0, "stage": "pre"},
+        {"steps_per_s": 0.5, "stage": "ft"},
+        {"steps_per_s": 2.0, "stage": "ft"},
+        {"fid": 3.0},
+    ]
     assert stage_rates(rows) == {"short": 8.0, "pre": 5.0, "ft": 2.0}
 
 
 def video_run(root, *extra):
-    return load_config(None, [
-        "data.name=clip_folder", f"data.root={root}", "data.resolution=8", "model.preset=SiT-Nano/4", "model.hidden_size=32", "model.patch_size_t=2",
-        "train.batch_size=4", "train.log_every=1", "train.ckpt_every=100", "train.sample_every=2", "train.grid_rows=2", "train.grid_columns=1",
-        "train.ema_decay=0.9", "stages=[{name: pre, steps: 3, lr: 0.001, mask_ratio: 0.5}, {name: ft, steps: 2, lr: 0.0005, mask_ratio: 0.0}]", *extra])
+    return load_config(
+        None,
+        [
+            "data.name=clip_folder",
+            f"data.root={root}",
+            "data.resolution=8",
+            "model.preset=SiT-Nano/4",
+            "model.hidden_size=32",
+            "model.patch_size_t=2",
+            "train.batch_size=4",
+            "train.log_every=1",
+            "train.ckpt_every=100",
+            "train.sample_every=2",
+            "train.grid_rows=2",
+            "train.grid_columns=1",
+            "train.ema_decay=0.9",
+            "stages=[{name: pre, steps: 3, lr: 0.001, mask_ratio: 0.5}, {name: ft, steps: 2, lr: 0.0005, mask_ratio: "
+            "0.0}]",
+            *extra,
+        ],
+    )
 
 
 def test_video_run_trains_both_stages_and_resumes_exactly(tmp_path):
@@ -183,14 +220,29 @@ def test_video_demo_end_to_end(fmnist_dir, tmp_path):
 
     from sprintdit.demo import run_video_demo
 
-    cfg = load_config("fashion_mnist_video", [
-        f"data.root={fmnist_dir}", "data.frames=4", "model.preset=SiT-Nano/4", "model.hidden_size=32", "train.batch_size=4", "train.log_every=1",
-        *(f"stages.{i}.steps=2" for i in range(4)), "stages.0.warmup_steps=1", "stages.3.warmup_steps=1", "eval.num_samples=20", "sample.steps=2",
-        "sample.batch_size=20"])
+    cfg = load_config(
+        "fashion_mnist_video",
+        [
+            f"data.root={fmnist_dir}",
+            "data.frames=4",
+            "model.preset=SiT-Nano/4",
+            "model.hidden_size=32",
+            "train.batch_size=4",
+            "train.log_every=1",
+            *(f"stages.{i}.steps=2" for i in range(4)),
+            "stages.0.warmup_steps=1",
+            "stages.3.warmup_steps=1",
+            "eval.num_samples=20",
+            "sample.steps=2",
+            "sample.batch_size=20",
+        ],
+    )
     lines = []
     results = run_video_demo(cfg, tmp_path / "demo", shown=1, progress=False, log=lines.append)
     assert json.loads((tmp_path / "demo" / "demo.json").read_text()) == results
-    assert results["real"]["path_residual_px"] < 1e-4 and results["real"]["clip_consistency"] == 1.0  # real clips: one garment, bouncing
+    assert (
+        results["real"]["path_residual_px"] < 1e-4 and results["real"]["clip_consistency"] == 1.0
+    )  # real clips: one garment, bouncing
     for guidance in ("pdg", "cfg"):
         r = results[guidance]
         assert 0 <= r["frame_class_agreement"] <= 1 and np.load(r["npz"])["arr_0"].shape == (20, 4, 32, 32, 1)

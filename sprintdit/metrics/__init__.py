@@ -1,6 +1,7 @@
 """Sample-quality metrics: Frechet distance of feature statistics, precision/recall/density/coverage,
 logit scores, a small Fashion-MNIST classifier that provides the features and logits, and the FID
 InceptionV3 and DINOv2 feature networks (weights from local files)."""
+
 from .dinov2 import DINOv2ViT, dinov2_features, load_dinov2
 from .fmnist_classifier import FMNISTClassifier, classify, load_classifier
 from .frechet import feature_stats, frechet_distance

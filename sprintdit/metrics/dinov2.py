@@ -22,6 +22,7 @@ which is the closest tensor match to the PIL `Resize((224, 224), BICUBIC)` of dg
 divided by 255 and normalised with the ImageNet mean and std; the feature is the CLS token after the final
 norm, (N, D) (D = 1024 for ViT-L/14).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,7 +71,9 @@ PRESETS: dict[str, ViTConfig] = {
 
 
 def weights_hint(config: ViTConfig) -> str:
-    return f"get {config.checkpoint} from https://dl.fbaipublicfiles.com/dinov2/ and pass its path with {WEIGHTS_OPTION}"
+    return (
+        f"get {config.checkpoint} from https://dl.fbaipublicfiles.com/dinov2/ and pass its path with {WEIGHTS_OPTION}"
+    )
 
 
 class Attention(nn.Module):
@@ -213,7 +216,9 @@ def resolve_preset(preset: str | ViTConfig) -> ViTConfig:
     return PRESETS[preset]
 
 
-def load_dinov2(path: str | Path | None, preset: str | ViTConfig = DEFAULT_PRESET, device: torch.device | str = "cpu") -> DINOv2ViT:
+def load_dinov2(
+    path: str | Path | None, preset: str | ViTConfig = DEFAULT_PRESET, device: torch.device | str = "cpu"
+) -> DINOv2ViT:
     """The DINOv2 ViT of `preset` (a PRESETS name or a ViTConfig) with the weights at `path`, in eval mode."""
     config = resolve_preset(preset)
     hint = weights_hint(config)

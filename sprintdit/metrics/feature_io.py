@@ -6,6 +6,7 @@ Only tensors are ever deserialised: `.safetensors` files through safetensors, an
 shapes differ from the network is reported in one line that ends with a hint on which file to get and which
 option to pass.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -19,7 +20,9 @@ from ..errors import PICKLE_REFUSED, UserError
 SAFETENSORS_SUFFIX = ".safetensors"
 KEYS_SHOWN = 3  # keys listed per kind of mismatch before "+N more"
 RGB, GRAY = 3, 1  # image channel counts the networks accept (grayscale is repeated to RGB)
-IGNORED_SUFFIXES = ("num_batches_tracked",)  # BatchNorm step counters: absent from converted checkpoints, unused in eval
+IGNORED_SUFFIXES = (
+    "num_batches_tracked",
+)  # BatchNorm step counters: absent from converted checkpoints, unused in eval
 WRAPPER_PREFIXES = ("module.",)  # left by DataParallel / DistributedDataParallel
 
 
@@ -55,7 +58,7 @@ def read_state_dict(path: str | Path | None, hint: str) -> dict[str, torch.Tenso
 def strip_wrapper(key: str) -> str:
     for prefix in WRAPPER_PREFIXES:
         if key.startswith(prefix):
-            return key[len(prefix):]
+            return key[len(prefix) :]
     return key
 
 
@@ -74,7 +77,11 @@ def mismatch_report(expected: dict[str, torch.Tensor], found: dict[str, torch.Te
     """Empty when the keys (ignoring IGNORED_SUFFIXES) and shapes agree, else e.g. `missing: a, b; unexpected: c`."""
     want = {k for k in expected if not ignored(k)}
     have = {k for k in found if not ignored(k)}
-    wrong_shape = [f"{k} {tuple(found[k].shape)} != {tuple(expected[k].shape)}" for k in sorted(want & have) if found[k].shape != expected[k].shape]
+    wrong_shape = [
+        f"{k} {tuple(found[k].shape)} != {tuple(expected[k].shape)}"
+        for k in sorted(want & have)
+        if found[k].shape != expected[k].shape
+    ]
     parts = []
     if want - have:
         parts.append(f"missing: {brief(list(want - have))}")
@@ -96,4 +103,7 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], path: str | P
 def check_images(images: torch.Tensor, network: str) -> None:
     """Raise a UserError unless `images` is a non-empty batch (N, 3 or 1, H, W)."""
     if images.ndim != 4 or images.shape[1] not in (RGB, GRAY) or images.shape[0] == 0:
-        raise UserError(f"{network} takes a non-empty batch of images (N, 3, H, W) or (N, 1, H, W) in [0, 255], got {tuple(images.shape)}")
+        raise UserError(
+            f"{network} takes a non-empty batch of images (N, 3, H, W) or (N, 1, H, W) in [0, 255], got "
+            f"{tuple(images.shape)}"
+        )

@@ -5,6 +5,7 @@ The trained weights ship beside this file (`weights/fmnist_classifier.safetensor
 their sha256 and test accuracy, both written by `scripts/train_fmnist_classifier.py`; the loader refuses a
 file whose checksum differs from the record.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,17 +78,25 @@ def load_classifier(weights: str | Path = WEIGHTS, device: torch.device | str = 
         raise UserError(f"classifier weights {weights} are missing: {RETRAIN_HINT}")
     expected, found = read_record(weights)["sha256"], sha256_file(weights)
     if found != expected:
-        raise UserError(f"classifier weights {weights} have sha256 {found}, but {record_path(weights).name} records {expected}: {RETRAIN_HINT}")
+        raise UserError(
+            f"classifier weights {weights} have sha256 {found}, but {record_path(weights).name} records {expected}: "
+            f"{RETRAIN_HINT}"
+        )
     model = FMNISTClassifier()
     model.load_state_dict(load_file(weights))
     return model.to(device).eval()
 
 
 @torch.no_grad()
-def classify(model: FMNISTClassifier, images: torch.Tensor, batch_size: int = CLASSIFY_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+def classify(
+    model: FMNISTClassifier, images: torch.Tensor, batch_size: int = CLASSIFY_BATCH
+) -> tuple[torch.Tensor, torch.Tensor]:
     """images (N, 1, 32, 32) in [-1, 1] -> features (N, FEATURE_DIM), logits (N, NUM_CLASSES), on the CPU, float32."""
     if images.ndim != 4 or tuple(images.shape[1:]) != INPUT_SHAPE:
-        raise UserError(f"the Fashion-MNIST classifier takes images (N, {', '.join(map(str, INPUT_SHAPE))}), got {tuple(images.shape)}")
+        raise UserError(
+            f"the Fashion-MNIST classifier takes images (N, {', '.join(map(str, INPUT_SHAPE))}), got "
+            f"{tuple(images.shape)}"
+        )
     device = next(model.parameters()).device
     features, logits = [], []
     for block in images.split(batch_size):
@@ -97,15 +106,17 @@ def classify(model: FMNISTClassifier, images: torch.Tensor, batch_size: int = CL
     return torch.cat(features), torch.cat(logits)
 
 
-
 def regrown(crops: torch.Tensor) -> torch.Tensor:
     """Shrunk garments (N, S, S) in [-1, 1] -> (N, 1, 32, 32): scaled back to 28x28 and padded to 32, as the classifier
     was trained."""
     pad = (INPUT_SHAPE[1] - GARMENT_SIDE) // 2
-    grown = F.interpolate(crops[:, None].float(), size=(GARMENT_SIDE, GARMENT_SIDE), mode="bilinear", align_corners=False)
+    grown = F.interpolate(
+        crops[:, None].float(), size=(GARMENT_SIDE, GARMENT_SIDE), mode="bilinear", align_corners=False
+    )
     return F.pad(grown, (pad, pad, pad, pad), value=-1.0).clamp(-1, 1)
 
 
 def classify_garments(model: FMNISTClassifier, crops: torch.Tensor) -> torch.Tensor:
-    """Shrunk garments (N, S, S) in [-1, 1] (crops of a layout cell or a moving clip's frame) -> logits (N, NUM_CLASSES)."""
+    """Shrunk garments (N, S, S) in [-1, 1] (crops of a layout cell or a moving clip's frame) -> logits (N,
+    NUM_CLASSES)."""
     return classify(model, regrown(crops))[1]

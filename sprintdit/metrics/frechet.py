@@ -11,6 +11,7 @@ rounding error, sqrt(e) each (5e-5 of the train-vs-test distance in the Fashion-
 features); scipy.linalg.sqrtm(S1 S2) warns that the product is singular and can return complex values.
 All arithmetic is float64.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -65,7 +66,8 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
     mu1, s1, mu2, s2 = (_float64(a) for a in (mu1, s1, mu2, s2))
     if mu1.ndim != 1 or mu2.shape != mu1.shape or s1.shape != (len(mu1),) * 2 or s2.shape != s1.shape:
         raise UserError(
-            f"Frechet distance needs means (D,) and covariances (D, D) of one D; got {mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}"
+            f"Frechet distance needs means (D,) and covariances (D, D) of one D; got {mu1.shape}, {s1.shape}, "
+            f"{mu2.shape}, {s2.shape}"
         )
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))

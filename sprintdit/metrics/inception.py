@@ -16,7 +16,8 @@ Weights (never downloaded here; pass the local file):
 - torch-fidelity: release asset `weights-inception-2015-12-05-6726825d.pth`
   (github.com/toshas/torch-fidelity/releases).
 Both are conversions of the same TF graph with the torchvision key layout above, so no key renaming is
-needed; a conversion without BatchNorm `num_batches_tracked` buffers (torch-fidelity's converter writes none) loads, as the loader
+needed; a conversion without BatchNorm `num_batches_tracked` buffers (torch-fidelity's converter writes none) loads, as
+the loader
 ignores them either way (unused in eval mode). A `module.` prefix (DataParallel) is stripped. A
 `.safetensors` file with the same keys loads too.
 
@@ -43,6 +44,7 @@ repeated to three channels) -> (N, 3, 299, 299) in about [-1, 1], in one of two 
   the CLI), so that the numbers compare with ADM reference-batch statistics and the papers.
 On 299x299 inputs the two differ only in the scaling (127.5 vs 128 around the centre).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -59,7 +61,10 @@ BN_EPS = 1e-3  # TF's batch-norm epsilon in the 2015-12-05 graph
 INPUT_SIZE = 299  # (H, W) the network sees
 PIXEL_HALF_RANGE = 127.5  # pytorch-fid: [0, 255] -> [-1, 1] by x / 127.5 - 1
 TF_PIXEL_CENTER = 128.0  # TF graph: x -> (x - 128) / 128
-PYTORCH_FID, TF = INCEPTION_PYTORCH_FID, INCEPTION_TF  # preprocessing conventions, see the module docstring (eval.inception_resize)
+PYTORCH_FID, TF = (
+    INCEPTION_PYTORCH_FID,
+    INCEPTION_TF,
+)  # preprocessing conventions, see the module docstring (eval.inception_resize)
 POOL_DIM = 2048
 NUM_LOGITS = 1008
 SPATIAL_CHANNELS = 7  # channels of mixed_6/conv kept for sFID
@@ -92,7 +97,14 @@ def reducing_max_pool(x: torch.Tensor) -> torch.Tensor:
 class BasicConv2d(nn.Module):
     """Conv (no bias) -> BatchNorm (eps 0.001) -> ReLU, stored as `.conv` and `.bn`."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: int | tuple[int, int], stride: int = 1, padding: int | tuple[int, int] = 0):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int | tuple[int, int],
+        stride: int = 1,
+        padding: int | tuple[int, int] = 0,
+    ):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS)
@@ -267,7 +279,8 @@ class InceptionV3FID(nn.Module):
         return reducing_max_pool(x)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x (N, 3, 299, 299) in [-1, 1] -> {pool (N, 2048), spatial (N, 2023), logits (N, 1008) without the fc bias}."""
+        """x (N, 3, 299, 299) in [-1, 1] -> {pool (N, 2048), spatial (N, 2023), logits (N, 1008) without the fc
+        bias}."""
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(self.stem(x))))  # (N, 288, 35, 35)
         x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))  # (N, 768, 17, 17)
         x = self.Mixed_6d(x)  # (N, 768, 17, 17); channels [0, 192) are its 1x1 branch, TF's mixed_6/conv
@@ -322,7 +335,9 @@ def load_inception(path: str | Path | None, device: torch.device | str = "cpu") 
 
 
 @torch.no_grad()
-def inception_features(model: InceptionV3FID, images: torch.Tensor, batch_size: int = FEATURE_BATCH, convention: str = TF) -> dict[str, torch.Tensor]:
+def inception_features(
+    model: InceptionV3FID, images: torch.Tensor, batch_size: int = FEATURE_BATCH, convention: str = TF
+) -> dict[str, torch.Tensor]:
     """images (N, 3 or 1, H, W) in [0, 255] -> {pool (N, 2048), spatial (N, 2023), logits (N, 1008)}: CPU float32.
     `convention` picks the preprocessing: "pytorch-fid" or "tf" (ADM / torch-fidelity), see the module docstring."""
     check_images(images, "the Inception network")

@@ -9,6 +9,7 @@ the two sets match), coverage is the fraction of real balls holding at least one
 
 Distances are computed a block of rows at a time, so memory is O(batch_size * N), never O(N^2).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

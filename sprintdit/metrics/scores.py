@@ -1,4 +1,5 @@
 """Scores from a classifier's logits: an Inception-Score-style score and agreement with requested labels."""
+
 from __future__ import annotations
 
 import math

@@ -14,6 +14,7 @@ All blocks live in one `blocks` list (a dense SiT's layout); the encoder / middl
 pair of depths. With fusion "none" and no mask the network is exactly a dense SiT. The network knows
 nothing about noise schedules or guidance: see `sprintdit.objective` and `sprintdit.sampling`.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,11 +28,19 @@ from torch.utils.checkpoint import checkpoint
 from ..density import RECOVERS, check_schedule, parse_schedule
 from ..errors import UserError, warn
 from ..masking import TokenMask, gather_tokens, restore_tokens
-from ..sections import ModelConfig, RepaConfig, SprintConfig, TextConfig  # noqa: F401  (the model's config, re-exported beside it)
+from ..sections import ModelConfig, RepaConfig, SprintConfig, TextConfig  # noqa: F401 (re-exported here)
 
 # (hidden size, depth, heads). S/B/L/XL are the published DiT/SiT sizes; Ti, Mini (narrow and deep: room for a
 # 2/8/2 SPRINT split or several SparseDiT modules) and Nano are CPU-sized.
-SIZES = {"XL": (1152, 28, 16), "L": (1024, 24, 16), "B": (768, 12, 12), "S": (384, 12, 6), "Ti": (192, 8, 3), "Mini": (128, 12, 4), "Nano": (64, 4, 2)}
+SIZES = {
+    "XL": (1152, 28, 16),
+    "L": (1024, 24, 16),
+    "B": (768, 12, 12),
+    "S": (384, 12, 6),
+    "Ti": (192, 8, 3),
+    "Mini": (128, 12, 4),
+    "Nano": (64, 4, 2),
+}
 PATCH_SIZES = (2, 4, 8)
 PRESETS = {
     f"SiT-{name}/{p}": dict(hidden_size=d, depth=depth, num_heads=heads, patch_size=p)
@@ -40,8 +49,15 @@ PRESETS = {
 }
 ARCHS = ("sit", "sparsedit")
 CONDITIONS = ("class", "text")
-TEXT_ENCODERS = ("learned", "t5", "clip")  # learned: trained with the model; t5, clip: frozen transformers models (sprintdit.text_encoders)
-PAD, START = 0, 1  # token ids of the padding and of the start token every caption begins with (the empty text: START alone)
+TEXT_ENCODERS = (
+    "learned",
+    "t5",
+    "clip",
+)  # learned: trained with the model; t5, clip: frozen transformers models (sprintdit.text_encoders)
+PAD, START = (
+    0,
+    1,
+)  # token ids of the padding and of the start token every caption begins with (the empty text: START alone)
 SPECIAL_TOKENS = 2
 FUSIONS = ("concat_linear", "none")
 POS_EMBEDS = ("rope", "sincos")
@@ -74,8 +90,15 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         missing.append("repa.dim")
     if missing:
         raise UserError(f"model config needs {', '.join('model.' + m for m in missing)} (or a model.preset)")
-    sizes = {"patch_size": cfg.patch_size, "patch_size_t": cfg.patch_size_t, "hidden_size": cfg.hidden_size, "depth": cfg.depth, "num_heads": cfg.num_heads,
-             "in_channels": cfg.in_channels, **{f"input_size.{i}": v for i, v in enumerate(cfg.input_size)}}
+    sizes = {
+        "patch_size": cfg.patch_size,
+        "patch_size_t": cfg.patch_size_t,
+        "hidden_size": cfg.hidden_size,
+        "depth": cfg.depth,
+        "num_heads": cfg.num_heads,
+        "in_channels": cfg.in_channels,
+        **{f"input_size.{i}": v for i, v in enumerate(cfg.input_size)},
+    }
     if cfg.condition == "class":
         sizes["num_classes"] = cfg.num_classes
     for name, value in sizes.items():
@@ -85,27 +108,50 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise UserError(f"model.time_freq_shift must be 0 (DiT, SiT) or 1 (diffusers' DiT), got {cfg.time_freq_shift}")
     if not cfg.mlp_ratio > 0:
         raise UserError(f"model.mlp_ratio must be > 0, got {cfg.mlp_ratio}")
-    for name, value, choices in (("arch", cfg.arch, ARCHS), ("mlp", cfg.mlp, MLPS), ("pos_embed", cfg.pos_embed, POS_EMBEDS), ("sprint.fusion", cfg.sprint.fusion, FUSIONS), ("condition", cfg.condition, CONDITIONS)):
+    for name, value, choices in (
+        ("arch", cfg.arch, ARCHS),
+        ("mlp", cfg.mlp, MLPS),
+        ("pos_embed", cfg.pos_embed, POS_EMBEDS),
+        ("sprint.fusion", cfg.sprint.fusion, FUSIONS),
+        ("condition", cfg.condition, CONDITIONS),
+    ):
         if value not in choices:
             raise UserError(f"model.{name} is {value!r}; choose one of {', '.join(choices)}")
     if len(cfg.input_size) not in (2, 3) or (len(cfg.input_size) == 2 and cfg.patch_size_t != 1):
-        raise UserError(f"model.input_size {list(cfg.input_size)} must be [H, W] (images; model.patch_size_t 1) or [F, H, W] (video)")
+        raise UserError(
+            f"model.input_size {list(cfg.input_size)} must be [H, W] (images; model.patch_size_t 1) or [F, H, W] "
+            f"(video)"
+        )
     if any(s % p for s, p in zip(cfg.input_size, cfg.patch)):
-        raise UserError(f"model.input_size {list(cfg.input_size)} is not divisible by the patch {list(cfg.patch)} (model.patch_size_t, patch_size)")
+        raise UserError(
+            f"model.input_size {list(cfg.input_size)} is not divisible by the patch {list(cfg.patch)} "
+            f"(model.patch_size_t, patch_size)"
+        )
     if cfg.hidden_size % cfg.num_heads:
         raise UserError(f"model.hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
     position_width = cfg.hidden_size // cfg.num_heads if cfg.pos_embed == "rope" else cfg.hidden_size
     if position_width % 4 or any(c < 2 for c, n in zip(axis_channels(position_width, cfg.grid), cfg.grid) if n > 1):
-        raise UserError(f"{cfg.pos_embed} positions need a {'head dim' if cfg.pos_embed == 'rope' else 'hidden_size'} divisible by 4 (and >= 8 for video), got {position_width}")
+        raise UserError(
+            f"{cfg.pos_embed} positions need a {'head dim' if cfg.pos_embed == 'rope' else 'hidden_size'} divisible by "
+            f"4 (and >= 8 for video), got {position_width}"
+        )
     sp, repa = cfg.sprint, cfg.repa
     if min(sp.encoder_depth, sp.decoder_depth) < 0 or cfg.middle_depth < 0:
-        raise UserError(f"model.sprint: encoder_depth {sp.encoder_depth} + decoder_depth {sp.decoder_depth} exceed depth {cfg.depth}")
+        raise UserError(
+            f"model.sprint: encoder_depth {sp.encoder_depth} + decoder_depth {sp.decoder_depth} exceed depth "
+            f"{cfg.depth}"
+        )
     if not 0.0 <= sp.path_drop_prob < 1.0:
         raise UserError(f"model.sprint.path_drop_prob must be in [0, 1), got {sp.path_drop_prob}")
     if not 0 <= repa.depth <= cfg.depth or repa.hidden < 1:
-        raise UserError(f"model.repa.depth must be in [0, depth {cfg.depth}] (0: off) and repa.hidden >= 1, got {repa.depth}, {repa.hidden}")
+        raise UserError(
+            f"model.repa.depth must be in [0, depth {cfg.depth}] (0: off) and repa.hidden >= 1, got {repa.depth}, "
+            f"{repa.hidden}"
+        )
     if sp.fusion == "none" and sp.path_drop_prob > 0:
-        raise UserError("model.sprint.path_drop_prob needs a dense path to fall back on: set it to 0 with fusion 'none'")
+        raise UserError(
+            "model.sprint.path_drop_prob needs a dense path to fall back on: set it to 0 with fusion 'none'"
+        )
     if cfg.condition == "text":
         check_text(cfg)
     if cfg.arch == "sparsedit":
@@ -119,18 +165,33 @@ def check_text(cfg: ModelConfig) -> None:
         raise UserError(f"model.text.encoder is {tx.encoder!r}; choose one of {', '.join(TEXT_ENCODERS)}")
     if tx.encoder != "learned":
         if tx.dim is None or tx.dim < 1 or tx.vocabulary:
-            raise UserError(f"model.text.encoder {tx.encoder} reads embeddings of width model.text.dim (>= 1; default: the data's) and has no vocabulary")
+            raise UserError(
+                f"model.text.encoder {tx.encoder} reads embeddings of width model.text.dim (>= 1; default: the data's) "
+                f"and has no vocabulary"
+            )
     elif not tx.vocabulary:
-        raise UserError("model.text.vocabulary is empty: train on captioned data (it fills the vocabulary) or list the words")
-    elif len(set(tx.vocabulary)) != len(tx.vocabulary) or any(not w or w != w.strip().lower() or " " in w for w in tx.vocabulary):
+        raise UserError(
+            "model.text.vocabulary is empty: train on captioned data (it fills the vocabulary) or list the words"
+        )
+    elif len(set(tx.vocabulary)) != len(tx.vocabulary) or any(
+        not w or w != w.strip().lower() or " " in w for w in tx.vocabulary
+    ):
         raise UserError("model.text.vocabulary must hold distinct lower-case words without spaces")
     if tx.max_tokens < 2 or tx.depth < 0:
-        raise UserError(f"model.text.max_tokens must be >= 2 (the start token and a word) and depth >= 0, got {tx.max_tokens}, {tx.depth}")
+        raise UserError(
+            f"model.text.max_tokens must be >= 2 (the start token and a word) and depth >= 0, got {tx.max_tokens}, "
+            f"{tx.depth}"
+        )
     if cfg.num_classes:
-        raise UserError(f"model.condition text has no class table: leave model.num_classes unset (got {cfg.num_classes})")
+        raise UserError(
+            f"model.condition text has no class table: leave model.num_classes unset (got {cfg.num_classes})"
+        )
     if cfg.pos_embed == "rope":  # measured: the layout demo's captions were ignored with rope (docs/results.md)
-        warn("model.condition text with model.pos_embed rope: image tokens carry no absolute position, so captions that name places "
-             "('top left') are not followed; model.pos_embed=sincos gives them one")
+        warn(
+            "model.condition text with model.pos_embed rope: image tokens carry no absolute position, so captions that "
+            "name places "
+            "('top left') are not followed; model.pos_embed=sincos gives them one"
+        )
 
 
 def check_sparsedit(cfg: ModelConfig) -> None:
@@ -138,20 +199,30 @@ def check_sparsedit(cfg: ModelConfig) -> None:
     if cfg.repa.depth:
         raise UserError("model.repa.depth (REPA) is not available with model.arch 'sparsedit'; set it to 0")
     if cfg.sprint.fusion != "none" or cfg.sprint.path_drop_prob > 0:
-        raise UserError("model.arch 'sparsedit' has no SPRINT fusion: set model.sprint.fusion=none and model.sprint.path_drop_prob=0")
+        raise UserError(
+            "model.arch 'sparsedit' has no SPRINT fusion: set model.sprint.fusion=none and "
+            "model.sprint.path_drop_prob=0"
+        )
     if min(sp.pool_depth, sp.sparse_depth, sp.dense_depth) < 0 or sp.modules < 1:
         raise UserError("model.sparse needs modules >= 1 and pool_depth, sparse_depth, dense_depth >= 0")
     if sp.recover not in RECOVERS:
         raise UserError(f"model.sparse.recover is {sp.recover!r}; choose one of {', '.join(RECOVERS)}")
     if sp.readd_pos and cfg.pos_embed != "sincos":
-        raise UserError("model.sparse.readd_pos re-adds sin-cos positions: it needs model.pos_embed sincos (RoPE is applied in every block)")
+        raise UserError(
+            "model.sparse.readd_pos re-adds sin-cos positions: it needs model.pos_embed sincos (RoPE is applied in "
+            "every block)"
+        )
     if sp.pool_depth + sp.modules * sp.module_depth > cfg.depth:
         raise UserError(
-            f"model.sparse: {sp.pool_depth} Poolingformer blocks + {sp.modules} modules x {sp.module_depth} blocks exceed depth {cfg.depth}"
+            f"model.sparse: {sp.pool_depth} Poolingformer blocks + {sp.modules} modules x {sp.module_depth} blocks "
+            f"exceed depth {cfg.depth}"
         )
     check_schedule(parse_schedule(sp.grid), cfg.grid)
     if sp.frames is not None and not (cfg.video and 1 <= sp.frames <= cfg.grid[0]):
-        raise UserError(f"model.sparse.frames pools a video's time axis: it needs a video model and 1 <= frames <= {cfg.grid[0] if cfg.video else 'the token frames'}, got {sp.frames}")
+        raise UserError(
+            f"model.sparse.frames pools a video's time axis: it needs a video model and 1 <= frames <= "
+            f"{cfg.grid[0] if cfg.video else 'the token frames'}, got {sp.frames}"
+        )
 
 
 # ----------------------------------------------------------------------------------- positions
@@ -174,7 +245,9 @@ def rope_tables(grid: tuple[int, ...], head_dim: int, theta: float) -> tuple[tor
     return rope_at([torch.arange(n, dtype=torch.float64) for n in grid], axis_channels(head_dim, grid), theta)
 
 
-def rope_at(positions: list[torch.Tensor], channels: tuple[int, ...], theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_at(
+    positions: list[torch.Tensor], channels: tuple[int, ...], theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (prod(len(p) for p in positions), sum(channels)) of RoPE on the grid of the positions along each
     axis (may be fractional, e.g. pooled-cell centres). Axis a rotates the next channels[a] channels: m of them
     use frequencies theta^(-j/m), j = 0, 2, ..., m-2, each for an adjacent channel pair.
@@ -312,7 +385,9 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, dh)
             context_rope = rope
         else:
-            q = F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]).view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, dh)
+            q = (
+                F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]).view(b, n, self.heads, -1).transpose(1, 2)
+            )  # (B, h, N, dh)
             kv = F.linear(context, self.qkv.weight[d:], self.qkv.bias[d:])  # (B, M, 2D)
             k, v = kv.view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x (B, h, M, dh)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -350,7 +425,15 @@ class TextEncoder(nn.Module):
         self.words = nn.Embedding(len(tx.vocabulary) + SPECIAL_TOKENS, d, padding_idx=PAD)
         self.positions = nn.Parameter(torch.zeros(1, tx.max_tokens, d))
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(d, cfg.num_heads, int(d * cfg.mlp_ratio), dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                d,
+                cfg.num_heads,
+                int(d * cfg.mlp_ratio),
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
             for _ in range(tx.depth)
         )
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
@@ -417,7 +500,9 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.cross_attn = CrossAttention(d, cfg.num_heads) if cfg.condition == "text" else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope, context: torch.Tensor | None = None, context_rope=None, text=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, rope, context: torch.Tensor | None = None, context_rope=None, text=None
+    ) -> torch.Tensor:
         """x (B, N, D), c (B, D). With `context` (B, M, D) the attention is cross-attention to it (SparseDiT's
         merge and recover blocks); the context goes through the same norm and modulation as x. text: (tokens
         (B, L, D), keep (B, L)) of the caption, cross-attended between attention and MLP, unmodulated (PixArt-alpha)."""
@@ -458,7 +543,13 @@ class Backbone(nn.Module):
         d = cfg.hidden_size
         self.x_embedder = PatchEmbed(cfg.patch, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, cfg.time_scale, cfg.time_freq_shift)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, d) if cfg.condition == "class" else TextEncoder(cfg) if cfg.text.encoder == "learned" else CaptionProjection(cfg)
+        self.y_embedder = (
+            LabelEmbedder(cfg.num_classes, d)
+            if cfg.condition == "class"
+            else TextEncoder(cfg)
+            if cfg.text.encoder == "learned"
+            else CaptionProjection(cfg)
+        )
         self.text_pool = nn.Linear(d, d) if cfg.condition == "text" and cfg.text.pooled else None
         self.build_body(cfg)
         self.final_layer = FinalLayer(cfg)
@@ -470,7 +561,13 @@ class Backbone(nn.Module):
             self.register_buffer("pos_embed", sincos_table(cfg.grid, d).unsqueeze(0), persistent=False)  # (1, N, D)
         # REPA head (training only), built after the MASK token so that it is drawn alike with REPA on or off
         self.repa_projector = (
-            nn.Sequential(nn.Linear(d, cfg.repa.hidden), nn.SiLU(), nn.Linear(cfg.repa.hidden, cfg.repa.hidden), nn.SiLU(), nn.Linear(cfg.repa.hidden, cfg.repa.dim))
+            nn.Sequential(
+                nn.Linear(d, cfg.repa.hidden),
+                nn.SiLU(),
+                nn.Linear(cfg.repa.hidden, cfg.repa.hidden),
+                nn.SiLU(),
+                nn.Linear(cfg.repa.hidden, cfg.repa.dim),
+            )
             if cfg.repa.depth
             else None
         )
@@ -523,7 +620,9 @@ class Backbone(nn.Module):
     def repa_block(self) -> nn.Module | None:
         return self.blocks[self.config.repa.depth - 1] if self.config.repa.depth else None
 
-    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, rope, taps: list | None = None, **context) -> torch.Tensor:
+    def run_blocks(
+        self, blocks: nn.ModuleList, x: torch.Tensor, c: torch.Tensor, rope, taps: list | None = None, **context
+    ) -> torch.Tensor:
         """The blocks in order; `taps` (if given) receives the output of the REPA block when it is among them;
         `context`: cross-attention inputs (SparseDiT's merge and recover blocks)."""
         for block in blocks:
@@ -537,7 +636,8 @@ class Backbone(nn.Module):
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         """Tokens (B, N, D) with absolute positions if any, the modulation c (B, D), and the caption (tokens
-        (B, L, D), keep (B, L)) for a text model, else None. y: labels (B,), token ids (B, L) or caption embeddings (B, L, E)."""
+        (B, L, D), keep (B, L)) for a text model, else None. y: labels (B,), token ids (B, L) or caption embeddings (B,
+        L, E)."""
         h = self.x_embedder(x)  # (B, N, D)
         if self.config.pos_embed == "sincos":
             h = h + self.pos_embed[:, : h.shape[1]]
@@ -584,7 +684,16 @@ class SiT(Backbone):
     def decoder(self) -> nn.ModuleList:
         return self.blocks[self.config.depth - self.config.sprint.decoder_depth :]
 
-    def sparse_path(self, h: torch.Tensor, c: torch.Tensor, rope, mask: TokenMask | None, rows: int, taps: list | None = None, text=None) -> torch.Tensor:
+    def sparse_path(
+        self,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        rope,
+        mask: TokenMask | None,
+        rows: int,
+        taps: list | None = None,
+        text=None,
+    ) -> torch.Tensor:
         """Middle blocks on the kept tokens of the first `rows` samples (which cross-attend to every caption token);
         (rows, N, D) with MASK at dropped. rope: the tables of the N tokens, or None."""
         h, c = h[:rows], c[:rows]  # (rows, N, D), (rows, D)
@@ -596,7 +705,9 @@ class SiT(Backbone):
                 rope = tuple(gather_tokens(table.expand(rows, -1, -1), ids_keep).unsqueeze(1) for table in rope)
         h = self.run_blocks(self.middle, h, c, rope, taps, text=text)
         if mask is not None:
-            h = restore_tokens(h, TokenMask(ids_keep, mask.ids_restore[:rows], mask.dropped[:rows]), self.mask_token[0, 0])
+            h = restore_tokens(
+                h, TokenMask(ids_keep, mask.ids_restore[:rows], mask.dropped[:rows]), self.mask_token[0, 0]
+            )
         return h
 
     def forward(
@@ -609,7 +720,8 @@ class SiT(Backbone):
         middle_rows: int | None = None,
         repa: RepaTap | None = None,
     ) -> torch.Tensor:
-        """x: (B, C, H, W) or video (B, C, F, H, W), t: (B,) in [0, 1], y: (B,) labels (num_classes = null) or (B, L) caption token ids
+        """x: (B, C, H, W) or video (B, C, F, H, W), t: (B,) in [0, 1], y: (B,) labels (num_classes = null) or (B, L)
+        caption token ids
         (the empty text = START alone) -> (B, C_out, H, W) (video: (B, C_out, F, H, W)).
 
         mask: tokens the middle blocks see (None: all). path_drop: (B,) bool, samples whose sparse path
@@ -621,7 +733,10 @@ class SiT(Backbone):
         b = x.shape[0]
         rows = b if middle_rows is None else middle_rows
         if (rows < b or path_drop is not None) and self.fusion is None:
-            raise UserError("path drop / Path-Drop Guidance needs model.sprint.fusion 'concat_linear' (fusion 'none' has no dense path)")
+            raise UserError(
+                "path drop / Path-Drop Guidance needs model.sprint.fusion 'concat_linear' (fusion 'none' has no dense "
+                "path)"
+            )
         if repa is not None and (self.repa_projector is None or rows < b):
             raise UserError("the REPA output needs model.repa.depth > 0 and every sample through the middle blocks")
         taps = [] if repa is not None else None
@@ -636,6 +751,8 @@ class SiT(Backbone):
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, h], dim=-1))  # (B, N, D)
         h = self.run_blocks(self.decoder, h, c, rope, taps, text=text)
         if repa is not None:
-            sparse_tap = mask is not None and len(self.encoder) < self.config.repa.depth <= len(self.encoder) + len(self.middle)
+            sparse_tap = mask is not None and len(self.encoder) < self.config.repa.depth <= len(self.encoder) + len(
+                self.middle
+            )
             repa.projected, repa.ids_keep = self.repa_projector(taps[0]), mask.ids_keep if sparse_tap else None
         return self.head(h, c)  # (B, C_out, H, W)

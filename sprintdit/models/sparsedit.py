@@ -21,6 +21,7 @@ recovered dense tokens (the release adds them at the input only, the default her
 Video: the sparse grid pools space to side x side in every frame, and time too with `model.sparse.frames`; the
 schedule's pruning rate is the per-frame one.
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,8 +85,12 @@ def sparse_shape(cfg: ModelConfig, side: int) -> tuple[int, ...]:
 def pool_tokens(h: torch.Tensor, grid: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
     """(B, prod(grid), D) -> (B, prod(shape), D): adaptive average pooling of the token grid (2D or 3D)."""
     img = h.transpose(1, 2).unflatten(2, grid)  # (B, D, H, W) or (B, D, F, H, W)
-    if len(grid) == 3 and shape[0] == grid[0]:  # time kept: each frame pooled as an image (one frame: the image model exactly)
-        return F.adaptive_avg_pool2d(img.flatten(1, 2), shape[1:]).unflatten(1, (-1, grid[0])).flatten(2).transpose(1, 2)
+    if (
+        len(grid) == 3 and shape[0] == grid[0]
+    ):  # time kept: each frame pooled as an image (one frame: the image model exactly)
+        return (
+            F.adaptive_avg_pool2d(img.flatten(1, 2), shape[1:]).unflatten(1, (-1, grid[0])).flatten(2).transpose(1, 2)
+        )
     pool = F.adaptive_avg_pool3d if len(grid) == 3 else F.adaptive_avg_pool2d
     return pool(img, shape).flatten(2).transpose(1, 2)
 
@@ -129,7 +134,9 @@ class SparseDiT(Backbone):
         cfg = self.config
         if cfg.pos_embed != "rope":
             return None
-        cos, sin = rope_at(self.cell_centres(side), axis_channels(cfg.hidden_size // cfg.num_heads, cfg.grid), cfg.rope_theta)
+        cos, sin = rope_at(
+            self.cell_centres(side), axis_channels(cfg.hidden_size // cfg.num_heads, cfg.grid), cfg.rope_theta
+        )
         return cos.to(device), sin.to(device)
 
     def sparse_pos(self, side: int, like: torch.Tensor) -> torch.Tensor | float:
@@ -173,13 +180,19 @@ class SparseDiT(Backbone):
         """Sparse grid side per sample at noise levels t (B,)."""
         return sides_for(self.schedule, t, self.config.frame_tokens)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, side: int | None = None, **sprint_only) -> torch.Tensor:
-        """x: (B, C, H, W) or (B, C, F, H, W), t: (B,) noise level in [0, 1], y: (B,) labels or captions -> (B, C_out, ...).
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, side: int | None = None, **sprint_only
+    ) -> torch.Tensor:
+        """x: (B, C, H, W) or (B, C, F, H, W), t: (B,) noise level in [0, 1], y: (B,) labels or captions -> (B, C_out,
+        ...).
 
         side: one sparse grid side for the whole batch (default: each sample's from the density schedule).
         """
         if any(v is not None for v in sprint_only.values()):
-            raise UserError(f"SparseDiT takes no {', '.join(k for k, v in sprint_only.items() if v is not None)} (SPRINT masks / path drop)")
+            raise UserError(
+                f"SparseDiT takes no {', '.join(k for k, v in sprint_only.items() if v is not None)} (SPRINT masks / "
+                f"path drop)"
+            )
         cfg = self.config
         h, c, text = self.embed(x, t, y)  # (B, N, D), (B, D), the caption (tokens, keep) or None
         h = self.run_blocks(self.blocks[: cfg.sparse.pool_depth], h, c, None, text=text)
@@ -190,7 +203,9 @@ class SparseDiT(Backbone):
             out = torch.empty_like(h)
             for s in sorted(set(sides)):
                 rows = torch.tensor([i for i, v in enumerate(sides) if v == s], device=h.device)
-                out[rows] = self.modules_at(h[rows], c[rows], s, None if text is None else tuple(part[rows] for part in text))
+                out[rows] = self.modules_at(
+                    h[rows], c[rows], s, None if text is None else tuple(part[rows] for part in text)
+                )
             h = out
         top = cfg.sparse.pool_depth + cfg.sparse.modules * cfg.sparse.module_depth
         h = self.run_blocks(self.blocks[top:], h, c, self.rope, text=text)

@@ -1,6 +1,7 @@
 """The training state on disk: what a checkpoint holds beyond the weights (`TrainState`: step, data position,
 skipped steps, seconds; optimizer, loss scaler and RNG), written by rank 0 once every rank's shards are gathered
 (FSDP2) and read back by every rank into its own wrapping, on any world size or strategy."""
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,12 @@ class TrainState:
 
     step: int = 0  # optimizer steps done (global)
     position: int = 0  # samples of the data order consumed
-    nonfinite_steps: list[int] = field(default_factory=list)  # steps skipped for a non-finite loss or gradient norm (train.max_nonfinite_steps)
-    train_seconds: float = 0.0  # wall-clock of the training steps so far (evaluation and sample grids excluded), kept across resumes
+    nonfinite_steps: list[int] = field(
+        default_factory=list
+    )  # steps skipped for a non-finite loss or gradient norm (train.max_nonfinite_steps)
+    train_seconds: float = (
+        0.0  # wall-clock of the training steps so far (evaluation and sample grids excluded), kept across resumes
+    )
 
 
 class Checkpointer:
@@ -71,11 +76,19 @@ class Checkpointer:
         model, ema, optim = self.full_states(state.step)
         if self.dist.is_main:
             saved = {
-                "step": state.step, "position": state.position, "nonfinite_steps": state.nonfinite_steps,
-                "train_seconds": state.train_seconds, "world_size": self.dist.world_size, "strategy": self.strategy,
-                "optimizer": optim, "scaler": self.nets.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "step": state.step,
+                "position": state.position,
+                "nonfinite_steps": state.nonfinite_steps,
+                "train_seconds": state.train_seconds,
+                "world_size": self.dist.world_size,
+                "strategy": self.strategy,
+                "optimizer": optim,
+                "scaler": self.nets.scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
             }
-            ckpt.save_checkpoint(self.folder.path, state.step, model, ema, saved, self.config_yaml, self.cfg.train.keep_last)
+            ckpt.save_checkpoint(
+                self.folder.path, state.step, model, ema, saved, self.config_yaml, self.cfg.train.keep_last
+            )
         barrier(self.dist, f"waiting for rank 0 to write checkpoint step {state.step}")
         return ckpt.step_dir(self.folder.path, state.step)
 
@@ -100,8 +113,9 @@ class Checkpointer:
             n.optimizer.load_state_dict(saved["optimizer"])
         n.scaler.load_state_dict(saved["scaler"])
         torch.set_rng_state(saved["torch_rng"])
-        state = TrainState(saved["step"], saved["position"], list(saved.get("nonfinite_steps", [])),
-                           saved.get("train_seconds", 0.0))  # absent in checkpoints written before it was kept
+        state = TrainState(
+            saved["step"], saved["position"], list(saved.get("nonfinite_steps", [])), saved.get("train_seconds", 0.0)
+        )  # absent in checkpoints written before it was kept
         world = (saved.get("world_size", 1), saved.get("strategy", "ddp"))
         if world != (self.dist.world_size, self.strategy) and self.dist.is_main:
             print(self.world_change_note(state.step, *world), file=sys.stderr)

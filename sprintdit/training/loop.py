@@ -14,6 +14,7 @@ The pieces: networks.py (model, EMA, optimizer, wrapping), checkpointer.py (the 
 periodic.py (records, grids, evaluations), schedules.py (stages, learning rate, EMA decay, what is due),
 resolve.py (the config rules that need the data), runfolder.py / runlock.py / stopping.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,16 @@ import torch
 from ..config import RunConfig, StageConfig, to_yaml
 from ..data import Batch, batches, build_dataset, posterior_sample
 from ..density import gate_at, time_gates
-from ..distributed import Dist, any_over_ranks, check_divisible, collective, env_world, init_from_env, pick_device, rank_rows
+from ..distributed import (
+    Dist,
+    any_over_ranks,
+    check_divisible,
+    collective,
+    env_world,
+    init_from_env,
+    pick_device,
+    rank_rows,
+)
 from ..draws import Draws
 from ..errors import Diverged, Stopped, UserError
 from ..models.sit import null_condition
@@ -67,13 +77,26 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         fsdp = self.dist.active and cfg.distributed.strategy == "fsdp"
         if fsdp and t.precision == "fp16":
-            raise UserError("train.precision fp16 is not supported with distributed.strategy fsdp (per-shard loss scaling); use bf16")
+            raise UserError(
+                "train.precision fp16 is not supported with distributed.strategy fsdp (per-shard loss scaling); use "
+                "bf16"
+            )
         fresh = not self.folder.checkpoints()  # a fresh run starts from train.init_from's weights, if given
         table = getattr(self._dataset, "caption_table", None)
-        self.networks = build_networks(cfg, self.dist, fsdp, init_from=t.init_from if fresh else None, empty_text=None if table is None else table.empty)
+        self.networks = build_networks(
+            cfg,
+            self.dist,
+            fsdp,
+            init_from=t.init_from if fresh else None,
+            empty_text=None if table is None else table.empty,
+        )
         self.objective = build_objective(cfg.objective, null_condition(cfg.model), cfg.model.learn_sigma)
         self._distill = load_teacher(cfg, self.device)
-        self._gates = time_gates(cfg.model.sparse.grid, cfg.model.frame_tokens, self.objective.time_cdf) if t.sparse_gating else None
+        self._gates = (
+            time_gates(cfg.model.sparse.grid, cfg.model.frame_tokens, self.objective.time_cdf)
+            if t.sparse_gating
+            else None
+        )
         self._to_pixels = pixel_decoder(cfg.data, self.device)  # latents -> images for grids and evaluation
         self._stream, self._stream_stage = None, None  # the data stream and the stage it was made for (see _next_batch)
         self._checkpointer = Checkpointer(cfg, self.folder, self.networks, self.dist, to_yaml(cfg))
@@ -104,16 +127,27 @@ class Trainer:
         """What is about to run, in three lines (the CLI prints it at start-up)."""
         cfg, t, m = self.cfg, self.cfg.train, self.cfg.model
         params = sum(p.numel() for p in self.model.parameters())
-        stages = " -> ".join(f"{s.name} {s.steps} steps (mask {s.mask_ratio:g}{' ' + s.mask_type if s.mask_ratio else ''}, lr {s.lr:g}, "
-                             f"batch {s.batch_size or t.batch_size})" for s in cfg.stages)
+        stages = " -> ".join(
+            f"{s.name} {s.steps} steps (mask {s.mask_ratio:g}{' ' + s.mask_type if s.mask_ratio else ''}, lr {s.lr:g}, "
+            f"batch {s.batch_size or t.batch_size})"
+            for s in cfg.stages
+        )
         where = f"{self.dist.world_size} ranks ({cfg.distributed.strategy})" if self.dist.active else "1 process"
         latest = self.folder.checkpoints()
-        start = f"resuming from step {self.step} of {total_steps(cfg)} ({latest[-1]})" if self.step else f"starting at step 0 of {total_steps(cfg)}"
+        start = (
+            f"resuming from step {self.step} of {total_steps(cfg)} ({latest[-1]})"
+            if self.step
+            else f"starting at step 0 of {total_steps(cfg)}"
+        )
         if self._distill is not None:
             stages += f"; target {t.distill_weight:g} x the teacher's ({t.distill_from})"
-        return (f"{m.preset or 'model'} (arch {m.arch}, fusion {m.sprint.fusion}, {'x'.join(map(str, m.grid))} tokens): {params / 1e6:.2f}M parameters on "
-                f"{self.device} x {where}, {t.precision}, compile {'on' if t.compile else 'off'}, grad accumulation {t.grad_accum}\n"
-                f"stages: {stages}\n{start}; run folder {self.run_dir}")
+        return (
+            f"{m.preset or 'model'} (arch {m.arch}, fusion {m.sprint.fusion}, {'x'.join(map(str, m.grid))} tokens): "
+            f"{params / 1e6:.2f}M parameters on "
+            f"{self.device} x {where}, {t.precision}, compile {'on' if t.compile else 'off'}, grad accumulation "
+            f"{t.grad_accum}\n"
+            f"stages: {stages}\n{start}; run folder {self.run_dir}"
+        )
 
     def sampling_run(self) -> SamplingRun:
         """The EMA's sampling handle on every rank (FSDP: its shards gathered into a full copy, a collective)."""
@@ -159,7 +193,9 @@ class Trainer:
                 self.train_step(next(batches(self._dataset, batch, t.seed, 0, 0, rows)), stage)
             self.networks.optimizer.zero_grad(set_to_none=True)
             built.add(shapes)
-        self._periodic.log({"step": self.step, "event": "graphs_built", "stages": len(built), "seconds": time.perf_counter() - tic})
+        self._periodic.log(
+            {"step": self.step, "event": "graphs_built", "stages": len(built), "seconds": time.perf_counter() - tic}
+        )
 
     def _stop_requested(self, stops: StopSignals, agreed: bool = False) -> bool:
         """The stop decision after a step: every rank agreed on one in the step's update (`agreed`), or, in a single
@@ -173,11 +209,15 @@ class Trainer:
 
         s, periodic = self.state, self._periodic
         interval = 0.5 if sys.stderr.isatty() else 30.0  # keep redirected logs (e.g. SLURM) short
-        bar = tqdm(total=end, initial=s.step, disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=interval)
+        bar = tqdm(
+            total=end, initial=s.step, disable=not self.progress, unit="step", dynamic_ncols=True, mininterval=interval
+        )
         meter = StepMeter(self.device, s.step)
         self._stream_stage = None  # a fresh data stream from the saved position
         # a run stopped right after a step skips that step's grid and evaluation: do them first
-        stop = s.step > 0 and periodic.after_step(due_after(self.cfg, s.step, end), s.step, s.train_seconds, stops, missing_only=True)
+        stop = s.step > 0 and periodic.after_step(
+            due_after(self.cfg, s.step, end), s.step, s.train_seconds, stops, missing_only=True
+        )
         try:
             while s.step < end and not stop:
                 began = time.perf_counter()
@@ -186,18 +226,28 @@ class Trainer:
                     loss = self.train_step(self._next_batch(index), stage)  # forward and backward of every micro-batch
                     grad_norm, skipped, agreed = self.update(loss, stops.signum is not None)  # one host sync per step
                 if skipped:
-                    self._nonfinite(loss, grad_norm, index, last)  # past train.max_nonfinite_steps: Diverged, nothing saved
+                    self._nonfinite(
+                        loss, grad_norm, index, last
+                    )  # past train.max_nonfinite_steps: Diverged, nothing saved
                 s.step += 1
                 s.position += stage_batch(self.cfg, index)
                 s.train_seconds += time.perf_counter() - began
                 meter.add(None if skipped else loss)
                 bar.update(1)
                 due = due_after(self.cfg, s.step, end)
-                record = periodic.log_progress(meter, s.step, stage, index, lr, grad_norm, s.train_seconds) if due.log else None
+                record = (
+                    periodic.log_progress(meter, s.step, stage, index, lr, grad_norm, s.train_seconds)
+                    if due.log
+                    else None
+                )
                 if record is not None:
-                    bar.set_postfix(stage=stage.name, loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                    bar.set_postfix(
+                        stage=stage.name, loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}"
+                    )
                 with meter.paused():  # the step rate counts training time only; a stop skips the grid and evaluation
-                    stop = self._stop_requested(stops, agreed) or periodic.after_step(due, s.step, s.train_seconds, stops)
+                    stop = self._stop_requested(stops, agreed) or periodic.after_step(
+                        due, s.step, s.train_seconds, stops
+                    )
                 if stop or due.checkpoint:
                     with stops.saving():
                         last = self._checkpointer.save(s)
@@ -205,7 +255,11 @@ class Trainer:
         finally:
             bar.close()
         if stop and s.step < end:
-            raise Stopped(f"{stops.name or 'stop requested on another rank'} at step {s.step}: saved {last}; run the same command to resume", stops.signum or signal.SIGTERM)
+            raise Stopped(
+                f"{stops.name or 'stop requested on another rank'} at step {s.step}: saved {last}; run the same "
+                f"command to resume",
+                stops.signum or signal.SIGTERM,
+            )
         return last
 
     def _begin_step(self) -> tuple[int, StageConfig, float]:
@@ -223,7 +277,15 @@ class Trainer:
         if self._stream_stage != index:
             t, batch = self.cfg.train, stage_batch(self.cfg, index)
             rows = rank_rows(batch, t.grad_accum, self.dist.shard) if self.dist.active else None
-            self._stream = batches(self._dataset, batch, t.seed, self.state.position, self.cfg.data.num_workers, rows, pin=self.device.type == "cuda")
+            self._stream = batches(
+                self._dataset,
+                batch,
+                t.seed,
+                self.state.position,
+                self.cfg.data.num_workers,
+                rows,
+                pin=self.device.type == "cuda",
+            )
             self._stream_stage = index
         return next(self._stream)
 
@@ -246,10 +308,22 @@ class Trainer:
             b = xm.shape[0]  # this rank's rows of the micro-batch
             mask = draws.mask(b, grid, stage.mask_ratio, stage.mask_type)
             path_drop = draws.rand(b) < m.sprint.path_drop_prob if m.sprint.path_drop_prob > 0 else None
-            gate = {} if self._gates is None else gate_at(self._gates, self.step * t.grad_accum + i).arguments()  # SparseDiT: one stratum of t, one grid
+            gate = (
+                {} if self._gates is None else gate_at(self._gates, self.step * t.grad_accum + i).arguments()
+            )  # SparseDiT: one stratum of t, one grid
             with nets.grad_sync(last=i == t.grad_accum - 1):
                 with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                    loss = self.objective.loss(nets.forward, xm, ym, draws, mask=mask, path_drop=path_drop, features=fm, distill=self._distill, **gate)
+                    loss = self.objective.loss(
+                        nets.forward,
+                        xm,
+                        ym,
+                        draws,
+                        mask=mask,
+                        path_drop=path_drop,
+                        features=fm,
+                        distill=self._distill,
+                        **gate,
+                    )
                 nets.scaler.scale(loss / t.grad_accum).backward()
             total += loss.detach() / t.grad_accum
         return total
@@ -266,10 +340,14 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(nets.params, max_norm)  # FSDP: a DTensor, the norm over all shards
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         nonfinite = ~torch.isfinite(loss)
-        if not nets.scaler.is_enabled():  # fp16: the scaler itself skips steps with inf/NaN gradients and lowers its scale
+        if (
+            not nets.scaler.is_enabled()
+        ):  # fp16: the scaler itself skips steps with inf/NaN gradients and lowers its scale
             nonfinite = nonfinite | ~torch.isfinite(grad_norm)
         flags = torch.stack([nonfinite, torch.tensor(stop_requested, device=self.device)])
-        skip, stop = any_over_ranks(self.dist, flags, f"checking step {self.step + 1} for non-finite values and stop requests")
+        skip, stop = any_over_ranks(
+            self.dist, flags, f"checking step {self.step + 1} for non-finite values and stop requests"
+        )
         if not skip:
             nets.scaler.step(nets.optimizer)
             with torch.no_grad():
@@ -284,10 +362,18 @@ class Trainer:
         t, stage, skipped = self.cfg.train, self.cfg.stages[index], self.state.nonfinite_steps
         skipped.append(self.step + 1)
         what = f"step {self.step + 1} ({stage.name}): loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}"
-        self._periodic.log({"step": self.step + 1, "event": "nonfinite", "loss": float(loss), "grad_norm": float(grad_norm)})
+        self._periodic.log(
+            {"step": self.step + 1, "event": "nonfinite", "loss": float(loss), "grad_norm": float(grad_norm)}
+        )
         if len(skipped) <= t.max_nonfinite_steps:
             if self.dist.is_main:
-                print(f"warning: skipped {what} ({len(skipped)} of train.max_nonfinite_steps {t.max_nonfinite_steps})", file=sys.stderr)
+                print(
+                    f"warning: skipped {what} ({len(skipped)} of train.max_nonfinite_steps {t.max_nonfinite_steps})",
+                    file=sys.stderr,
+                )
             return
         kept = f"the last checkpoint {last} stands" if last else "no checkpoint was written"
-        raise Diverged(f"training diverged at {what}; nothing was saved, {kept}; lower stages.{index}.lr or raise train.max_nonfinite_steps")
+        raise Diverged(
+            f"training diverged at {what}; nothing was saved, {kept}; lower stages.{index}.lr or raise "
+            f"train.max_nonfinite_steps"
+        )

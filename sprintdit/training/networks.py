@@ -1,5 +1,6 @@
 """What one training process updates: the model, its EMA, the optimizer and loss scaler, wrapped for DDP or sharded
 with FSDP2 and optionally compiled (`build_networks`); the gradient-sync switch of gradient accumulation."""
+
 from __future__ import annotations
 
 import contextlib
@@ -71,7 +72,9 @@ class Networks:
         return contextlib.nullcontext()
 
 
-def build_networks(cfg: RunConfig, d: Dist, fsdp: bool, init_from: str | None = None, empty_text: torch.Tensor | None = None) -> Networks:
+def build_networks(
+    cfg: RunConfig, d: Dist, fsdp: bool, init_from: str | None = None, empty_text: torch.Tensor | None = None
+) -> Networks:
     """Model (initial weights from train.seed, the same on every rank, or the weights of `init_from`), EMA,
     FSDP2 or DDP wrapping, AdamW and the loss scaler, on d.device. `empty_text` (L, E): the data's embedding of
     the empty caption, which a model on precomputed caption embeddings keeps as its unconditional input."""
@@ -90,8 +93,14 @@ def build_networks(cfg: RunConfig, d: Dist, fsdp: bool, init_from: str | None = 
         shard_model(ema)
     trainable = [(n, p, e) for (n, p), e in zip(model.named_parameters(), ema.parameters()) if p.requires_grad]
     params = [p for _, p, _ in trainable]
-    optimizer = torch.optim.AdamW(params, lr=cfg.stages[0].lr, betas=tuple(t.optim.betas), weight_decay=t.optim.weight_decay,
-                                  eps=t.optim.eps, fused=d.device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.stages[0].lr,
+        betas=tuple(t.optim.betas),
+        weight_decay=t.optim.weight_decay,
+        eps=t.optim.eps,
+        fused=d.device.type == "cuda",
+    )
     ddp = None
     if d.active and not fsdp:  # buffers are fixed and equal on every rank: no broadcast
         from torch.nn.parallel import DistributedDataParallel
@@ -99,6 +108,20 @@ def build_networks(cfg: RunConfig, d: Dist, fsdp: bool, init_from: str | None = 
         ids = [d.device.index] if d.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
     wrapped = ddp or model
-    forward = torch.compile(wrapped, mode=t.compile_mode, fullgraph=t.compile_fullgraph, dynamic=False) if t.compile else wrapped
-    return Networks(model, ema, optimizer, torch.amp.GradScaler(d.device.type, enabled=t.precision == "fp16"), ddp, fsdp, forward,
-                    [n for n, _, _ in trainable], params, [e for _, _, e in trainable])
+    forward = (
+        torch.compile(wrapped, mode=t.compile_mode, fullgraph=t.compile_fullgraph, dynamic=False)
+        if t.compile
+        else wrapped
+    )
+    return Networks(
+        model,
+        ema,
+        optimizer,
+        torch.amp.GradScaler(d.device.type, enabled=t.precision == "fp16"),
+        ddp,
+        fsdp,
+        forward,
+        [n for n, _, _ in trainable],
+        params,
+        [e for _, _, e in trainable],
+    )

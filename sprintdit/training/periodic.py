@@ -1,6 +1,7 @@
 """What a run does besides its steps, when `due_after` says so: metrics records (metrics.jsonl and the optional
 loggers), sample grids and evaluations of the EMA (through the trainer's sampling handle), and the step meter that
 averages the loss and times the steps between two records."""
+
 from __future__ import annotations
 
 import contextlib
@@ -79,17 +80,32 @@ class Periodic:
             if self.tracker is not None:
                 self.tracker.scalars(record)
 
-    def log_progress(self, meter: StepMeter, step: int, stage: StageConfig, index: int, lr: float, grad_norm: torch.Tensor,
-                     train_seconds: float) -> dict | None:
+    def log_progress(
+        self,
+        meter: StepMeter,
+        step: int,
+        stage: StageConfig,
+        index: int,
+        lr: float,
+        grad_norm: torch.Tensor,
+        train_seconds: float,
+    ) -> dict | None:
         """One metrics record: the mean loss since the last one (over ranks), rates and the run's FLOPs and seconds;
         None when every step since the last record was skipped as non-finite."""
         if not meter.count:
             return None
         rate, batch = meter.rate(step), stage_batch(self.cfg, index)
         record = {
-            "step": step, "stage": stage.name, "loss": meter.mean_loss(self.dist), "lr": lr,
-            "grad_norm": float(grad_norm), "steps_per_s": rate, "images_per_s": rate * batch,
-            "mask_ratio": stage.mask_ratio, "train_flops": train_flops(self.cfg, step), "train_seconds": train_seconds,
+            "step": step,
+            "stage": stage.name,
+            "loss": meter.mean_loss(self.dist),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "steps_per_s": rate,
+            "images_per_s": rate * batch,
+            "mask_ratio": stage.mask_ratio,
+            "train_flops": train_flops(self.cfg, step),
+            "train_seconds": train_seconds,
         }
         self.log(record)
         meter.reset(step)
@@ -124,14 +140,20 @@ class Periodic:
             return {}
         self.evaluator = scored.evaluator
         record = {
-            "step": step, "train_flops": train_flops(self.cfg, step), "train_seconds": train_seconds,
-            "eval_samples": len(scored.labels), **flatten(scored.results),
-            "sample_seconds": scored.sample_seconds, "eval_seconds": time.perf_counter() - tic,
+            "step": step,
+            "train_flops": train_flops(self.cfg, step),
+            "train_seconds": train_seconds,
+            "eval_samples": len(scored.labels),
+            **flatten(scored.results),
+            "sample_seconds": scored.sample_seconds,
+            "eval_seconds": time.perf_counter() - tic,
         }
         self.log(record)
         return record
 
-    def after_step(self, due: Due, step: int, train_seconds: float, stops: StopSignals, missing_only: bool = False) -> bool:
+    def after_step(
+        self, due: Due, step: int, train_seconds: float, stops: StopSignals, missing_only: bool = False
+    ) -> bool:
         """The sample grid and evaluation `due` at this step (with `missing_only`, those a stop at this step skipped);
         a stop signal aborts them at once in a single process. Returns whether a stop aborted them."""
         grid = due.grid and not (missing_only and self.folder.grid_path(step).is_file())
@@ -140,7 +162,9 @@ class Periodic:
             mine = torch.tensor([grid, scored]) if self.dist.is_main else torch.zeros(2)
             grid, scored = any_over_ranks(self.dist, mine, "agreeing on the evaluations to catch up")
         try:
-            with stops.abortable(allowed=not self.dist.active):  # ranks must not leave a collective early (a pending stop aborts at once)
+            with stops.abortable(
+                allowed=not self.dist.active
+            ):  # ranks must not leave a collective early (a pending stop aborts at once)
                 run = self.sampling_run() if grid or scored else None
                 if grid:
                     self.sample_grid(run, step)

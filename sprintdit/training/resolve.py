@@ -2,6 +2,7 @@
 channels, classes, caption encoder, REPA width) filled from the dataset and checked against it, every stage's mask
 and clip length checked against the model, `train.init_from`'s model and objective, and `train.distill_from`'s
 teacher. `resolve_run` is what the trainer and the studies call."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -15,8 +16,10 @@ from ..masking import check_mask_ratio
 from ..models import ModelConfig, resolve_model_config
 from ..objective import Distill, ObjectiveConfig
 
-TEACHER_MUST_MATCH = {"model": ("input_size", "in_channels", "num_classes", "condition", "text"),
-                      "objective": ("kind", "path", "num_timesteps", "beta_start", "beta_end")}
+TEACHER_MUST_MATCH = {
+    "model": ("input_size", "in_channels", "num_classes", "condition", "text"),
+    "objective": ("kind", "path", "num_timesteps", "beta_start", "beta_end"),
+}
 
 
 def resolve_run(cfg: RunConfig, dataset) -> RunConfig:
@@ -26,17 +29,28 @@ def resolve_run(cfg: RunConfig, dataset) -> RunConfig:
 
 
 def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
-    """Fill the model's data-dependent fields (and a latent run's VAE) from the dataset and check them and every stage's mask."""
+    """Fill the model's data-dependent fields (and a latent run's VAE) from the dataset and check them and every stage's
+    mask."""
     m, data = cfg.model, cfg.data
     if data.name == "latents" and data.vae is None:
         data = replace(data, vae=dataset.vae_path)
-    from_data = {"input_size": list(dataset.resolution), "in_channels": dataset.channels, "num_classes": dataset.num_classes}
+    from_data = {
+        "input_size": list(dataset.resolution),
+        "in_channels": dataset.channels,
+        "num_classes": dataset.num_classes,
+    }
     features = getattr(dataset, "feature_shape", None)  # (T, D) REPA targets stored with the data
     if m.repa.depth:
         if features is None:
-            raise UserError("model.repa.depth needs DINOv2 features stored with the data: run `sprintdit prepare` with --dinov2-weights, train on data.name=latents")
+            raise UserError(
+                "model.repa.depth needs DINOv2 features stored with the data: run `sprintdit prepare` with "
+                "--dinov2-weights, train on data.name=latents"
+            )
         if m.repa.dim is not None and m.repa.dim != features[1]:
-            raise UserError(f"model.repa.dim is {m.repa.dim} but the data's features have {features[1]}; leave it unset to follow the data")
+            raise UserError(
+                f"model.repa.dim is {m.repa.dim} but the data's features have {features[1]}; leave it unset to follow "
+                f"the data"
+            )
         m = replace(m, repa=replace(m.repa, dim=features[1]))
     m = text_from_data(m, dataset)
     for key, value in from_data.items():
@@ -45,13 +59,28 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
             raise UserError(f"model.{key} is {given} but the data has {value}; leave it unset to follow the data")
     m = resolve_model_config(replace(m, **{k: v for k, v in from_data.items() if getattr(m, k) is None}))
     if m.repa.depth and features[0] != m.num_tokens:
-        raise UserError(f"the stored DINOv2 features have {features[0]} tokens but the model's token grid is {m.grid[0]}x{m.grid[1]}; prepare with --patch-size {m.patch_size}")
+        raise UserError(
+            f"the stored DINOv2 features have {features[0]} tokens but the model's token grid is "
+            f"{m.grid[0]}x{m.grid[1]}; prepare with --patch-size {m.patch_size}"
+        )
     for i, stage in enumerate(cfg.stages):
         if m.arch == "sparsedit" and stage.mask_ratio > 0:
-            raise UserError(f"stages.{i} ({stage.name}): SparseDiT picks its tokens itself (model.sparse.grid); set mask_ratio 0")
-        if stage.frames is not None and not (m.video and m.arch == "sit" and not m.repa.depth and 1 <= stage.frames <= m.input_size[0] and stage.frames % m.patch_size_t == 0):
-            raise UserError(f"stages.{i} ({stage.name}): frames {stage.frames} trains a SiT video model (no REPA) on shorter clips: it needs a multiple of "
-                            f"model.patch_size_t ({m.patch_size_t}) up to the clip's {m.input_size[0] if m.video else 'frames (this is an image model)'}")
+            raise UserError(
+                f"stages.{i} ({stage.name}): SparseDiT picks its tokens itself (model.sparse.grid); set mask_ratio 0"
+            )
+        if stage.frames is not None and not (
+            m.video
+            and m.arch == "sit"
+            and not m.repa.depth
+            and 1 <= stage.frames <= m.input_size[0]
+            and stage.frames % m.patch_size_t == 0
+        ):
+            raise UserError(
+                f"stages.{i} ({stage.name}): frames {stage.frames} trains a SiT video model (no REPA) on shorter "
+                f"clips: it needs a multiple of "
+                f"model.patch_size_t ({m.patch_size_t}) up to the clip's "
+                f"{m.input_size[0] if m.video else 'frames (this is an image model)'}"
+            )
         try:
             check_mask_ratio(stage.mask_ratio, stage.mask_type, m.at_frames(stage.frames).grid)
         except UserError as err:
@@ -66,20 +95,34 @@ def text_from_data(m: ModelConfig, dataset) -> ModelConfig:
     captioned = vocabulary is not None or table is not None
     if captioned != (m.condition == "text"):
         kind = "captions" if captioned else "class labels"
-        raise UserError(f"the data has {kind} but model.condition is {m.condition!r}; set model.condition={'text' if captioned else 'class'}")
+        raise UserError(
+            f"the data has {kind} but model.condition is {m.condition!r}; set "
+            f"model.condition={'text' if captioned else 'class'}"
+        )
     if not captioned:
         return m
     tx = m.text
     if table is not None:
         if tx.encoder != table.encoder:
-            raise UserError(f"the data holds {table.encoder} caption embeddings ({table.folder}); set model.text.encoder={table.encoder}")
+            raise UserError(
+                f"the data holds {table.encoder} caption embeddings ({table.folder}); set "
+                f"model.text.encoder={table.encoder}"
+            )
         if tx.dim not in (None, table.dim):
-            raise UserError(f"model.text.dim is {tx.dim} but the data's embeddings have {table.dim}; leave it unset to follow the data")
+            raise UserError(
+                f"model.text.dim is {tx.dim} but the data's embeddings have {table.dim}; leave it unset to follow the "
+                f"data"
+            )
         return replace(m, text=replace(tx, dim=table.dim, max_tokens=table.max_tokens, path=tx.path or table.path))
     if tx.encoder != "learned":
-        raise UserError(f"model.text.encoder {tx.encoder} reads embeddings prepared by `sprintdit prepare --captions`; this data has raw captions (use encoder learned)")
+        raise UserError(
+            f"model.text.encoder {tx.encoder} reads embeddings prepared by `sprintdit prepare --captions`; this data "
+            f"has raw captions (use encoder learned)"
+        )
     if tx.vocabulary is not None and list(tx.vocabulary) != list(vocabulary):
-        raise UserError(f"model.text.vocabulary differs from the data's {len(vocabulary)} words; leave it unset to follow the data")
+        raise UserError(
+            f"model.text.vocabulary differs from the data's {len(vocabulary)} words; leave it unset to follow the data"
+        )
     return replace(m, text=replace(tx, vocabulary=list(vocabulary), max_tokens=dataset.max_tokens))
 
 
@@ -88,13 +131,16 @@ def apply_init_from(cfg: RunConfig) -> RunConfig:
     if cfg.train.init_from is None:
         return cfg
     if cfg.model != ModelConfig() or cfg.objective != ObjectiveConfig():
-        raise UserError("model and objective come from train.init_from: remove the model and objective sections (and overrides)")
+        raise UserError(
+            "model and objective come from train.init_from: remove the model and objective sections (and overrides)"
+        )
     _, source = ckpt.load_weights(ckpt.resolve_weights(cfg.train.init_from, use_ema=True))
     return replace(cfg, model=source.model, objective=source.objective)
 
 
 def load_teacher(cfg: RunConfig, device: torch.device) -> Distill | None:
-    """train.distill_from's EMA network, frozen on `device`, when it sees the same inputs and predicts the same target as the run's model."""
+    """train.distill_from's EMA network, frozen on `device`, when it sees the same inputs and predicts the same target
+    as the run's model."""
     t = cfg.train
     if t.distill_from is None:
         return None
@@ -103,5 +149,8 @@ def load_teacher(cfg: RunConfig, device: torch.device) -> Distill | None:
         for key in keys:
             mine, theirs = getattr(getattr(cfg, section), key), getattr(getattr(source, section), key)
             if mine != theirs:
-                raise UserError(f"train.distill_from {t.distill_from}: the teacher's {section}.{key} is {theirs}, this run's {mine}; a teacher must see the same data and predict the same target")
+                raise UserError(
+                    f"train.distill_from {t.distill_from}: the teacher's {section}.{key} is {theirs}, this run's "
+                    f"{mine}; a teacher must see the same data and predict the same target"
+                )
     return Distill(teacher.requires_grad_(False), t.distill_weight)

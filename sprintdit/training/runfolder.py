@@ -4,6 +4,7 @@
 writes config.yaml and removes the leftovers of killed checkpoint writes; `log` appends one strict-JSON line to
 metrics.jsonl (non-finite numbers become null) and `trim` drops what a stopped run logged after its checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,9 @@ def check_folder(run_dir: Path, cfg: RunConfig | None) -> tuple[RunConfig, str |
     note = None
     if cfg is None:
         if not saved:
-            raise UserError(f"{run_dir} is not a run folder (no config.yaml, no checkpoint); pass --config to start a run")
+            raise UserError(
+                f"{run_dir} is not a run folder (no config.yaml, no checkpoint); pass --config to start a run"
+            )
         cfg = saved[0][0]
     for old, source in saved:
         diff = config_diff(old, cfg)

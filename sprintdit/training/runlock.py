@@ -9,6 +9,7 @@ refreshed for STALE_S seconds; at once when its content names no holder (empty o
 (a folder turned read-only keeps its lock, which the next start takes over). Trainers in one process share the
 lock (a study runs its runs one after another in one process).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,13 +62,19 @@ def _holder(path: Path) -> dict | None:
 def _is_live(holder: dict) -> bool:
     if holder["pid"] is None:
         return False
-    if holder["host"] == socket.gethostname() and holder["pid"] > 0:  # this process's own, when it holds no lock here: left by a failed release
+    if (
+        holder["host"] == socket.gethostname() and holder["pid"] > 0
+    ):  # this process's own, when it holds no lock here: left by a failed release
         return holder["pid"] != os.getpid() and _pid_alive(holder["pid"])
     return holder["age"] < STALE_S  # another host: trust the heartbeat
 
 
 def _describe(holder: dict) -> str:
-    return "an empty or damaged lock" if holder["pid"] is None else f"pid {holder['pid']} on {holder['host']}, which no longer holds it"
+    return (
+        "an empty or damaged lock"
+        if holder["pid"] is None
+        else f"pid {holder['pid']} on {holder['host']}, which no longer holds it"
+    )
 
 
 class RunLock:
@@ -100,7 +107,8 @@ class RunLock:
             new.unlink(missing_ok=True)
 
     def _create_exclusive(self, content: str) -> bool:
-        """_create on a file system without hard links: O_EXCL, and the file removed if its content cannot be written."""
+        """_create on a file system without hard links: O_EXCL, and the file removed if its content cannot be
+        written."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -123,7 +131,8 @@ class RunLock:
                 continue
             if _is_live(holder):
                 raise UserError(
-                    f"{self.folder} is in use by another trainer (pid {holder['pid']} on {holder['host']}); wait for it to "
+                    f"{self.folder} is in use by another trainer (pid {holder['pid']} on {holder['host']}); wait for "
+                    f"it to "
                     f"finish or use another --out (if that process is gone, delete {self.path})"
                 )
             stale = self.path.with_name(f"{LOCK_NAME}.stale.{socket.gethostname()}.{os.getpid()}")

@@ -1,5 +1,6 @@
 """Pure schedules of a run, functions of its config and a global step: which stage a step is in, its learning rate,
 the EMA decay of an update, and what is due after a step (a log record, a grid, an evaluation, a checkpoint)."""
+
 from __future__ import annotations
 
 import math
@@ -18,9 +19,12 @@ def ema_decay_at(t: TrainConfig, updates: int) -> float:
 
 def ema_updates(cfg: RunConfig, step: int, skipped: list[int]) -> int:
     """The EMA updates before global step `step` (counted from 0) that its warm-up counts: those since the start of the
-    latest stage with ema_restart (otherwise the run's), less the skipped non-finite steps (`skipped`, counted from 1)."""
+    latest stage with ema_restart (otherwise the run's), less the skipped non-finite steps (`skipped`, counted from
+    1)."""
     index, _ = stage_at(cfg.stages, step)
-    origin = max([start for start, s in zip(stage_starts(cfg.stages), cfg.stages[: index + 1]) if s.ema_restart], default=0)
+    origin = max(
+        [start for start, s in zip(stage_starts(cfg.stages), cfg.stages[: index + 1]) if s.ema_restart], default=0
+    )
     return step - origin - sum(1 for k in skipped if k > origin)
 
 
@@ -78,5 +82,9 @@ def due_after(cfg: RunConfig, step: int, end: int) -> Due:
     index, start = stage_at(cfg.stages, step - 1)
     stage_end = step == start + cfg.stages[index].steps
     periodic = lambda every: every > 0 and (step % every == 0 or step == end)
-    return Due(log=step % t.log_every == 0 or stage_end or step == 1, grid=periodic(t.sample_every),
-               evaluation=periodic(cfg.eval.every), checkpoint=step % t.ckpt_every == 0 or stage_end or step == end)
+    return Due(
+        log=step % t.log_every == 0 or stage_end or step == 1,
+        grid=periodic(t.sample_every),
+        evaluation=periodic(cfg.eval.every),
+        checkpoint=step % t.ckpt_every == 0 or stage_end or step == end,
+    )

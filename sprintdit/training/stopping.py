@@ -7,6 +7,7 @@ grids and evaluations of a single process) does it raise `StopNow` at once, sinc
 resume needs. Further signals while the checkpoint is written are answered with a note and otherwise ignored,
 so the save completes (SIGKILL still ends the process; the previous checkpoint stays valid, see checkpoint.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,7 +52,11 @@ class StopSignals:
         if self.quiet:
             pass
         elif self.signum is None:
-            when = "once the checkpoint being written is complete" if self._saving else "after this step, with a checkpoint"
+            when = (
+                "once the checkpoint being written is complete"
+                if self._saving
+                else "after this step, with a checkpoint"
+            )
             print(f"\n{name}: stopping {when}", file=sys.stderr, flush=True)
         elif self._saving:
             print(f"\n{name}: the checkpoint is being written; it finishes in a moment", file=sys.stderr, flush=True)
