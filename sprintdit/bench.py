@@ -125,6 +125,28 @@ def build_model(cfg: BenchConfig, device: torch.device) -> SiT:
 
 def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
     """{"config", "device", "peak_tflops", "train": [per mask ratio], "sample": {...}}."""
+    cfg = checked(cfg, device)
+    model = build_model(cfg, device)
+    for ratio in cfg.mask_ratios:
+        check_mask_ratio(ratio, "structured", model.config.grid)
+    dtype = DTYPES[cfg.precision]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    peak = cfg.peak_tflops or measure_peak_tflops(device, dtype)
+    report = {
+        "config": asdict(cfg),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "peak_tflops": peak,
+        "train": bench_training(model, cfg, device, autocast, peak),
+        "sample": bench_sampling(model, cfg, device, autocast),
+    }
+    if cfg.sparse_grids:
+        report["sparsedit"] = bench_sparsedit(model, cfg, device, autocast)
+    return report
+
+
+def checked(cfg: BenchConfig, device: torch.device) -> BenchConfig:
+    """The config with precision auto resolved for `device`, every option checked."""
     if cfg.precision == "auto":
         cfg = replace(cfg, precision="bf16" if device.type == "cuda" else "fp32")
     if cfg.precision not in DTYPES:
@@ -135,13 +157,12 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
         raise UserError(
             f"--compile-mode {cfg.compile_mode!r}: give it with --compile, one of {', '.join(COMPILE_MODES)}"
         )
-    model = build_model(cfg, device)
+    return cfg
+
+
+def bench_training(model: SiT, cfg: BenchConfig, device: torch.device, autocast, peak: float) -> list[dict]:
+    """Median training-step time, throughput, FLOPs, MFU and peak memory at each mask ratio."""
     mc = model.config
-    for ratio in cfg.mask_ratios:
-        check_mask_ratio(ratio, "structured", mc.grid)
-    dtype = DTYPES[cfg.precision]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    peak = cfg.peak_tflops or measure_peak_tflops(device, dtype)
     objective = FlowMatching(ObjectiveConfig(), null_class=mc.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     forward = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile else model
@@ -178,17 +199,7 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
     dense = next((r for r in train if r["mask_ratio"] == 0.0), None)
     for r in train:
         r["speedup_vs_dense"] = dense["step_ms"] / r["step_ms"] if dense else None
-    report = {
-        "config": asdict(cfg),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "peak_tflops": peak,
-        "train": train,
-        "sample": bench_sampling(model, cfg, device, autocast),
-    }
-    if cfg.sparse_grids:
-        report["sparsedit"] = bench_sparsedit(model, cfg, device, autocast)
-    return report
+    return train
 
 
 @torch.no_grad()

@@ -290,11 +290,16 @@ def _check_list_indices(cfg, key: str) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    t = cfg.train
-    if t.precision not in PRECISIONS:
-        raise UserError(f"train.precision is {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if t.compile_mode not in COMPILE_MODES:
-        raise UserError(f"train.compile_mode is {t.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    """Every rule of a run config that needs neither data nor a checkpoint (those are in training/resolve.py): each
+    section's own, then the rules between sections, each checked once."""
+    validate_data(cfg)
+    validate_train(cfg.train)
+    validate_stages(cfg)
+    validate_eval(cfg.eval)
+    validate_across(cfg)
+
+
+def validate_data(cfg: RunConfig) -> None:
     if cfg.data.name not in DATASETS:
         raise UserError(f"data.name is {cfg.data.name!r}; choose one of {', '.join(DATASETS)}")
     if cfg.data.vae is not None and cfg.data.name != "latents":
@@ -306,6 +311,17 @@ def validate(cfg: RunConfig) -> None:
             "eval.every scores images; video runs are scored by the video demo (sprintdit.moving.score_clips): set "
             "eval.every=0"
         )
+    if cfg.data.num_workers < 0:
+        raise UserError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.resolution < 1:
+        raise UserError(f"data.resolution must be >= 1, got {cfg.data.resolution}")
+
+
+def validate_train(t: TrainConfig) -> None:
+    if t.precision not in PRECISIONS:
+        raise UserError(f"train.precision is {t.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if t.compile_mode not in COMPILE_MODES:
+        raise UserError(f"train.compile_mode is {t.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     counts = {
         "batch_size": t.batch_size,
         "grad_accum": t.grad_accum,
@@ -318,17 +334,19 @@ def validate(cfg: RunConfig) -> None:
     for name, value in counts.items():
         if value < 1:
             raise UserError(f"train.{name} must be >= 1, got {value}")
-    if t.sample_every < 0 or t.max_nonfinite_steps < 0 or cfg.data.num_workers < 0:
-        raise UserError("train.sample_every, train.max_nonfinite_steps and data.num_workers must be >= 0")
+    if t.sample_every < 0 or t.max_nonfinite_steps < 0:
+        raise UserError("train.sample_every and train.max_nonfinite_steps must be >= 0")
     if any(n not in LOGGERS for n in t.loggers) or "jsonl" not in t.loggers:
         raise UserError(
             f"train.loggers is {list(t.loggers)}: choose from {', '.join(LOGGERS)}; jsonl is always one of them "
             f"(resume reads it)"
         )
-    if cfg.data.resolution < 1:
-        raise UserError(f"data.resolution must be >= 1, got {cfg.data.resolution}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise UserError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+
+
+def validate_stages(cfg: RunConfig) -> None:
+    t = cfg.train
     if not cfg.stages:
         raise UserError("the config needs at least one entry under 'stages'")
     for i, s in enumerate(cfg.stages):
@@ -351,7 +369,14 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"stages.{i}.decay is {s.decay!r}; choose one of {', '.join(LR_DECAYS)}")
         if s.mask_type not in MASK_TYPES:
             raise UserError(f"stages.{i}.mask_type is {s.mask_type!r}; choose one of {', '.join(MASK_TYPES)}")
-    validate_eval(cfg.eval)
+    names = [s.name for s in cfg.stages]
+    if len(set(names)) != len(names):
+        raise UserError(f"stage names must be unique, got {names}")
+
+
+def validate_across(cfg: RunConfig) -> None:
+    """The rules between sections (model, objective, sample, eval, train)."""
+    t = cfg.train
     if cfg.model.sprint.fusion == "none" and cfg.sample.guidance == "pdg":
         raise UserError(
             "sample.guidance 'pdg' needs model.sprint.fusion 'concat_linear'; use sample.guidance=cfg for fusion 'none'"
@@ -370,9 +395,6 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"train.distill_weight must be in [0, 1], got {t.distill_weight}")
     if t.sparse_gating and (cfg.model.arch != "sparsedit" or cfg.objective.kind != "flow"):
         raise UserError("train.sparse_gating is for SparseDiT (model.arch sparsedit) trained with objective.kind flow")
-    names = [s.name for s in cfg.stages]
-    if len(set(names)) != len(names):
-        raise UserError(f"stage names must be unique, got {names}")
 
 
 def reference_root(data: DataConfig) -> str | None:

@@ -68,13 +68,7 @@ def run_demo(
             + "".join(f"{metrics[name]:>17.4f}" if name in metrics else f"{'-':>17}" for name in SHOWN)
         )
     log(f"grids (one row per class): {results['pdg']['grid']}, {results['cfg']['grid']}")
-    results["total_seconds"] = time.perf_counter() - start
-    log(
-        f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: "
-        f"{folder.parent}; results: {out / 'demo.json'}"
-    )
-    atomic_write_text(out / "demo.json", json.dumps(results, indent=2) + "\n")
-    return results
+    return finish(results, start, folder, out, log)
 
 
 def demo_trainer(cfg: RunConfig, out: Path, kind: str, data_name: str, progress: bool) -> Trainer:
@@ -111,14 +105,13 @@ def run_text_demo(
     layouts = {kind: [data.item(i)[0] for i in range(per_kind)] for kind, data in kinds.items()}
     captions = [caption_of(layout) for kind in kinds for layout in layouts[kind]]
     ids = [tokenize(c, run.model.text.vocabulary, run.model.text.max_tokens) for c in captions]
-    seeds = list(range(len(ids)))
     classifier = load_classifier(device=trainer.device)
     real = kinds["train"].load(torch.arange(len(ids)) + len(kinds["train"]) // 2)[0]  # real canvases (other indices)
     real_stats = feature_stats(classify(classifier, real)[0])
     sampler = trainer.sampling_run()
     for guidance in GUIDANCES:
         scfg = sampler.sample_config(guidance=guidance)
-        images, seconds = sampler.generate(ids, seeds, scfg)
+        images, seconds = sampler.generate(ids, list(range(len(ids))), scfg)
         images = images.clamp(-1, 1)
         r = {
             "sample_seconds": seconds,
@@ -141,6 +134,26 @@ def run_text_demo(
         f"steps); "
         f"caption accuracy = share of the 4 cells read right (filled: the cells with a garment alone)"
     )
+    log_text_table(results, log)
+    log(
+        f"grids (held-out captions, in demo_<guidance>_captions.txt, 8 per row): {results['pdg']['grid']}, "
+        f"{results['cfg']['grid']}"
+    )
+    return finish(results, start, folder, out, log)
+
+
+def finish(results: dict, start: float, folder: Path, out: Path, log: Callable[[str], None]) -> dict:
+    """Every demo's last lines: the total time, where things are, and out/demo.json."""
+    results["total_seconds"] = time.perf_counter() - start
+    log(
+        f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: "
+        f"{folder.parent}; results: {out / 'demo.json'}"
+    )
+    atomic_write_text(out / "demo.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def log_text_table(results: dict, log: Callable[[str], None]) -> None:
     log(f"{'guidance':<14}{'seconds':>9}{'seen':>8}{'filled':>8}{'held-out':>10}{'filled':>8}{'FID':>9}")
     for guidance in GUIDANCES:
         r = results[guidance]
@@ -150,17 +163,40 @@ def run_text_demo(
             f"{r['train']['filled_cell_accuracy']:>8.1%}{r['held_out']['caption_accuracy']:>10.1%}"
             f"{r['held_out']['filled_cell_accuracy']:>8.1%}{r['fid']:>9.2f}"
         )
-    log(
-        f"grids (held-out captions, in demo_<guidance>_captions.txt, 8 per row): {results['pdg']['grid']}, "
-        f"{results['cfg']['grid']}"
-    )
-    results["total_seconds"] = time.perf_counter() - start
-    log(
-        f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: "
-        f"{folder.parent}; results: {out / 'demo.json'}"
-    )
-    atomic_write_text(out / "demo.json", json.dumps(results, indent=2) + "\n")
-    return results
+
+
+def stage_speedup(run: RunConfig, metrics: list[dict]) -> tuple:
+    """(the most masked stage on whole clips, {"steps_per_s", "stage1_speedup"}): its median steps/s over the dense
+    stage's from the run's log (empty when the run has no such pair); stages on shorter clips are left out, so the
+    speed-up compares like with like."""
+    rates = stage_rates(metrics)
+    whole = [s for s in run.stages if s.frames is None]
+    masked, dense = max(whole, key=lambda s: s.mask_ratio), min(whole, key=lambda s: s.mask_ratio)
+    if masked.mask_ratio > 0 and dense.mask_ratio == 0 and {masked.name, dense.name} <= rates.keys():
+        return masked, {"steps_per_s": rates, "stage1_speedup": rates[masked.name] / rates[dense.name]}
+    return masked, {}
+
+
+def real_clip_scores(run: RunConfig, count: int, readers) -> tuple:
+    """(frame statistics of `count` real test clips, the scores of the next `count` against them: the ceiling)."""
+    from .moving import MovingFashionMNIST, real_frame_stats, score_clips
+
+    real_data = MovingFashionMNIST(run.data.root, "test", run.data.frames)
+    real, real_labels = real_data.load(torch.arange(count))
+    real_stats = real_frame_stats(real, readers)
+    others = real_frame_stats(real_data.load(torch.arange(count) + count)[0], readers)
+    return real_stats, score_clips(real, real_labels, readers, others)
+
+
+def log_video_table(results: dict, log: Callable[[str], None]) -> None:
+    log(f"{'':<14}{'seconds':>9}{'frame class':>13}{'clip consistent':>17}{'path residual px':>18}{'frame FID':>11}")
+    for name in ("real", *GUIDANCES):
+        r = results[name]
+        head = "real test clips" if name == "real" else f"{name.upper()} scale {r['guidance_scale']:g}"
+        log(
+            f"{head:<14}{r.get('sample_seconds', 0.0):>9.1f}{r['frame_class_agreement']:>13.1%}"
+            f"{r['clip_consistency']:>17.1%}{r['path_residual_px']:>18.2f}{r['frame_fid']:>11.2f}"
+        )
 
 
 def stage_rates(rows: list[dict]) -> dict[str, float]:
@@ -182,7 +218,7 @@ def run_video_demo(
     log. Writes out/demo.json, a frame-strip grid (`shown` clips per class), one GIF per class and an npz per
     guidance."""
     from .images import save_gif, save_npz
-    from .moving import MovingFashionMNIST, load_readers, real_frame_stats, score_clips
+    from .moving import load_readers, score_clips
 
     start = tic = time.perf_counter()
     trainer = demo_trainer(cfg, out, "video", "moving_fashion_mnist", progress)
@@ -194,27 +230,14 @@ def run_video_demo(
     )
     folder = trainer.fit()
     results: dict = {"train_seconds": time.perf_counter() - tic}
-    rates = stage_rates(trainer.folder.metrics())
-    whole = [s for s in run.stages if s.frames is None]  # stages on whole clips: the speed-up compares like with like
-    masked, dense = max(whole, key=lambda s: s.mask_ratio), min(whole, key=lambda s: s.mask_ratio)
-    if masked.mask_ratio > 0 and dense.mask_ratio == 0 and {masked.name, dense.name} <= rates.keys():
-        results["steps_per_s"] = rates
-        results["stage1_speedup"] = rates[masked.name] / rates[dense.name]
+    masked, speed = stage_speedup(run, trainer.folder.metrics())
+    results.update(speed)
     classes = run.model.num_classes
     labels, seeds = eval_labels_and_seeds(run.eval, classes)
     readers = load_readers(trainer.device)
-    real_data = MovingFashionMNIST(run.data.root, "test", run.data.frames)
-    real, real_labels = real_data.load(torch.arange(len(labels)))
-    real_stats = real_frame_stats(real, readers)
-    results["real"] = score_clips(
-        real,
-        real_labels,
-        readers,
-        real_frame_stats(real_data.load(torch.arange(len(labels)) + len(labels))[0], readers),
-    )
-    rows = [
-        i for c in range(classes) for i in range(c, classes * shown, classes)
-    ]  # `shown` clips per class, a row each
+    real_stats, results["real"] = real_clip_scores(run, len(labels), readers)
+    # `shown` clips per class, a row each
+    rows = [i for c in range(classes) for i in range(c, classes * shown, classes)]
     sampler = trainer.sampling_run()
     for guidance in GUIDANCES:
         scfg = sampler.sample_config(guidance=guidance)
@@ -234,14 +257,7 @@ def run_video_demo(
         f"{len(labels)} clips per guidance ({run.sample.sampler}, {run.sample.steps} steps), read frame by frame "
         f"(sprintdit.moving.Readers):"
     )
-    log(f"{'':<14}{'seconds':>9}{'frame class':>13}{'clip consistent':>17}{'path residual px':>18}{'frame FID':>11}")
-    for name in ("real", *GUIDANCES):
-        r = results[name]
-        head = "real test clips" if name == "real" else f"{name.upper()} scale {r['guidance_scale']:g}"
-        log(
-            f"{head:<14}{r.get('sample_seconds', 0.0):>9.1f}{r['frame_class_agreement']:>13.1%}"
-            f"{r['clip_consistency']:>17.1%}{r['path_residual_px']:>18.2f}{r['frame_fid']:>11.2f}"
-        )
+    log_video_table(results, log)
     if "stage1_speedup" in results:
         log(
             f"stage {masked.name} (mask {masked.mask_ratio:g}) runs {results['stage1_speedup']:.2f}x the dense stage's "
@@ -251,10 +267,4 @@ def run_video_demo(
         f"frame strips ({shown} clips per class, a row each): {results['pdg']['grid']}, {results['cfg']['grid']}; "
         f"GIFs: {out}/demo_<guidance>_gifs"
     )
-    results["total_seconds"] = time.perf_counter() - start
-    log(
-        f"demo done in {results['total_seconds']:.0f}s (training {results['train_seconds']:.0f}s); checkpoints: "
-        f"{folder.parent}; results: {out / 'demo.json'}"
-    )
-    atomic_write_text(out / "demo.json", json.dumps(results, indent=2) + "\n")
-    return results
+    return finish(results, start, folder, out, log)

@@ -29,9 +29,31 @@ from .files import atomic_folder, check_new_folder, synced
 FORMATS = ("sprintdit", "diffusers")
 
 
+def evaluation_lines(evals: dict[str, dict]) -> list[str]:
+    """The model card's evaluation section: one line per stored eval_*.json."""
+    if not evals:
+        return [
+            "No evaluation was stored with this checkpoint (run `sprintdit evaluate --checkpoint ...` before "
+            "exporting)."
+        ]
+    lines = []
+    for name, result in evals.items():
+        setting = result.get("setting", {}).get("sample", {})
+        lines.append(
+            f"- `{name}` ({result.get('num_samples', '?')} samples, {setting.get('guidance', '?')} scale "
+            f"{setting.get('scale', '?')}, "
+            f"{setting.get('sampler', '?')} {setting.get('steps', '?')} steps): "
+            + "; ".join(
+                f"{net}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(vals.items()) if isinstance(v, (int, float)))
+                for net, vals in result.get("metrics", {}).items()
+            )
+        )
+    return lines
+
+
 def model_card(run: RunConfig, evals: dict[str, dict], source: Path) -> str:
+    """README.md of an exported folder: the architecture, the training recipe, the stored evaluations, how to use it."""
     m, t = run.model, run.train
-    params = "see model.safetensors"
     sp = m.sprint
     split = (
         f"; SPRINT split {sp.encoder_depth}/{m.middle_depth}/{sp.decoder_depth} blocks, fusion {sp.fusion}, path-drop "
@@ -59,7 +81,7 @@ def model_card(run: RunConfig, evals: dict[str, dict], source: Path) -> str:
         f"{'x'.join(map(str, [m.in_channels, *m.input_size]))} "
         f"input ({'x'.join(map(str, m.grid))} tokens), {m.num_classes} classes, {m.pos_embed} positions, qk-norm "
         f"{m.qk_norm}{split}. Objective: "
-        f"{run.objective.kind}; parameters: {params}.",
+        f"{run.objective.kind}; parameters: see model.safetensors.",
         "",
         "## Training recipe",
         "",
@@ -75,22 +97,7 @@ def model_card(run: RunConfig, evals: dict[str, dict], source: Path) -> str:
         "## Evaluation",
         "",
     ]
-    if not evals:
-        lines.append(
-            "No evaluation was stored with this checkpoint (run `sprintdit evaluate --checkpoint ...` before "
-            "exporting)."
-        )
-    for name, result in evals.items():
-        setting = result.get("setting", {}).get("sample", {})
-        lines.append(
-            f"- `{name}` ({result.get('num_samples', '?')} samples, {setting.get('guidance', '?')} scale "
-            f"{setting.get('scale', '?')}, "
-            f"{setting.get('sampler', '?')} {setting.get('steps', '?')} steps): "
-            + "; ".join(
-                f"{net}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(vals.items()) if isinstance(v, (int, float)))
-                for net, vals in result.get("metrics", {}).items()
-            )
-        )
+    lines += evaluation_lines(evals)
     lines += [
         "",
         "## Use",

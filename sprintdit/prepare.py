@@ -150,7 +150,7 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     """Encode every pending shard of this rank; rank 0 then writes the manifest. Re-running resumes."""
     from tqdm import tqdm
 
-    from .vae import config_sha256, downsample_factor, load_vae
+    from .vae import downsample_factor, load_vae
 
     if cfg.resolution < 1 or cfg.shard_size < 1 or cfg.batch_size < 1 or cfg.patch_size < 1:
         raise UserError("--resolution, --shard-size, --batch-size and --patch-size must be >= 1")
@@ -162,39 +162,19 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
         torch.cuda.set_device(device)  # this rank's GPU (NCCL's barrier uses the current device)
     d = joined(device)
     rank, world = d.shard
-    clips = None
-    if cfg.clips:
-        if cfg.captions or features is not None or cfg.vae is None:
-            raise UserError(
-                "prepare --clips encodes class-labelled clips with --vae; captions and DINOv2 features are for images"
-            )
-        clips = ClipFolder(root, cfg.resolution, cfg.frames)
-        classes, files = clips.classes, clips.clips
-    elif cfg.captions:
-        classes, files = [], prepare_captions(cfg, root, out, device, d)
-    else:
-        classes, files = scan_class_folders(root)
+    clips, classes, files = list_inputs(cfg, features, root, out, d)
     if cfg.vae is None:
         return PrepareResult(manifest=out / TABLE_INFO if rank == 0 else None)
     vae = load_vae(cfg.vae, device)
     factor = downsample_factor(vae)
     if cfg.resolution % (factor * cfg.patch_size):
         raise UserError(
-            f"--resolution {cfg.resolution} is not divisible by the VAE's factor {factor} x --patch-size "
-            f"{cfg.patch_size}"
+            f"--resolution {cfg.resolution} is not divisible by VAE factor {factor} x --patch-size {cfg.patch_size}"
         )
     grid = cfg.resolution // factor // cfg.patch_size
     if features is not None:
         features.model.to(device).eval()
-    settings = {
-        "resolution": cfg.resolution,
-        "vae_config_sha256": config_sha256(cfg.vae),
-        "dinov2": None
-        if features is None
-        else {"model": features.name, "weights": str(features.weights), "grid": grid},
-        "captions": None if cfg.captions is None else json.loads((out / TABLE_INFO).read_text())["sha256"],
-        **({"frames": clips.resolution[0]} if clips is not None else {}),
-    }
+    settings = shard_settings(cfg, features, grid, out, clips)
     out.mkdir(parents=True, exist_ok=True)
     plan = [files[i : i + cfg.shard_size] for i in range(0, len(files), cfg.shard_size)]
     result = PrepareResult(manifest=None)
@@ -226,6 +206,35 @@ def prepare(cfg: PrepareConfig, features: FeatureEncoder | None = None) -> Prepa
     if rank == 0:
         result.manifest = write_manifest(out, plan, classes, settings, vae, cfg, features)
     return result
+
+
+def shard_settings(cfg: PrepareConfig, features: FeatureEncoder | None, grid: int, out: Path, clips) -> dict:
+    """What a shard's latents depend on beyond its files (a shard written with other settings is encoded again)."""
+    from .vae import config_sha256
+
+    dinov2 = None if features is None else {"model": features.name, "weights": str(features.weights), "grid": grid}
+    return {
+        "resolution": cfg.resolution,
+        "vae_config_sha256": config_sha256(cfg.vae),
+        "dinov2": dinov2,
+        "captions": None if cfg.captions is None else json.loads((out / TABLE_INFO).read_text())["sha256"],
+        **({"frames": clips.resolution[0]} if clips is not None else {}),
+    }
+
+
+def list_inputs(cfg: PrepareConfig, features: FeatureEncoder | None, root: Path, out: Path, d) -> tuple:
+    """(the clip folder or None, class names, the files to encode): clips, captioned images (their caption
+    embeddings are written first) or a class-per-folder image tree."""
+    if cfg.clips:
+        if cfg.captions or features is not None or cfg.vae is None:
+            raise UserError(
+                "prepare --clips encodes class-labelled clips with --vae; captions and DINOv2 features are for images"
+            )
+        clips = ClipFolder(root, cfg.resolution, cfg.frames)
+        return clips, clips.classes, clips.clips
+    if cfg.captions:
+        return None, [], prepare_captions(cfg, root, out, d.device, d)
+    return None, *scan_class_folders(root)
 
 
 def write_shard(

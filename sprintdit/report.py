@@ -161,68 +161,7 @@ def write_report(study, results: list[dict], seeds: int, row_names: list[str], m
     out, spec = study.out, study.spec
     rows = aggregate(results, row_names)
     claims = [(c, *judge(c, rows)) for c in spec.claims]
-    charts = []
-    series = [(r.name, s, plots.read_metrics(study.run_dir(r.name, s))) for s in range(seeds) for r in spec.runs]
-    if any(records for _, _, records in series):
-        charts.append(
-            plots.curve_chart(
-                series,
-                "tflops",
-                out / "fid_vs_tflops.png",
-                f"{study.name}: FID against training compute (line style: seed)",
-            )
-        )
-        charts.append(
-            plots.curve_chart(
-                series,
-                "seconds",
-                out / "fid_vs_seconds.png",
-                f"{study.name}: FID against training wall-clock (line style: seed)",
-            )
-        )
-    bars = [
-        (row_id, [v for v in row["values"]["fid"] if v is not None])
-        for row_id, row in rows.items()
-        if "/" not in row_id
-    ]
-    bars = [(row_id, values) for row_id, values in bars if values]
-    if bars:
-        charts.append(plots.bars_chart(bars, out / "fid_final.png", f"{study.name}: final FID per run (dots: seeds)"))
-    grids = [(r["run"], out / r["grid"]) for r in results if r["seed"] == 0]
-    for run, path in grids:
-        if (
-            not path.is_file()
-        ):  # a run folder copied, renamed or cleaned by hand: its grid is left out, the report still written
-            study.log(f"note: {run}'s sample grid {path} is missing; samples.png leaves it out")
-    grids = [(run, path) for run, path in grids if path.is_file()]
-    if grids:
-        charts.append(plots.grids_chart(grids, out / "samples.png"))
-    if any(run.sweep or run.sparsify for run in spec.runs):
-        tradeoff: dict[str, list] = {}
-        for row_id, row in rows.items():
-            if "/" in row_id:  # a sweep: one series per run and guidance
-                sweep = sweep_of(spec, row_id)
-                name, label = (
-                    f"{row_id.split('/')[0]}: {sweep.guidance or spec.evaluation.guidance}",
-                    row_id.split("/", 1)[1],
-                )
-            else:
-                name, label = "runs (the study's evaluation)", row_id
-            point = (
-                row["mean"]["sample_gflops"],
-                row["mean"]["sample_ms"],
-                row["mean"]["fid"],
-                row["spread"]["fid"] or 0.0,
-                label,
-            )
-            tradeoff.setdefault(name, ([], "/" in row_id))[0].append(point)
-        charts.append(
-            plots.tradeoff_chart(
-                tradeoff,
-                out / "fid_vs_sampling.png",
-                ("sampling GFLOP per image", "sampling ms per image (this machine)"),
-            )
-        )
+    charts = report_charts(study, results, rows, seeds)
     wall = sum(r["wall_seconds"] for r in results)
     atomic_write_text(out / "results.md", markdown(study, rows, claims, seeds, charts, wall, machine))
     data = {
@@ -237,3 +176,46 @@ def write_report(study, results: list[dict], seeds: int, row_names: list[str], m
     }
     atomic_write_text(out / "results.json", json.dumps(data, indent=2) + "\n")
     return data
+
+
+def report_charts(study, results: list[dict], rows: dict, seeds: int) -> list[Path]:
+    """The study's charts: FID against training TFLOP and seconds, the final FID per run, the sample grids side by
+    side and, with sweeps or SparseDiT runs, FID against sampling cost."""
+    out, spec = study.out, study.spec
+    charts = []
+    series = [(r.name, s, plots.read_metrics(study.run_dir(r.name, s))) for s in range(seeds) for r in spec.runs]
+    if any(records for _, _, records in series):
+        for axis, what in (("tflops", "training compute"), ("seconds", "training wall-clock")):
+            title = f"{study.name}: FID against {what} (line style: seed)"
+            charts.append(plots.curve_chart(series, axis, out / f"fid_vs_{axis}.png", title))
+    bars = [(row_id, [v for v in row["values"]["fid"] if v is not None]) for row_id, row in rows.items()]
+    bars = [(row_id, values) for row_id, values in bars if values and "/" not in row_id]
+    if bars:
+        charts.append(plots.bars_chart(bars, out / "fid_final.png", f"{study.name}: final FID per run (dots: seeds)"))
+    grids = [(r["run"], out / r["grid"]) for r in results if r["seed"] == 0]
+    for run, path in grids:
+        if not path.is_file():  # a run folder copied, renamed or cleaned by hand: the report is still written
+            study.log(f"note: {run}'s sample grid {path} is missing; samples.png leaves it out")
+    grids = [(run, path) for run, path in grids if path.is_file()]
+    if grids:
+        charts.append(plots.grids_chart(grids, out / "samples.png"))
+    if any(run.sweep or run.sparsify for run in spec.runs):
+        axes = ("sampling GFLOP per image", "sampling ms per image (this machine)")
+        charts.append(plots.tradeoff_chart(tradeoff_series(spec, rows), out / "fid_vs_sampling.png", axes))
+    return charts
+
+
+def tradeoff_series(spec, rows: dict) -> dict[str, tuple]:
+    """FID against sampling cost: one series per run and guidance of the sweeps, one of the runs themselves."""
+    tradeoff: dict[str, tuple] = {}
+    for row_id, row in rows.items():
+        if "/" in row_id:  # a sweep: one series per run and guidance
+            sweep = sweep_of(spec, row_id)
+            name = f"{row_id.split('/')[0]}: {sweep.guidance or spec.evaluation.guidance}"
+            label = row_id.split("/", 1)[1]
+        else:
+            name, label = "runs (the study's evaluation)", row_id
+        mean = row["mean"]
+        point = (mean["sample_gflops"], mean["sample_ms"], mean["fid"], row["spread"]["fid"] or 0.0, label)
+        tradeoff.setdefault(name, ([], "/" in row_id))[0].append(point)
+    return tradeoff

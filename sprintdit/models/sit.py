@@ -90,6 +90,18 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         missing.append("repa.dim")
     if missing:
         raise UserError(f"model config needs {', '.join('model.' + m for m in missing)} (or a model.preset)")
+    check_values(cfg)
+    check_shapes(cfg)
+    check_sprint(cfg)
+    if cfg.condition == "text":
+        check_text(cfg)
+    if cfg.arch == "sparsedit":
+        check_sparsedit(cfg)
+    return replace(cfg, input_size=[int(s) for s in cfg.input_size])
+
+
+def check_values(cfg: ModelConfig) -> None:
+    """Sizes at least 1, numbers in range, choices among the known ones."""
     sizes = {
         "patch_size": cfg.patch_size,
         "patch_size_t": cfg.patch_size_t,
@@ -117,6 +129,10 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     ):
         if value not in choices:
             raise UserError(f"model.{name} is {value!r}; choose one of {', '.join(choices)}")
+
+
+def check_shapes(cfg: ModelConfig) -> None:
+    """The input, patch, head and position sizes fit together."""
     if len(cfg.input_size) not in (2, 3) or (len(cfg.input_size) == 2 and cfg.patch_size_t != 1):
         raise UserError(
             f"model.input_size {list(cfg.input_size)} must be [H, W] (images; model.patch_size_t 1) or [F, H, W] "
@@ -135,6 +151,10 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
             f"{cfg.pos_embed} positions need a {'head dim' if cfg.pos_embed == 'rope' else 'hidden_size'} divisible by "
             f"4 (and >= 8 for video), got {position_width}"
         )
+
+
+def check_sprint(cfg: ModelConfig) -> None:
+    """The SPRINT split and path drop, and REPA's block."""
     sp, repa = cfg.sprint, cfg.repa
     if min(sp.encoder_depth, sp.decoder_depth) < 0 or cfg.middle_depth < 0:
         raise UserError(
@@ -152,11 +172,6 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         raise UserError(
             "model.sprint.path_drop_prob needs a dense path to fall back on: set it to 0 with fusion 'none'"
         )
-    if cfg.condition == "text":
-        check_text(cfg)
-    if cfg.arch == "sparsedit":
-        check_sparsedit(cfg)
-    return replace(cfg, input_size=[int(s) for s in cfg.input_size])
 
 
 def check_text(cfg: ModelConfig) -> None:
