@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .distributed import DistributedConfig
 from .errors import UserError, warn
 from .masking import MASK_TYPES
-from .sections import DDPM_SAMPLERS, FLOW_SAMPLERS, ModelConfig, ObjectiveConfig, SampleConfig
+from .sections import ModelConfig, ObjectiveConfig, SampleConfig, check_sampling
 
 CONFIG_DIR = Path(
     str(resources.files("sprintdit") / "configs")
@@ -377,15 +377,10 @@ def validate_stages(cfg: RunConfig) -> None:
 def validate_across(cfg: RunConfig) -> None:
     """The rules between sections (model, objective, sample, eval, train)."""
     t = cfg.train
-    if cfg.model.sprint.fusion == "none" and cfg.sample.guidance == "pdg":
-        raise UserError(
-            "sample.guidance 'pdg' needs model.sprint.fusion 'concat_linear'; use sample.guidance=cfg for fusion 'none'"
-        )
-    if (cfg.sample.sampler in DDPM_SAMPLERS) != (cfg.objective.kind == "ddpm"):
-        raise UserError(
-            f"sample.sampler {cfg.sample.sampler!r} does not fit objective.kind {cfg.objective.kind!r} (ddpm: "
-            f"{' | '.join(DDPM_SAMPLERS)}; flow: {' | '.join(FLOW_SAMPLERS)})"
-        )
+    try:
+        check_sampling(cfg.model, cfg.objective.kind, cfg.sample)
+    except UserError as err:
+        raise UserError(f"sample: {err}") from None
     if cfg.model.condition == "text" and cfg.eval.every:
         raise UserError(
             "eval.every: in-training evaluation scores class-conditional samples; a text model is scored by its demo "

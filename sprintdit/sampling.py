@@ -17,7 +17,7 @@ import torch
 from .distributed import Dist, batches_of_rank, gather_to_main
 from .errors import UserError
 from .objective import DDPM, DiffusionProcess, FlowMatching, correlate_frames, null_like, spaced_steps
-from .sections import DDPM_SAMPLERS, FLOW_SAMPLERS, SampleConfig
+from .sections import SampleConfig, check_sampling
 from .text import check_token_ids
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -156,15 +156,7 @@ def check_request(
         bad = [y for y in labels if not 0 <= y < mc.num_classes]
         if bad:
             raise UserError(f"labels must be in [0, {mc.num_classes - 1}], got {bad[:5]}")
-    if cfg.guidance == "pdg" and model.fusion is None:
-        raise UserError("Path-Drop Guidance needs fusion 'concat_linear'; use guidance cfg or none")
-    ddpm = isinstance(objective, DDPM)
-    if (cfg.sampler in DDPM_SAMPLERS) != ddpm:
-        choices = DDPM_SAMPLERS if ddpm else FLOW_SAMPLERS
-        raise UserError(
-            f"sampler {cfg.sampler!r} does not fit this {'DDPM' if ddpm else 'flow-matching'} model; choose one of "
-            f"{', '.join(choices)}"
-        )
+    check_sampling(mc, "ddpm" if isinstance(objective, DDPM) else "flow", cfg)
 
 
 @torch.no_grad()

@@ -218,3 +218,17 @@ class SampleConfig:
             raise UserError(f"guidance interval must be [low, high] within [0, 1], got {list(self.interval)}")
         if self.sampler == "sde" and not 0.0 < self.sde_last_t < 1.0:
             raise UserError(f"sde_last_t must be in (0, 1), got {self.sde_last_t}")
+
+
+def check_sampling(model: ModelConfig, objective_kind: str, sample: SampleConfig) -> None:
+    """The rules between a model, its objective and sampling settings, for a run config and for a network about to
+    sample alike: PDG needs SPRINT's fusion (the dense path it falls back on), the sampler must fit the objective."""
+    if sample.guidance == "pdg" and (model.arch != "sit" or model.sprint.fusion == "none"):
+        raise UserError(
+            "guidance 'pdg' (Path-Drop Guidance) needs model.sprint.fusion 'concat_linear'; use guidance cfg or none"
+        )
+    if (sample.sampler in DDPM_SAMPLERS) != (objective_kind == "ddpm"):
+        raise UserError(
+            f"sampler {sample.sampler!r} does not fit objective.kind {objective_kind!r} (ddpm: "
+            f"{' | '.join(DDPM_SAMPLERS)}; flow: {' | '.join(FLOW_SAMPLERS)})"
+        )

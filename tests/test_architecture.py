@@ -2,6 +2,7 @@
 inside sprintdit/training, and nothing outside it reaches into them."""
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 import sprintdit
@@ -76,3 +77,27 @@ def test_no_function_reads_longer_than_a_screen():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60
     ]
     assert not long, long
+
+
+def test_a_rule_between_sections_is_one_function_for_configs_and_networks():
+    """PDG without SPRINT's fusion is refused by the same rule whether a config says it or a network is asked to."""
+    import pytest
+    import torch
+
+    from sprintdit.config import load_config
+    from sprintdit.errors import UserError
+    from sprintdit.models import build_model, resolve_model_config
+    from sprintdit.objective import build_objective
+    from sprintdit.sampling import SampleConfig, generate
+
+    dense = ["model.sprint.fusion=none", "model.sprint.path_drop_prob=0", "sample.guidance=pdg"]
+    with pytest.raises(UserError) as from_config:
+        load_config("fashion_mnist_sprint", dense)
+    cfg = load_config("fashion_mnist_sprint", dense[:2] + ["sample.guidance=cfg", "model.preset=SiT-Nano/4"])
+    model_cfg = replace(cfg.model, input_size=[8, 8], in_channels=1, num_classes=2)
+    model = build_model(resolve_model_config(model_cfg))
+    objective = build_objective(cfg.objective, 2, False)
+    with pytest.raises(UserError) as from_network:
+        generate(model, objective, [0], [0], SampleConfig(guidance="pdg", steps=1), torch.device("cpu"))
+    assert str(from_config.value) == f"sample: {from_network.value}"
+    assert "Path-Drop Guidance" in str(from_network.value)
