@@ -192,7 +192,7 @@ def train_on_ranks(args) -> int:
 
 def sample_settings(args) -> dict:
     """The sampling options given on the command line (None: keep the checkpoint's)."""
-    given = {k: getattr(args, k) for k in ("sampler", "steps", "guidance", "scale", "batch_size")}
+    given = {k: getattr(args, k) for k in ("sampler", "steps", "guidance", "scale", "batch_size", "timestep_spacing")}
     if args.interval is not None:
         try:
             given["interval"] = [float(v) for v in args.interval.split(",")]
@@ -729,6 +729,10 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
         "--sampler", help="flow: euler | heun | dopri5 (adaptive; --steps unused) | sde; ddpm objective: ddpm | ddim"
     )
     g.add_argument("--steps", type=int, help="sampling steps")
+    g.add_argument(
+        "--timestep-spacing",
+        help="dpm-solver++: linspace (default, PixArt's) | leading | trailing, as diffusers names them",
+    )
     g.add_argument("--guidance", help="none | cfg (classifier-free) | pdg (Path-Drop Guidance)")
     g.add_argument("--scale", type=float, help="guidance scale")
     g.add_argument("--interval", help="guide only for t in LOW,HIGH (t=1 is noise), e.g. 0,0.7")

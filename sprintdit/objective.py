@@ -192,6 +192,22 @@ def spaced_steps(num_timesteps: int, steps: int) -> list[int]:
     return [round(i * stride) for i in range(steps)]
 
 
+def solver_steps(num_timesteps: int, steps: int, spacing: str) -> list[int]:
+    """The training steps a multistep solver visits, noisiest first, chosen as diffusers' schedulers do
+    (`timestep_spacing`; Lin et al. 2023, table 2): linspace rounds steps + 1 points from 0 to T - 1 and drops 0;
+    leading takes multiples of T // (steps + 1); trailing counts down from T - 1 by T / steps."""
+    if not 1 <= steps < num_timesteps:
+        raise UserError(f"DPM-Solver++ steps must be in [1, {num_timesteps - 1}], got {steps}")
+    if spacing == "linspace":
+        points = torch.linspace(0, num_timesteps - 1, steps + 1, dtype=torch.float64).round()
+        return [int(t) for t in points.flip(0)[:-1]]
+    if spacing == "leading":
+        ratio = num_timesteps // (steps + 1)
+        return [i * ratio for i in range(steps, 0, -1)]
+    ratio = num_timesteps / steps
+    return [round(num_timesteps - i * ratio) - 1 for i in range(steps)]
+
+
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))

@@ -184,7 +184,8 @@ class ObjectiveConfig:
 # ----------------------------------------------------------------------------------- sampling
 
 FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
-DDPM_SAMPLERS = ("ddpm", "ddim")
+DDPM_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")  # dpm-solver++'s choice of steps, as diffusers names them
 SAMPLERS = FLOW_SAMPLERS + DDPM_SAMPLERS
 GUIDANCES = ("none", "cfg", "pdg")
 
@@ -192,7 +193,7 @@ GUIDANCES = ("none", "cfg", "pdg")
 @dataclass
 class SampleConfig:
     # flow: euler | heun | dopri5 (adaptive, torchdiffeq; steps unused) (ODE) | sde (Euler-Maruyama, SiT's); ddpm
-    # objective: ddpm | ddim
+    # objective: ddpm | ddim (DiT's respacing) | dpm-solver++ (2M multistep, PixArt's default at 20 steps)
     sampler: str = "euler"
     steps: int = 50
     guidance: str = "pdg"  # none | cfg (classifier-free) | pdg (Path-Drop Guidance)
@@ -202,8 +203,12 @@ class SampleConfig:
     atol: float = 1e-6  # dopri5: absolute and relative error tolerances per step (SiT's ODE sampler defaults)
     rtol: float = 1e-3
     batch_size: int = 64
+    # dpm-solver++: the T training steps it visits: linspace (PixArt's, diffusers' default) | leading | trailing
+    timestep_spacing: str = "linspace"
 
     def __post_init__(self) -> None:
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise UserError(f"timestep_spacing {self.timestep_spacing!r}: choose one of {', '.join(TIMESTEP_SPACINGS)}")
         if self.sampler not in SAMPLERS:
             raise UserError(f"sampler {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         if self.guidance not in GUIDANCES:

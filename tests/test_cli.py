@@ -84,6 +84,8 @@ def test_train_then_sample_end_to_end(fmnist_dir, tmp_path, capsys):
         (["sample", "--checkpoint", "RUN", "--prompt", "a bag"], "class-conditional"),
         (["sample", "--checkpoint", "RUN", "--seeds", "0-3"], "labels but 4 seeds"),
         (["sample", "--checkpoint", "RUN", "--guidance", "cfg", "--interval", "0.5,0.2"], "interval"),
+        (["sample", "--checkpoint", "RUN", "--sampler", "dpm-solver++"], "does not fit objective.kind 'flow'"),
+        (["sample", "--checkpoint", "RUN", "--timestep-spacing", "karras"], "timestep_spacing 'karras'"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(fmnist_dir, tmp_path, capsys, argv, message):

@@ -396,6 +396,12 @@ def test_cli_converts_a_dit_training_checkpoint(tmp_path, capsys):
     )
     assert code == 0, err
     assert np.load(tmp_path / "s" / "cfg_ddpm2_s1.5.npz")["arr_0"].shape == (1, SIDE, SIDE, CHANNELS)
+    code, _, err = run_cli(  # DPM-Solver++, PixArt's sampler
+        capsys, "sample", "--checkpoint", run, "--out", tmp_path / "s", "--labels", "1", "--steps", "3",
+        "--sampler", "dpm-solver++", "--timestep-spacing", "trailing", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    assert np.load(tmp_path / "s" / "cfg_dpm-solver++3_s1.5.npz")["arr_0"].shape == (1, SIDE, SIDE, CHANNELS)
     # a released DiT becomes a SparseDiT (DDPM objective kept) that samples
     code, _, err = run_cli(
         capsys,

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from sprintdit.objective import DDPM, DiffusionProcess, ObjectiveConfig, build_objective, spaced_steps
-from sprintdit.sampling import ddpm_loop
+from sprintdit.objective import DDPM, DiffusionProcess, ObjectiveConfig, build_objective, solver_steps, spaced_steps
+from sprintdit.sampling import ddpm_loop, dpm_solver_pp
 
 DATA_STD = 0.5  # data ~ N(0, DATA_STD^2): the optimal eps predictor is known in closed form
 
@@ -107,3 +107,53 @@ def test_build_objective_picks_the_kind():
     assert isinstance(build_objective(ObjectiveConfig(kind="ddpm"), 10, True), DDPM)
     with pytest.raises(Exception, match="objective.kind"):
         ObjectiveConfig(kind="edm")
+
+
+def test_dpm_solver_pp_on_gaussian_data_converges_to_the_closed_form_at_second_order():
+    """With the exact eps of Gaussian data the probability-flow ODE keeps x_t / std_t constant, and the last step's
+    denoised prediction is the posterior mean: a closed form for the solver's output. Its error falls 4x when the
+    steps double (second order; a first-order solver halves it)."""
+    objective = DDPM(ObjectiveConfig(kind="ddpm"), null_class=0, learn_sigma=True)
+    abar = objective.process.abar
+    x_start = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def error(steps: int) -> float:
+        visited = solver_steps(1000, steps, "linspace")
+        std = [(abar[k] * DATA_STD**2 + 1 - abar[k]).sqrt() for k in (visited[0], visited[-1])]
+        expected = x_start / std[0] * abar[visited[-1]].sqrt() * DATA_STD**2 / std[1]
+        out = dpm_solver_pp(gaussian_eps(objective, learn_sigma_value=0.3), x_start, objective, steps, "linspace")
+        return float((out - expected).abs().max() / expected.abs().max())
+
+    coarse, fine = error(320), error(640)
+    assert fine < 3e-4 and coarse / fine > 3.5, (coarse, fine)
+
+
+@pytest.mark.parametrize("spacing,steps", [("linspace", 20), ("linspace", 7), ("leading", 10), ("trailing", 12)])
+def test_dpm_solver_pp_equals_diffusers_step_for_step(spacing, steps):
+    """The same network outputs through diffusers' DPMSolverMultistepScheduler (PixArt's configuration) and through
+    ours: the same training steps visited and the same final sample (float32 in diffusers, float64 schedule here)."""
+    diffusers = pytest.importorskip("diffusers")
+    weights = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)) * 0.2
+
+    def eps_of(x: torch.Tensor, step: int) -> torch.Tensor:  # a fixed nonlinear "network" of (x, training step)
+        return torch.tanh(torch.einsum("oc,bchw->bohw", weights, x)) * (1 + step / 1000) + 0.1 * x
+
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+        algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon", timestep_spacing=spacing,
+    )  # fmt: skip
+    scheduler.set_timesteps(steps)
+    x_start = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    theirs = x_start.clone()
+    for t in scheduler.timesteps:
+        theirs = scheduler.step(eps_of(theirs, int(t)), t, theirs).prev_sample
+    seen = []
+
+    def out(x: torch.Tensor, t: float) -> torch.Tensor:
+        seen.append(round(t * 1000))
+        return eps_of(x, seen[-1])
+
+    objective = DDPM(ObjectiveConfig(kind="ddpm"), null_class=0, learn_sigma=False)
+    ours = dpm_solver_pp(out, x_start.clone(), objective, steps, spacing)
+    assert seen == scheduler.timesteps.tolist()
+    assert (ours - theirs).abs().max() <= 2e-5 * theirs.abs().max(), (ours - theirs).abs().max()
