@@ -78,9 +78,8 @@ class Pipeline:
     def __init__(
         self, model: torch.nn.Module, run: RunConfig, device: torch.device, text_encoder_path: str | None = None
     ):
-        self.handle = SamplingRun.of(
-            model, run, Dist(device=device)
-        )  # one process: the pipeline samples on its own device
+        # one process: the pipeline samples on its own device
+        self.handle = SamplingRun.of(model, run, Dist(device=device))
         self.text_encoder_path = text_encoder_path
 
     @classmethod

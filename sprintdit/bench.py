@@ -47,17 +47,15 @@ class BenchConfig:
     decoder_depth: int = 2
     precision: str = "auto"  # autocast dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
-    compile_mode: str = (
-        "default"  # torch.compile's mode: reduce-overhead captures CUDA graphs (small, launch-bound models)
-    )
+    # torch.compile's mode: reduce-overhead captures CUDA graphs (small, launch-bound models)
+    compile_mode: str = "default"
     grad_checkpointing: bool = False
     sample_steps: int = 25  # steps of the full sampler run
     warmup: int = 5
     repeats: int = 20
     peak_tflops: float | None = None  # measured when not given
-    sparse_grids: list[str] = field(
-        default_factory=list
-    )  # SparseDiT schedules to compare with the dense model, e.g. ["6:10", "8"]
+    # SparseDiT schedules to compare with the dense model, e.g. ["6:10", "8"]
+    sparse_grids: list[str] = field(default_factory=list)
     sparse_layout: list[int] = field(
         default_factory=lambda: [
             SparseConfig.pool_depth,

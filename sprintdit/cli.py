@@ -117,9 +117,8 @@ def cmd_prepare(args) -> int:
         "frames",
     )
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    cfg = PrepareConfig(
-        images=args.images, out=args.out, progress=not args.no_progress, **given
-    )  # its defaults for the rest
+    # its defaults for the rest
+    cfg = PrepareConfig(images=args.images, out=args.out, progress=not args.no_progress, **given)
     features = None
     if args.dinov2_weights is not None:
         from .metrics.dinov2 import load_dinov2

@@ -26,9 +26,8 @@ from .errors import UserError, warn
 from .masking import MASK_TYPES
 from .sections import ModelConfig, ObjectiveConfig, SampleConfig, check_sampling
 
-CONFIG_DIR = Path(
-    str(resources.files("sprintdit") / "configs")
-)  # the shipped configs (package data; studies under studies/)
+# the shipped configs (package data; studies under studies/)
+CONFIG_DIR = Path(str(resources.files("sprintdit") / "configs"))
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
 DATASETS = ("fashion_mnist", "fashion_mnist_layouts", "moving_fashion_mnist", "image_folder", "clip_folder", "latents")
@@ -62,19 +61,15 @@ class DataConfig:
     name: str = "fashion_mnist"
     root: str = "/usr/share/datasets/fashion-mnist"  # IDX files, one folder per class, or a latent folder
     split: str = "train"  # fashion_mnist, moving_fashion_mnist: train | test; fashion_mnist_layouts: train | held_out
-    frames: Optional[int] = (
-        None  # video data: frames per clip (moving_fashion_mnist: default 8; clip_folder: default the first clip's)
-    )
-    resolution: int = (
-        32  # pixels: fashion_mnist pads 28 -> 32; image_folder resizes and centre-crops; latents: as prepared
-    )
+    # video data: frames per clip (moving_fashion_mnist: default 8; clip_folder: default the first clip's)
+    frames: Optional[int] = None
+    # pixels: fashion_mnist pads 28 -> 32; image_folder resizes and centre-crops; latents: as prepared
+    resolution: int = 32
     num_workers: int = 0  # data-loading processes (image_folder, latents)
     vae: Optional[str] = None  # latents: the VAE folder that decodes samples (default: the one in the manifest)
-    captions: Optional[str] = (
-        # image_folder: captions.jsonl (model.text.encoder learned) or a folder `prepare --captions` wrote (t5, clip);
-        # see sprintdit.captions
-        None
-    )
+    # image_folder: captions.jsonl (model.text.encoder learned) or a folder `prepare --captions` wrote (t5, clip); see
+    # sprintdit.captions
+    captions: Optional[str] = None
 
 
 @dataclass
@@ -96,9 +91,8 @@ class StageConfig:
     mask_ratio: float = 0.75  # fraction of tokens the middle blocks drop; 0 = full tokens
     mask_type: str = "structured"  # structured (g x g groups, k kept, random offset) | random
     batch_size: Optional[int] = None  # default: train.batch_size
-    frames: Optional[int] = (
-        None  # video, SiT: train on each clip's first `frames` frames (fewer tokens per step); default all
-    )
+    # video, SiT: train on each clip's first `frames` frames (fewer tokens per step); default all
+    frames: Optional[int] = None
     # the EMA warm-up (train.ema_warmup) starts again here: the average forgets the earlier stages' weights within this
     # stage
     ema_restart: bool = False
@@ -117,37 +111,28 @@ class TrainConfig:
     # SparseDiT: each micro-batch draws t from one grid side's stratum (one grid, static shapes; see density.time_gates)
     sparse_gating: bool = False
     ema_decay: float = 0.9999
-    ema_warmup: bool = (
-        True  # the decay grows with the updates so far (see train.ema_decay_at): a short run's EMA spans its last tenth
-    )
+    # the decay grows with the updates so far (see train.ema_decay_at): a short run's EMA spans its last tenth
+    ema_warmup: bool = True
     seed: int = 0
     device: str = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
     log_every: int = 50
     ckpt_every: int = 1000  # also at every stage end
     sample_every: int = 1000  # sample grid from the EMA model; 0 disables
     keep_last: int = 3  # checkpoints kept (the newest K)
-    loggers: List[str] = field(
-        default_factory=lambda: ["jsonl"]
-    )  # jsonl (always) | tensorboard | wandb (see sprintdit.tracking)
-    max_nonfinite_steps: int = (
-        0  # steps with a non-finite loss or gradient norm skipped (no update) before the run stops as diverged
-    )
+    # jsonl (always) | tensorboard | wandb (see sprintdit.tracking)
+    loggers: List[str] = field(default_factory=lambda: ["jsonl"])
+    # steps with a non-finite loss or gradient norm skipped (no update) before the run stops as diverged
+    max_nonfinite_steps: int = 0
     grid_rows: int = 10  # sample grid: one row per class (spread over the classes if there are more)
     grid_columns: int = 10  # samples per row (seeds 0, 1, ...)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    init_from: Optional[str] = (
-        # start from these weights (run/checkpoint folder or .safetensors, e.g. from `sprintdit sparsify`); model and
-        # objective come from them
-        None
-    )
-    distill_from: Optional[str] = (
-        # a frozen teacher (run/checkpoint folder or .safetensors, its EMA weights): the target moves towards its
-        # prediction
-        None
-    )
-    distill_weight: float = (
-        1.0  # with distill_from: 0 = the data's target only, 1 = the teacher's prediction only (see objective.Distill)
-    )
+    # start from these weights (run/checkpoint folder or .safetensors, e.g. from `sprintdit sparsify`); model and
+    # objective come from them
+    init_from: Optional[str] = None
+    # a frozen teacher (run/checkpoint folder or .safetensors, its EMA weights): the target moves towards its prediction
+    distill_from: Optional[str] = None
+    # with distill_from: 0 = the data's target only, 1 = the teacher's prediction only (see objective.Distill)
+    distill_weight: float = 1.0
 
 
 @dataclass
@@ -158,14 +143,11 @@ class EvalConfig:
     num_samples: int = 1000  # labels cycle through the classes; sample i uses seed seed_start + i
     seed_start: int = 0
     features: List[str] = field(default_factory=lambda: ["auto"])  # auto | fmnist | inception | dinov2
-    ref: Optional[str] = (
-        # reference npz (ADM layout: images under arr_0 and/or statistics); default for fashion_mnist: its test split
-        None
-    )
+    # reference npz (ADM layout: images under arr_0 and/or statistics); default for fashion_mnist: its test split
+    ref: Optional[str] = None
     inception_weights: Optional[str] = None  # pt_inception-2015-12-05-6726825d.pth (FID, sFID, IS, precision/recall)
-    inception_resize: str = (
-        INCEPTION_TF  # tf: the TF graph's resize and scaling, as the ADM evaluator (its reference batches); pytorch-fid
-    )
+    # tf: the TF graph's resize and scaling, as the ADM evaluator (its reference batches); pytorch-fid
+    inception_resize: str = INCEPTION_TF
     dinov2_weights: Optional[str] = None  # dinov2_vitl14_pretrain.pth (FDD)
     dinov2_model: str = "ViT-L/14"  # the DINOv2 size the weights are for (FDD is defined with ViT-L/14)
     batch_size: int = 200  # images per feature-network forward

@@ -501,9 +501,8 @@ def convert_weights(
     out = {rename(k, mapping): v.float() for k, v in state.items() if k not in dropped}
     if source != "sprint":
         check_pos_embed(out.pop("pos_embed"), cfg)
-        out["x_embedder.proj.weight"] = out["x_embedder.proj.weight"].flatten(
-            1
-        )  # (D, C, p, p) -> (D, C*p*p), same order
+        # (D, C, p, p) -> (D, C*p*p), same order
+        out["x_embedder.proj.weight"] = out["x_embedder.proj.weight"].flatten(1)
         for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
             out[name] = dit_final_rows(out[name], cfg.patch_size)
         out["mask_token"] = (

@@ -37,9 +37,8 @@ class SparseConfig:
     modules: int = 4  # sparse-dense token modules (SDTM)
     sparse_depth: int = 3  # per module: ordinary blocks on the sparse tokens (after the merge block)
     dense_depth: int = 1  # per module: ordinary blocks on all tokens (after the recover block)
-    frames: Optional[int] = (
-        None  # video: frames of the sparse grid (pools time too; default: every frame of the token grid)
-    )
+    # video: frames of the sparse grid (pools time too; default: every frame of the token grid)
+    frames: Optional[int] = None
     readd_pos: bool = False  # add the sin-cos positions again to pooled tokens and to recovered tokens (sincos models)
     # fuse: W1 up(s) + W2 h, W1 = 0, W2 = I (the paper) | residual: h + up(what the module's sparse blocks added)
     recover: str = "fuse"

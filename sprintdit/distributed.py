@@ -33,9 +33,8 @@ COLLECTIVE_FAILURES = TIMEOUT_MARKS + ("connection", "gloo", "nccl", "peer")
 class DistributedConfig:
     """How a torchrun launch splits the work; ignored by a single process (no RANK/WORLD_SIZE in the env)."""
 
-    strategy: str = (
-        "ddp"  # ddp (replicated model) | fsdp (FSDP2 fully_shard per block + root: params, grads, optimizer sharded)
-    )
+    # ddp (replicated model) | fsdp (FSDP2 fully_shard per block + root: params, grads, optimizer sharded)
+    strategy: str = "ddp"
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU | nccl | gloo
     # a collective waiting longer than this fails (a rank crashed or hangs); exceed rank-0-only work such as eval
     timeout_s: float = 1800.0

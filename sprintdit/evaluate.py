@@ -181,9 +181,8 @@ class Reference:
 
     source: str
     features: dict[str, Features] = field(default_factory=dict)
-    stats: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(
-        default_factory=dict
-    )  # network -> kind -> (mu, sigma)
+    # network -> kind -> (mu, sigma)
+    stats: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
     def gaussian(self, network: str, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(mu, sigma) of the reference for a network's `main` or `spatial` features, or None; computed
@@ -273,9 +272,8 @@ def default_reference(cfg: EvalConfig, networks: list[FeatureNet], data_root: st
 
 # ----------------------------------------------------------------------------------- metrics
 
-RELIABLE_SAMPLES = (
-    1000  # below this (or below the feature dimension) evaluate warns that a Frechet distance is unreliable
-)
+# below this (or below the feature dimension) evaluate warns that a Frechet distance is unreliable
+RELIABLE_SAMPLES = 1000
 
 
 def score(features: Features, net: str, ref: Reference, labels: torch.Tensor | None) -> dict[str, float]:

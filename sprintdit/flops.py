@@ -116,9 +116,8 @@ def forward_flops(
     else:
         total += (cfg.sprint.encoder_depth + cfg.sprint.decoder_depth) * block_flops(cfg, batch, n)
         if rows:
-            total += cfg.middle_depth * block_flops(
-                cfg, rows, num_kept_random(mask_ratio, n)
-            )  # = N k / g^2 for structured masks
+            # = N k / g^2 for structured masks
+            total += cfg.middle_depth * block_flops(cfg, rows, num_kept_random(mask_ratio, n))
         if cfg.sprint.fusion == "concat_linear":
             total += linear(batch * n, 2 * d, d)
     total += linear(batch, d, 2 * d) + linear(batch * n, d, patch_features * (cfg.out_channels // cfg.in_channels))

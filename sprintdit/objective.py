@@ -25,9 +25,8 @@ from .masking import gather_tokens, generator_device
 from .models.sit import RepaTap
 from .sections import ObjectiveConfig  # noqa: F401  (the objective's config, re-exported beside it)
 
-CDF_FLOOR = (
-    1e-12  # conditional logit-normal draws keep P(T <= t) inside [floor, 1 - floor]: t stays finite in logit space
-)
+# conditional logit-normal draws keep P(T <= t) inside [floor, 1 - floor]: t stays finite in logit space
+CDF_FLOOR = 1e-12
 
 
 @dataclass
@@ -147,9 +146,8 @@ class FlowMatching:
         are given. Randomness (t, eps, label dropout, in that order) comes from `draws`: drawn for every rank's rows
         (x0 is this rank's block), so it is the same for any world size. `t_cdf`: draw t within that stratum.
         `distill`: the target moves towards a teacher's velocity."""
-        t = draws.keep(self.sample_t(draws.total(x0.shape[0]), draws.generator, t_cdf)).to(
-            x0.device
-        )  # no copy when drawn on x0's device
+        # no copy when drawn on x0's device
+        t = draws.keep(self.sample_t(draws.total(x0.shape[0]), draws.generator, t_cdf)).to(x0.device)
         eps = correlate_frames(draws.randn(x0.shape[0], *x0.shape[1:]), self.cfg.frame_noise_corr).to(
             x0.device, x0.dtype
         )

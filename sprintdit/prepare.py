@@ -44,9 +44,8 @@ class PrepareConfig:
     # class-per-folder image tree (ImageNet train layout), or with `clips` a clip folder (sprintdit.data.ClipFolder)
     images: str
     out: str  # latent folder
-    vae: str | None = (
-        None  # local AutoencoderKL folder (config.json + weights); None: only the caption table (needs captions)
-    )
+    # local AutoencoderKL folder (config.json + weights); None: only the caption table (needs captions)
+    vae: str | None = None
     captions: str | None = None  # captions.jsonl: store caption embeddings (and caption rows in the shards)
     text_encoder: str = "t5"  # t5 | clip (sprintdit.text_encoders)
     text_encoder_path: str | None = None  # its local transformers folder

@@ -208,9 +208,8 @@ def generate(
 
         chunks = tqdm(chunks, desc="sampling", unit="batch")
     for start in chunks:
-        y = torch.stack([torch.as_tensor(row) for row in labels[start : start + cfg.batch_size]]).to(
-            device
-        )  # (B,), (B, L) or (B, L, E)
+        # (B,), (B, L) or (B, L, E)
+        y = torch.stack([torch.as_tensor(row) for row in labels[start : start + cfg.batch_size]]).to(device)
         noise = SampleNoise(seeds[start : start + cfg.batch_size], device, objective.cfg.frame_noise_corr)
         x = noise.randn((mc.in_channels, *mc.input_size))
         out_fn = guided_output(model, y, cfg, mc.in_channels)

@@ -42,18 +42,15 @@ class TextConfig:
     # learned: word embeddings and a small transformer trained with the model (closed vocabularies) | t5 | clip:
     # embeddings precomputed by `sprintdit prepare --captions`
     encoder: str = "learned"
-    vocabulary: Optional[List[str]] = (
-        None  # learned: the words, in token order (ids 2, 3, ...; 0 pads, 1 starts); default: the data's
-    )
+    # learned: the words, in token order (ids 2, 3, ...; 0 pads, 1 starts); default: the data's
+    vocabulary: Optional[List[str]] = None
     # caption tokens (learned: including the start token; t5, clip: the tokenizer's); longer captions are truncated;
     # default for t5, clip: the data's
     max_tokens: int = 16
     depth: int = 2  # learned: transformer layers over the caption
-    path: Optional[str] = (
-        # t5, clip: the local transformers folder the embeddings came from (sampling encodes prompts with it); default:
-        # the data's
-        None
-    )
+    # t5, clip: the local transformers folder the embeddings came from (sampling encodes prompts with it); default: the
+    # data's
+    path: Optional[str] = None
     dim: Optional[int] = None  # t5, clip: the embedding width (T5-XXL: 4096); default: the data's
     # also add the caption's mean kept token, through a linear layer, to the timestep embedding (as SD3 and Flux add a
     # pooled text vector); PixArt-alpha: off
@@ -66,9 +63,8 @@ class ModelConfig:
     # class (a label table added to the timestep embedding) | text (cross-attention to a caption; model.text)
     condition: str = "class"
     preset: Optional[str] = None  # e.g. "SiT-XL/2": fills hidden_size, depth, num_heads, patch_size left unset
-    input_size: Optional[List[int]] = (
-        None  # [H, W] of the model input (pixels or latents), or [F, H, W] for video; default: the data's
-    )
+    # [H, W] of the model input (pixels or latents), or [F, H, W] for video; default: the data's
+    input_size: Optional[List[int]] = None
     in_channels: Optional[int] = None  # default: the data's
     num_classes: Optional[int] = None  # default: the data's; the label num_classes is the null (unconditional) class
     patch_size: Optional[int] = None
@@ -86,12 +82,10 @@ class ModelConfig:
     init_std: float = 0.02  # normal init of the timestep MLP
     label_init_std: float = 0.02  # normal init of the label table (larger: class conditioning is learned sooner)
     time_scale: float = 1.0  # t is multiplied by this before the sinusoidal embedding (SiT: 1; DiT-style: 1000)
-    time_freq_shift: int = (
-        0  # timestep frequencies exp(-ln(10000) i / (half - shift)): 0 as DiT and SiT, 1 as diffusers' DiT
-    )
-    sprint: SprintConfig = field(
-        default_factory=SprintConfig
-    )  # arch sit: the encoder / middle / decoder split and the fusion
+    # timestep frequencies exp(-ln(10000) i / (half - shift)): 0 as DiT and SiT, 1 as diffusers' DiT
+    time_freq_shift: int = 0
+    # arch sit: the encoder / middle / decoder split and the fusion
+    sprint: SprintConfig = field(default_factory=SprintConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)  # arch sit: representation alignment (off by default)
     sparse: SparseConfig = field(default_factory=SparseConfig)  # arch sparsedit only
     text: TextConfig = field(default_factory=TextConfig)  # condition text only
@@ -156,9 +150,8 @@ class ObjectiveConfig:
     beta_start: float = 1e-4  # ddpm: linear betas from beta_start to beta_end
     beta_end: float = 0.02
     repa_weight: float = 0.5  # REPA alignment loss weight (used when model.repa.depth > 0)
-    frame_noise_corr: float = (
-        0.0  # video: correlation of the noise between any two frames (a mixed noise prior); 0: independent
-    )
+    # video: correlation of the noise between any two frames (a mixed noise prior); 0: independent
+    frame_noise_corr: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -220,9 +220,8 @@ def validate_study(spec: StudySpec, name: str) -> None:
     if unknown:
         raise UserError(f"{where}: run_overrides names unknown runs {sorted(unknown)}; runs: {', '.join(seen)}")
     ev = spec.evaluation
-    SampleConfig(
-        sampler=ev.sampler, steps=ev.steps, guidance=ev.guidance, scale=ev.scale, interval=list(ev.interval)
-    )  # its checks
+    # its checks
+    SampleConfig(sampler=ev.sampler, steps=ev.steps, guidance=ev.guidance, scale=ev.scale, interval=list(ev.interval))
     if ev.num_samples < 2 or ev.points < 1 or ev.grid_columns < 1:
         raise UserError(f"{where}: evaluation needs num_samples >= 2, points >= 1 and grid_columns >= 1")
     rows = row_ids(spec)

@@ -110,9 +110,8 @@ def test_bench_compares_sparsedit_with_its_dense_source(tmp_path):
     dense_cfg = SiT(
         ModelConfig(preset="SiT-Nano/4", input_size=[32, 32], in_channels=1, num_classes=10, sprint=DENSE)
     ).config
-    assert rows[0]["gflops_per_image"] * 4 * 1e9 == pytest.approx(
-        2 * forward_flops(dense_cfg, 2 * 4)
-    )  # 2 CFG steps of 2 x 4
+    # 2 CFG steps of 2 x 4
+    assert rows[0]["gflops_per_image"] * 4 * 1e9 == pytest.approx(2 * forward_flops(dense_cfg, 2 * 4))
     assert rows[1]["flops_vs_dense"] < rows[2]["flops_vs_dense"] < 1.0 and rows[0]["speedup_vs_dense"] == 1.0
 
 

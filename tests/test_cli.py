@@ -216,9 +216,8 @@ def test_sparsify_finetune_sample_end_to_end(fmnist_dir, tmp_path, capsys):
     model, cfg = load_model(tuned)
     assert cfg.model.arch == "sparsedit" and cfg.model.sparse.grid == "2:4" and type(model).__name__ == "SparseDiT"
     start, _ = load_model(init)
-    assert any(
-        not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values())
-    )  # it trained
+    # it trained
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
     code, _, _ = run_cli(
         capsys,
         "sample",
@@ -312,9 +311,8 @@ def test_distillation_from_a_teacher(fmnist_dir, tmp_path, capsys):
     from sprintdit.checkpoint import load_model
 
     _, cfg = load_model(student)
-    assert first["train_flops"] == 4 * forward_flops(
-        cfg.model, 4
-    )  # forward + backward of the student, forward of the teacher
+    # forward + backward of the student, forward of the teacher
+    assert first["train_flops"] == 4 * forward_flops(cfg.model, 4)
     code, _, err = run_cli(
         capsys,
         "train",
@@ -388,9 +386,8 @@ def test_sample_grid_is_capped_and_train_names_only_what_it_wrote(fmnist_dir, tm
         "train.sample_every=0",
         "train.log_every=50",
     )
-    assert (
-        code == 0 and "metrics.jsonl" in out and "samples" not in out.replace(str(run), "")
-    )  # step 1 is logged, no grid was made
+    # step 1 is logged, no grid was made
+    assert code == 0 and "metrics.jsonl" in out and "samples" not in out.replace(str(run), "")
     args = [
         "sample",
         "--checkpoint",

@@ -53,9 +53,8 @@ def test_shipped_configs_load():
     assert shipped
     for path in shipped:
         load_config(path)
-    assert load_config("fashion_mnist_sprint") == load_config(
-        CONFIG_DIR / "fashion_mnist_sprint.yaml"
-    )  # shipped names too
+    # shipped names too
+    assert load_config("fashion_mnist_sprint") == load_config(CONFIG_DIR / "fashion_mnist_sprint.yaml")
 
 
 FLAT = (
@@ -81,9 +80,8 @@ def test_flat_model_keys_of_0_1_still_load_with_one_warning(tmp_path, capsys):
         "model.sprint.encoder_depth"
         in err[0]
     )
-    assert (
-        load_config(tmp_path / "nested.yaml", ["model.decoder_depth=1"]).model.sprint.decoder_depth == 1
-    )  # an old override
+    # an old override
+    assert load_config(tmp_path / "nested.yaml", ["model.decoder_depth=1"]).model.sprint.decoder_depth == 1
     assert (
         "override model.decoder_depth: model.decoder_depth is now model.sprint.decoder_depth" in capsys.readouterr().err
     )

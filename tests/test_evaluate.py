@@ -210,9 +210,8 @@ def test_training_logs_metrics_with_flops(fmnist_dir, tmp_path, monkeypatch):
 
     cfg = from_yaml_text((run / "config.yaml").read_text(), "run")
     assert [r["train_flops"] for r in evals] == [train_flops(cfg, 1), train_flops(cfg, 2)]
-    assert (
-        evals[1]["train_flops"] > 2 * evals[0]["train_flops"] > 0
-    )  # the second step is dense: dearer than the masked first
+    # the second step is dense: dearer than the masked first
+    assert evals[1]["train_flops"] > 2 * evals[0]["train_flops"] > 0
 
 
 def test_evaluating_along_a_run_leaves_its_training_unchanged(fmnist_dir, tmp_path, monkeypatch):
@@ -343,9 +342,8 @@ def test_demo_scores_both_guidances(fmnist_dir, tmp_path, monkeypatch, capsys):
             and 0 <= results[guidance]["metrics"]["fmnist"]["class_agreement"] <= 1
         )
         assert (out / f"demo_{guidance}.png").is_file()
-    assert (
-        main(["demo", "--out", str(tmp_path / "d2"), f"data.root={fmnist_dir}", *TINY, "eval.num_samples=10"]) == 2
-    )  # fewer than 10 x 10
+    # fewer than 10 x 10
+    assert main(["demo", "--out", str(tmp_path / "d2"), f"data.root={fmnist_dir}", *TINY, "eval.num_samples=10"]) == 2
 
 
 def test_written_reference_scores_like_its_images(fmnist_dir, tmp_path, monkeypatch, capsys):

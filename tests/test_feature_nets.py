@@ -143,9 +143,8 @@ def test_tf_convention_resizes_like_tensorflow_1x_and_centres_on_128():
     torch.testing.assert_close(preprocess(x, TF), (x.float() - 128) / 128)  # same size: no resampling
     from sprintdit.config import EvalConfig
 
-    assert (
-        torch.equal(preprocess(x), preprocess(x, TF)) and EvalConfig().inception_resize == TF
-    )  # one default: Python API = CLI
+    # one default: Python API = CLI
+    assert torch.equal(preprocess(x), preprocess(x, TF)) and EvalConfig().inception_resize == TF
     assert preprocess(images(1, channels=1), TF).shape == (1, 3, INPUT_SIZE, INPUT_SIZE)
     with pytest.raises(UserError):
         preprocess(x, "pil")

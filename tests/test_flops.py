@@ -75,7 +75,6 @@ def test_train_flops_sum_the_stages():
     assert second == 3 * forward_flops(model_cfg, 8)
     assert train_flops(run, 0) == 0 and train_flops(run, 2) == 2 * first
     assert train_flops(run, 4) == 3 * first + second and train_flops(run, 99) == 3 * first + 2 * second
-    accumulated = replace(
-        run, train=replace(run.train, grad_accum=4)
-    )  # train.batch_size is the global batch, however it is split
+    # train.batch_size is the global batch, however it is split
+    accumulated = replace(run, train=replace(run.train, grad_accum=4))
     assert train_step_flops(accumulated, 0) == first

@@ -160,6 +160,5 @@ def test_hub_export_loads_in_the_pipeline_with_its_card(fmnist_dir, tmp_path, ca
     exported = sprintdit.Pipeline.from_pretrained(tmp_path / "hub", device="cpu")(labels=[1, 2], seeds=[3, 4], steps=2)
     original = sprintdit.Pipeline.from_pretrained(run, device="cpu")(labels=[1, 2], seeds=[3, 4], steps=2)
     assert all(a.tobytes() == b.tobytes() for a, b in zip(exported, original))
-    assert (
-        main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hub")]) == 2
-    )  # never over an existing folder
+    # never over an existing folder
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hub")]) == 2

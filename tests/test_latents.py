@@ -232,9 +232,8 @@ def test_prepare_train_sample_decode_end_to_end(image_tree, vae_dir, tmp_path, c
     latents = tmp_path / "latents"
     prepare(tiny_prepare(image_tree, vae_dir, latents), tiny_features())
     run = tmp_path / "run"
-    args = latent_run(
-        latents, **{"model.repa.depth": 2, "model.repa.hidden": 16, "data.num_workers": 1}
-    )  # batches (and features) via a worker
+    # batches (and features) via a worker
+    args = latent_run(latents, **{"model.repa.depth": 2, "model.repa.hidden": 16, "data.num_workers": 1})
     assert main(["train", "--config", "imagenet256_sprint_repa", "--out", str(run), "--no-progress", *args]) == 0
     saved = load_config(run / "config.yaml")
     assert saved.data.vae == str(Path(vae_dir).resolve()) and saved.model.repa.dim == TINY_VIT.dim

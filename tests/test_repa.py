@@ -90,9 +90,8 @@ def test_repa_weight_zero_or_no_features_is_the_plain_loss():
     model(*_noised(model, x, y, mask), repa=tap, mask=mask)
     projected, ids = tap.projected, tap.ids_keep
     torch.testing.assert_close(with_repa, plain + 0.5 * repa_loss(projected, features, ids))
-    off = perturbed_model(
-        sprint=SprintConfig(encoder_depth=2, decoder_depth=2)
-    )  # REPA off: no projector, the same weights otherwise
+    # REPA off: no projector, the same weights otherwise
+    off = perturbed_model(sprint=SprintConfig(encoder_depth=2, decoder_depth=2))
     off.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("repa_projector.")})
     assert off.repa_projector is None
     torch.testing.assert_close(loss_of(off, x, t, y, None, mask, 0.5), plain, rtol=0, atol=0)

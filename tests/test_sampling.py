@@ -42,9 +42,8 @@ def test_dopri5_meets_its_tolerance_on_the_gaussian():
     loose = (dopri5(counted, z.clone(), atol=1e-4, rtol=1e-4) - exact).abs().max()
     cheap = len(calls)
     tight = (dopri5(counted, z.clone(), atol=1e-10, rtol=1e-10) - exact).abs().max()
-    assert (
-        tight < 1e-8 and loose < 1e-2 and tight < loose and len(calls) - cheap > cheap
-    )  # tighter: more evaluations, smaller error
+    # tighter: more evaluations, smaller error
+    assert tight < 1e-8 and loose < 1e-2 and tight < loose and len(calls) - cheap > cheap
     model = perturbed_model(dtype=torch.float32)
     fm = FlowMatching(ObjectiveConfig(), model.null_class)
     out = generate(model, fm, [1, 2], [0, 1], SampleConfig(sampler="dopri5", guidance="cfg", scale=1.5), "cpu")

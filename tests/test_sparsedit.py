@@ -23,9 +23,8 @@ from sprintdit.objective import FlowMatching, ObjectiveConfig
 LAYOUT = SparseConfig(grid="2:4", pool_depth=1, modules=2, sparse_depth=1, dense_depth=0)  # 1 + 2 x 3 blocks, 1 top
 
 
-TEXT = dict(
-    condition="text", num_classes=None, text=TextConfig(encoder="t5", dim=8, max_tokens=5, pooled=True)
-)  # caption embeddings (B, 5, 8)
+# caption embeddings (B, 5, 8)
+TEXT = dict(condition="text", num_classes=None, text=TextConfig(encoder="t5", dim=8, max_tokens=5, pooled=True))
 
 
 def dense_and_sparse(pos_embed="rope", grid="2:4", seed=0, recover="fuse", condition="class"):
@@ -161,9 +160,8 @@ def test_mixed_noise_levels_in_a_batch_equal_one_sample_at_a_time(condition):
 
 def test_another_grid_at_sampling_time_equals_a_model_built_with_it():
     _, sparse = dense_and_sparse(grid="2:4", recover="residual")  # (fuse starts with the sparse path weighted 0)
-    _, built = dense_and_sparse(
-        grid="1=3,0.5=2", recover="residual"
-    )  # the same weights (same seed), built with the other schedule
+    # the same weights (same seed), built with the other schedule
+    _, built = dense_and_sparse(grid="1=3,0.5=2", recover="residual")
     x, _, y = inputs(sparse, batch=4)
     t = torch.tensor([0.05, 0.4, 0.8, 0.95], dtype=torch.float64)
     before = sparse(x, t, y)
@@ -225,9 +223,8 @@ def test_flops_at_each_grid_match_torch_counter(side, condition):
     x, t, y = inputs(sparse, batch=2)
     assert counted(sparse, x, t, y, side=side) == forward_flops(sparse.config, 2, side=side)
     dense_flops = forward_flops(resolve_model_config(tiny_config(input_size=[32, 32], depth=8, sprint=DENSE)), 2)
-    assert (
-        forward_flops(sparse.config, 2, side=side) < dense_flops
-    )  # even at the full grid: the Poolingformer has no N x N attention
+    # even at the full grid: the Poolingformer has no N x N attention
+    assert forward_flops(sparse.config, 2, side=side) < dense_flops
 
 
 def test_merge_block_cross_attention_by_hand():
@@ -333,9 +330,8 @@ def test_gated_training_runs_one_grid_per_micro_batch_without_per_sample_sides(f
         trainer.model, "forward", lambda *a, side=None, **k: seen.append(side) or forward(*a, side=side, **k)
     )
     trainer.fit()
-    assert (
-        seen == [gate_at(trainer._gates, n).side for n in range(6)] and len(set(seen)) > 1
-    )  # 3 steps x 2 micro-batches
+    # 3 steps x 2 micro-batches
+    assert seen == [gate_at(trainer._gates, n).side for n in range(6)] and len(set(seen)) > 1
     with pytest.raises(UserError, match="sparse_gating"):
         load_config(None, ["train.sparse_gating=true"])
 

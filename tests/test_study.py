@@ -79,13 +79,11 @@ def test_two_run_study_runs_resumes_and_skips(fmnist_dir, tmp_path, monkeypatch)
     assert list(rows) == ["dense", "sprint", "sprint/pdg"]
     assert all(r["values"]["steps"] == [2] for r in rows.values())
     assert rows["sprint"]["mean"]["train_tflops"] < rows["dense"]["mean"]["train_tflops"]  # a masked step is cheaper
-    assert (
-        rows["sprint/pdg"]["mean"]["sample_gflops"] > rows["sprint"]["mean"]["sample_gflops"]
-    )  # guidance costs a second pass
+    # guidance costs a second pass
+    assert rows["sprint/pdg"]["mean"]["sample_gflops"] > rows["sprint"]["mean"]["sample_gflops"]
     curve = [r for r in read_metrics(out / "runs" / "sprint" / "seed0") if "eval_samples" in r]
-    assert [r["step"] for r in curve] == [1, 2] and all(
-        r["train_seconds"] > 0 for r in curve
-    )  # at most 3 points, the last at the end
+    # at most 3 points, the last at the end
+    assert [r["step"] for r in curve] == [1, 2] and all(r["train_seconds"] > 0 for r in curve)
     report = (out / "results.md").read_text()
     assert "| sprint |" in report and "| dense |" in report and "SPRINT beats dense" in report
     for png in ("fid_vs_tflops.png", "fid_vs_seconds.png", "fid_final.png", "samples.png", "fid_vs_sampling.png"):
@@ -121,9 +119,8 @@ def test_flops_budget_gives_the_steps_that_spend_it(fmnist_dir):
     assert steps == [6, 2]
     assert stage_steps_for_budget(cfg, "steps", 8, [0.75, 0.25]) == [6, 2]
     assert stage_steps_for_budget(cfg, "seconds", 10, [0.5, 0.5], [0.5, 1.0]) == [10, 5]
-    scaled = with_steps(
-        cfg, [30, 2]
-    )  # warm-ups keep their share of a stage: 1 of 3 steps -> 10 of 30; 0 of 1 -> 0 of 2
+    # warm-ups keep their share of a stage: 1 of 3 steps -> 10 of 30; 0 of 1 -> 0 of 2
+    scaled = with_steps(cfg, [30, 2])
     assert [(s.steps, s.warmup_steps) for s in scaled.stages] == [(30, 10), (2, 0)]
     with pytest.raises(UserError, match="3 shares but the config has 2 stages"):
         stage_steps_for_budget(cfg, "steps", 8, [0.5, 0.25, 0.25])

@@ -70,9 +70,8 @@ def test_caption_dropout_gives_the_empty_text():
     y = torch.tensor([tokenize("a bag", VOCAB, 6)] * 64)
     dropped = fm.drop_labels(y, Draws(torch.Generator().manual_seed(0)))
     empty = (dropped == fm.null_class).all(1)
-    assert 10 < empty.sum() < 54 and torch.equal(
-        dropped[~empty], y[~empty]
-    )  # whole rows: the caption or the empty text
+    # whole rows: the caption or the empty text
+    assert 10 < empty.sum() < 54 and torch.equal(dropped[~empty], y[~empty])
 
 
 def test_layouts_are_deterministic_and_captions_parse_back(fmnist_dir):

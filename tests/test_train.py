@@ -198,9 +198,8 @@ def test_other_config_on_existing_run_is_refused(fmnist_dir, tmp_path, capsys):
     fresh.fit(stop_at=1)
     with pytest.raises(UserError, match="another config"):
         Trainer(tiny_run(fmnist_dir, "train.seed=1"), run, progress=False)
-    resumed = Trainer(
-        tiny_run(fmnist_dir, "train.seed=2", "sample.scale=5.0"), run, progress=False
-    )  # sampling may change
+    # sampling may change
+    resumed = Trainer(tiny_run(fmnist_dir, "train.seed=2", "sample.scale=5.0"), run, progress=False)
     assert resumed.cfg.sample.scale == 5.0 and "scale: 5.0" in (run / "config.yaml").read_text()
     (run / "config.yaml").unlink()  # the checkpoint's own config still guards the run
     with pytest.raises(UserError, match="step_00000001 was written with another config"):
@@ -312,8 +311,7 @@ def test_ema_updates_count_from_the_latest_restart_less_skipped_steps(fmnist_dir
         fmnist_dir, "stages=[{name: a, steps: 4}, {name: b, steps: 3, ema_restart: true}, {name: c, steps: 5}]"
     )
     assert [ema_updates(cfg, step, []) for step in range(12)] == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]
-    assert (
-        ema_updates(cfg, 3, [2]) == 2 and ema_updates(cfg, 9, [2, 6]) == 4
-    )  # step 2 was before the restart (at step 4)
+    # step 2 was before the restart (at step 4)
+    assert ema_updates(cfg, 3, [2]) == 2 and ema_updates(cfg, 9, [2, 6]) == 4
     plain = tiny_run(fmnist_dir, "stages=[{name: a, steps: 4}, {name: b, steps: 3}]")
     assert ema_updates(plain, 6, [2, 6]) == 4

@@ -37,9 +37,8 @@ def test_moving_fashion_mnist_is_deterministic_and_moves_at_constant_velocity(fm
 
 def test_path_residual_is_zero_for_bounces_and_positive_for_jumps():
     start, velocity = np.array([[3.0, 10.0]]), np.array([[2.5, -1.75]])
-    path = (
-        np.stack([bounce(start[:, 0], velocity[:, 0], 8), bounce(start[:, 1], velocity[:, 1], 8)], axis=-1) + 7.5
-    )  # (1, 8, 2) centroid offset
+    # (1, 8, 2) centroid offset
+    path = np.stack([bounce(start[:, 0], velocity[:, 0], 8), bounce(start[:, 1], velocity[:, 1], 8)], axis=-1) + 7.5
     assert path_residual(path)[0] == pytest.approx(0.0, abs=1e-9)
     jumpy = path.copy()
     jumpy[0, ::2, 0] += 5.0
@@ -240,9 +239,8 @@ def test_video_demo_end_to_end(fmnist_dir, tmp_path):
     lines = []
     results = run_video_demo(cfg, tmp_path / "demo", shown=1, progress=False, log=lines.append)
     assert json.loads((tmp_path / "demo" / "demo.json").read_text()) == results
-    assert (
-        results["real"]["path_residual_px"] < 1e-4 and results["real"]["clip_consistency"] == 1.0
-    )  # real clips: one garment, bouncing
+    # real clips: one garment, bouncing
+    assert results["real"]["path_residual_px"] < 1e-4 and results["real"]["clip_consistency"] == 1.0
     for guidance in ("pdg", "cfg"):
         r = results[guidance]
         assert 0 <= r["frame_class_agreement"] <= 1 and np.load(r["npz"])["arr_0"].shape == (20, 4, 32, 32, 1)

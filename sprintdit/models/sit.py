@@ -400,9 +400,8 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, dh)
             context_rope = rope
         else:
-            q = (
-                F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]).view(b, n, self.heads, -1).transpose(1, 2)
-            )  # (B, h, N, dh)
+            # (B, h, N, dh)
+            q = F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]).view(b, n, self.heads, -1).transpose(1, 2)
             kv = F.linear(context, self.qkv.weight[d:], self.qkv.bias[d:])  # (B, M, 2D)
             k, v = kv.view(b, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x (B, h, M, dh)
         q, k = self.q_norm(q), self.k_norm(k)

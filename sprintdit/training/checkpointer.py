@@ -24,12 +24,10 @@ class TrainState:
 
     step: int = 0  # optimizer steps done (global)
     position: int = 0  # samples of the data order consumed
-    nonfinite_steps: list[int] = field(
-        default_factory=list
-    )  # steps skipped for a non-finite loss or gradient norm (train.max_nonfinite_steps)
-    train_seconds: float = (
-        0.0  # wall-clock of the training steps so far (evaluation and sample grids excluded), kept across resumes
-    )
+    # steps skipped for a non-finite loss or gradient norm (train.max_nonfinite_steps)
+    nonfinite_steps: list[int] = field(default_factory=list)
+    # wall-clock of the training steps so far (evaluation and sample grids excluded), kept across resumes
+    train_seconds: float = 0.0
 
 
 class Checkpointer:

@@ -226,9 +226,8 @@ class Trainer:
                     loss = self.train_step(self._next_batch(index), stage)  # forward and backward of every micro-batch
                     grad_norm, skipped, agreed = self.update(loss, stops.signum is not None)  # one host sync per step
                 if skipped:
-                    self._nonfinite(
-                        loss, grad_norm, index, last
-                    )  # past train.max_nonfinite_steps: Diverged, nothing saved
+                    # past train.max_nonfinite_steps: Diverged, nothing saved
+                    self._nonfinite(loss, grad_norm, index, last)
                 s.step += 1
                 s.position += stage_batch(self.cfg, index)
                 s.train_seconds += time.perf_counter() - began
@@ -308,9 +307,8 @@ class Trainer:
             b = xm.shape[0]  # this rank's rows of the micro-batch
             mask = draws.mask(b, grid, stage.mask_ratio, stage.mask_type)
             path_drop = draws.rand(b) < m.sprint.path_drop_prob if m.sprint.path_drop_prob > 0 else None
-            gate = (
-                {} if self._gates is None else gate_at(self._gates, self.step * t.grad_accum + i).arguments()
-            )  # SparseDiT: one stratum of t, one grid
+            # SparseDiT: one stratum of t, one grid
+            gate = {} if self._gates is None else gate_at(self._gates, self.step * t.grad_accum + i).arguments()
             with nets.grad_sync(last=i == t.grad_accum - 1):
                 with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                     loss = self.objective.loss(
