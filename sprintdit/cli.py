@@ -649,7 +649,7 @@ def convert_options(p: argparse.ArgumentParser) -> None:
         dest="source",
         required=True,
         help="sprint: the SPRINT release; sit: willisma/SiT (linear path, velocity); dit: facebookresearch/DiT; "
-        "diffusers: a DiTTransformer2DModel folder",
+        "diffusers: a DiTTransformer2DModel or PixArtTransformer2DModel folder",
     )
     p.add_argument(
         "--checkpoint",

@@ -51,11 +51,23 @@ from .models.sit import (
     ModelConfig,
     SiT,
     SprintConfig,
+    dit_final_rows,
+    ours_to_dit_rows,
     resolve_model_config,
     sincos_table,
     timestep_frequencies,
 )
 from .objective import ObjectiveConfig
+from .pixart import (
+    PIXART_CAPTION_TOKENS,
+    PIXART_CLASS,
+    PIXART_GUIDANCE_SCALE,
+    PIXART_SAMPLING_STEPS,
+    ours_to_pixart,
+    pixart_diffusers_config,
+    pixart_model_config,
+    pixart_to_ours,
+)
 from .sampling import SampleConfig
 
 SOURCES = ("sprint", "sit", "dit", "diffusers")
@@ -169,13 +181,13 @@ def read_diffusers(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"DiT-XL-2-256/transformer)"
         )
     config = json.loads((folder / "config.json").read_text())
-    if (
-        config.get("_class_name", DIFFUSERS_CLASS) != DIFFUSERS_CLASS
-        or config.get("norm_type", "ada_norm_zero") != "ada_norm_zero"
+    dit = config.get("_class_name", DIFFUSERS_CLASS) == DIFFUSERS_CLASS
+    if not (
+        dit and config.get("norm_type", "ada_norm_zero") == "ada_norm_zero" or config["_class_name"] == PIXART_CLASS
     ):
         raise UserError(
-            f"{folder / 'config.json'} describes a {config.get('_class_name')} ({config.get('norm_type')}); only "
-            f"{DIFFUSERS_CLASS} with ada_norm_zero converts"
+            f"{folder / 'config.json'} describes a {config.get('_class_name')} ({config.get('norm_type')}); "
+            f"{DIFFUSERS_CLASS} with ada_norm_zero and {PIXART_CLASS} convert"
         )
     weights = path if path.is_file() else folder / DIFFUSERS_WEIGHTS
     if not weights.is_file():
@@ -450,12 +462,6 @@ def check_layout(state: dict, cfg: ModelConfig, source: str, mapping: dict[str, 
             raise UserError(f"'{key}' has shape {list(state[key].shape)}; this model needs {list(shape)} there")
 
 
-def dit_final_rows(w: torch.Tensor, patch: int) -> torch.Tensor:
-    """Rows (or bias entries) in DiT's un-patchify order (p_row, p_col, c) -> ours (c, p_row, p_col)."""
-    rest = w.shape[1:]
-    return w.reshape(patch, patch, -1, *rest).movedim(2, 0).reshape(-1, *rest)
-
-
 def check_pos_embed(pos: torch.Tensor, cfg: ModelConfig) -> None:
     diff = (pos[0].double() - sincos_table(cfg.grid, cfg.hidden_size).double()).abs().max().item()
     if diff > POS_EMBED_ATOL:
@@ -528,6 +534,11 @@ def convert(path: Path, opts: ConvertOptions) -> Converted:
 
 def convert_diffusers(path: Path, opts: ConvertOptions) -> Converted:
     state, config = read_diffusers(Path(path))
+    if config.get("_class_name") == PIXART_CLASS:
+        cfg = pixart_model_config(config, opts.input_size, PIXART_CAPTION_TOKENS)
+        weights = pixart_to_ours(state, cfg, str(path))
+        notes = ["the empty caption (the unconditional input) is all zeros until a run fills it from its data"]
+        return Converted(cfg, weights, weights, notes)
     dit = diffusers_to_dit(state, config)
     side = config["sample_size"]
     notes = [
@@ -548,7 +559,10 @@ def convert_diffusers(path: Path, opts: ConvertOptions) -> Converted:
 
 def export_diffusers(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, config.json) of a DiTTransformer2DModel computing what the dense DiT-style model `cfg` computes,
-    with diffusers' timestep = t * model.time_scale."""
+    with diffusers' timestep = t * model.time_scale; a PixArt-layout model (adaln single) as
+    PixArtTransformer2DModel."""
+    if cfg.adaln == "single":
+        return ours_to_pixart(weights, cfg), pixart_diffusers_config(cfg)
     needs = {
         "arch": (cfg.arch, "sit"),
         "sprint.fusion": (cfg.sprint.fusion, "none"),
@@ -567,12 +581,8 @@ def export_diffusers(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> tupl
     dit["x_embedder.proj.weight"] = dit["x_embedder.proj.weight"].reshape(
         cfg.hidden_size, cfg.in_channels, cfg.patch_size, cfg.patch_size
     )
-    for name in (
-        "final_layer.linear.weight",
-        "final_layer.linear.bias",
-    ):  # ours (c, p_row, p_col) -> DiT's (p_row, p_col, c)
-        w = dit[name]
-        dit[name] = w.reshape(-1, cfg.patch_size, cfg.patch_size, *w.shape[1:]).movedim(0, 2).reshape(w.shape)
+    for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
+        dit[name] = ours_to_dit_rows(dit[name], cfg.patch_size)
     config = {
         "_class_name": DIFFUSERS_CLASS,
         "num_attention_heads": cfg.num_heads,
@@ -611,6 +621,8 @@ def run_config(model: ModelConfig, source: str) -> RunConfig:
     )
     if source in ("dit", "diffusers"):
         sample = replace(sample, sampler="ddpm", steps=DIT_SAMPLING_STEPS)
+    if model.adaln == "single":  # PixArt's own sampling: DPM-Solver++ at 20 steps, CFG 4.5
+        sample = replace(sample, sampler="dpm-solver++", steps=PIXART_SAMPLING_STEPS, scale=PIXART_GUIDANCE_SCALE)
     data = DataConfig(name="image_folder", root="")  # converted weights come without their data
     return RunConfig(model=model, objective=objective, data=data, sample=sample)
 
@@ -634,6 +646,13 @@ def describe(converted: Converted, source: str) -> str:
         else ""
     )
     sigma = ", learned sigma" if m.learn_sigma else ""
+    if m.condition == "text":
+        name = f"PixArt-layout {name}" if m.adaln == "single" else name
+        return (
+            f"{source} {name} (width {m.hidden_size}, depth {m.depth}, {m.num_heads} heads, patch {m.patch_size}, "
+            f"input {m.in_channels}x{m.input_size[0]}x{m.input_size[1]}, {m.text.encoder} captions of width "
+            f"{m.text.dim}{sigma}), {params / 1e6:.2f}M params"
+        )
     return (
         f"{source} {name} (width {m.hidden_size}, depth {m.depth}, {m.num_heads} heads, patch {m.patch_size}, "
         f"input {m.in_channels}x{m.input_size[0]}x{m.input_size[1]}, {m.num_classes} classes{sigma}{split}), "

@@ -64,18 +64,24 @@ def caption_encoder_flops(cfg: ModelConfig, batch: int) -> int:
     return total + (linear(batch, d, d) if tx.pooled else 0)
 
 
+def modulation_flops(cfg: ModelConfig, batch: int, outputs: int = 6) -> int:
+    """A block's adaLN-Zero projection of the conditioning to `outputs` x D (adaLN-single: none, its tables are
+    added; the one shared projection is counted once in forward_flops)."""
+    return linear(batch, cfg.hidden_size, outputs * cfg.hidden_size) if cfg.adaln == "zero" else 0
+
+
 def block_flops(cfg: ModelConfig, batch: int, tokens: int, context: int | None = None) -> int:
     """One adaLN-Zero block on (batch, tokens, D); with `context` tokens, its attention is cross-attention to them."""
     d, rows = cfg.hidden_size, batch * tokens
     attention = attention_flops(d, batch, tokens, tokens if context is None else context)
-    return linear(batch, d, 6 * d) + attention + caption_cross_flops(cfg, batch, tokens) + mlp_flops(cfg, rows)
+    return modulation_flops(cfg, batch) + attention + caption_cross_flops(cfg, batch, tokens) + mlp_flops(cfg, rows)
 
 
 def pooling_block_flops(cfg: ModelConfig, batch: int, tokens: int) -> int:
     """A Poolingformer block: V and the output projection act on one mean token per sample."""
     d = cfg.hidden_size
     return (
-        linear(batch, d, 6 * d)
+        modulation_flops(cfg, batch)
         + 2 * linear(batch, d, d)
         + caption_cross_flops(cfg, batch, tokens)
         + mlp_flops(cfg, batch * tokens)
@@ -120,7 +126,11 @@ def forward_flops(
             total += cfg.middle_depth * block_flops(cfg, rows, num_kept_random(mask_ratio, n))
         if cfg.sprint.fusion == "concat_linear":
             total += linear(batch * n, 2 * d, d)
-    total += linear(batch, d, 2 * d) + linear(batch * n, d, patch_features * (cfg.out_channels // cfg.in_channels))
+    total += modulation_flops(cfg, batch, 2) + linear(
+        batch * n, d, patch_features * (cfg.out_channels // cfg.in_channels)
+    )
+    if cfg.adaln == "single":
+        total += linear(batch, d, 6 * d)  # the shared projection (Backbone.t_block)
     return total
 
 

@@ -75,6 +75,14 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     mlp: str = "gelu"  # gelu (tanh approximation) | swiglu
     pos_embed: str = "rope"  # rope (2D or 3D, every block) | sincos (fixed 2D or 3D absolute, added once)
+    # sincos: the grid the positions are scaled to (PixArt's base size: position i of n along an axis is
+    # i * pos_base / n / pos_interpolation); None: positions 0, 1, 2, ... (DiT)
+    pos_base: Optional[int] = None
+    pos_interpolation: float = 1.0  # sincos with pos_base: PixArt's interpolation_scale
+    # zero: each block's own SiLU-Linear of the conditioning (DiT's adaLN-Zero) | single: one shared SiLU-Linear to
+    # 6 x hidden_size plus a learned table per block, and the final layer's own table on the timestep embedding
+    # (PixArt-alpha's adaLN-single)
+    adaln: str = "zero"
     rope_theta: float = 10000.0
     qk_norm: bool = True  # per-head RMSNorm on q and k
     learn_sigma: bool = False  # doubles the output channels (DiT); flow matching uses the first half

@@ -61,6 +61,9 @@ PAD, START = (
 SPECIAL_TOKENS = 2
 FUSIONS = ("concat_linear", "none")
 POS_EMBEDS = ("rope", "sincos")
+ADALNS = ("zero", "single")
+UNSET_ALLOWED = ("preset", "pos_base")  # the model fields that may stay None
+MODULATIONS = 6  # shift, scale, gate of the attention and of the MLP
 MLPS = ("gelu", "swiglu")
 TIMESTEP_FREQ_DIM = 256  # sinusoidal timestep features fed to the timestep MLP
 
@@ -85,7 +88,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         cfg = replace(cfg, **{k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None})
     if cfg.condition == "text":  # no class table
         cfg = replace(cfg, num_classes=0 if cfg.num_classes is None else cfg.num_classes)
-    missing = [f.name for f in fields(cfg) if f.name != "preset" and getattr(cfg, f.name) is None]
+    missing = [f.name for f in fields(cfg) if f.name not in UNSET_ALLOWED and getattr(cfg, f.name) is None]
     if cfg.repa.depth and cfg.repa.dim is None:
         missing.append("repa.dim")
     if missing:
@@ -116,6 +119,12 @@ def check_values(cfg: ModelConfig) -> None:
     for name, value in sizes.items():
         if value < 1:
             raise UserError(f"model.{name} must be >= 1, got {value}")
+    if cfg.pos_base is not None and (cfg.pos_embed != "sincos" or cfg.video or cfg.pos_base < 1):
+        raise UserError(
+            "model.pos_base scales 2D sin-cos positions: it needs model.pos_embed sincos, an image model, >= 1"
+        )
+    if not cfg.pos_interpolation > 0:
+        raise UserError(f"model.pos_interpolation must be > 0, got {cfg.pos_interpolation}")
     if cfg.time_freq_shift not in (0, 1):
         raise UserError(f"model.time_freq_shift must be 0 (DiT, SiT) or 1 (diffusers' DiT), got {cfg.time_freq_shift}")
     if not cfg.mlp_ratio > 0:
@@ -124,6 +133,7 @@ def check_values(cfg: ModelConfig) -> None:
         ("arch", cfg.arch, ARCHS),
         ("mlp", cfg.mlp, MLPS),
         ("pos_embed", cfg.pos_embed, POS_EMBEDS),
+        ("adaln", cfg.adaln, ADALNS),
         ("sprint.fusion", cfg.sprint.fusion, FUSIONS),
         ("condition", cfg.condition, CONDITIONS),
     ):
@@ -222,7 +232,7 @@ def check_sparsedit(cfg: ModelConfig) -> None:
         raise UserError("model.sparse needs modules >= 1 and pool_depth, sparse_depth, dense_depth >= 0")
     if sp.recover not in RECOVERS:
         raise UserError(f"model.sparse.recover is {sp.recover!r}; choose one of {', '.join(RECOVERS)}")
-    if sp.readd_pos and cfg.pos_embed != "sincos":
+    if sp.readd_pos and (cfg.pos_embed != "sincos" or cfg.pos_base is not None):
         raise UserError(
             "model.sparse.readd_pos re-adds sin-cos positions: it needs model.pos_embed sincos (RoPE is applied in "
             "every block)"
@@ -288,6 +298,14 @@ def sincos_table(grid: tuple[int, ...], dim: int) -> torch.Tensor:
     return sincos_at([torch.arange(n) for n in grid], axis_channels(dim, grid))
 
 
+def sincos_positions(cfg: ModelConfig) -> list[torch.Tensor]:
+    """Each axis's token positions for the sin-cos table: 0, 1, 2, ... (DiT), or with model.pos_base PixArt's, scaled
+    so that any grid spans the base grid: i / (n / pos_base) / pos_interpolation."""
+    if cfg.pos_base is None:
+        return [torch.arange(n) for n in cfg.grid]
+    return [torch.arange(n, dtype=torch.float64) / (n / cfg.pos_base) / cfg.pos_interpolation for n in cfg.grid]
+
+
 def sincos_at(positions: list[torch.Tensor], channels: tuple[int, ...]) -> torch.Tensor:
     """(prod(len(p) for p in positions), sum(channels)) sin-cos embedding of the grid of the positions along each
     axis (may be fractional). The axes' channel blocks come in reverse axis order (columns first, then rows, then
@@ -326,6 +344,17 @@ def unpatchify(x: torch.Tensor, patch: int | tuple[int, ...], grid: tuple[int, .
     x = x.reshape(b, *grid, c, *patch)  # (B, g0, g1, ..., C, q0, q1, ...)
     x = x.permute(0, d + 1, *[v for i in range(d) for v in (1 + i, d + 2 + i)])  # (B, C, g0, q0, g1, q1, ...)
     return x.reshape(b, c, *[g * q for g, q in zip(grid, patch)])
+
+
+def dit_final_rows(w: torch.Tensor, patch: int) -> torch.Tensor:
+    """Rows (or bias entries) in DiT's un-patchify order (p_row, p_col, c) -> ours (c, p_row, p_col)."""
+    rest = w.shape[1:]
+    return w.reshape(patch, patch, -1, *rest).movedim(2, 0).reshape(-1, *rest)
+
+
+def ours_to_dit_rows(w: torch.Tensor, patch: int) -> torch.Tensor:
+    """The inverse of dit_final_rows: ours (c, p_row, p_col) -> DiT's (p_row, p_col, c)."""
+    return w.reshape(-1, patch, patch, *w.shape[1:]).movedim(0, 2).reshape(w.shape)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -511,8 +540,19 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        if cfg.adaln == "zero":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, MODULATIONS * d))
+        else:  # added to the shared projection of the timestep embedding (Backbone.t_block)
+            self.scale_shift_table = nn.Parameter(torch.randn(MODULATIONS, d) / d**0.5)
         self.cross_attn = CrossAttention(d, cfg.num_heads) if cfg.condition == "text" else None
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Shift, scale, gate of the attention and of the MLP, each (B, D): adaLN-Zero from c (B, D); adaLN-single
+        from the shared part of c (B, 7D: the embedding, then its 6D projection) plus this block's table."""
+        if hasattr(self, "adaLN_modulation"):
+            return self.adaLN_modulation(c).chunk(MODULATIONS, dim=-1)
+        d = self.scale_shift_table.shape[1]
+        return (self.scale_shift_table + c[:, d:].unflatten(1, (MODULATIONS, d))).unbind(1)
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope, context: torch.Tensor | None = None, context_rope=None, text=None
@@ -520,7 +560,7 @@ class Block(nn.Module):
         """x (B, N, D), c (B, D). With `context` (B, M, D) the attention is cross-attention to it (SparseDiT's
         merge and recover blocks); the context goes through the same norm and modulation as x. text: (tokens
         (B, L, D), keep (B, L)) of the caption, cross-attended between attention and MLP, unmodulated (PixArt-alpha)."""
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, D)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c)  # 6 x (B, D)
         if context is not None:
             context = modulate(self.norm1(context), shift_a, scale_a)
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, context, context_rope)
@@ -535,10 +575,17 @@ class FinalLayer(nn.Module):
         d = cfg.hidden_size
         self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
         self.linear = nn.Linear(d, math.prod(cfg.patch) * cfg.out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        if cfg.adaln == "zero":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        else:  # added to the timestep embedding itself (PixArt's T2IFinalLayer)
+            self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        """x (B, N, D), c (B, D) or, adaLN-single, (B, 7D) of which the first D are the embedding."""
+        if hasattr(self, "adaLN_modulation"):
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        else:
+            shift, scale = (self.scale_shift_table + c[:, None, : self.scale_shift_table.shape[1]]).unbind(1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
@@ -565,6 +612,8 @@ class Backbone(nn.Module):
             else CaptionProjection(cfg)
         )
         self.text_pool = nn.Linear(d, d) if cfg.condition == "text" and cfg.text.pooled else None
+        # adaLN-single: the one projection of the conditioning that every block's table is added to
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, MODULATIONS * d)) if cfg.adaln == "single" else None
         self.build_body(cfg)
         self.final_layer = FinalLayer(cfg)
         if cfg.pos_embed == "rope":
@@ -572,7 +621,8 @@ class Backbone(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # (N, dh)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
-            self.register_buffer("pos_embed", sincos_table(cfg.grid, d).unsqueeze(0), persistent=False)  # (1, N, D)
+            table = sincos_at(sincos_positions(cfg), axis_channels(d, cfg.grid))  # (N, D)
+            self.register_buffer("pos_embed", table.unsqueeze(0), persistent=False)
         # REPA head (training only), built after the MASK token so that it is drawn alike with REPA on or off
         self.repa_projector = (
             nn.Sequential(
@@ -621,14 +671,17 @@ class Backbone(nn.Module):
             nn.init.normal_(self.y_embedder.positions, std=self.config.init_std)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=self.config.init_std)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-            if getattr(block, "cross_attn", None) is not None:  # each block starts as the unconditioned one
-                nn.init.zeros_(block.cross_attn.proj.weight)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        modulations = [
+            b.adaLN_modulation[-1] for b in [*self.blocks, self.final_layer] if hasattr(b, "adaLN_modulation")
+        ]
+        if self.t_block is not None:  # adaLN-single (PixArt's init): the shared projection normal, the tables random
+            nn.init.normal_(self.t_block[-1].weight, std=self.config.init_std)
+        for layer in (*modulations, self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        for block in self.blocks:
+            if getattr(block, "cross_attn", None) is not None:  # each block starts as the unconditioned one
+                nn.init.zeros_(block.cross_attn.proj.weight)
 
     @property
     def repa_block(self) -> nn.Module | None:
@@ -649,20 +702,25 @@ class Backbone(nn.Module):
         return x
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
-        """Tokens (B, N, D) with absolute positions if any, the modulation c (B, D), and the caption (tokens
+        """Tokens (B, N, D) with absolute positions if any, the modulation c (B, D; adaLN-single: (B, 7D), the
+        embedding then its shared 6D projection), and the caption (tokens
         (B, L, D), keep (B, L)) for a text model, else None. y: labels (B,), token ids (B, L) or caption embeddings (B,
         L, E)."""
         h = self.x_embedder(x)  # (B, N, D)
         if self.config.pos_embed == "sincos":
             h = h + self.pos_embed[:, : h.shape[1]]
+        text = None
         if self.config.condition == "class":
-            return h, self.t_embedder(t) + self.y_embedder(y), None
-        tokens, keep = self.y_embedder(y)  # (B, L, D), (B, L)
-        c = self.t_embedder(t)  # (B, D)
-        if self.text_pool is not None:
-            w = keep.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
-            c = c + self.text_pool((tokens * w).sum(1) / w.sum(1))
-        return h, c, (tokens, keep)
+            c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        else:
+            tokens, keep = text = self.y_embedder(y)  # (B, L, D), (B, L)
+            c = self.t_embedder(t)  # (B, D)
+            if self.text_pool is not None:
+                w = keep.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
+                c = c + self.text_pool((tokens * w).sum(1) / w.sum(1))
+        if self.t_block is not None:  # adaLN-single: c (B, 7D), the embedding and its shared projection
+            c = torch.cat([c, self.t_block(c)], dim=-1)
+        return h, c, text
 
     def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens -> (B, C_out, H, W) or (B, C_out, F, H, W)."""

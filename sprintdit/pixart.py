@@ -1,0 +1,160 @@
+"""PixArt-alpha's transformer in sprintdit's backbone: diffusers' `PixArtTransformer2DModel` folders imported
+exactly (and written back), on the switches of `ModelConfig` that PixArt needs: condition text on T5 embeddings
+(`CaptionProjection`: Linear, GELU-tanh, Linear), cross-attention to the caption with its padding masked,
+adaLN-single (`model.adaln: single`), no q/k norm, sin-cos positions scaled to the base grid (`model.pos_base`,
+`model.pos_interpolation`), learned sigma, DiT's integer timesteps (`model.time_scale: 1000`).
+
+Layout (diffusers name -> ours): pos_embed.proj -> x_embedder.proj (Conv2d flattened to a Linear);
+adaln_single.emb.timestep_embedder.linear_1/2 -> t_embedder.mlp.0/2; adaln_single.linear -> t_block.1;
+caption_projection.linear_1/2 -> y_embedder.fc1/fc2; transformer_blocks.i: scale_shift_table, attn1.to_q/k/v ->
+attn.qkv (stacked), attn1.to_out.0 -> attn.proj, attn2.to_q -> cross_attn.q, attn2.to_k/v -> cross_attn.kv,
+attn2.to_out.0 -> cross_attn.proj, ff.net.0.proj / ff.net.2 -> mlp.fc1 / fc2; scale_shift_table ->
+final_layer.scale_shift_table; proj_out -> final_layer.linear (rows reordered from (p, q, c) to (c, p, q)).
+
+Conventions where sprintdit differs from diffusers' pipeline, and what the import does about them:
+- padded caption tokens: diffusers passes a mask beside the T5 output; sprintdit stores padding as zero rows and
+  masks the zero rows (`sprintdit prepare --captions` writes them so). Equal outputs need the padded rows zeroed.
+- the unconditional caption: diffusers' pipeline encodes the empty prompt with T5; a diffusers folder carries no
+  embedding of it, so the imported `y_embedder.empty` is all zeros until a run fills it from its data's table.
+Refused in one line: the 1024 models' resolution and aspect-ratio micro-conditions (use_additional_conditions),
+other norm types, and any other transformer class.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checkpoint import check_state
+from .errors import UserError
+from .models import SiT, resolve_model_config
+from .models.sit import dit_final_rows, ours_to_dit_rows
+from .sections import ModelConfig, SprintConfig, TextConfig
+
+PIXART_CLASS = "PixArtTransformer2DModel"
+PIXART_CAPTION_TOKENS = 120  # PixArt-alpha's T5 caption length (Sigma: 300); not stored in the weights
+PIXART_MICRO_SIZE = 128  # the latent size of the 1024 px models, which take micro-conditions by default
+PIXART_POS_GRID = 64  # diffusers' default interpolation_scale is sample_size // 64 (at least 1)
+DDPM_STEPS = 1000  # PixArt's training steps: the network sees the integer step
+PIXART_SAMPLING_STEPS = 20  # PixArt-alpha's DPM-Solver++ steps
+PIXART_GUIDANCE_SCALE = 4.5  # PixArt-alpha's classifier-free guidance scale
+
+
+def pixart_model_config(config: dict, input_size: list[int] | None, caption_tokens: int) -> ModelConfig:
+    """Our ModelConfig of a diffusers PixArtTransformer2DModel config (input_size None: its sample_size, square)."""
+    if config.get("norm_type", "ada_norm_single") != "ada_norm_single":
+        raise UserError(f"{PIXART_CLASS} with norm_type {config.get('norm_type')!r}: only ada_norm_single converts")
+    side = config.get("sample_size", 128)
+    micro = config.get("use_additional_conditions")
+    if micro or (micro is None and side == PIXART_MICRO_SIZE):  # diffusers' default: on for sample_size 128
+        raise UserError(
+            f"this {PIXART_CLASS} uses the resolution and aspect-ratio micro-conditions of PixArt-alpha's 1024 models "
+            f"(use_additional_conditions); sprintdit does not implement them yet"
+        )
+    if config.get("attention_type", "default") != "default" or config.get("activation_fn", "gelu-approximate") != (
+        "gelu-approximate"
+    ):
+        raise UserError(f"{PIXART_CLASS} with attention_type / activation_fn other than default / gelu-approximate")
+    patch, heads = config.get("patch_size", 2), config["num_attention_heads"]
+    hidden, channels = heads * config["attention_head_dim"], config.get("in_channels", 4)
+    out_channels = config.get("out_channels") or channels
+    if out_channels not in (channels, 2 * channels):
+        raise UserError(f"{PIXART_CLASS} with {out_channels} output channels for {channels} input ones")
+    if config.get("cross_attention_dim", hidden) != hidden:
+        raise UserError(
+            f"{PIXART_CLASS}: cross_attention_dim {config['cross_attention_dim']} is not the width {hidden}"
+        )
+    interpolation = config.get("interpolation_scale") or max(side // PIXART_POS_GRID, 1)
+    cfg = ModelConfig(
+        condition="text", input_size=list(input_size or [side, side]), in_channels=channels, patch_size=patch,
+        hidden_size=hidden, depth=config["num_layers"], num_heads=heads, pos_embed="sincos", qk_norm=False,
+        learn_sigma=out_channels == 2 * channels, norm_eps=float(config.get("norm_eps", 1e-6)), adaln="single",
+        time_scale=float(DDPM_STEPS), pos_base=side // patch, pos_interpolation=float(interpolation),
+        text=TextConfig(encoder="t5", dim=config["caption_channels"], max_tokens=caption_tokens),
+        sprint=SprintConfig(encoder_depth=0, decoder_depth=0, fusion="none", path_drop_prob=0.0),
+    )  # fmt: skip
+    return resolve_model_config(cfg)
+
+
+def block_keys(i: int) -> dict[str, str]:
+    """Our key -> diffusers' key within block i, for the tensors that map one to one."""
+    ours, theirs = f"blocks.{i}.", f"transformer_blocks.{i}."
+    pairs = {"scale_shift_table": "scale_shift_table"}
+    for w in ("weight", "bias"):
+        pairs |= {f"attn.proj.{w}": f"attn1.to_out.0.{w}", f"cross_attn.q.{w}": f"attn2.to_q.{w}"}
+        pairs |= {f"cross_attn.proj.{w}": f"attn2.to_out.0.{w}", f"mlp.fc1.{w}": f"ff.net.0.proj.{w}"}
+        pairs[f"mlp.fc2.{w}"] = f"ff.net.2.{w}"
+    return {ours + k: theirs + v for k, v in pairs.items()}
+
+
+SHARED_KEYS = {  # our key -> diffusers' key, outside the blocks
+    **{f"t_embedder.mlp.{j}.{w}": f"adaln_single.emb.timestep_embedder.linear_{n}.{w}" for j, n in ((0, 1), (2, 2))
+       for w in ("weight", "bias")},
+    **{f"t_block.1.{w}": f"adaln_single.linear.{w}" for w in ("weight", "bias")},
+    **{f"y_embedder.fc{n}.{w}": f"caption_projection.linear_{n}.{w}" for n in (1, 2) for w in ("weight", "bias")},
+    "x_embedder.proj.bias": "pos_embed.proj.bias",
+    "final_layer.scale_shift_table": "scale_shift_table",
+    "final_layer.linear.bias": "proj_out.bias",
+}  # fmt: skip
+STACKED = {"attn.qkv": ("attn1", "qkv"), "cross_attn.kv": ("attn2", "kv")}  # ours -> (diffusers module, parts)
+
+
+def pixart_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """diffusers' PixArt tensors as our state dict (float32), every key and shape checked against our network."""
+    mapping = SHARED_KEYS | {k: v for i in range(cfg.depth) for k, v in block_keys(i).items()}
+    stacked = {
+        f"blocks.{i}.{ours}.{w}": (f"transformer_blocks.{i}.{module}.", parts, w)
+        # fmt: skip
+        for i in range(cfg.depth)
+        for ours, (module, parts) in STACKED.items()
+        for w in ("weight", "bias")
+    }
+    needed = [*mapping.values(), "pos_embed.proj.weight", "proj_out.weight"]
+    needed += [f"{prefix}to_{p}.{w}" for prefix, parts, w in stacked.values() for p in parts]
+    missing = [k for k in needed if k not in state]
+    if missing:
+        raise UserError(f"{source} is not a {PIXART_CLASS} of this config: it lacks {missing[:3]}")
+    extra = sorted(set(state) - set(needed))
+    if extra:
+        raise UserError(f"{source} has tensors this {PIXART_CLASS} config does not explain: {extra[:3]}")
+    out = {ours: state[theirs].float() for ours, theirs in mapping.items()}
+    for ours, (prefix, parts, w) in stacked.items():
+        out[ours] = torch.cat([state[f"{prefix}to_{p}.{w}"].float() for p in parts])
+    out["x_embedder.proj.weight"] = state["pos_embed.proj.weight"].float().flatten(1)  # (D, C, p, p) -> (D, C p p)
+    out["final_layer.linear.weight"] = dit_final_rows(state["proj_out.weight"].float(), cfg.patch_size)
+    out["final_layer.linear.bias"] = dit_final_rows(out["final_layer.linear.bias"], cfg.patch_size)
+    out["y_embedder.empty"] = torch.zeros(cfg.text.max_tokens, cfg.text.dim)  # see the module docstring
+    out["mask_token"] = torch.zeros(1, 1, cfg.hidden_size)  # unused: a dense model (fusion none) drops no token
+    with torch.device("meta"):
+        check_state(SiT(cfg), out, source)
+    return out
+
+
+def ours_to_pixart(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of pixart_to_ours (the empty caption and the MASK token dropped: diffusers has neither)."""
+    mapping = SHARED_KEYS | {k: v for i in range(cfg.depth) for k, v in block_keys(i).items()}
+    out = {theirs: state[ours] for ours, theirs in mapping.items()}
+    for i in range(cfg.depth):
+        for ours, (module, parts) in STACKED.items():
+            for w in ("weight", "bias"):
+                chunks = state[f"blocks.{i}.{ours}.{w}"].chunk(len(parts))
+                out |= {f"transformer_blocks.{i}.{module}.to_{p}.{w}": c for p, c in zip(parts, chunks)}
+    p, d = cfg.patch_size, cfg.hidden_size
+    out["pos_embed.proj.weight"] = state["x_embedder.proj.weight"].reshape(d, cfg.in_channels, p, p)
+    for name, ours in (("proj_out.weight", "final_layer.linear.weight"), ("proj_out.bias", "final_layer.linear.bias")):
+        out[name] = ours_to_dit_rows(state[ours], p)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def pixart_diffusers_config(cfg: ModelConfig) -> dict:
+    """The PixArtTransformer2DModel config.json of our PixArt-layout network."""
+    if cfg.adaln != "single" or cfg.condition != "text" or cfg.text.encoder == "learned" or cfg.pos_base is None:
+        raise UserError("only a PixArt-layout model (adaln single, t5/clip captions, pos_base) exports as PixArt")
+    side = cfg.pos_base * cfg.patch_size
+    return {
+        "_class_name": PIXART_CLASS, "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.hidden_size // cfg.num_heads, "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels, "num_layers": cfg.depth, "cross_attention_dim": cfg.hidden_size,
+        "caption_channels": cfg.text.dim, "sample_size": side, "patch_size": cfg.patch_size,
+        "norm_type": "ada_norm_single", "norm_eps": cfg.norm_eps, "interpolation_scale": cfg.pos_interpolation,
+        "use_additional_conditions": False,
+    }  # fmt: skip
