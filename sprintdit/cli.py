@@ -587,6 +587,33 @@ def cmd_sparsify(args) -> int:
     return 0
 
 
+def adapt_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint", required=True, help="dense run folder, checkpoint folder or .safetensors (fusion none)"
+    )
+    p.add_argument("--out", required=True, help="new checkpoint folder (config.yaml, model/ema.safetensors)")
+    p.add_argument("--encoder-depth", type=int, help="dense blocks before the token-sparse middle (default 2)")
+    p.add_argument("--decoder-depth", type=int, help="dense blocks after the fusion (default 2)")
+    p.add_argument("--path-drop", type=float, help="per-sample probability of dropping the sparse path (default 0.1)")
+    p.add_argument("--no-ema", action="store_true", help="start from the raw weights instead of the EMA")
+
+
+def cmd_adapt(args) -> int:
+    from dataclasses import replace
+
+    from .sections import SprintConfig
+    from .sparsify import adapt
+
+    given = {"encoder_depth": args.encoder_depth, "decoder_depth": args.decoder_depth, "path_drop_prob": args.path_drop}
+    sprint = replace(SprintConfig(), **{k: v for k, v in given.items() if v is not None})
+    folder = adapt(args.checkpoint, args.out, sprint, use_ema=not args.no_ema)
+    print(
+        f"SPRINT adapter on {args.checkpoint}: {sprint.encoder_depth} dense + middle + {sprint.decoder_depth} dense "
+        f"blocks, fusion [I, 0] (the source's output at mask 0); fine-tune it with train.init_from={folder}"
+    )
+    return 0
+
+
 def study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "name",
@@ -771,6 +798,13 @@ COMMANDS = (  # name, help, options, handler; `sprintdit --help` order
         "build a SparseDiT from a dense DiT/SiT checkpoint (fine-tune it with train.init_from)",
         sparsify_options,
         cmd_sparsify,
+    ),
+    (
+        "adapt",
+        "add SPRINT's sparse-dense fusion to a dense DiT/SiT/PixArt checkpoint, unchanged at init, for a token-sparse "
+        "fine-tune",
+        adapt_options,
+        cmd_adapt,
     ),
     (
         "demo",

@@ -411,3 +411,33 @@ def test_sample_grid_is_capped_and_train_names_only_what_it_wrote(fmnist_dir, tm
     assert np.load(tmp_path / "s" / "cfg_euler2_s4.npz")["arr_0"].shape[0] == 10  # the batch keeps every sample
     code, out, _ = run_cli(capsys, *args, "--out", str(tmp_path / "t"), "--grid-max", "0")
     assert code == 0 and "no grid" in out and not list((tmp_path / "t").glob("*.png"))
+
+
+def test_sprint_adapter_leaves_a_dense_model_unchanged_then_finetunes_token_sparse(fmnist_dir, tmp_path, capsys):
+    """adapt: SPRINT's fusion added to a dense model as [I, 0], so at mask 0 it is the source; the two-stage
+    fine-tune (masked, then dense) runs through the normal trainer, and Path-Drop Guidance samples afterwards."""
+    from sprintdit.checkpoint import load_model
+
+    dense, init, tuned = tmp_path / "dense", tmp_path / "init", tmp_path / "tuned"
+    argv = ["--no-progress", f"data.root={fmnist_dir}"]
+    assert run_cli(capsys, "train", "--config", "fashion_mnist_dense", "--out", str(dense), *argv, *DENSE)[0] == 0
+    code, out, err = run_cli(capsys, "adapt", "--checkpoint", str(dense), "--out", str(init), "--encoder-depth", "1",
+                             "--decoder-depth", "1")  # fmt: skip
+    assert code == 0 and "fusion [I, 0]" in out, err
+    source, _ = load_model(dense)
+    adapted, cfg = load_model(init)
+    assert (cfg.model.sprint.fusion, cfg.model.sprint.encoder_depth, cfg.model.middle_depth) == ("concat_linear", 1, 2)
+    x, t, y = torch.randn(3, 1, 32, 32), torch.rand(3), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        assert torch.equal(adapted(x, t, y), source(x, t, y))  # exactly the source at mask 0
+    steps = ["train.batch_size=4", "stages.0.steps=2", "stages.1.steps=1"]
+    code, _, err = run_cli(capsys, "train", "--config", "fashion_mnist_sprint_finetune", "--out", str(tuned), *argv,
+                           f"train.init_from={init}", *steps)  # fmt: skip
+    assert code == 0, err
+    model, cfg = load_model(tuned)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), adapted.state_dict().values()))
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", str(tuned), "--out", str(tmp_path / "s"), "--labels",
+                           "0-1", "--steps", "2", "--guidance", "pdg", "--no-progress")  # fmt: skip
+    assert code == 0 and np.load(tmp_path / "s" / "pdg_euler2_s2.npz")["arr_0"].shape == (2, 32, 32, 1), err
+    code, _, err = run_cli(capsys, "adapt", "--checkpoint", str(tuned), "--out", str(tmp_path / "again"))
+    assert code == 2 and "is not a dense DiT/SiT" in err  # a SPRINT model is not adapted twice

@@ -119,3 +119,23 @@ def test_cli_converts_a_pixart_folder_with_pixarts_sampling_defaults(tmp_path, c
     )
     again = diffusers.PixArtTransformer2DModel.from_pretrained(tmp_path / "x")  # loads in diffusers
     assert again.config.num_layers == CONFIG["num_layers"] and not again.config.use_additional_conditions
+
+
+def test_sprint_adapter_on_an_imported_pixart_is_the_source_at_mask_0(tmp_path):
+    from sprintdit.checkpoint import load_model
+    from sprintdit.convert import write_run
+    from sprintdit.masking import make_mask
+    from sprintdit.sections import SprintConfig
+    from sprintdit.sparsify import adapt
+
+    _, folder = pixart(tmp_path)
+    write_run(tmp_path / "run", convert(folder, ConvertOptions("diffusers")), "diffusers")
+    adapt(tmp_path / "run", tmp_path / "adapted", SprintConfig(encoder_depth=1, decoder_depth=1))
+    (source, _), (adapted, run) = load_model(tmp_path / "run"), load_model(tmp_path / "adapted")
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.9])
+    emb = torch.nn.functional.pad(caption(2, [5, 3])[0].float(), (0, 0, 0, run.model.text.max_tokens - TOKENS))
+    with torch.no_grad():
+        assert torch.equal(adapted(x, t, emb), source(x, t, emb))
+        mask = make_mask(2, run.model.grid, 0.75, "structured", torch.Generator().manual_seed(0))
+        assert torch.isfinite(adapted(x, t, emb, mask=mask)).all()  # the middle on a quarter of the tokens
+        assert adapted(x, t, emb, middle_rows=1).shape == (2, 8, 8, 8)  # PDG's cheap pass exists now
