@@ -78,3 +78,34 @@ def test_train_flops_sum_the_stages():
     # train.batch_size is the global batch, however it is split
     accumulated = replace(run, train=replace(run.train, grad_accum=4))
     assert train_step_flops(accumulated, 0) == first
+
+
+def xl2(side: int, **changes):
+    """DiT-XL/2 (or, with changes, PixArt-alpha-XL/2) at `side` latent pixels, dense."""
+    from sprintdit.models import resolve_model_config
+    from sprintdit.sections import ModelConfig, SprintConfig
+
+    dense = SprintConfig(encoder_depth=0, decoder_depth=0, fusion="none", path_drop_prob=0.0)
+    base = dict(preset="SiT-XL/2", input_size=[side, side], in_channels=4, num_classes=1000, learn_sigma=True)
+    return resolve_model_config(
+        ModelConfig(**{**base, "pos_embed": "sincos", "qk_norm": False, "sprint": dense, **changes})
+    )
+
+
+@pytest.mark.parametrize(
+    "side,pixart,grid,paper",
+    [(32, False, None, 118.64), (64, False, None, 525.0), (32, True, None, 148.73), (32, True, "6:10", 91.62)],
+)
+def test_analytic_macs_reproduce_the_sparsedit_papers_table(side, pixart, grid, paper):
+    """The SparseDiT paper counts multiply-adds (GMACs = our FLOPs / 2) at 256 px (latent 32) and 512 px: DiT-XL/2,
+    PixArt-alpha-XL/2 with 120 T5 tokens, and its SparseDiT with the default layout and grid 6:10 (mean over t)."""
+    from sprintdit.density import SparseConfig
+    from sprintdit.flops import mean_forward_flops
+
+    text = TextConfig(encoder="t5", dim=4096, max_tokens=120)
+    changes = dict(condition="text", num_classes=None, adaln="single", pos_base=side // 2, text=text) if pixart else {}
+    cfg = xl2(side, **changes)
+    if grid is not None:
+        cfg = xl2(side, **changes, arch="sparsedit", sparse=SparseConfig(grid=grid))
+    macs = (mean_forward_flops(cfg, 1) if grid else forward_flops(cfg, 1)) / 2e9
+    assert abs(macs / paper - 1) < 0.005, macs

@@ -139,3 +139,26 @@ def test_sprint_adapter_on_an_imported_pixart_is_the_source_at_mask_0(tmp_path):
         mask = make_mask(2, run.model.grid, 0.75, "structured", torch.Generator().manual_seed(0))
         assert torch.isfinite(adapted(x, t, emb, mask=mask)).all()  # the middle on a quarter of the tokens
         assert adapted(x, t, emb, middle_rows=1).shape == (2, 8, 8, 8)  # PDG's cheap pass exists now
+
+
+def test_sparsify_of_an_imported_pixart_runs_with_its_captions(tmp_path):
+    """SparseDiT on PixArt: Poolingformers and sparse-dense modules with cross-attention to the caption kept in every
+    block; the output is finite at every grid side of the schedule, and the FLOPs at each side match torch's count."""
+    from sprintdit.checkpoint import load_model
+    from sprintdit.convert import write_run
+    from sprintdit.density import SparseConfig
+    from sprintdit.sparsify import sparsify
+
+    _, folder = pixart(tmp_path, num_layers=6)
+    write_run(tmp_path / "run", convert(folder, ConvertOptions("diffusers")), "diffusers")
+    layout = SparseConfig(grid="2:4", pool_depth=1, modules=1, sparse_depth=1, dense_depth=1)
+    sparsify(tmp_path / "run", tmp_path / "sparse", layout)
+    model, run = load_model(tmp_path / "sparse")
+    assert type(model).__name__ == "SparseDiT" and all(b.cross_attn is not None for b in model.blocks)
+    x = torch.randn(2, 4, 8, 8)
+    emb = torch.nn.functional.pad(caption(2, [5, 2])[0].float(), (0, 0, 0, run.model.text.max_tokens - TOKENS))
+    for side in (2, 3, 4):
+        t = torch.full((2,), 0.5)
+        with torch.no_grad():
+            assert torch.isfinite(model(x, t, emb, side=side)).all()
+        assert counted(model, x, t, emb, side=side) == forward_flops(run.model, 2, side=side)
