@@ -114,6 +114,8 @@ def forward_flops(
     patch_features = cfg.in_channels * math.prod(cfg.patch)
     total = linear(batch * n, patch_features, d)  # patch embedding
     total += linear(batch, TIMESTEP_FREQ_DIM, d) + linear(batch, d, d)  # timestep MLP
+    if cfg.micro_conditions:  # height and width (2 rows a sample) and the aspect ratio, each to D / 3
+        total += linear(3 * batch, TIMESTEP_FREQ_DIM, d // 3) + linear(3 * batch, d // 3, d // 3)
     total += caption_encoder_flops(cfg, batch)
     if cfg.arch == "sparsedit":
         if side is None:

@@ -16,8 +16,9 @@ Conventions where sprintdit differs from diffusers' pipeline, and what the impor
   masks the zero rows (`sprintdit prepare --captions` writes them so). Equal outputs need the padded rows zeroed.
 - the unconditional caption: diffusers' pipeline encodes the empty prompt with T5; a diffusers folder carries no
   embedding of it, so the imported `y_embedder.empty` is all zeros until a run fills it from its data's table.
-Refused in one line: the 1024 models' resolution and aspect-ratio micro-conditions (use_additional_conditions),
-other norm types, and any other transformer class.
+The 1024 models' resolution and aspect-ratio micro-conditions (use_additional_conditions) are `model.micro_conditions`:
+the image size the network is told is its latent size x `model.micro_scale` (8), as the pipeline tells it the size it
+makes. Refused in one line: other norm types, and any other transformer class.
 """
 
 from __future__ import annotations
@@ -45,11 +46,7 @@ def pixart_model_config(config: dict, input_size: list[int] | None, caption_toke
         raise UserError(f"{PIXART_CLASS} with norm_type {config.get('norm_type')!r}: only ada_norm_single converts")
     side = config.get("sample_size", 128)
     micro = config.get("use_additional_conditions")
-    if micro or (micro is None and side == PIXART_MICRO_SIZE):  # diffusers' default: on for sample_size 128
-        raise UserError(
-            f"this {PIXART_CLASS} uses the resolution and aspect-ratio micro-conditions of PixArt-alpha's 1024 models "
-            f"(use_additional_conditions); sprintdit does not implement them yet"
-        )
+    micro = side == PIXART_MICRO_SIZE if micro is None else bool(micro)  # diffusers' default: on for sample_size 128
     if config.get("attention_type", "default") != "default" or config.get("activation_fn", "gelu-approximate") != (
         "gelu-approximate"
     ):
@@ -69,6 +66,7 @@ def pixart_model_config(config: dict, input_size: list[int] | None, caption_toke
         hidden_size=hidden, depth=config["num_layers"], num_heads=heads, pos_embed="sincos", qk_norm=False,
         learn_sigma=out_channels == 2 * channels, norm_eps=float(config.get("norm_eps", 1e-6)), adaln="single",
         time_scale=float(DDPM_STEPS), pos_base=side // patch, pos_interpolation=float(interpolation),
+        micro_conditions=micro,
         text=TextConfig(encoder="t5", dim=config["caption_channels"], max_tokens=caption_tokens),
         sprint=SprintConfig(encoder_depth=0, decoder_depth=0, fusion="none", path_drop_prob=0.0),
     )  # fmt: skip
@@ -86,6 +84,12 @@ def block_keys(i: int) -> dict[str, str]:
     return {ours + k: theirs + v for k, v in pairs.items()}
 
 
+MICRO_KEYS = {  # our key -> diffusers' key: the 1024 models' micro-conditions
+    f"{ours}.mlp.{j}.{w}": f"adaln_single.emb.{theirs}.linear_{n}.{w}"
+    for ours, theirs in (("size_embedder", "resolution_embedder"), ("aspect_embedder", "aspect_ratio_embedder"))
+    for j, n in ((0, 1), (2, 2))
+    for w in ("weight", "bias")
+}
 SHARED_KEYS = {  # our key -> diffusers' key, outside the blocks
     **{f"t_embedder.mlp.{j}.{w}": f"adaln_single.emb.timestep_embedder.linear_{n}.{w}" for j, n in ((0, 1), (2, 2))
        for w in ("weight", "bias")},
@@ -98,9 +102,15 @@ SHARED_KEYS = {  # our key -> diffusers' key, outside the blocks
 STACKED = {"attn.qkv": ("attn1", "qkv"), "cross_attn.kv": ("attn2", "kv")}  # ours -> (diffusers module, parts)
 
 
+def key_mapping(cfg: ModelConfig) -> dict[str, str]:
+    """Our key -> diffusers' key for every tensor that maps one to one."""
+    blocks = {k: v for i in range(cfg.depth) for k, v in block_keys(i).items()}
+    return SHARED_KEYS | blocks | (MICRO_KEYS if cfg.micro_conditions else {})
+
+
 def pixart_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
     """diffusers' PixArt tensors as our state dict (float32), every key and shape checked against our network."""
-    mapping = SHARED_KEYS | {k: v for i in range(cfg.depth) for k, v in block_keys(i).items()}
+    mapping = key_mapping(cfg)
     stacked = {
         f"blocks.{i}.{ours}.{w}": (f"transformer_blocks.{i}.{module}.", parts, w)
         # fmt: skip
@@ -131,7 +141,7 @@ def pixart_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str
 
 def ours_to_pixart(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The inverse of pixart_to_ours (the empty caption and the MASK token dropped: diffusers has neither)."""
-    mapping = SHARED_KEYS | {k: v for i in range(cfg.depth) for k, v in block_keys(i).items()}
+    mapping = key_mapping(cfg)
     out = {theirs: state[ours] for ours, theirs in mapping.items()}
     for i in range(cfg.depth):
         for ours, (module, parts) in STACKED.items():
@@ -156,5 +166,5 @@ def pixart_diffusers_config(cfg: ModelConfig) -> dict:
         "out_channels": cfg.out_channels, "num_layers": cfg.depth, "cross_attention_dim": cfg.hidden_size,
         "caption_channels": cfg.text.dim, "sample_size": side, "patch_size": cfg.patch_size,
         "norm_type": "ada_norm_single", "norm_eps": cfg.norm_eps, "interpolation_scale": cfg.pos_interpolation,
-        "use_additional_conditions": False,
+        "use_additional_conditions": cfg.micro_conditions,
     }  # fmt: skip

@@ -83,6 +83,10 @@ class ModelConfig:
     # 6 x hidden_size plus a learned table per block, and the final layer's own table on the timestep embedding
     # (PixArt-alpha's adaLN-single)
     adaln: str = "zero"
+    # PixArt-alpha 1024's micro-conditions: the image's height, width and aspect ratio (pixels: input_size x
+    # micro_scale), each through a timestep-style MLP to hidden_size / 3, added to the timestep embedding
+    micro_conditions: bool = False
+    micro_scale: int = 8  # pixels per latent (SD-VAE: 8)
     rope_theta: float = 10000.0
     qk_norm: bool = True  # per-head RMSNorm on q and k
     learn_sigma: bool = False  # doubles the output channels (DiT); flow matching uses the first half

@@ -76,8 +76,6 @@ def test_export_round_trips_and_loads_in_diffusers(tmp_path):
 @pytest.mark.parametrize(
     "changes,message",
     [
-        ({"sample_size": 128, "use_additional_conditions": None}, "micro-conditions"),  # the 1024 px models' default
-        ({"use_additional_conditions": True}, "micro-conditions"),
         ({"norm_type": "ada_norm_zero"}, "only ada_norm_single converts"),
         ({"cross_attention_dim": 32}, "is not the width 16"),
         ({"out_channels": 5}, "5 output channels"),
@@ -162,3 +160,30 @@ def test_sparsify_of_an_imported_pixart_runs_with_its_captions(tmp_path):
         with torch.no_grad():
             assert torch.isfinite(model(x, t, emb, side=side)).all()
         assert counted(model, x, t, emb, side=side) == forward_flops(run.model, 2, side=side)
+
+
+@pytest.mark.parametrize("size", [[8, 8], [6, 10]])
+def test_imported_pixart_1024_micro_conditions_equal_diffusers(tmp_path, size):
+    """PixArt-alpha 1024's micro-conditions: diffusers is told the image's height, width and aspect ratio; ours derives
+    them from its latent size (x 8), so the same numbers reach the same embedders."""
+    theirs, folder = pixart(tmp_path, num_attention_heads=3, cross_attention_dim=24, use_additional_conditions=True)
+    converted = convert(folder, ConvertOptions("diffusers", input_size=size))
+    assert converted.model.micro_conditions
+    ours = SiT(converted.model).double().eval()
+    ours.load_state_dict(converted.weights)
+    x, steps = torch.randn(2, 4, *size, dtype=torch.float64), torch.tensor([10, 700])
+    emb, mask = caption(2, [4, 5])
+    pixels = torch.tensor([[8.0 * size[0], 8.0 * size[1]]] * 2, dtype=torch.float64)
+    micro = {"resolution": pixels, "aspect_ratio": (pixels[:, :1] / pixels[:, 1:])}
+    with torch.no_grad():
+        want = theirs(x, encoder_hidden_states=emb, timestep=steps, encoder_attention_mask=mask.double(),
+                      added_cond_kwargs=micro).sample  # fmt: skip
+        padded = torch.nn.functional.pad(emb, (0, 0, 0, converted.model.text.max_tokens - TOKENS))
+        got = ours(x, steps.double() / 1000, padded)
+        other = theirs(x, encoder_hidden_states=emb, timestep=steps, encoder_attention_mask=mask.double(),
+                       added_cond_kwargs={k: v * 2 for k, v in micro.items()}).sample  # fmt: skip
+    assert (other - want).abs().max() > 1e-3  # the conditions reach the output: the check can fail
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # float32 sinusoids of 2 more embedders in diffusers
+    assert counted(ours.float(), x.float(), steps / 1000, padded.float()) == forward_flops(converted.model, 2)
+    tensors, config = export_diffusers(converted.weights, converted.model)
+    assert config["use_additional_conditions"] and set(tensors) == set(theirs.state_dict())

@@ -123,6 +123,8 @@ def check_values(cfg: ModelConfig) -> None:
         raise UserError(
             "model.pos_base scales 2D sin-cos positions: it needs model.pos_embed sincos, an image model, >= 1"
         )
+    if cfg.micro_conditions and (cfg.hidden_size % 3 or cfg.video or cfg.micro_scale < 1):
+        raise UserError("model.micro_conditions needs an image model, hidden_size divisible by 3, micro_scale >= 1")
     if not cfg.pos_interpolation > 0:
         raise UserError(f"model.pos_interpolation must be > 0, got {cfg.pos_interpolation}")
     if cfg.time_freq_shift not in (0, 1):
@@ -612,6 +614,9 @@ class Backbone(nn.Module):
             else CaptionProjection(cfg)
         )
         self.text_pool = nn.Linear(d, d) if cfg.condition == "text" and cfg.text.pooled else None
+        if cfg.micro_conditions:  # PixArt-alpha 1024: height and width share one MLP, the aspect ratio has its own
+            self.size_embedder = TimestepEmbedder(d // 3, 1.0)
+            self.aspect_embedder = TimestepEmbedder(d // 3, 1.0)
         # adaLN-single: the one projection of the conditioning that every block's table is added to
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, MODULATIONS * d)) if cfg.adaln == "single" else None
         self.build_body(cfg)
@@ -718,9 +723,18 @@ class Backbone(nn.Module):
             if self.text_pool is not None:
                 w = keep.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
                 c = c + self.text_pool((tokens * w).sum(1) / w.sum(1))
+        if self.config.micro_conditions:
+            c = c + self.micro_embedding(c.shape[0], c.device)
         if self.t_block is not None:  # adaLN-single: c (B, 7D), the embedding and its shared projection
             c = torch.cat([c, self.t_block(c)], dim=-1)
         return h, c, text
+
+    def micro_embedding(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(B, D): [size(H), size(W), aspect(H / W)] of the image this model makes (input_size x micro_scale pixels)."""
+        height, width = (s * self.config.micro_scale for s in self.config.input_size)
+        sizes = torch.tensor([height, width], dtype=torch.float64, device=device).repeat(batch)  # (2B,)
+        aspect = torch.full((batch,), height / width, dtype=torch.float64, device=device)  # (B,)
+        return torch.cat([self.size_embedder(sizes).reshape(batch, -1), self.aspect_embedder(aspect)], dim=1)
 
     def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens -> (B, C_out, H, W) or (B, C_out, F, H, W)."""
