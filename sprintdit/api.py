@@ -44,9 +44,11 @@ def sample_conditions(
     per_label: int = 1,
     text_encoder_path: str | None = None,
     device: str | torch.device = "cpu",
+    network: torch.nn.Module | None = None,
 ) -> list:
     """One condition per sample, each label or prompt `per_label` times in a row: class labels (default: every
-    class) for a class model; for a text model its prompts as token ids or embeddings (text_encoders.encode_prompts)."""
+    class) for a class model; for a text model its prompts as token ids or embeddings (text_encoders.encode_prompts,
+    which fills `network`'s unconditional caption where it is unset)."""
     if per_label < 1:
         raise UserError(f"per_label (--per-label) must be >= 1, got {per_label}")
     count = per_label * len(
@@ -61,7 +63,9 @@ def sample_conditions(
         if not prompts or labels is not None:
             raise UserError("this model is text-conditioned: give prompts (--prompt TEXT, --prompts FILE), not labels")
         return list(
-            encode_prompts(model, [p for p in prompts for _ in range(per_label)], text_encoder_path, device).cpu()
+            encode_prompts(
+                model, [p for p in prompts for _ in range(per_label)], text_encoder_path, device, network
+            ).cpu()
         )
     if prompts:
         raise UserError("this model is class-conditional: give labels, not prompts")
@@ -128,7 +132,7 @@ class Pipeline:
         `sample`."""
         if labels is None and prompts is None:
             raise UserError("give labels (a class model) or prompts (a text model)")
-        labels = sample_conditions(self.run.model, labels, prompts, 1, self.text_encoder_path, self.device)
+        labels = sample_conditions(self.run.model, labels, prompts, 1, self.text_encoder_path, self.device, self.model)
         cfg = self.handle.sample_config(
             steps=steps,
             guidance=guidance,

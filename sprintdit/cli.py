@@ -271,10 +271,12 @@ def sample_on_ranks(args) -> int:
     labels = None if args.labels is None else parse_ints(args.labels, "--labels", MAX_SAMPLES)
     seeds = parse_ints(args.seeds, "--seeds", MAX_SAMPLES) if args.seeds else None
     prompts = read_prompts(args) or None
-    run = SamplingRun.open(args.checkpoint, use_ema=not args.no_ema, device=args.device, sparse_grid=args.sparse_grid)
+    run = SamplingRun.open(
+        args.checkpoint, use_ema=not args.no_ema, device=args.device, sparse_grid=args.sparse_grid, vae=args.vae
+    )
     scfg = run.sample_config(**sample_settings(args))
     conditions = sample_conditions(
-        run.config.model, labels, prompts, args.per_label, args.text_encoder_path, run.dist.device
+        run.config.model, labels, prompts, args.per_label, args.text_encoder_path, run.dist.device, run.model
     )
     seeds = seeds or list(range(args.seed_start, args.seed_start + len(conditions)))
     images, seconds = run.generate(conditions, seeds, scfg, progress=not args.no_progress)
@@ -406,7 +408,9 @@ def evaluate_checkpoint(args) -> int:
         resolve_weights(args.checkpoint, not args.no_ema).parent,
         "the checkpoint's folder (evaluate writes its scores there)",
     )
-    run = SamplingRun.open(args.checkpoint, use_ema=not args.no_ema, device=args.device, sparse_grid=args.sparse_grid)
+    run = SamplingRun.open(
+        args.checkpoint, use_ema=not args.no_ema, device=args.device, sparse_grid=args.sparse_grid, vae=args.vae
+    )
     cfg, scfg = eval_config(args, run.config.eval), run.sample_config(**sample_settings(args))
     scored = run.score(cfg, scfg, data_root=args.data_root, progress=not args.no_progress)
     if scored is None:  # rank 0 scores the gathered samples
@@ -676,7 +680,8 @@ def convert_options(p: argparse.ArgumentParser) -> None:
         dest="source",
         required=True,
         help="sprint: the SPRINT release; sit: willisma/SiT (linear path, velocity); dit: facebookresearch/DiT; "
-        "diffusers: a DiTTransformer2DModel or PixArtTransformer2DModel folder",
+        "diffusers: a DiTTransformer2DModel or PixArtTransformer2DModel folder; pixart: PixArt-alpha/Sigma's "
+        "original .pth",
     )
     p.add_argument(
         "--checkpoint",
@@ -703,6 +708,13 @@ def convert_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset", help="e.g. DiT-XL/2 or SiT-XL/2: the sizes are checked against the tensors and give the head count"
     )
+    p.add_argument(
+        "--caption-tokens", type=int, help="diffusers PixArt: T5 caption tokens (default 120, alpha's; Sigma: 300)"
+    )
+    p.add_argument(
+        "--text-encoder-path",
+        help="diffusers PixArt: the T5 folder; the empty prompt's embedding becomes the unconditional caption",
+    )
 
 
 def cmd_convert(args) -> int:
@@ -713,7 +725,15 @@ def cmd_convert(args) -> int:
     if size is not None and len(size) not in (1, 2):
         raise UserError(f"--input-size must be N or H,W, got {args.input_size!r}")
     square = size is not None and len(size) == 1
-    opts = ConvertOptions(args.source, size * 2 if square else size, args.patch_size, args.num_heads, args.preset)
+    opts = ConvertOptions(
+        args.source,
+        size * 2 if square else size,
+        args.patch_size,
+        args.num_heads,
+        args.preset,
+        args.caption_tokens,
+        args.text_encoder_path,
+    )
     check_new_folder(args.out, "--out")
     converted = convert(Path(args.checkpoint), opts)
     for note in converted.notes:
@@ -766,6 +786,9 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sparse-grid",
         help="SparseDiT: sample with this density schedule instead of the checkpoint's (8, 6:10, 1=6,0.5=8,0.2=10)",
+    )
+    g.add_argument(
+        "--vae", help="latent runs: the AutoencoderKL folder that decodes the samples (default: the run's data.vae)"
     )
     g.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")

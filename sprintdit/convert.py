@@ -1,5 +1,7 @@
-"""Import released checkpoints as sprintdit run folders: the SPRINT release, willisma/SiT, facebookresearch/DiT, and
-diffusers' DiTTransformer2DModel folders (e.g. facebook/DiT-XL-2-256's transformer/); export to the latter.
+"""Import released checkpoints as sprintdit run folders: the SPRINT release, willisma/SiT, facebookresearch/DiT,
+PixArt-alpha / Sigma's original .pth (sprintdit/pixart.py), and diffusers' DiTTransformer2DModel and
+PixArtTransformer2DModel folders (e.g. facebook/DiT-XL-2-256's transformer/); export to the latter two. Runs of the
+releases' 4-channel SD-VAE latents sample with `--vae` (the weights name no VAE).
 
     sprintdit convert --from dit --checkpoint DiT-XL-2-256x256.pt --out runs/dit-xl-2
     -> OUT/config.yaml, OUT/model.safetensors, OUT/ema.safetensors (a checkpoint folder, no training state)
@@ -59,18 +61,23 @@ from .models.sit import (
 )
 from .objective import ObjectiveConfig
 from .pixart import (
+    ORIGINAL_ENTRIES,
     PIXART_CAPTION_TOKENS,
     PIXART_CLASS,
     PIXART_GUIDANCE_SCALE,
+    PIXART_HEAD_DIM,
     PIXART_SAMPLING_STEPS,
+    original_model_config,
+    original_to_ours,
     ours_to_pixart,
     pixart_diffusers_config,
     pixart_model_config,
     pixart_to_ours,
 )
 from .sampling import SampleConfig
+from .text_encoders import empty_caption
 
-SOURCES = ("sprint", "sit", "dit", "diffusers")
+SOURCES = ("sprint", "sit", "dit", "diffusers", "pixart")
 DIFFUSERS_CLASS = "DiTTransformer2DModel"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_NORM_EPS = 1e-5  # DiTTransformer2DModel's default norm_eps (its blocks' LayerNorms)
@@ -89,6 +96,7 @@ DROPPED = {
 POS_EMBED_ATOL = 1e-5  # released tables are float32 copies of a float64 computation
 MASK_TOKEN_SEED = 0  # dense sources have no MASK token: ours is drawn as in training, reproducibly
 DENSE_GUIDANCE_SCALE = 1.5  # DiT's and SiT's FID setting (classifier-free guidance)
+SD_LATENT_CHANNELS = 4  # the SD VAE's latent channels, which every supported release models
 DDPM_STEPS = 1000  # DiT's training steps T (objective.num_timesteps)
 DIT_SAMPLING_STEPS = 250  # DiT's respaced DDPM sampling
 
@@ -100,6 +108,8 @@ class ConvertOptions:
     patch_size: Optional[int] = None  # SPRINT stores a Linear patch embedding: default SPRINT_PATCH_SIZE
     num_heads: Optional[int] = None  # default: from q_norm (SPRINT), the preset, or the preset size of that width
     preset: Optional[str] = None  # e.g. DiT-XL/2 or SiT-XL/2: sizes checked against the tensors
+    caption_tokens: Optional[int] = None  # diffusers' PixArt: T5 tokens (default 120, alpha's; Sigma: 300)
+    text_encoder_path: Optional[str] = None  # diffusers' PixArt: T5 folder that encodes the empty caption
 
 
 @dataclass
@@ -152,17 +162,18 @@ def strip_wrappers(state: dict, path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def state_dicts(obj: object, path: Path) -> tuple[dict, dict]:
-    """(model, EMA) state dicts: a training checkpoint's entries (either one standing in for a missing
-    other), or a plain state dict twice."""
+def state_dicts(obj: object, path: Path, names: tuple[str, str] = TRAINING_ENTRIES) -> tuple[dict, dict]:
+    """(model, EMA) state dicts: a training checkpoint's entries `names` (model, EMA; either one standing in for a
+    missing other), or a plain state dict twice."""
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict or a training checkpoint")
-    entries = {k: obj[k] for k in TRAINING_ENTRIES if isinstance(obj.get(k), dict)}
+    entries = {k: obj[k] for k in names if isinstance(obj.get(k), dict)}
     if not entries:
         state = strip_wrappers(obj, path)
         return state, state
-    model_raw = entries.get("model", entries.get("ema"))
-    ema_raw = entries.get("ema", model_raw)
+    model_name, ema_name = names
+    model_raw = entries.get(model_name, entries.get(ema_name))
+    ema_raw = entries.get(ema_name, model_raw)
     model = strip_wrappers(model_raw, path)
     return model, model if ema_raw is model_raw else strip_wrappers(ema_raw, path)
 
@@ -524,6 +535,8 @@ def convert(path: Path, opts: ConvertOptions) -> Converted:
         raise UserError(f"unknown source {opts.source!r}; choose one of {', '.join(SOURCES)}")
     if opts.source == "diffusers":
         return convert_diffusers(path, opts)
+    if opts.source == "pixart":
+        return convert_pixart(path, opts)
     model_state, ema_state = state_dicts(read_checkpoint(path), path)
     notes: list[str] = []
     cfg = infer_model_config(ema_state, opts, notes)
@@ -532,12 +545,36 @@ def convert(path: Path, opts: ConvertOptions) -> Converted:
     return Converted(cfg, model, ema, notes)
 
 
+def convert_pixart(path: Path, opts: ConvertOptions) -> Converted:
+    """PixArt-alpha / Sigma's original checkpoint (.pth: a state dict or its training dict state_dict /
+    state_dict_ema)."""
+    model_state, ema_state = state_dicts(read_checkpoint(path), path, ORIGINAL_ENTRIES)
+    cfg = original_model_config(ema_state, opts.input_size, opts.num_heads, str(path))
+    ema = original_to_ours(ema_state, cfg, str(path))
+    model = ema if model_state is ema_state else original_to_ours(model_state, cfg, str(path))
+    notes = [
+        f"the unconditional caption is the release's learned y_embedding, masked to each prompt's length as the "
+        f"release samples (model.text.null_caption learned); lewei_scale {cfg.pos_interpolation:g}, base grid "
+        f"{cfg.pos_base}",
+    ]
+    if opts.num_heads is None:
+        notes.append(f"{cfg.num_heads} attention heads (width / {PIXART_HEAD_DIM}, PixArt-XL's); --num-heads if not")
+    return Converted(cfg, model, ema, notes)
+
+
 def convert_diffusers(path: Path, opts: ConvertOptions) -> Converted:
     state, config = read_diffusers(Path(path))
     if config.get("_class_name") == PIXART_CLASS:
-        cfg = pixart_model_config(config, opts.input_size, PIXART_CAPTION_TOKENS)
+        cfg = pixart_model_config(config, opts.input_size, opts.caption_tokens or PIXART_CAPTION_TOKENS)
         weights = pixart_to_ours(state, cfg, str(path))
-        notes = ["the empty caption (the unconditional input) is all zeros until a run fills it from its data"]
+        if opts.text_encoder_path is None:
+            notes = [
+                "the unconditional caption is unset: sampling with guidance fills it from --text-encoder-path (the "
+                "empty prompt's embedding, as diffusers' pipeline does); a training run from its data"
+            ]
+        else:
+            weights["y_embedder.empty"] = empty_caption(cfg, opts.text_encoder_path)
+            notes = [f"the unconditional caption is the empty prompt's embedding by {opts.text_encoder_path}"]
         return Converted(cfg, weights, weights, notes)
     dit = diffusers_to_dit(state, config)
     side = config["sample_size"]
@@ -611,6 +648,7 @@ def run_config(model: ModelConfig, source: str) -> RunConfig:
     objective = {
         "dit": ObjectiveConfig(kind="ddpm"),
         "diffusers": ObjectiveConfig(kind="ddpm"),
+        "pixart": ObjectiveConfig(kind="ddpm"),
         "sit": ObjectiveConfig(time_sampling="uniform"),  # SiT trains on uniform t
         "sprint": ObjectiveConfig(),  # the release's logit-normal ("lognormal") t
     }[source]
@@ -619,11 +657,13 @@ def run_config(model: ModelConfig, source: str) -> RunConfig:
         if model.sprint.fusion == "concat_linear"
         else SampleConfig(guidance="cfg", scale=DENSE_GUIDANCE_SCALE)
     )
-    if source in ("dit", "diffusers"):
+    if source in ("dit", "diffusers", "pixart"):
         sample = replace(sample, sampler="ddpm", steps=DIT_SAMPLING_STEPS)
     if model.adaln == "single":  # PixArt's own sampling: DPM-Solver++ at 20 steps, CFG 4.5
         sample = replace(sample, sampler="dpm-solver++", steps=PIXART_SAMPLING_STEPS, scale=PIXART_GUIDANCE_SCALE)
-    data = DataConfig(name="image_folder", root="")  # converted weights come without their data
+    # the releases model the SD VAE's 4-channel latents (decoded with --vae: the weights come without data or VAE);
+    # other channel counts are sampled as pixels
+    data = DataConfig(name="latents" if model.in_channels == SD_LATENT_CHANNELS else "image_folder", root="")
     return RunConfig(model=model, objective=objective, data=data, sample=sample)
 
 

@@ -165,8 +165,11 @@ class FlowMatching:
 
 
 def null_like(y: torch.Tensor, null: int | torch.Tensor) -> torch.Tensor:
-    """The unconditional input for every row of y: the null label (y (B,)) or the empty text's ids (y (B, L))."""
-    return torch.as_tensor(null, dtype=y.dtype, device=y.device).expand_as(y)
+    """The unconditional input for every row of y: the null label (y (B,)), the empty text's ids (y (B, L)), or for
+    caption embeddings (y (B, L, E)) the null table (L, E) zeroed where each caption pads (an all-zero table, the
+    empty text, stays all zero; a learned one keeps the caption's length, as PixArt's original release masks it)."""
+    out = torch.as_tensor(null, dtype=y.dtype, device=y.device).expand_as(y)
+    return out * y.ne(0).any(dim=-1, keepdim=True) if y.dim() == 3 else out  # (B, L, E): padding rows zero
 
 
 def repa_loss(projected: torch.Tensor, features: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:

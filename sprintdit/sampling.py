@@ -179,6 +179,11 @@ def check_request(
         shape = (mc.text.max_tokens, mc.text.dim)
         if any(tuple(torch.as_tensor(row).shape) != shape for row in labels):
             raise UserError(f"caption embeddings must each be {shape} (max_tokens, dim) for this model")
+        if cfg.guidance != "none" and not model.y_embedder.empty.any():
+            raise UserError(
+                "this model's unconditional caption is unset (a diffusers import): sample prompts with "
+                "--text-encoder-path (it encodes the empty prompt), or convert with --text-encoder-path"
+            )
     else:
         bad = [y for y in labels if not 0 <= y < mc.num_classes]
         if bad:

@@ -19,7 +19,7 @@ from .errors import UserError
 from .models.sit import null_condition
 from .objective import DDPM, FlowMatching, build_objective
 from .sampling import SampleConfig, generate_on_ranks
-from .vae import pixel_decoder
+from .vae import NO_VAE, pixel_decoder
 
 
 @dataclass
@@ -36,11 +36,23 @@ class SamplingRun:
 
     @classmethod
     def open(
-        cls, checkpoint: str | Path, use_ema: bool = True, device: str = "auto", sparse_grid: str | None = None
+        cls,
+        checkpoint: str | Path,
+        use_ema: bool = True,
+        device: str = "auto",
+        sparse_grid: str | None = None,
+        vae: str | None = None,
     ) -> "SamplingRun":
         """A run folder (its latest checkpoint), a checkpoint folder or a .safetensors file; under torchrun, this rank's
-        share. sparse_grid: sample a SparseDiT with this density schedule instead of its own (e.g. "8" or "6:10")."""
+        share. sparse_grid: sample a SparseDiT with this density schedule instead of its own (e.g. "8" or "6:10").
+        vae: a latent run's decoder folder instead of its data.vae (a converted release names none)."""
         model, run = load_model(checkpoint, use_ema=use_ema)
+        if vae is not None:
+            if run.data.name != "latents":
+                raise UserError(f"--vae decodes latent runs; {checkpoint} samples {run.data.name} pixels")
+            run.data.vae = vae
+        if run.data.name == "latents" and run.data.vae is None:  # refused before sampling, not after
+            raise UserError(NO_VAE)
         if sparse_grid is not None:
             if run.model.arch != "sparsedit":
                 raise UserError(

@@ -55,6 +55,10 @@ class TextConfig:
     # also add the caption's mean kept token, through a linear layer, to the timestep embedding (as SD3 and Flux add a
     # pooled text vector); PixArt-alpha: off
     pooled: bool = False
+    # t5, clip: what the unconditional pass reads. encoded: the encoder's embedding of the empty text with its own
+    # padding (diffusers' pipelines: the empty negative prompt); learned: the network's fixed table (PixArt's original
+    # release, y_embedding), masked to the length of the caption it stands in for, as that release trains and samples
+    null_caption: str = "encoded"
 
 
 @dataclass

@@ -89,18 +89,10 @@ class PretrainedTextEncoder:
         return torch.cat(embeddings), torch.cat(keeps)
 
 
-def encode_prompts(
-    cfg, prompts: list[str], encoder_path: str | None = None, device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    """The condition a text model (ModelConfig cfg) samples from for each prompt: token ids (N, L) for the learned
-    encoder, embeddings (N, L, E) from the encoder at `encoder_path` (default: model.text.path) for t5 and clip."""
-    from .text import tokenize
-
+def load_encoder(cfg, encoder_path: str | None = None, device: str | torch.device = "cpu") -> PretrainedTextEncoder:
+    """The t5 / clip encoder of a text model (ModelConfig cfg) from `encoder_path` (default: model.text.path), its
+    width checked against the model's."""
     tx = cfg.text
-    if cfg.condition != "text":
-        raise UserError("this model is class-conditional: give class labels, not prompts")
-    if tx.encoder == "learned":
-        return torch.tensor([tokenize(p, tx.vocabulary, tx.max_tokens) for p in prompts])
     folder = encoder_path or tx.path
     if folder is None:
         raise UserError(
@@ -109,4 +101,31 @@ def encode_prompts(
     encoder = PretrainedTextEncoder(tx.encoder, folder, tx.max_tokens, device)
     if encoder.dim != tx.dim:
         raise UserError(f"the text encoder at {folder} gives width {encoder.dim}; this model reads {tx.dim}")
-    return encoder(list(prompts))[0]
+    return encoder
+
+
+def empty_caption(cfg, encoder_path: str | None = None) -> torch.Tensor:
+    """(L, E) the empty text's embedding (padding rows zero): the unconditional caption of diffusers' pipelines."""
+    return load_encoder(cfg, encoder_path)([""])[0][0]
+
+
+def encode_prompts(
+    cfg, prompts: list[str], encoder_path: str | None = None, device: str | torch.device = "cpu", network=None
+) -> torch.Tensor:
+    """The condition a text model (ModelConfig cfg) samples from for each prompt: token ids (N, L) for the learned
+    encoder, embeddings (N, L, E) from the encoder at `encoder_path` (default: model.text.path) for t5 and clip.
+    `network`: where its unconditional caption is unset (all zero: a diffusers import), the same encoder fills it
+    with the empty text's embedding, as diffusers' pipelines encode an empty negative prompt."""
+    from .text import tokenize
+
+    tx = cfg.text
+    if cfg.condition != "text":
+        raise UserError("this model is class-conditional: give class labels, not prompts")
+    if tx.encoder == "learned":
+        return torch.tensor([tokenize(p, tx.vocabulary, tx.max_tokens) for p in prompts])
+    fill = network is not None and tx.null_caption == "encoded" and not network.y_embedder.empty.any()
+    embeddings = load_encoder(cfg, encoder_path, device)([""] * fill + list(prompts))[0]  # (fill + N, L, E)
+    if fill:
+        network.y_embedder.empty.copy_(embeddings[0])
+        warn("the model's unconditional caption was unset: it is the empty prompt's embedding by this encoder")
+    return embeddings[int(fill) :]

@@ -18,6 +18,10 @@ from .files import sha256_file
 CONFIG_FILE = "config.json"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 DECODE_BATCH = 32  # latents per decoder forward
+NO_VAE = (
+    f"this run samples latents and names no VAE to decode them (a converted release): pass --vae DIR, e.g. "
+    f"{DEFAULT_VAE} downloaded into DIR"
+)
 
 
 def vae_hint(path: str | Path) -> str:
@@ -90,6 +94,13 @@ def pixel_decoder(data_cfg, device: torch.device | str) -> Callable[[torch.Tenso
     if data_cfg.name != "latents":
         return lambda x: x
     loaded = []
+
+    if data_cfg.vae is None:
+
+        def no_decoder(latents: torch.Tensor) -> torch.Tensor:
+            raise UserError(NO_VAE)
+
+        return no_decoder
 
     def to_pixels(latents: torch.Tensor) -> torch.Tensor:
         if not loaded:

@@ -29,6 +29,19 @@ def fmnist_dir(tmp_path):
     return root
 
 
+def tiny_vae(folder, sample_size: int, latent_channels: int = 4, scaling_factor: float = 0.18215):
+    """A random two-block AutoencoderKL (one halving: latents are half the image side) saved as a diffusers folder."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=8, sample_size=sample_size, scaling_factor=scaling_factor,
+    ).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
 def tiny_config(**overrides) -> ModelConfig:
     base = dict(
         preset="SiT-Nano/4", input_size=[16, 16], in_channels=2, num_classes=5, depth=6, hidden_size=32, num_heads=2

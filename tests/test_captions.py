@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_vae
 from PIL import Image
 
 from sprintdit.api import Pipeline
@@ -151,24 +152,10 @@ def test_prepare_stores_caption_embeddings_and_reloads_them_exactly(t5_dir, capt
 
 
 def test_prepare_with_a_vae_puts_caption_rows_in_the_shards(t5_dir, captioned_images, tmp_path):
-    from diffusers import AutoencoderKL
-
     from sprintdit.data import LatentDataset
 
     root, jsonl, _ = captioned_images
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
-    vae.save_pretrained(tmp_path / "vae")
+    tiny_vae(tmp_path / "vae", sample_size=16)
     out = tmp_path / "latents"
     prepare(
         PrepareConfig(

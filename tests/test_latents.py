@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import randomised
+from conftest import randomised, tiny_vae
 from PIL import Image
 
 from sprintdit.draws import Draws
@@ -31,23 +31,7 @@ SIZES = [(80, 100), (40, 33), (64, 64)]  # (W, H): halving, a plain resize, no r
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=LATENT[0],
-        norm_num_groups=8,
-        sample_size=RESOLUTION,
-    )
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
+    return tiny_vae(tmp_path_factory.mktemp("vae"), RESOLUTION, LATENT[0])
 
 
 @pytest.fixture

@@ -187,3 +187,201 @@ def test_imported_pixart_1024_micro_conditions_equal_diffusers(tmp_path, size):
     assert counted(ours.float(), x.float(), steps / 1000, padded.float()) == forward_flops(converted.model, 2)
     tensors, config = export_diffusers(converted.weights, converted.model)
     assert config["use_additional_conditions"] and set(tensors) == set(theirs.state_dict())
+
+
+# ----------------------------------------------------------------------------------- the original release's layout
+
+
+def original_layout(theirs, base: int, lewei: float, micro: bool = False) -> dict[str, torch.Tensor]:
+    """diffusers' PixArt weights in the original release's key layout (PixArt / PixArtMS state_dict), written from
+    the release's model code: qkv stacked, q_linear / kv_linear, y_proj, csize / ar embedders, the pos_embed
+    buffer of its base grid, and a learned null caption y_embedding."""
+    sd, out = theirs.state_dict(), {}
+    renames = {
+        "pos_embed.proj.": "x_embedder.proj.", "adaln_single.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+        "adaln_single.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.", "adaln_single.linear.": "t_block.1.",
+        "caption_projection.linear_1.": "y_embedder.y_proj.fc1.", "caption_projection.linear_2.":
+        "y_embedder.y_proj.fc2.", "proj_out.": "final_layer.linear.", "transformer_blocks.": "blocks.",
+        "attn1.to_out.0.": "attn.proj.", "attn2.to_out.0.": "cross_attn.proj.", "attn2.to_q.": "cross_attn.q_linear.",
+        "ff.net.0.proj.": "mlp.fc1.", "ff.net.2.": "mlp.fc2.",
+        "adaln_single.emb.resolution_embedder.linear_": "csize_embedder.mlp.",
+        "adaln_single.emb.aspect_ratio_embedder.linear_": "ar_embedder.mlp.",
+    }  # fmt: skip
+    for key, value in sd.items():
+        if any(part in key for part in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_k", "attn2.to_v")):
+            continue
+        name = "final_layer.scale_shift_table" if key == "scale_shift_table" else key
+        for theirs_part, ours in renames.items():
+            name = name.replace(theirs_part, ours)
+        name = name.replace("mlp.1.", "mlp.0.") if "_embedder.mlp." in name else name  # linear_1 -> mlp.0
+        out[name] = value.float()
+    for i in range(theirs.config.num_layers):
+        for w in ("weight", "bias"):
+            qkv = [sd[f"transformer_blocks.{i}.attn1.to_{p}.{w}"] for p in "qkv"]
+            out[f"blocks.{i}.attn.qkv.{w}"] = torch.cat(qkv).float()
+            kv = [sd[f"transformer_blocks.{i}.attn2.to_{p}.{w}"] for p in "kv"]
+            out[f"blocks.{i}.cross_attn.kv_linear.{w}"] = torch.cat(kv).float()
+    hidden = theirs.config.num_attention_heads * theirs.config.attention_head_dim
+    out["pos_embed"] = diffusers.models.embeddings.get_2d_sincos_pos_embed(
+        hidden, base, interpolation_scale=lewei, base_size=base
+    ).float()[None]  # (1, N, D)
+    out["y_embedder.y_embedding"] = torch.randn(7, CONFIG["caption_channels"])  # 7 tokens: read off the table
+    assert micro == any(k.startswith("csize_embedder") for k in out)
+    return out
+
+
+@pytest.mark.parametrize("micro", [False, True])
+def test_original_release_layout_imports_as_the_diffusers_folder_does(tmp_path, micro):
+    changes = dict(use_additional_conditions=True, interpolation_scale=2, num_attention_heads=3, cross_attention_dim=24)
+    theirs, folder = pixart(tmp_path, **(changes if micro else {}))
+    state = original_layout(theirs, base=4, lewei=2.0 if micro else 1.0, micro=micro)
+    path = tmp_path / "PixArt-XL-2-tiny.pth"
+    torch.save({"state_dict": state, "step": 7}, path)  # the release's training dict (a non-dict entry too)
+    original = convert(path, ConvertOptions("pixart", num_heads=theirs.config.num_attention_heads))
+    via_diffusers = convert(folder, ConvertOptions("diffusers"))
+    cfg = original.model
+    assert (cfg.pos_base, cfg.pos_interpolation, cfg.micro_conditions) == (4, 2.0 if micro else 1.0, micro)
+    assert (cfg.text.max_tokens, cfg.text.null_caption) == (7, "learned")
+    assert set(original.weights) == set(via_diffusers.weights)
+    for key, value in via_diffusers.weights.items():
+        if key != "y_embedder.empty":  # diffusers has no null caption; the release's is its y_embedding
+            torch.testing.assert_close(original.weights[key], value, rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(original.weights["y_embedder.empty"], state["y_embedder.y_embedding"])
+
+
+def test_original_layout_null_caption_is_masked_like_the_prompt(tmp_path):
+    """The release samples its unconditional half with y_embedding under the prompt's mask (forward repeats the
+    mask over the batch): the guided pass must give the network exactly that, and the learned table must reach
+    the cross-attention unmasked where the prompt is long."""
+    from sprintdit.objective import null_like
+
+    theirs, _ = pixart(tmp_path)
+    path = tmp_path / "tiny.pth"
+    torch.save(original_layout(theirs, base=4, lewei=1.0), path)
+    converted = convert(path, ConvertOptions("pixart", num_heads=CONFIG["num_attention_heads"]))
+    ours = SiT(converted.model).double().eval()
+    ours.load_state_dict(converted.weights)
+    table = ours.null_class  # (7, E): the learned table itself
+    assert torch.equal(table, ours.y_embedder.empty) and table.ne(0).all()
+    prompts = torch.randn(2, 7, CONFIG["caption_channels"], dtype=torch.float64)
+    prompts[0, 3:] = 0  # three tokens, then padding
+    null = null_like(prompts, table)
+    torch.testing.assert_close(null[0, :3], table[:3].double(), rtol=0, atol=0)
+    assert not null[0, 3:].any() and torch.equal(null[1], table.double())
+    tokens, keep = ours.y_embedder(null)
+    assert keep[0].tolist() == [True] * 3 + [False] * 4 and keep[1].all()
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda s: s.pop("y_embedder.y_embedding"), "lacks y_embedder.y_embedding"),
+        (lambda s: s.__setitem__("blocks.0.attn.sr.weight", torch.zeros(1)), "KV-compressed attention"),
+        (lambda s: s.pop("blocks.1.mlp.fc2.bias"), "missing ['blocks.1.mlp.fc2.bias']"),
+        (lambda s: s.__setitem__("blocks.0.cross_attn.q_linear.weight", torch.zeros(3, 3)), "(3, 3) vs (16, 16)"),
+        (lambda s: s.__setitem__("pos_embed", s["pos_embed"] * 1.01), "not PixArt's sin-cos table"),
+    ],
+)
+def test_broken_original_checkpoints_are_refused_in_one_line(tmp_path, edit, message):
+    theirs, _ = pixart(tmp_path)
+    state = original_layout(theirs, base=4, lewei=1.0)
+    edit(state)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(UserError, match=None) as err:
+        convert(path, ConvertOptions("pixart", num_heads=CONFIG["num_attention_heads"]))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- the whole chain, as diffusers samples
+
+
+PIXART_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=1e-4,
+    beta_end=0.02,
+    beta_schedule="linear",
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    prediction_type="epsilon",
+    timestep_spacing="linspace",
+)  # fmt: skip  PixArt-alpha's scheduler_config.json (DPM-Solver++ 2M)
+PROMPTS = ["a red bag on the left", "blue shoe"]
+# a random network's noise prediction is far from the noise, so its x0 (hence the sample) is ~1/alpha_T = 150 times
+# too large: a VAE scaling factor of that size brings the decoder's input back to unit scale (both pipelines read it)
+LATENT_SCALE = 300.0
+
+
+@pytest.fixture
+def pixart_chain(tmp_path):
+    """diffusers' PixArtAlphaPipeline from tiny random parts (transformer, AutoencoderKL, T5 encoder and a word-level
+    tokenizer), and the same transformer converted to a sprintdit run with no unconditional caption set."""
+    from conftest import tiny_vae
+    from test_captions import T5_DIM, tiny_encoder_folder
+
+    from sprintdit.convert import write_run
+
+    _, folder = pixart(tmp_path, caption_channels=T5_DIM)
+    t5, vae = tiny_encoder_folder(tmp_path / "t5", "t5"), tiny_vae(tmp_path / "vae", 16, scaling_factor=LATENT_SCALE)
+    transformers = pytest.importorskip("transformers")
+    pipe = diffusers.PixArtAlphaPipeline(
+        tokenizer=transformers.AutoTokenizer.from_pretrained(t5),
+        text_encoder=transformers.T5EncoderModel.from_pretrained(t5),
+        vae=diffusers.AutoencoderKL.from_pretrained(vae),
+        transformer=diffusers.PixArtTransformer2DModel.from_pretrained(folder),  # float32, as both sample
+        scheduler=diffusers.DPMSolverMultistepScheduler(**PIXART_SCHEDULER),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    run = tmp_path / "run"
+    write_run(run, convert(folder, ConvertOptions("diffusers")), "diffusers")
+    return pipe, run, t5, vae
+
+
+def test_sprintdit_samples_a_converted_pixart_as_diffusers_pipeline_does(pixart_chain):
+    """Prompts through the same T5, the empty negative prompt as the unconditional caption, DPM-Solver++ 20 steps,
+    CFG 4.5, the same starting latents (our seeds' noise): the same latents, and the same images through the VAE."""
+    from sprintdit.api import sample_conditions
+    from sprintdit.sampling import SampleNoise, generate
+    from sprintdit.sampling_run import SamplingRun
+
+    pipe, run_dir, t5, vae = pixart_chain
+    run = SamplingRun.open(run_dir, device="cpu", vae=str(vae))
+    cfg = run.sample_config()
+    assert (cfg.sampler, cfg.steps, cfg.guidance, cfg.scale) == ("dpm-solver++", 20, "cfg", 4.5)  # PixArt's defaults
+    seeds = [3, 11]
+    with pytest.raises(UserError, match="unconditional caption is unset"):  # guidance needs it; nothing is guessed
+        generate(run.model, run.objective, [torch.zeros(120, 16)] * 2, seeds, cfg, "cpu")
+    conditions = sample_conditions(run.config.model, prompts=PROMPTS, text_encoder_path=str(t5), network=run.model)
+    ours = generate(run.model, run.objective, conditions, seeds, cfg, "cpu")  # (2, 4, 8, 8)
+    start = SampleNoise(seeds, "cpu").randn((4, 8, 8))
+    call = dict(
+        prompt=PROMPTS, negative_prompt="", latents=start, num_inference_steps=20, guidance_scale=4.5,
+        height=16, width=16, use_resolution_binning=False, clean_caption=False, max_sequence_length=120,
+    )  # fmt: skip
+    with torch.no_grad():
+        theirs = pipe(**call, output_type="latent").images
+        images = pipe(**call, output_type="pt").images  # (2, 3, 16, 16) in [0, 1]
+    assert (ours - start).abs().max() > 0.5  # it sampled
+    # float32 both (our schedule in float64): equal to 1e-6 of the latents' scale (max difference seen 2.4e-7 of it)
+    assert (ours - theirs).abs().max() < 1e-6 * theirs.abs().max()
+    ours_images = ((run.to_pixels(ours) + 1) / 2).clamp(0, 1)
+    assert 0.05 < images.mean() < 0.95 and images.std() > 0.01  # not saturated
+    torch.testing.assert_close(ours_images, images, rtol=0, atol=1e-5)
+    uncond = run.model.y_embedder.empty  # the empty prompt's embedding: the end token, then zero padding
+    assert uncond[0].ne(0).any() and not uncond[1:].any()
+
+
+def test_convert_fills_the_unconditional_caption_from_a_t5_folder_of_the_right_width(pixart_chain, tmp_path):
+    from sprintdit.checkpoint import load_model
+
+    _, run_dir, t5, _ = pixart_chain
+    model, _ = load_model(run_dir)
+    assert not model.y_embedder.empty.any()  # unset by a plain diffusers import
+    filled = convert(run_dir.parent / "transformer", ConvertOptions("diffusers", text_encoder_path=str(t5)))
+    empty = filled.weights["y_embedder.empty"]  # (120, 16): "" is the end token alone
+    assert empty[0].ne(0).all() and not empty[1:].any()
+    _, narrow = pixart(tmp_path / "narrow")  # captions of width 12: the 16-wide T5 does not fit
+    with pytest.raises(UserError, match="gives width 16; this model reads 12"):
+        convert(narrow, ConvertOptions("diffusers", text_encoder_path=str(t5)))
+    with pytest.raises(UserError, match="text encoder folder .* is missing"):
+        convert(narrow, ConvertOptions("diffusers", text_encoder_path=str(tmp_path / "nowhere")))

@@ -59,6 +59,7 @@ PAD, START = (
     1,
 )  # token ids of the padding and of the start token every caption begins with (the empty text: START alone)
 SPECIAL_TOKENS = 2
+NULL_CAPTIONS = ("encoded", "learned")  # model.text.null_caption
 FUSIONS = ("concat_linear", "none")
 POS_EMBEDS = ("rope", "sincos")
 ADALNS = ("zero", "single")
@@ -204,6 +205,11 @@ def check_text(cfg: ModelConfig) -> None:
         not w or w != w.strip().lower() or " " in w for w in tx.vocabulary
     ):
         raise UserError("model.text.vocabulary must hold distinct lower-case words without spaces")
+    if tx.null_caption not in NULL_CAPTIONS or (tx.null_caption == "learned" and tx.encoder == "learned"):
+        raise UserError(
+            f"model.text.null_caption is {tx.null_caption!r}; choose one of {', '.join(NULL_CAPTIONS)} (learned: t5 or "
+            "clip captions only)"
+        )
     if tx.max_tokens < 2 or tx.depth < 0:
         raise UserError(
             f"model.text.max_tokens must be >= 2 (the start token and a word) and depth >= 0, got {tx.max_tokens}, "
@@ -652,7 +658,11 @@ class Backbone(nn.Module):
 
     @property
     def null_class(self) -> int | torch.Tensor:
-        """The unconditional input: the null label, or the empty text's token ids (max_tokens,)."""
+        """The unconditional input: the null label, the empty text's token ids (max_tokens,), an all-zero caption
+        (max_tokens, dim), or with model.text.null_caption learned the network's own table (which `null_like` masks
+        like each caption it replaces)."""
+        if self.config.condition == "text" and self.config.text.null_caption == "learned":
+            return self.y_embedder.empty
         return null_condition(self.config)
 
     @property

@@ -40,7 +40,6 @@ from ..distributed import (
 )
 from ..draws import Draws
 from ..errors import Diverged, Stopped, UserError
-from ..models.sit import null_condition
 from ..objective import build_objective
 from ..sampling_run import SamplingRun
 from ..vae import pixel_decoder
@@ -90,7 +89,7 @@ class Trainer:
             init_from=t.init_from if fresh else None,
             empty_text=None if table is None else table.empty,
         )
-        self.objective = build_objective(cfg.objective, null_condition(cfg.model), cfg.model.learn_sigma)
+        self.objective = build_objective(cfg.objective, self.networks.model.null_class, cfg.model.learn_sigma)
         self._distill = load_teacher(cfg, self.device)
         self._gates = (
             time_gates(cfg.model.sparse.grid, cfg.model.frame_tokens, self.objective.time_cdf)

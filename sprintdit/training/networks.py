@@ -77,16 +77,17 @@ def build_networks(
 ) -> Networks:
     """Model (initial weights from train.seed, the same on every rank, or the weights of `init_from`), EMA,
     FSDP2 or DDP wrapping, AdamW and the loss scaler, on d.device. `empty_text` (L, E): the data's embedding of
-    the empty caption, which a model on precomputed caption embeddings keeps as its unconditional input."""
+    the empty caption, which a model on precomputed caption embeddings keeps as its unconditional input where its own
+    is unset (all zero: a fresh model, a diffusers import without it); a set one (e.g. PixArt's learned) is kept."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model).to(d.device)
-    if empty_text is not None:
-        model.y_embedder.empty.copy_(empty_text)
     model.grad_checkpointing = t.grad_checkpointing
     if init_from is not None:  # the EMA starts from them too
         source = ckpt.resolve_weights(init_from, use_ema=True)
         ckpt.load_state(model, ckpt.load_weights(source)[0], source)
+    if empty_text is not None and not model.y_embedder.empty.any():  # unset (all zero): the data's empty caption
+        model.y_embedder.empty.copy_(empty_text)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if fsdp:  # the EMA is sharded like the model: each rank averages its own shards
         shard_model(model)
