@@ -356,13 +356,20 @@ def validate_stages(cfg: RunConfig) -> None:
         raise UserError(f"stage names must be unique, got {names}")
 
 
-def validate_across(cfg: RunConfig) -> None:
-    """The rules between sections (model, objective, sample, eval, train)."""
-    t = cfg.train
+def check_sample_section(cfg: RunConfig) -> None:
+    """The sample section against the model and objective it samples."""
     try:
         check_sampling(cfg.model, cfg.objective.kind, cfg.sample)
     except UserError as err:
         raise UserError(f"sample: {err}") from None
+
+
+def validate_across(cfg: RunConfig) -> None:
+    """The rules between sections (model, objective, sample, eval, train). With train.init_from the model and
+    objective are that checkpoint's: the sample section is checked once they are known (apply_init_from)."""
+    t = cfg.train
+    if t.init_from is None:
+        check_sample_section(cfg)
     if cfg.model.condition == "text" and cfg.eval.every:
         raise UserError(
             "eval.every: in-training evaluation scores class-conditional samples; a text model is scored by its demo "

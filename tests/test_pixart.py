@@ -4,6 +4,7 @@ back to the same tensors, and be counted right by the FLOPs model."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_flops import counted
@@ -385,3 +386,45 @@ def test_convert_fills_the_unconditional_caption_from_a_t5_folder_of_the_right_w
         convert(narrow, ConvertOptions("diffusers", text_encoder_path=str(t5)))
     with pytest.raises(UserError, match="text encoder folder .* is missing"):
         convert(narrow, ConvertOptions("diffusers", text_encoder_path=str(tmp_path / "nowhere")))
+
+
+@pytest.mark.parametrize("method", ["sparsedit", "sprint"])
+def test_shipped_pixart_finetunes_run_end_to_end_on_captioned_latents(pixart_chain, tmp_path, capsys, method):
+    """The README's commands on tiny parts: T5 caption rows and VAE latents prepared, the converted PixArt sparsified
+    (or SPRINT-adapted), fine-tuned with the shipped config (SparseDiT: distilled from the dense model), then sampled
+    from prompts through the VAE; the null caption and DDPM objective travel with the weights."""
+    from test_captions import captioned_images
+
+    from sprintdit.checkpoint import load_model
+    from sprintdit.cli import main
+
+    _, run, t5, vae = pixart_chain
+    root, jsonl, _ = captioned_images.__wrapped__(tmp_path)
+
+    def cli(*argv) -> None:
+        code = main([str(a) for a in argv])
+        assert code == 0, capsys.readouterr().err
+
+    latents = tmp_path / "latents"
+    cli("prepare", "--images", root, "--captions", jsonl, "--text-encoder", "t5", "--text-encoder-path", t5,
+        "--max-tokens", 120, "--vae", vae, "--resolution", 16, "--out", latents)  # fmt: skip
+    init = tmp_path / "init"
+    if method == "sparsedit":
+        cli("sparsify", "--checkpoint", run, "--out", init, "--sparse-grid", "2:3", "--pool-depth", 1, "--modules", 1,
+            "--sparse-depth", 0, "--dense-depth", 0)  # fmt: skip
+        extra = [f"train.distill_from={run}"]
+    else:
+        cli("adapt", "--checkpoint", run, "--out", init, "--encoder-depth", 1, "--decoder-depth", 1)
+        extra = ["stages.1.steps=1"]
+    out = tmp_path / "finetuned"
+    cli("train", "--config", f"pixart_{method}_finetune", "--out", out, f"data.root={latents}", "data.resolution=16",
+        "data.num_workers=0", f"train.init_from={init}", "train.batch_size=2", "train.precision=fp32", "train.ckpt_every=2",
+        "train.sample_every=0", "train.log_every=1", "stages.0.steps=2", "stages.0.warmup_steps=0", *extra)  # fmt: skip
+    model, cfg = load_model(out)
+    assert (cfg.objective.kind, cfg.model.adaln, cfg.sample.sampler) == ("ddpm", "single", "dpm-solver++")
+    assert model.y_embedder.empty[0].ne(0).all()  # the empty prompt's embedding, from the data or the conversion
+    samples = tmp_path / "samples"
+    cli("sample", "--checkpoint", out, "--prompt", "a red bag", "--text-encoder-path", t5, "--vae", vae,
+        "--steps", 3, "--out", samples, "--no-progress")  # fmt: skip
+    (npz,) = samples.glob("*.npz")
+    assert np.load(npz)["arr_0"].shape == (1, 16, 16, 3)

@@ -10,11 +10,12 @@ from dataclasses import replace
 import torch
 
 from .. import checkpoint as ckpt
-from ..config import RunConfig
+from ..config import RunConfig, check_sample_section
 from ..errors import UserError
 from ..masking import check_mask_ratio
 from ..models import ModelConfig, resolve_model_config
 from ..objective import Distill, ObjectiveConfig
+from ..sections import TextConfig
 
 TEACHER_MUST_MATCH = {
     "model": ("input_size", "in_channels", "num_classes", "condition", "text"),
@@ -135,7 +136,14 @@ def apply_init_from(cfg: RunConfig) -> RunConfig:
             "model and objective come from train.init_from: remove the model and objective sections (and overrides)"
         )
     _, source = ckpt.load_weights(ckpt.resolve_weights(cfg.train.init_from, use_ema=True))
-    return replace(cfg, model=source.model, objective=source.objective)
+    out = replace(cfg, model=source.model, objective=source.objective)
+    check_sample_section(out)
+    return out
+
+
+def teacher_view(value):
+    """What a teacher must share with its student: a text config but for the folder its encoder lives in."""
+    return replace(value, path=None) if isinstance(value, TextConfig) else value
 
 
 def load_teacher(cfg: RunConfig, device: torch.device) -> Distill | None:
@@ -147,7 +155,7 @@ def load_teacher(cfg: RunConfig, device: torch.device) -> Distill | None:
     teacher, source = ckpt.load_model(t.distill_from, use_ema=True, device=device)
     for section, keys in TEACHER_MUST_MATCH.items():
         for key in keys:
-            mine, theirs = getattr(getattr(cfg, section), key), getattr(getattr(source, section), key)
+            mine, theirs = (teacher_view(getattr(getattr(c, section), key)) for c in (cfg, source))
             if mine != theirs:
                 raise UserError(
                     f"train.distill_from {t.distill_from}: the teacher's {section}.{key} is {theirs}, this run's "
