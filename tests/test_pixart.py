@@ -419,7 +419,8 @@ def test_shipped_pixart_finetunes_run_end_to_end_on_captioned_latents(pixart_cha
     out = tmp_path / "finetuned"
     cli("train", "--config", f"pixart_{method}_finetune", "--out", out, f"data.root={latents}", "data.resolution=16",
         "data.num_workers=0", f"train.init_from={init}", "train.batch_size=2", "train.precision=fp32",
-        "train.ckpt_every=2", "train.sample_every=0", "train.log_every=1", "stages.0.steps=2", "stages.0.warmup_steps=0", *extra)  # fmt: skip
+        "train.ckpt_every=2", "train.sample_every=0", "train.log_every=1", "stages.0.steps=2",
+        "stages.0.warmup_steps=0", *extra)  # fmt: skip
     model, cfg = load_model(out)
     assert (cfg.objective.kind, cfg.model.adaln, cfg.sample.sampler) == ("ddpm", "single", "dpm-solver++")
     assert model.y_embedder.empty[0].ne(0).all()  # the empty prompt's embedding, from the data or the conversion
