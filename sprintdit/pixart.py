@@ -2,7 +2,8 @@
 release's checkpoints imported exactly (and written back to diffusers), on the switches of `ModelConfig` that PixArt
 needs: condition text on T5 embeddings (`CaptionProjection`: Linear, GELU-tanh, Linear), cross-attention to the
 caption with its padding masked, adaLN-single (`model.adaln: single`), no q/k norm, sin-cos positions scaled to the
-base grid (`model.pos_base`, `model.pos_interpolation`), learned sigma, DiT's integer timesteps (`model.time_scale: 1000`).
+base grid (`model.pos_base`, `model.pos_interpolation`), learned sigma, DiT's integer timesteps (`model.time_scale:
+1000`).
 
 Layout (diffusers name -> ours): pos_embed.proj -> x_embedder.proj (Conv2d flattened to a Linear);
 adaln_single.emb.timestep_embedder.linear_1/2 -> t_embedder.mlp.0/2; adaln_single.linear -> t_block.1;
