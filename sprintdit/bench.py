@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from .checkpoint import read_config, resolve_weights
 from .config import COMPILE_MODES
 from .density import SparseConfig, parse_schedule, side_at
 from .draws import Draws
@@ -35,6 +36,9 @@ PEAK_REPEATS = 10
 @dataclass
 class BenchConfig:
     preset: str = "SiT-XL/2"
+    # time this run's architecture instead (e.g. a converted PixArt: captions, adaLN-single), at its own input size,
+    # random weights, SPRINT's fusion added as the preset's; its captions are random T5-width rows of random lengths
+    model_from: str | None = None
     resolution: int = 256  # image side in pixels
     latent_factor: int = 8  # the model sees resolution / latent_factor (SD-VAE: 8); 1 for pixel space
     channels: int = 4  # model input channels (SD-VAE latents: 4)
@@ -102,23 +106,51 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / seconds / TERA
 
 
+def timed_network(mc: ModelConfig) -> SiT:
+    """A random network of `mc`; a caption model's unconditional caption random too (all zero it would mask every
+    token of the guidance's unconditional half)."""
+    model = SiT(mc)
+    if mc.condition == "text":
+        torch.nn.init.normal_(model.y_embedder.empty)
+    return model
+
+
 def build_model(cfg: BenchConfig, device: torch.device) -> SiT:
-    side = cfg.resolution // cfg.latent_factor
-    if side * cfg.latent_factor != cfg.resolution:
-        raise UserError(f"--resolution {cfg.resolution} is not a multiple of the latent factor {cfg.latent_factor}")
-    if cfg.frames < 0:
-        raise UserError(f"--frames must be >= 1 for video or 0 for images, got {cfg.frames}")
-    mc = ModelConfig(
-        preset=cfg.preset,
-        input_size=[cfg.frames] * bool(cfg.frames) + [side, side],
-        patch_size_t=cfg.patch_size_t,
-        in_channels=cfg.channels,
-        num_classes=cfg.num_classes,
-        sprint=SprintConfig(encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth),
-    )
-    model = SiT(mc).to(device)
+    sprint = SprintConfig(encoder_depth=cfg.encoder_depth, decoder_depth=cfg.decoder_depth)
+    if cfg.model_from is not None:
+        source = read_config(resolve_weights(cfg.model_from)).model
+        if source.condition == "text" and source.text.encoder == "learned":
+            raise UserError(
+                f"--model-from {cfg.model_from}: a learned-caption model; bench takes class or t5/clip ones"
+            )
+        mc = resolve_model_config(replace(source, arch="sit", sparse=SparseConfig(), sprint=sprint))
+    else:
+        side = cfg.resolution // cfg.latent_factor
+        if side * cfg.latent_factor != cfg.resolution:
+            raise UserError(f"--resolution {cfg.resolution} is not a multiple of the latent factor {cfg.latent_factor}")
+        if cfg.frames < 0:
+            raise UserError(f"--frames must be >= 1 for video or 0 for images, got {cfg.frames}")
+        mc = ModelConfig(
+            preset=cfg.preset,
+            input_size=[cfg.frames] * bool(cfg.frames) + [side, side],
+            patch_size_t=cfg.patch_size_t,
+            in_channels=cfg.channels,
+            num_classes=cfg.num_classes,
+            sprint=sprint,
+        )
+    model = timed_network(mc).to(device)
     model.grad_checkpointing = cfg.grad_checkpointing
     return model
+
+
+def conditions(mc: ModelConfig, batch: int, g: torch.Generator) -> torch.Tensor:
+    """Random conditions: class labels (B,), or caption embeddings (B, L, E), each zero after a random length."""
+    if mc.condition == "class":
+        return torch.randint(0, mc.num_classes, (batch,), generator=g)
+    tokens = mc.text.max_tokens
+    lengths = torch.randint(1, tokens + 1, (batch, 1), generator=g)  # (B, 1)
+    emb = torch.randn(batch, tokens, mc.text.dim, generator=g)  # (B, L, E)
+    return emb * (torch.arange(tokens)[None] < lengths)[..., None]
 
 
 def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
@@ -161,12 +193,12 @@ def checked(cfg: BenchConfig, device: torch.device) -> BenchConfig:
 def bench_training(model: SiT, cfg: BenchConfig, device: torch.device, autocast, peak: float) -> list[dict]:
     """Median training-step time, throughput, FLOPs, MFU and peak memory at each mask ratio."""
     mc = model.config
-    objective = FlowMatching(ObjectiveConfig(), null_class=mc.num_classes)
+    objective = FlowMatching(ObjectiveConfig(), null_class=model.null_class)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     forward = torch.compile(model, mode=cfg.compile_mode, dynamic=False) if cfg.compile else model
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch, mc.in_channels, *mc.input_size, generator=g).to(device)
-    y = torch.randint(0, mc.num_classes, (cfg.batch,), generator=g).to(device)
+    y = conditions(mc, cfg.batch, g).to(device)
     train = []
     for ratio in cfg.mask_ratios:
         mask = make_mask(cfg.batch, mc.grid, ratio, "structured", g)
@@ -200,6 +232,12 @@ def bench_training(model: SiT, cfg: BenchConfig, device: torch.device, autocast,
     return train
 
 
+def velocity(model: SiT, y: torch.Tensor, guidance: str):
+    """The guided prediction's first in_channels channels (a learned variance dropped), as the samplers step."""
+    guided = guided_output(model, y, SampleConfig(guidance=guidance), model.config.in_channels)
+    return lambda x, t: guided(x, t)[:, : model.config.in_channels]
+
+
 @torch.no_grad()
 def bench_sampling(model: SiT, cfg: BenchConfig, device: torch.device, autocast) -> dict:
     """Per-step time of one guided step (2B samples) with CFG and PDG, and images/s of a whole PDG run."""
@@ -207,10 +245,10 @@ def bench_sampling(model: SiT, cfg: BenchConfig, device: torch.device, autocast)
     mc = model.config
     g = torch.Generator().manual_seed(1)
     x = torch.randn(cfg.batch, mc.in_channels, *mc.input_size, generator=g).to(device)
-    y = torch.randint(0, mc.num_classes, (cfg.batch,), generator=g).to(device)
+    y = conditions(mc, cfg.batch, g).to(device)
     out = {}
     for guidance in ("cfg", "pdg"):
-        v = guided_output(model, y, SampleConfig(guidance=guidance), mc.in_channels)
+        v = velocity(model, y, guidance)
 
         def guided_step():
             with autocast:
@@ -221,7 +259,7 @@ def bench_sampling(model: SiT, cfg: BenchConfig, device: torch.device, autocast)
         flops = forward_flops(mc, 2 * cfg.batch, middle_rows=rows)
         out[guidance] = {"step_ms": seconds * 1e3, "flops_per_step": flops}
 
-    v = guided_output(model, y, SampleConfig(guidance="pdg"), mc.in_channels)
+    v = velocity(model, y, "pdg")
 
     def full_run():
         with autocast:
@@ -261,17 +299,17 @@ def sampling_flops(mc: ModelConfig, batch: int, steps: int) -> int:
 def bench_sparsedit(model: SiT, cfg: BenchConfig, device: torch.device, autocast) -> list[dict]:
     """Images/s and FLOPs of a CFG-guided Euler run: the dense model, then each SparseDiT built from it."""
     dense_cfg, sparse_cfgs = sparsedit_configs(model.config, cfg)
-    dense = SiT(dense_cfg).to(device).eval()
+    dense = timed_network(dense_cfg).to(device).eval()
     g = torch.Generator().manual_seed(2)
     x = torch.randn(cfg.batch, dense_cfg.in_channels, *dense_cfg.input_size, generator=g).to(device)
-    y = torch.randint(0, dense_cfg.num_classes, (cfg.batch,), generator=g).to(device)
+    y = conditions(dense_cfg, cfg.batch, g).to(device)
     rows = []
     for mc in [dense_cfg, *sparse_cfgs]:
         net = dense
         if mc.arch == "sparsedit":
             net = SparseDiT(mc).to(device).eval()
             net.load_state_dict(sparsify_state_dict(dense.state_dict(), mc))
-        v = guided_output(net, y, SampleConfig(guidance="cfg"), mc.in_channels)
+        v = velocity(net, y, "cfg")
 
         def full_run():
             with autocast:
@@ -303,9 +341,11 @@ def format_report(report: dict) -> str:
     clips = f"{c['frames']}-frame clips (frames per token {c['patch_size_t']}) " if c.get("frames") else ""
     mode = c.get("compile_mode", "default")
     compiled = (", compiled" + ("" if mode == "default" else f" ({mode})")) if c["compile"] else ""
+    model = f"{c['preset']} on {clips}at {c['resolution']}px (model input {c['resolution'] // c['latent_factor']})"
+    if c.get("model_from"):
+        model = f"the architecture of {c['model_from']} (random weights, its own input size)"
     lines = [
-        f"{c['preset']} on {clips}at {c['resolution']}px (model input {c['resolution'] // c['latent_factor']}), batch "
-        f"{c['batch']}, "
+        f"{model}, batch {c['batch']}, "
         f"{c['precision']}{compiled} on {report['device']}, torch {report['torch']}; "
         f"peak {report['peak_tflops']:.3g} TFLOP/s"
     ]

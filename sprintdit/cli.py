@@ -480,6 +480,10 @@ def cmd_demo(args) -> int:
 
 def bench_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="model preset (default SiT-XL/2)")
+    p.add_argument(
+        "--model-from",
+        help="time this run's architecture instead (e.g. a converted PixArt), at its input size, random weights",
+    )
     p.add_argument("--resolution", type=int, help="image side in pixels (default 256)")
     p.add_argument(
         "--latent-factor", type=int, help="model input = resolution / factor (default 8, SD-VAE; 1: pixel space)"

@@ -130,3 +130,34 @@ def test_bench_times_video_models_with_frame_aware_flops(tmp_path, capsys):
     assert [r["flops_per_step"] for r in report["train"]] == [
         3 * forward_flops(video, 4, ratio) for ratio in (0.0, 0.75)
     ]
+
+
+def test_bench_times_an_imported_pixarts_architecture(tmp_path, capsys):
+    """--model-from a converted PixArt: its captions (random T5-width rows) and adaLN-single are timed, dense against
+    SparseDiT, with FLOPs from the same analytic model as its own run's."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    from sprintdit.convert import ConvertOptions, convert, write_run
+
+    torch.manual_seed(0)
+    config = dict(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=6,
+        cross_attention_dim=16, caption_channels=12, sample_size=8, patch_size=2, norm_type="ada_norm_single",
+    )  # fmt: skip
+    diffusers.PixArtTransformer2DModel(**config).save_pretrained(tmp_path / "transformer")
+    run = tmp_path / "run"
+    converted = convert(tmp_path / "transformer", ConvertOptions("diffusers"))
+    write_run(run, converted, "diffusers")
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model-from", run, "--batch", 2, "--mask-ratios", "0,0.75", "--sparse-grids", "2:3",
+            "--sparse-layout", "1,1,1,0", "--sample-steps", 2,
+            "--warmup", 0, "--repeats", 1, "--out", out]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    report = json.loads(out.read_text())
+    assert "the architecture of" in capsys.readouterr().out
+    rows = report["sparsedit"]
+    assert [r["grid"] for r in rows] == ["dense", "2:3"] and rows[1]["flops_vs_dense"] < 1.0
+    # 2 CFG steps of 2 x 2, the converted (dense) network's count
+    assert rows[0]["gflops_per_image"] * 2 * 1e9 == pytest.approx(2 * forward_flops(converted.model, 2 * 2))
+    assert len(report["train"]) == 2
