@@ -315,6 +315,8 @@ def bench_sparsedit(model: SiT, cfg: BenchConfig, device: torch.device, autocast
             with autocast:
                 euler(v, x, cfg.sample_steps)
 
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         seconds = median_seconds(full_run, device, warmup=1, repeats=max(1, cfg.repeats // 5))
         flops = sampling_flops(mc, cfg.batch, cfg.sample_steps)
         rows.append(
@@ -322,6 +324,7 @@ def bench_sparsedit(model: SiT, cfg: BenchConfig, device: torch.device, autocast
                 "grid": mc.sparse.grid if mc.arch == "sparsedit" else "dense",
                 "images_per_s": cfg.batch / seconds,
                 "gflops_per_image": flops / cfg.batch / GIGA,
+                "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             }
         )
     for r in rows:
