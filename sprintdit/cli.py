@@ -307,6 +307,7 @@ def eval_config(args, base):
         "inception_resize",
         "dinov2_weights",
         "dinov2_model",
+        "is_split_size",
     )
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.features is not None:
@@ -345,6 +346,19 @@ def evaluate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dinov2-model", help="DINOv2 size of --dinov2-weights: ViT-S/14 | ViT-B/14 | ViT-L/14 (default) | ViT-g/14"
     )
+    p.add_argument(
+        "--is-split-size",
+        type=int,
+        help="Inception Score over consecutive splits of this many samples (default 5000, the ADM evaluator's; 0: one "
+        "split)",
+    )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A.json", "B.json"),
+        help="print two results side by side with their differences; refused if they were scored under different "
+        "conventions (samples, reference, feature weights, resize, IS split)",
+    )
     p.add_argument("--data-root", help="Fashion-MNIST folder for the default reference (default: the run's data.root)")
     p.add_argument("--eval-batch-size", type=int, help="images per feature-network forward")
     p.add_argument(
@@ -360,6 +374,10 @@ def cmd_evaluate(args) -> int:
 
 
 def evaluate_on_ranks(args) -> int:
+    if args.compare is not None:
+        if args.checkpoint is not None or args.samples is not None:
+            raise UserError("--compare A.json B.json compares two results: give it without --checkpoint or --samples")
+        return compare_files(*args.compare)
     if (args.checkpoint is None) == (args.samples is None):
         raise UserError("give either --checkpoint RUN (generate, then score) or --samples SAMPLES.npz (score a batch)")
     if args.write_ref is not None and args.samples is None:
@@ -371,8 +389,8 @@ def evaluate_batch(args) -> int:
     """Score (or, with --write-ref, turn into a reference) an npz batch; rank 0's job alone."""
     from .config import DataConfig, EvalConfig
     from .distributed import env_world, pick_device
-    from .evaluate import Evaluator, batch_images, build_networks, choose_networks, read_npz, write_reference
-    from .files import check_writable_file
+    from .evaluate import Evaluator, NpzBatch, build_networks, choose_networks, write_reference
+    from .files import check_writable_file, sha256_file
 
     if env_world()[0] != 0:
         return 0
@@ -386,15 +404,39 @@ def evaluate_batch(args) -> int:
         args.write_ref or Path(args.samples).with_suffix(".eval.json"),
         "--write-ref" if args.write_ref else "the scores file",
     )
-    images, labels = batch_images(read_npz(args.samples), args.samples)
+    batch = NpzBatch(args.samples)
+    if batch.shape is None:
+        raise UserError(
+            f"{args.samples} has no arr_0 (the ADM layout keeps the images there); it holds "
+            f"{', '.join(sorted(batch.keys)) or 'nothing'}"
+        )
+    labels, shape = batch.labels(), batch.shape
     if args.write_ref is not None:
-        names = choose_networks(cfg, tuple(images.shape[1:]))
-        written = write_reference(images, build_networks(names, cfg, device), out)
-        print(f"reference batch of {len(images)} images with {', '.join(names)} statistics: {written}")
+        names = choose_networks(cfg, shape[1:])
+        written = write_reference(batch.images(), build_networks(names, cfg, device), out)
+        print(f"reference batch of {shape[0]} images with {', '.join(names)} statistics: {written}")
         return 0
-    results = Evaluator(cfg, tuple(images.shape[1:]), device, args.data_root or DataConfig().root)(images, labels)
-    results["setting"] = {"samples": str(args.samples)}
+    evaluator = Evaluator(cfg, shape[1:], device, args.data_root or DataConfig().root)
+    results = evaluator.score_blocks(batch.image_blocks(cfg.batch_size), shape, labels)
+    results["provenance"]["setting"] = {"samples": str(args.samples), "samples_sha256": sha256_file(args.samples)}
     return write_results(results, out)
+
+
+def compare_files(a: str, b: str) -> int:
+    """`evaluate --compare A.json B.json`: two results side by side, if scored under one convention."""
+    import json
+
+    from .evaluate import compare_results
+    from .files import read_utf8
+
+    results = []
+    for path in (a, b):
+        try:
+            results.append(json.loads(read_utf8(path)))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not a JSON results file ({err.msg} at line {err.lineno})") from None
+    print(compare_results(*results, names=(a, b)))
+    return 0
 
 
 def evaluate_checkpoint(args) -> int:
@@ -422,12 +464,7 @@ def evaluate_checkpoint(args) -> int:
     if args.save_samples:
         save_npz(scored.images, scored.labels, folder / f"{stem}.npz")
     results = scored.results
-    results["setting"] = {
-        "checkpoint": str(folder),
-        "ema": not args.no_ema,
-        "sample": vars(scfg),
-        "seed_start": cfg.seed_start,
-    }
+    results["provenance"]["setting"].update(checkpoint=str(folder), ema=not args.no_ema)
     results["sample_seconds"] = scored.sample_seconds
     results["sample_gflops"] = run.sampling_gflops(scfg)  # model FLOPs per image
     print(

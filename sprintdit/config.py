@@ -40,6 +40,7 @@ INCEPTION_PYTORCH_FID, INCEPTION_TF = (
     "tf",
 )  # eval.inception_resize: the preprocessing conventions (metrics/inception.py)
 INCEPTION_RESIZES = (INCEPTION_PYTORCH_FID, INCEPTION_TF)
+IS_SPLIT_SIZE = 5000  # eval.is_split_size: the ADM evaluator's Inception Score splits (metrics/scores.py)
 # The flat model keys of sprintdit 0.1 and their sections now; still read (YAML, overrides, saved configs and
 # checkpoints) with a one-line warning, until 0.3.
 MOVED_MODEL_KEYS = {
@@ -150,6 +151,7 @@ class EvalConfig:
     inception_resize: str = INCEPTION_TF
     dinov2_weights: Optional[str] = None  # dinov2_vitl14_pretrain.pth (FDD)
     dinov2_model: str = "ViT-L/14"  # the DINOv2 size the weights are for (FDD is defined with ViT-L/14)
+    is_split_size: int = IS_SPLIT_SIZE  # Inception Score over consecutive splits of this many samples (0: one split)
     batch_size: int = 200  # images per feature-network forward
 
 
@@ -387,9 +389,10 @@ def reference_root(data: DataConfig) -> str | None:
 
 
 def validate_eval(e: EvalConfig) -> None:
-    if e.every < 0 or e.num_samples < 2 or e.batch_size < 1:
+    if e.every < 0 or e.num_samples < 2 or e.batch_size < 1 or e.is_split_size < 0:
         raise UserError(
-            "eval.every must be >= 0, eval.num_samples >= 2 (a covariance needs two samples), eval.batch_size >= 1"
+            "eval.every must be >= 0, eval.num_samples >= 2 (a covariance needs two samples), eval.batch_size >= 1, "
+            "eval.is_split_size >= 0 (0: one split)"
         )
     if not e.features or any(f not in FEATURE_NETWORKS for f in e.features):
         raise UserError(f"eval.features is {list(e.features)}; choose from {', '.join(FEATURE_NETWORKS)}")

@@ -12,29 +12,41 @@ Sample and reference batches use the ADM npz layout: uint8 images (N, H, W, C) u
 under `arr_1` (optional). A reference may instead (or also) hold statistics: `mu`/`sigma` (pool3) and
 `mu_s`/`sigma_s` (spatial), as in ADM's reference batches, and `<network>_mu`/`<network>_sigma` for the
 other networks; statistics, where present, are used for the Frechet distances and the images for
-precision/recall. The Fashion-MNIST test split's features are computed once and cached.
+precision/recall. The Fashion-MNIST test split's features are computed once and cached. Images are read from an
+npz a block at a time (`NpzBatch.image_blocks`) and only their features are kept, so a 50,000-image batch is never
+held in memory.
+
+Every result carries its provenance (`provenance`): the convention it was made under (number of samples, the
+reference's identity, each feature network's weights sha256 and resize, the Inception Score's split size), which
+`sprintdit evaluate --compare` requires to be equal, and the setting (sampler, steps, NFE, guidance, seeds) and the
+package versions, shown side by side.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 
-from .config import EvalConfig
+from .config import IS_SPLIT_SIZE, EvalConfig
 from .errors import UserError, warn
-from .files import atomic_write_npz
+from .files import atomic_write_npz, sha256_file
 from .metrics import class_agreement, feature_stats, frechet_distance, inception_score, prdc
 from .metrics.fmnist_classifier import INPUT_SHAPE as FMNIST_SHAPE
 
+DEFAULT_BATCH = EvalConfig.batch_size  # images per block read from an npz
+
 ZIP_MAGIC = b"PK"  # an npz file is a zip archive (its first bytes)
+IMAGES_KEY, LABELS_KEY = "arr_0", "arr_1"  # the ADM layout's arrays
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 HEAD_SHOWN = 8  # bytes of a file that is not an npz quoted in the error
 CACHE_ENV = "SPRINTDIT_CACHE"  # where reference features are cached (default ~/.cache/sprintdit)
 ADM_STAT_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # the inception keys of ADM reference batches
@@ -43,47 +55,86 @@ ADM_STAT_KEYS = {"pool": ("mu", "sigma"), "spatial": ("mu_s", "sigma_s")}  # the
 # ----------------------------------------------------------------------------------- npz batches
 
 
-def read_npz(path: str | Path) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"npz file {path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(HEAD_SHOWN)
-    if not head.startswith(ZIP_MAGIC):
-        raise UserError(
-            f"{path} is not an npz file (an npz is a zip archive of arrays, as np.savez writes; this file starts with "
-            f"{head!r})"
-        )
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # a zip cut short: BadZipFile or EOFError
-        raise UserError(f"{path} is not a readable npz file ({str(err).splitlines()[0]})") from None
+class NpzBatch:
+    """An npz file in the ADM layout, opened without reading its arrays: `array` reads one (statistics, labels),
+    `image_blocks` streams the images under arr_0 a block at a time."""
 
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"npz file {self.path} does not exist")
+        with open(self.path, "rb") as f:
+            head = f.read(HEAD_SHOWN)
+        if not head.startswith(ZIP_MAGIC):
+            raise UserError(
+                f"{self.path} is not an npz file (an npz is a zip archive of arrays, as np.savez writes; this file "
+                f"starts with {head!r})"
+            )
+        try:
+            with zipfile.ZipFile(self.path) as z:
+                self.keys = [name.removesuffix(".npy") for name in z.namelist()]
+            self.shape = self._images_shape() if IMAGES_KEY in self.keys else None  # (N, C, H, W)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # a zip cut short: BadZipFile or EOFError
+            raise UserError(f"{self.path} is not a readable npz file ({str(err).splitlines()[0]})") from None
 
-def batch_images(arrays: dict[str, np.ndarray], source: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ADM layout -> images (N, C, H, W) uint8 and labels (N,) or None."""
-    if "arr_0" not in arrays:
-        raise UserError(
-            f"{source} has no arr_0 (the ADM layout keeps the images there); it holds "
-            f"{', '.join(sorted(arrays)) or 'nothing'}"
-        )
-    images = arrays["arr_0"]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise UserError(f"{source}: arr_0 must be uint8 images (N, H, W, 1 or 3), got {images.dtype} {images.shape}")
-    labels = arrays.get("arr_1")
-    if labels is not None and labels.shape != (len(images),):
-        raise UserError(
-            f"{source}: arr_1 must hold one label per image, got shape {labels.shape} for {len(images)} images"
-        )
-    if labels is not None and (labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0)):
-        raise UserError(
-            f"{source}: arr_1 must hold non-negative integer class labels, got {labels.dtype} values such as "
-            f"{labels[:3].tolist()}"
-        )
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), None if labels is None else torch.from_numpy(
-        labels.astype(np.int64)
-    )
+    def array(self, key: str) -> np.ndarray:
+        try:
+            with np.load(self.path, allow_pickle=False) as f:
+                return f[key]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise UserError(f"{self.path} is not a readable npz file ({str(err).splitlines()[0]})") from None
+
+    def _open_images(self):
+        """arr_0's member, positioned after its .npy header, and the header's (shape, fortran order, dtype)."""
+        member = zipfile.ZipFile(self.path).open(IMAGES_KEY + ".npy")
+        version = np.lib.format.read_magic(member)
+        if version not in NPY_HEADER_READERS:
+            raise UserError(f"{self.path}: arr_0 is in .npy format version {version}, which is not read here")
+        return member, NPY_HEADER_READERS[version](member)
+
+    def _images_shape(self) -> tuple[int, int, int, int]:
+        member, (shape, fortran, dtype) = self._open_images()
+        member.close()
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3) or fortran:
+            raise UserError(f"{self.path}: arr_0 must be uint8 images (N, H, W, 1 or 3), got {dtype} {shape}")
+        n, h, w, c = shape
+        return n, c, h, w
+
+    def image_blocks(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The images under arr_0 as uint8 tensors (B, C, H, W), batch_size at a time, in order."""
+        if self.shape is None:
+            raise UserError(f"{self.path} has no arr_0 (the ADM layout keeps the images there)")
+        n, c, h, w = self.shape
+        member, _ = self._open_images()
+        with member:
+            for start in range(0, n, batch_size):
+                count = min(batch_size, n - start)
+                data = member.read(count * h * w * c)
+                if len(data) != count * h * w * c:
+                    raise UserError(f"{self.path}: arr_0 is cut short after {start} images")
+                block = np.frombuffer(data, np.uint8).reshape(count, h, w, c)
+                yield torch.from_numpy(block.transpose(0, 3, 1, 2).copy())  # (B, C, H, W)
+
+    def images(self) -> torch.Tensor:
+        """All the images (N, C, H, W) uint8 at once, for batches that are meant to be held."""
+        return torch.cat(list(self.image_blocks(max(1, self.shape[0] if self.shape else 1))))
+
+    def labels(self) -> torch.Tensor | None:
+        """arr_1 (N,) as int64, or None when the file has no labels."""
+        if LABELS_KEY not in self.keys:
+            return None
+        labels = self.array(LABELS_KEY)
+        count = self.shape[0] if self.shape else 0
+        if labels.shape != (count,):
+            raise UserError(
+                f"{self.path}: arr_1 must hold one label per image, got shape {labels.shape} for {count} images"
+            )
+        if labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+            raise UserError(
+                f"{self.path}: arr_1 must hold non-negative integer class labels, got {labels.dtype} values such as "
+                f"{labels[:3].tolist()}"
+            )
+        return torch.from_numpy(labels.astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------- feature networks
@@ -100,21 +151,26 @@ class Features:
 
 
 class FeatureNet(Protocol):
-    """A named feature network: images uint8 (N, C, H, W) -> Features."""
+    """A named feature network: images uint8 (N, C, H, W) -> Features; its weights' sha256 and how it resizes."""
 
     name: str
+    resize: str
+    weights_sha256: str
 
     def __call__(self, images: torch.Tensor) -> Features: ...
 
 
 class FMNISTFeatures(FeatureNet):
     name = "fmnist"
+    resize = "none"  # the classifier reads 1x32x32 images as they are
 
     def __init__(self, device: torch.device, batch_size: int):
         from .metrics import load_classifier
+        from .metrics.fmnist_classifier import WEIGHTS, read_record
 
         self.model = load_classifier(device=device)
         self.batch_size = batch_size
+        self.weights_sha256 = read_record(WEIGHTS)["sha256"]
 
     def __call__(self, images: torch.Tensor) -> Features:
         from .metrics import classify
@@ -131,6 +187,7 @@ class InceptionFeatures(FeatureNet):
 
         self.model = load_inception(weights, device)
         self.batch_size, self.resize = batch_size, resize
+        self.weights_sha256 = sha256_file(weights)
 
     def __call__(self, images: torch.Tensor) -> Features:
         from .metrics.inception import inception_features
@@ -143,10 +200,11 @@ class DINOv2Features(FeatureNet):
     name = "dinov2"
 
     def __init__(self, weights: str | None, preset: str, device: torch.device, batch_size: int):
-        from .metrics.dinov2 import load_dinov2
+        from .metrics.dinov2 import FDD_RESIZE, load_dinov2
 
         self.model = load_dinov2(weights, preset, device)
-        self.batch_size = batch_size
+        self.batch_size, self.resize = batch_size, FDD_RESIZE
+        self.weights_sha256 = sha256_file(weights)
 
     def __call__(self, images: torch.Tensor) -> Features:
         from .metrics.dinov2 import dinov2_features
@@ -161,6 +219,25 @@ def choose_networks(cfg: EvalConfig, image_shape: tuple[int, ...]) -> list[str]:
     if tuple(image_shape) == FMNIST_SHAPE:
         return ["fmnist"]
     return ["inception"] + (["dinov2"] if cfg.dinov2_weights else [])
+
+
+def extract(networks: list[FeatureNet], blocks: Iterable[torch.Tensor]) -> dict[str, Features]:
+    """Every network's features of a stream of uint8 image blocks (B, C, H, W): one pass, only features kept."""
+    parts: dict[str, list[Features]] = {net.name: [] for net in networks}
+    for block in blocks:
+        for net in networks:
+            parts[net.name].append(net(block))
+    return {name: concat(features) for name, features in parts.items()}
+
+
+def concat(parts: list[Features]) -> Features:
+    """The Features of consecutive blocks, joined along the samples."""
+
+    def join(kind: str) -> torch.Tensor | None:
+        values = [getattr(p, kind) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return Features(join("main"), spatial=join("spatial"), logits=join("logits"))
 
 
 def build_networks(names: list[str], cfg: EvalConfig, device: torch.device) -> list[FeatureNet]:
@@ -181,6 +258,7 @@ class Reference:
 
     source: str
     features: dict[str, Features] = field(default_factory=dict)
+    identity: dict[str, str] = field(default_factory=dict)  # what the scores were made against: path and sha256
     # network -> kind -> (mu, sigma)
     stats: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
@@ -202,18 +280,16 @@ def stat_keys(network: str, kind: str) -> tuple[str, str]:
     return f"{network}_mu", f"{network}_sigma"
 
 
-def load_reference(path: str | Path, networks: list[FeatureNet]) -> Reference:
-    arrays = read_npz(path)
-    ref = Reference(source=str(path))
+def load_reference(path: str | Path, networks: list[FeatureNet], batch_size: int = DEFAULT_BATCH) -> Reference:
+    batch = NpzBatch(path)
+    ref = Reference(source=str(path), identity={"path": str(path), "sha256": sha256_file(path)})
     for net in networks:
         for kind in ("main", "spatial"):
             mu_key, sigma_key = stat_keys(net.name, kind)
-            if mu_key in arrays and sigma_key in arrays:
-                ref.stats.setdefault(net.name, {})[kind] = (arrays[mu_key], arrays[sigma_key])
-    if "arr_0" in arrays:
-        images, _ = batch_images(arrays, str(path))
-        for net in networks:
-            ref.features[net.name] = net(images)
+            if mu_key in batch.keys and sigma_key in batch.keys:
+                ref.stats.setdefault(net.name, {})[kind] = (batch.array(mu_key), batch.array(sigma_key))
+    if batch.shape is not None:
+        ref.features = extract(networks, batch.image_blocks(batch_size))
     missing = [n.name for n in networks if n.name not in ref.features and "main" not in ref.stats.get(n.name, {})]
     if missing:
         keys = ", ".join("/".join(stat_keys(n, "main")) for n in missing)
@@ -223,13 +299,17 @@ def load_reference(path: str | Path, networks: list[FeatureNet]) -> Reference:
 
 def write_reference(images: torch.Tensor, networks: list[FeatureNet], path: str | Path) -> Path:
     """An ADM-style reference batch: images (N, C, H, W) uint8 under arr_0 and every network's statistics."""
-    arrays = {"arr_0": images.permute(0, 2, 3, 1).numpy()}
+    arrays = {IMAGES_KEY: images.permute(0, 2, 3, 1).numpy()}
     for net in networks:
         feats = net(images)
         for kind, values in (("main", feats.main), ("spatial", feats.spatial)):
             if values is not None:
                 arrays.update(zip(stat_keys(net.name, kind), feature_stats(values)))
     return atomic_write_npz(path, **arrays)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def cache_dir() -> Path:
@@ -242,13 +322,16 @@ def fmnist_reference(root: str | Path, net: FMNISTFeatures) -> Reference:
     from .metrics.fmnist_classifier import WEIGHTS, read_record
 
     data = FashionMNIST(root, split="test", resolution=FMNIST_SHAPE[1])
+    identity = {"path": f"Fashion-MNIST test split in {root}", "sha256": sha256_bytes(data.images.numpy().tobytes())}
     key = hashlib.sha256(read_record(WEIGHTS)["sha256"].encode() + data.images.numpy().tobytes()).hexdigest()[:16]
     path = cache_dir() / f"fmnist_test_{key}.npz"
     if path.is_file():
         try:
             with np.load(path) as f:
                 cached = torch.from_numpy(f["features"])
-            return Reference(f"Fashion-MNIST test split ({len(data)} images, cached)", {"fmnist": Features(cached)})
+            return Reference(
+                f"Fashion-MNIST test split ({len(data)} images, cached)", {"fmnist": Features(cached)}, identity
+            )
         except (OSError, ValueError, KeyError):
             pass  # an unreadable cache is rebuilt below
     feats = net(data.images)
@@ -259,12 +342,12 @@ def fmnist_reference(root: str | Path, net: FMNISTFeatures) -> Reference:
             f"cannot write the reference cache {path} ({err.strerror or err}); it is recomputed next time (set "
             f"{CACHE_ENV} to a writable folder)"
         )
-    return Reference(f"Fashion-MNIST test split ({len(data)} images)", {"fmnist": Features(feats.main)})
+    return Reference(f"Fashion-MNIST test split ({len(data)} images)", {"fmnist": Features(feats.main)}, identity)
 
 
 def default_reference(cfg: EvalConfig, networks: list[FeatureNet], data_root: str | None) -> Reference:
     if cfg.ref is not None:
-        return load_reference(cfg.ref, networks)
+        return load_reference(cfg.ref, networks, cfg.batch_size)
     if [n.name for n in networks] == ["fmnist"] and data_root is not None:
         return fmnist_reference(data_root, networks[0])
     raise UserError("give a reference batch: --ref REF.npz (ADM layout: images under arr_0 and/or mu/sigma statistics)")
@@ -276,8 +359,11 @@ def default_reference(cfg: EvalConfig, networks: list[FeatureNet], data_root: st
 RELIABLE_SAMPLES = 1000
 
 
-def score(features: Features, net: str, ref: Reference, labels: torch.Tensor | None) -> dict[str, float]:
-    """The metrics of one network's sample features against the reference."""
+def score(
+    features: Features, net: str, ref: Reference, labels: torch.Tensor | None, is_split_size: int = IS_SPLIT_SIZE
+) -> dict[str, float]:
+    """The metrics of one network's sample features against the reference (the Inception Score over consecutive
+    splits of `is_split_size` samples, with the splits' standard deviation)."""
     out: dict[str, float] = {}
     frechet_name = "fdd" if net == "dinov2" else "fid"
     n, dim = features.main.shape
@@ -300,7 +386,8 @@ def score(features: Features, net: str, ref: Reference, labels: torch.Tensor | N
         if net == "fmnist":
             out.update(density=quality.density, coverage=quality.coverage)
     if features.logits is not None:
-        out["is"] = inception_score(features.logits)
+        inception = inception_score(features.logits, is_split_size)
+        out.update({"is": inception.mean, "is_std": inception.std})
         if labels is not None and net == "fmnist":
             if len(labels) and int(labels.max()) >= features.logits.shape[1]:
                 raise UserError(
@@ -327,14 +414,92 @@ class Evaluator:
         self.ref = default_reference(cfg, self.networks, data_root)
         self.image_shape = tuple(image_shape)
 
+        self.is_split_size = cfg.is_split_size
+        self.batch_size = cfg.batch_size
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None) -> dict:
-        """images (N, C, H, W) uint8 -> {"num_samples", "reference", "metrics": {network: {metric: value}}}."""
-        if len(images) < 2:
-            raise UserError(f"metrics need at least 2 samples, got {len(images)}")
-        if tuple(images.shape[1:]) != self.image_shape:
-            raise UserError(f"samples are {tuple(images.shape[1:])} but the evaluator was built for {self.image_shape}")
-        metrics = {net.name: score(net(images), net.name, self.ref, labels) for net in self.networks}
-        return {"num_samples": len(images), "reference": self.ref.source, "metrics": metrics}
+        """images (N, C, H, W) uint8 -> {"num_samples", "reference", "metrics": {network: {metric: value}},
+        "provenance": {"convention", "versions"}}."""
+        return self.score_blocks(images.split(self.batch_size), tuple(images.shape), labels)
+
+    def score_blocks(self, blocks: Iterable[torch.Tensor], shape: tuple[int, ...], labels: torch.Tensor | None) -> dict:
+        """As calling it, on the images (N, C, H, W) = `shape` given as a stream of uint8 blocks (B, C, H, W)."""
+        if shape[0] < 2:
+            raise UserError(f"metrics need at least 2 samples, got {shape[0]}")
+        if tuple(shape[1:]) != self.image_shape:
+            raise UserError(f"samples are {tuple(shape[1:])} but the evaluator was built for {self.image_shape}")
+        features = extract(self.networks, blocks)
+        metrics = {name: score(feats, name, self.ref, labels, self.is_split_size) for name, feats in features.items()}
+        provenance = {"convention": self.convention(shape[0]), "versions": versions()}
+        return {"num_samples": shape[0], "reference": self.ref.source, "metrics": metrics, "provenance": provenance}
+
+    def convention(self, num_samples: int) -> dict:
+        """What a score depends on besides the samples' model: scores compare only when these agree."""
+        return {
+            "num_samples": num_samples,
+            "reference": self.ref.identity,
+            "networks": {
+                net.name: {"weights_sha256": net.weights_sha256, "resize": net.resize} for net in self.networks
+            },
+            "is_split_size": self.is_split_size,
+        }
+
+
+def versions() -> dict[str, str]:
+    from . import __version__
+
+    return {"sprintdit": __version__, "torch": torch.__version__}
+
+
+def sampling_setting(scfg, nfe: int | None, seeds: list[int]) -> dict:
+    """How generated samples were made: the sampling settings (sampler, steps, guidance kind, scale and interval),
+    network evaluations per image (NFE) and the seeds."""
+    return {"sample": asdict(scfg), "nfe": nfe, "seed_start": seeds[0], "num_seeds": len(seeds)}
+
+
+# ----------------------------------------------------------------------------------- comparing two results
+
+
+def flat_fields(record: dict, prefix: str = "") -> dict[str, object]:
+    """A nested record as {"a.b.c": value}."""
+    out: dict[str, object] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flat_fields(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def compare_results(a: dict, b: dict, names: tuple[str, str]) -> str:
+    """The metrics of two results side by side with their differences (B - A), then their settings; a one-line
+    UserError naming the first field of the convention that differs (scores made under different conventions do
+    not compare)."""
+    for name, result in zip(names, (a, b)):
+        if "convention" not in result.get("provenance", {}):
+            raise UserError(f"{name} records no convention (written before scores recorded one); score it again")
+    conventions = [flat_fields(r["provenance"]["convention"]) for r in (a, b)]
+    differ = [
+        k
+        for k in sorted(conventions[0].keys() | conventions[1].keys())
+        if conventions[0].get(k) != conventions[1].get(k)
+    ]
+    if differ:
+        more = f" (and {len(differ) - 1} more field(s))" if len(differ) > 1 else ""
+        raise UserError(
+            f"{names[0]} and {names[1]} were scored under different conventions: {differ[0]} is "
+            f"{conventions[0].get(differ[0])!r} vs {conventions[1].get(differ[0])!r}{more}"
+        )
+    metrics = [flatten(a), flatten(b)]
+    lines = [f"{'metric':<24} {'A':>12} {'B':>12} {'B - A':>12}"]
+    for key in sorted(metrics[0].keys() | metrics[1].keys()):
+        va, vb = metrics[0].get(key, math.nan), metrics[1].get(key, math.nan)
+        lines.append(f"{key:<24} {va:>12.4f} {vb:>12.4f} {vb - va:>12.4f}")
+    settings = [flat_fields({k: v for k, v in r["provenance"].items() if k != "convention"}) for r in (a, b)]
+    for key in sorted(settings[0].keys() | settings[1].keys()):
+        va, vb = settings[0].get(key), settings[1].get(key)
+        lines.append(f"{key:<24} {va!s:>12} {vb!s:>12}{'  differs' if va != vb else ''}")
+    return "\n".join([f"A: {names[0]}", f"B: {names[1]}", *lines])
 
 
 def eval_labels_and_seeds(cfg: EvalConfig, num_classes: int) -> tuple[list[int], list[int]]:

@@ -38,7 +38,7 @@ def evaluation_lines(evals: dict[str, dict]) -> list[str]:
         ]
     lines = []
     for name, result in evals.items():
-        setting = result.get("setting", {}).get("sample", {})
+        setting = (result.get("provenance") or result).get("setting", {}).get("sample", {})  # older files: top level
         lines.append(
             f"- `{name}` ({result.get('num_samples', '?')} samples, {setting.get('guidance', '?')} scale "
             f"{setting.get('scale', '?')}, "

@@ -20,6 +20,7 @@ from .density import parse_schedule, side_at
 from .masking import num_kept_random
 from .models.sit import TIMESTEP_FREQ_DIM, ModelConfig, mlp_hidden
 from .models.sparsedit import sparse_shape
+from .sections import ADAPTIVE_SAMPLERS
 
 GIGA, TERA = 1e9, 1e12  # FLOP units in reports
 
@@ -192,15 +193,29 @@ class _ForwardRecorder:
         return torch.zeros(x.shape[0], self.config.out_channels, *x.shape[2:])
 
 
-def sampling_flops(model, objective, scfg) -> int:
-    """Model FLOPs to sample one image with the settings `scfg`: every forward the sampler makes (both halves of a
-    guided step, PDG's cheap half without the middle blocks, guidance only inside its interval), found by running the
-    sampler itself on a stand-in network. SparseDiT's forwards use the grid the sampler names at each step."""
+def sampler_forwards(model, objective, scfg) -> list[tuple[int, int | None, int | None]]:
+    """(batch, middle_rows, SparseDiT grid side) of every forward the sampler makes for one image with the settings
+    `scfg`, found by running the sampler itself on a stand-in network."""
     from .sampling import generate
 
     recorder = _ForwardRecorder(model)
     generate(recorder, objective, [0], [0], replace(scfg, batch_size=1), "cpu")
-    total = 0
-    for batch, middle_rows, side in recorder.calls:
-        total += forward_flops(model.config, batch, middle_rows=middle_rows, side=side)
-    return total
+    return recorder.calls
+
+
+def sampling_flops(model, objective, scfg) -> int:
+    """Model FLOPs to sample one image with the settings `scfg`: every forward the sampler makes (both halves of a
+    guided step, PDG's cheap half without the middle blocks, guidance only inside its interval). SparseDiT's forwards
+    use the grid the sampler names at each step."""
+    calls = sampler_forwards(model, objective, scfg)
+    return sum(
+        forward_flops(model.config, batch, middle_rows=middle_rows, side=side) for batch, middle_rows, side in calls
+    )
+
+
+def sampling_nfe(model, objective, scfg) -> int | None:
+    """Network evaluations per image with the settings `scfg`, both halves of a guided step counted; None for an
+    adaptive sampler, whose count depends on the network (the stand-in's zeros would understate it)."""
+    if scfg.sampler in ADAPTIVE_SAMPLERS:
+        return None
+    return sum(batch for batch, _, _ in sampler_forwards(model, objective, scfg))

@@ -94,7 +94,7 @@ class SamplingRun:
         settings, default the run's; labels cycle through the classes, sample i has seed seed_start + i) and score them
         on rank 0 against the reference (`data_root`: the Fashion-MNIST folder of the default one, default the run's
         data). Returns sprintdit.evaluate.Scored on rank 0, None on the others."""
-        from .evaluate import Evaluator, Scored, eval_labels_and_seeds, to_uint8_nchw
+        from .evaluate import Evaluator, Scored, eval_labels_and_seeds, sampling_setting, to_uint8_nchw
 
         cfg = cfg or self.config.eval
         mc = self.model.config
@@ -116,10 +116,19 @@ class SamplingRun:
         self.evaluator = self.evaluator or Evaluator(
             cfg, tuple(images.shape[1:]), self.device, data_root or reference_root(self.config.data)
         )
-        return Scored(self.evaluator(images, torch.tensor(labels)), images, labels, seconds, self.evaluator)
+        results = self.evaluator(images, torch.tensor(labels))
+        scfg = scfg or self.config.sample
+        results["provenance"]["setting"] = sampling_setting(scfg, self.sampling_nfe(scfg), seeds)
+        return Scored(results, images, labels, seconds, self.evaluator)
 
     def sampling_gflops(self, scfg: SampleConfig | None = None) -> float:
         """Model GFLOP per sample with the sampling settings `scfg` (default the run's)."""
         from .flops import GIGA, sampling_flops
 
         return sampling_flops(self.model, self.objective, scfg or self.config.sample) / GIGA
+
+    def sampling_nfe(self, scfg: SampleConfig | None = None) -> int | None:
+        """Network evaluations per sample with the sampling settings `scfg` (default the run's); None if adaptive."""
+        from .flops import sampling_nfe
+
+        return sampling_nfe(self.model, self.objective, scfg or self.config.sample)

@@ -193,6 +193,7 @@ class ObjectiveConfig:
 # ----------------------------------------------------------------------------------- sampling
 
 FLOW_SAMPLERS = ("euler", "heun", "dopri5", "sde")
+ADAPTIVE_SAMPLERS = ("dopri5",)  # step sizes chosen by the error estimate: the network count depends on the network
 DDPM_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")  # dpm-solver++'s choice of steps, as diffusers names them
 SAMPLERS = FLOW_SAMPLERS + DDPM_SAMPLERS

@@ -336,6 +336,7 @@ def row_values(scores: dict, record: dict, sample_gflops: float) -> dict:
         "steps": record["step"],
         "sample_gflops": sample_gflops,
         "sample_ms": 1000 * scores["sample_seconds"] / scores["eval_samples"],
+        "provenance": scores.get("provenance"),  # how the row's scores were made (sprintdit.evaluate)
     }
 
 
@@ -511,7 +512,7 @@ class Study:
             **flatten(scored.results),
             "sample_seconds": scored.sample_seconds,
             "eval_samples": len(scored.labels),
-            "sample": asdict(scfg),
+            "provenance": scored.results["provenance"],
         }
         atomic_write_text(path, json.dumps(scores, indent=2) + "\n")
         return scores

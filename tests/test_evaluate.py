@@ -7,15 +7,15 @@ import torch
 from sprintdit.cli import main
 from sprintdit.config import EvalConfig
 from sprintdit.errors import UserError
+from sprintdit.files import sha256_file as sha256
 from sprintdit.evaluate import (
     Evaluator,
     Features,
+    NpzBatch,
     Reference,
-    batch_images,
     choose_networks,
     fmnist_reference,
     load_reference,
-    read_npz,
     score,
 )
 from sprintdit.metrics import feature_stats, frechet_distance
@@ -33,7 +33,7 @@ TINY = [
 class PixelFeatures:
     """A stand-in feature network: the mean intensity of 4 image quadrants, in [0, 1]."""
 
-    name = "fmnist"
+    name, resize, weights_sha256 = "fmnist", "none", "quadrant means"
 
     def __call__(self, images):
         x = images.float() / 255
@@ -49,28 +49,33 @@ def random_images(n, seed, channels=1, size=8):
 def test_npz_batches_in_the_adm_layout(tmp_path):
     images = random_images(5, 0)
     np.savez(tmp_path / "a.npz", images, np.arange(5))
-    x, y = batch_images(read_npz(tmp_path / "a.npz"), "a")
+    batch = NpzBatch(tmp_path / "a.npz")
+    x, y = batch.images(), batch.labels()
     assert (
         x.shape == (5, 1, 8, 8)
         and x.dtype == torch.uint8
         and torch.equal(x[2, 0], torch.from_numpy(images[2, :, :, 0]))
     )
     assert y.tolist() == [0, 1, 2, 3, 4]
+    blocks = list(batch.image_blocks(2))  # streamed: blocks of 2, 2 and 1 images, in order
+    assert [len(b) for b in blocks] == [2, 2, 1] and torch.equal(torch.cat(blocks), x)
+    np.savez_compressed(tmp_path / "z.npz", images)  # a compressed member streams as well
+    assert torch.equal(torch.cat(list(NpzBatch(tmp_path / "z.npz").image_blocks(3))), x)
     np.savez(tmp_path / "b.npz", images)
-    assert batch_images(read_npz(tmp_path / "b.npz"), "b")[1] is None  # labels are optional
+    assert NpzBatch(tmp_path / "b.npz").labels() is None  # labels are optional
     for bad in (images.astype(np.float32), images[..., 0]):
         np.savez(tmp_path / "c.npz", bad)
         with pytest.raises(UserError, match="arr_0 must be uint8 images"):
-            batch_images(read_npz(tmp_path / "c.npz"), "c")
+            NpzBatch(tmp_path / "c.npz")
     np.savez(tmp_path / "d.npz", images, np.arange(4))
     with pytest.raises(UserError, match="one label per image"):
-        batch_images(read_npz(tmp_path / "d.npz"), "d")
+        NpzBatch(tmp_path / "d.npz").labels()
     (tmp_path / "e.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match=r"e.npz is not an npz file .* starts with b'not a zi'"):
-        read_npz(tmp_path / "e.npz")
+        NpzBatch(tmp_path / "e.npz")
     (tmp_path / "f.npz").write_bytes((tmp_path / "a.npz").read_bytes()[:40])  # a zip cut short
     with pytest.raises(UserError, match="not a readable npz"):
-        read_npz(tmp_path / "f.npz")
+        NpzBatch(tmp_path / "f.npz")
 
 
 def test_reference_statistics_take_precedence_over_its_images(tmp_path):
@@ -177,7 +182,10 @@ def test_evaluate_checkpoint_then_its_samples_agree(fmnist_dir, tmp_path, monkey
     # the raw weights' scores are written beside the EMA's, not over them
     assert main([*args[:-1], "--no-ema"]) == 0
     raw = json.loads(written.with_name("eval_cfg_euler2_s3_n12_raw.json").read_text())
-    assert raw["setting"]["ema"] is False and json.loads(written.read_text())["setting"]["ema"] is True
+    setting = json.loads(written.read_text())["provenance"]["setting"]
+    assert raw["provenance"]["setting"]["ema"] is False and setting["ema"] is True
+    assert setting["sample"]["sampler"] == "euler" and setting["nfe"] == 2 * 2  # two steps, both CFG halves
+    assert setting["seed_start"] == 0 and setting["num_seeds"] == 12
 
 
 def test_training_logs_metrics_with_flops(fmnist_dir, tmp_path, monkeypatch):
@@ -300,13 +308,43 @@ def test_evaluate_rgb_batches_with_inception_and_dinov2(tmp_path, monkeypatch, c
             )
             == 0
         )
-        results[ref] = json.loads((tmp_path / "samples.eval.json").read_text())["metrics"]
-    assert set(results["same"]["inception"]) == {"fid", "sfid", "precision", "recall", "is"} and set(
+        (tmp_path / "samples.eval.json").rename(tmp_path / f"{ref}.eval.json")
+        results[ref] = json.loads((tmp_path / f"{ref}.eval.json").read_text())["metrics"]
+    assert set(results["same"]["inception"]) == {"fid", "sfid", "precision", "recall", "is", "is_std"} and set(
         results["same"]["dinov2"]
     ) == {"fdd"}
     for net, frechet in (("inception", "fid"), ("inception", "sfid"), ("dinov2", "fdd")):
         assert abs(results["same"][net][frechet]) < 1e-6 * results["other"][net][frechet]  # a set against itself: 0
     assert results["same"]["inception"]["precision"] == 1.0 and results["same"]["inception"]["is"] >= 1.0
+    # every score says how it was made, and only scores made alike compare
+    same = json.loads((tmp_path / "same.eval.json").read_text())["provenance"]
+    assert same["convention"]["networks"]["dinov2"]["resize"] == "pillow-bicubic-uint8"
+    assert same["convention"]["networks"]["inception"] == {
+        "weights_sha256": sha256(tmp_path / "inception.pth"),
+        "resize": "tf",
+    }
+    assert same["convention"]["reference"]["sha256"] == sha256(tmp_path / "same.npz")
+    assert same["convention"]["is_split_size"] == 5000 and same["setting"]["samples_sha256"] == sha256(
+        tmp_path / "samples.npz"
+    )
+    assert same["versions"]["torch"] == torch.__version__
+    capsys.readouterr()
+    assert main(["evaluate", "--compare", str(tmp_path / "same.eval.json"), str(tmp_path / "other.eval.json")]) == 2
+    err = capsys.readouterr().err
+    assert "different conventions: reference.path" in err and err.count("\n") == 1
+    resplit = json.loads((tmp_path / "same.eval.json").read_text())
+    resplit["provenance"]["convention"]["is_split_size"] = 0
+    resplit["metrics"]["inception"]["fid"] += 1.0
+    (tmp_path / "resplit.json").write_text(json.dumps(resplit))
+    assert main(["evaluate", "--compare", str(tmp_path / "same.eval.json"), str(tmp_path / "resplit.json")]) == 2
+    assert "is_split_size is 5000 vs 0" in capsys.readouterr().err
+    resplit["provenance"]["convention"]["is_split_size"] = 5000
+    resplit["provenance"]["setting"]["samples"] = "elsewhere.npz"
+    (tmp_path / "resplit.json").write_text(json.dumps(resplit))
+    assert main(["evaluate", "--compare", str(tmp_path / "same.eval.json"), str(tmp_path / "resplit.json")]) == 0
+    table = capsys.readouterr().out
+    assert [line.split()[-1] for line in table.splitlines() if line.startswith("inception/fid ")] == ["1.0000"]
+    assert any(line.startswith("setting.samples ") and line.endswith("differs") for line in table.splitlines())
     # without weights: one line naming the option
     capsys.readouterr()
     assert main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "same.npz")]) == 2
@@ -354,8 +392,8 @@ def test_written_reference_scores_like_its_images(fmnist_dir, tmp_path, monkeypa
     np.savez(tmp_path / "real.npz", real[:30].permute(0, 2, 3, 1).numpy())
     np.savez(tmp_path / "fake.npz", real[30:].permute(0, 2, 3, 1).numpy(), np.arange(10))
     assert main(["evaluate", "--samples", str(tmp_path / "real.npz"), "--write-ref", str(tmp_path / "ref.npz")]) == 0
-    ref = read_npz(tmp_path / "ref.npz")
-    assert set(ref) == {"arr_0", "fmnist_mu", "fmnist_sigma"} and ref["fmnist_sigma"].shape == (256, 256)
+    ref = NpzBatch(tmp_path / "ref.npz")
+    assert set(ref.keys) == {"arr_0", "fmnist_mu", "fmnist_sigma"} and ref.array("fmnist_sigma").shape == (256, 256)
     scores = {}
     for name in ("real", "ref"):
         assert main(["evaluate", "--samples", str(tmp_path / "fake.npz"), "--ref", str(tmp_path / f"{name}.npz")]) == 0

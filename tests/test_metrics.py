@@ -20,6 +20,7 @@ from sprintdit.metrics import (
 )
 from sprintdit.files import sha256_file as sha256
 from sprintdit.metrics.fmnist_classifier import FEATURE_DIM, NUM_CLASSES, WEIGHTS, read_record, record_path
+from sprintdit.metrics.scores import split_score
 
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 SPOT_CHECK_IMAGES = 2000
@@ -184,13 +185,26 @@ def test_prdc_refuses_bad_inputs():
 
 
 def test_inception_score_extremes_and_a_closed_form():
-    assert inception_score(torch.zeros(6, 4)) == pytest.approx(1.0)
+    assert inception_score(torch.zeros(6, 4)).mean == pytest.approx(1.0)
     certain = 100.0 * torch.eye(4).repeat(3, 1)  # every class used equally, each sample certain
-    assert inception_score(certain) == pytest.approx(4.0)
-    assert inception_score(100.0 * torch.eye(4)[[2, 2, 2]]) == pytest.approx(1.0)
+    assert inception_score(certain).mean == pytest.approx(4.0)
+    assert inception_score(100.0 * torch.eye(4)[[2, 2, 2]]).mean == pytest.approx(1.0)
     p = torch.tensor([[0.9, 0.1], [0.1, 0.9]])  # p(y) = (1/2, 1/2)
     kl = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
-    assert inception_score(p.log()) == pytest.approx(math.exp(kl), rel=1e-6)
+    assert inception_score(p.log()).mean == pytest.approx(math.exp(kl), rel=1e-6)
+
+
+def test_inception_score_averages_consecutive_splits_as_adm():
+    """Two splits, each using one class only, score 1 each; one split over both sees two classes used equally."""
+    certain = 100.0 * torch.eye(2)[[0, 0, 1, 1]]  # (4, 2): the first two samples class 0, the last two class 1
+    halves = inception_score(certain, split_size=2)
+    assert (halves.mean, halves.std, halves.splits) == (pytest.approx(1.0), pytest.approx(0.0), 2)
+    assert inception_score(certain, split_size=0).mean == pytest.approx(2.0)
+    assert inception_score(certain, split_size=4).mean == pytest.approx(2.0)
+    remainder = inception_score(certain, split_size=3)  # splits of 3 and 1 samples, as ADM's loop cuts them
+    assert remainder.splits == 2 and remainder.mean == pytest.approx((split_score(certain[:3]) + 1.0) / 2)
+    with pytest.raises(UserError, match="split size"):
+        inception_score(certain, split_size=-1)
 
 
 def test_class_agreement_counts_argmax_hits():

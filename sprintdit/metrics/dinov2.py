@@ -16,11 +16,14 @@ Weights (never downloaded here; pass the local file): https://dl.fbaipublicfiles
 dinov2_vitl14_pretrain.pth (likewise dinov2_vits14 / vitb14 / vitg14 for the other presets). A `.safetensors`
 file with the same keys loads too.
 
-Features (`dinov2_features`): images (N, 3, H, W) uint8 or float in [0, 255] (grayscale repeated to three
-channels) are resized to 224x224 bicubically with antialiasing and rounded back to integer pixel values,
-which is the closest tensor match to the PIL `Resize((224, 224), BICUBIC)` of dgm-eval's pipeline (not bit-exact), then
-divided by 255 and normalised with the ImageNet mean and std; the feature is the CLS token after the final
-norm, (N, D) (D = 1024 for ViT-L/14).
+Features (`dinov2_features`): uint8 images (N, 3, H, W) (grayscale repeated to three channels) are resized to
+224x224 by Pillow's bicubic filter on the uint8 image, exactly the `Resize((224, 224), BICUBIC)` of a PIL image in
+dgm-eval's pipeline (the FDD convention, `FDD_RESIZE`): Pillow resamples in fixed point, horizontally then vertically,
+and rounds and clips to uint8 between the two passes. Then divided by 255 and normalised with the ImageNet mean and
+std; the feature is the CLS token after the final norm, (N, D) (D = 1024 for ViT-L/14).
+
+REPA's targets (`dinov2_patch_features`) are resized on the tensor's device instead (`tensor_preprocess`: bicubic with
+antialiasing, rounded to integer pixel values), since they are made in bulk on the accelerator.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ..errors import UserError
@@ -49,6 +54,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FEATURE_BATCH = 100  # images per forward in `dinov2_features`
 WEIGHTS_OPTION = "--dinov2-weights"
 DEFAULT_PRESET = "ViT-L/14"
+FDD_RESIZE = "pillow-bicubic-uint8"  # how `dinov2_features` resizes: dgm-eval's convention (the module docstring)
 
 
 @dataclass(frozen=True)
@@ -228,25 +234,51 @@ def load_dinov2(
     return model.to(device).eval()
 
 
-def preprocess(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
-    """images (N, 3 or 1, H, W), uint8 or float in [0, 255] -> float32 (N, 3, size, size), ImageNet-normalised."""
-    x = images.float()
-    if x.shape[1] == GRAY:
-        x = x.expand(-1, RGB, -1, -1)  # (N, 3, H, W)
-    if tuple(x.shape[2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        x = x.clamp(0, PIXEL_MAX).round()  # back to integer pixel values, as a uint8 PIL resize yields
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3 or 1, H, W) -> (N, 3, H, W), grayscale repeated to three channels."""
+    return images.expand(-1, RGB, -1, -1) if images.shape[1] == GRAY else images
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """float (N, 3, H, W) in [0, 255] -> x / 255, then ImageNet-normalised per channel."""
     mean = x.new_tensor(IMAGENET_MEAN).view(1, RGB, 1, 1)
     std = x.new_tensor(IMAGENET_STD).view(1, RGB, 1, 1)
     return (x / PIXEL_MAX - mean) / std
 
 
+def pillow_resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size) on the CPU, each image resized by Pillow's bicubic filter."""
+    hwc = images.cpu().permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+    resized = [np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC)) for image in hwc]
+    return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2)  # (N, 3, size, size)
+
+
+def fdd_preprocess(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """uint8 images (N, 3 or 1, H, W) -> float32 (N, 3, size, size) on the CPU, resized as FDD_RESIZE, normalised."""
+    if images.dtype != torch.uint8:
+        raise UserError(f"FDD features take uint8 images (its convention resizes them with Pillow), got {images.dtype}")
+    x = to_rgb(images)
+    if tuple(x.shape[2:]) != (size, size):
+        x = pillow_resize(x, size)
+    return normalise(x.cpu().float())
+
+
+def tensor_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """images (N, 3 or 1, H, W), uint8 or float in [0, 255] -> float32 (N, 3, size, size), ImageNet-normalised,
+    resized on their device: bicubic with antialiasing, rounded back to integer pixel values."""
+    x = to_rgb(images.float())
+    if tuple(x.shape[2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        x = x.clamp(0, PIXEL_MAX).round()
+    return normalise(x)
+
+
 @torch.no_grad()
 def dinov2_features(model: DINOv2ViT, images: torch.Tensor, batch_size: int = FEATURE_BATCH) -> torch.Tensor:
-    """images (N, 3 or 1, H, W) in [0, 255] -> final-norm CLS tokens (N, D), CPU float32."""
+    """uint8 images (N, 3 or 1, H, W) -> final-norm CLS tokens (N, D), CPU float32, preprocessed as FDD's convention."""
     check_images(images, "the DINOv2 network")
     device = next(model.parameters()).device
-    return torch.cat([model(preprocess(block.to(device))).float().cpu() for block in images.split(batch_size)])
+    return torch.cat([model(fdd_preprocess(block).to(device)).float().cpu() for block in images.split(batch_size)])
 
 
 @torch.no_grad()
@@ -255,4 +287,4 @@ def dinov2_patch_features(model: DINOv2ViT, images: torch.Tensor, grid: int) -> 
     (the images resized to grid * patch pixels; 16 x 16 at 224 for ViT-*/14): REPA's alignment targets."""
     check_images(images, "the DINOv2 network")
     device = next(model.parameters()).device
-    return model.tokens(preprocess(images.to(device), grid * model.config.patch))[:, 1:].float()
+    return model.tokens(tensor_preprocess(images.to(device), grid * model.config.patch))[:, 1:].float()

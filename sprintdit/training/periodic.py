@@ -147,6 +147,7 @@ class Periodic:
             **flatten(scored.results),
             "sample_seconds": scored.sample_seconds,
             "eval_seconds": time.perf_counter() - tic,
+            "provenance": scored.results["provenance"],
         }
         self.log(record)
         return record
