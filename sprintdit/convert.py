@@ -46,6 +46,7 @@ from safetensors.torch import load_file
 from .checkpoint import save_weights_folder
 from .config import DataConfig, RunConfig, to_yaml
 from .errors import UserError
+from .latte import LATTE_CLASS, latte_diffusers_config, latte_model_config, latte_to_ours, ours_to_latte
 from .models.sit import (
     PRESETS,
     SIZES,
@@ -194,11 +195,13 @@ def read_diffusers(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     config = json.loads((folder / "config.json").read_text())
     dit = config.get("_class_name", DIFFUSERS_CLASS) == DIFFUSERS_CLASS
     if not (
-        dit and config.get("norm_type", "ada_norm_zero") == "ada_norm_zero" or config["_class_name"] == PIXART_CLASS
+        dit
+        and config.get("norm_type", "ada_norm_zero") == "ada_norm_zero"
+        or config["_class_name"] in (PIXART_CLASS, LATTE_CLASS)
     ):
         raise UserError(
             f"{folder / 'config.json'} describes a {config.get('_class_name')} ({config.get('norm_type')}); "
-            f"{DIFFUSERS_CLASS} with ada_norm_zero and {PIXART_CLASS} convert"
+            f"{DIFFUSERS_CLASS} with ada_norm_zero, {PIXART_CLASS} and {LATTE_CLASS} convert"
         )
     weights = path if path.is_file() else folder / DIFFUSERS_WEIGHTS
     if not weights.is_file():
@@ -564,9 +567,14 @@ def convert_pixart(path: Path, opts: ConvertOptions) -> Converted:
 
 def convert_diffusers(path: Path, opts: ConvertOptions) -> Converted:
     state, config = read_diffusers(Path(path))
-    if config.get("_class_name") == PIXART_CLASS:
-        cfg = pixart_model_config(config, opts.input_size, opts.caption_tokens or PIXART_CAPTION_TOKENS)
-        weights = pixart_to_ours(state, cfg, str(path))
+    text_models = {
+        PIXART_CLASS: (pixart_model_config, pixart_to_ours),
+        LATTE_CLASS: (latte_model_config, latte_to_ours),
+    }
+    if config.get("_class_name") in text_models:
+        model_config, to_ours = text_models[config["_class_name"]]
+        cfg = model_config(config, opts.input_size, opts.caption_tokens or PIXART_CAPTION_TOKENS)
+        weights = to_ours(state, cfg, str(path))
         if opts.text_encoder_path is None:
             notes = [
                 "the unconditional caption is unset: sampling with guidance fills it from --text-encoder-path (the "
@@ -598,6 +606,8 @@ def export_diffusers(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> tupl
     """(state dict, config.json) of a DiTTransformer2DModel computing what the dense DiT-style model `cfg` computes,
     with diffusers' timestep = t * model.time_scale; a PixArt-layout model (adaln single) as
     PixArtTransformer2DModel."""
+    if cfg.adaln == "single" and cfg.video_layout == "factorised":
+        return ours_to_latte(weights, cfg), latte_diffusers_config(cfg)
     if cfg.adaln == "single":
         return ours_to_pixart(weights, cfg), pixart_diffusers_config(cfg)
     needs = {

@@ -78,6 +78,17 @@ def block_flops(cfg: ModelConfig, batch: int, tokens: int, context: int | None =
     return modulation_flops(cfg, batch) + attention + caption_cross_flops(cfg, batch, tokens) + mlp_flops(cfg, rows)
 
 
+def factorised_flops(cfg: ModelConfig, batch: int) -> int:
+    """The factorised video layout's blocks (Latte's): space blocks attend within each of the B F frames and
+    cross-attend to the caption, time blocks attend across the F frames at each of the B N/F positions; each
+    block's modulation is made once per sample."""
+    frames, per, d = cfg.grid[0], cfg.frame_tokens, cfg.hidden_size
+    rows = batch * frames * per
+    space = attention_flops(d, batch * frames, per, per) + caption_cross_flops(cfg, batch * frames, per)
+    time = attention_flops(d, batch * per, frames, frames)
+    return cfg.depth // 2 * (space + time + 2 * (modulation_flops(cfg, batch) + mlp_flops(cfg, rows)))
+
+
 def pooling_block_flops(cfg: ModelConfig, batch: int, tokens: int) -> int:
     """A Poolingformer block: V and the output projection act on one mean token per sample."""
     d = cfg.hidden_size
@@ -122,6 +133,8 @@ def forward_flops(
         if side is None:
             raise ValueError("SparseDiT FLOPs need the sparse grid side")
         total += sparsedit_body_flops(cfg, batch, side)
+    elif cfg.video_layout == "factorised":  # dense (no SPRINT split on this layout yet)
+        total += factorised_flops(cfg, batch)
     else:
         total += (cfg.sprint.encoder_depth + cfg.sprint.decoder_depth) * block_flops(cfg, batch, n)
         if rows:

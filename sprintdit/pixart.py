@@ -106,15 +106,24 @@ def pixart_model_config(config: dict, input_size: list[int] | None, caption_toke
     return resolve_model_config(cfg)
 
 
-def block_keys(i: int) -> dict[str, str]:
-    """Our key -> diffusers' key within block i, for the tensors that map one to one."""
-    ours, theirs = f"blocks.{i}.", f"transformer_blocks.{i}."
+# A block's place in each layout: (our index, diffusers' key prefix, whether it cross-attends to the caption).
+BlockPlace = tuple[int, str, bool]
+
+
+def pixart_blocks(cfg: ModelConfig) -> list[BlockPlace]:
+    return [(i, f"transformer_blocks.{i}.", True) for i in range(cfg.depth)]
+
+
+def block_keys(place: BlockPlace) -> dict[str, str]:
+    """Our key -> diffusers' key within one block, for the tensors that map one to one."""
+    i, theirs, cross = place
     pairs = {"scale_shift_table": "scale_shift_table"}
     for w in ("weight", "bias"):
-        pairs |= {f"attn.proj.{w}": f"attn1.to_out.0.{w}", f"cross_attn.q.{w}": f"attn2.to_q.{w}"}
-        pairs |= {f"cross_attn.proj.{w}": f"attn2.to_out.0.{w}", f"mlp.fc1.{w}": f"ff.net.0.proj.{w}"}
+        pairs |= {f"attn.proj.{w}": f"attn1.to_out.0.{w}", f"mlp.fc1.{w}": f"ff.net.0.proj.{w}"}
         pairs[f"mlp.fc2.{w}"] = f"ff.net.2.{w}"
-    return {ours + k: theirs + v for k, v in pairs.items()}
+        if cross:
+            pairs |= {f"cross_attn.q.{w}": f"attn2.to_q.{w}", f"cross_attn.proj.{w}": f"attn2.to_out.0.{w}"}
+    return {f"blocks.{i}.{k}": theirs + v for k, v in pairs.items()}
 
 
 MICRO_KEYS = {  # our key -> diffusers' key: the 1024 models' micro-conditions
@@ -135,30 +144,37 @@ SHARED_KEYS = {  # our key -> diffusers' key, outside the blocks
 STACKED = {"attn.qkv": ("attn1", "qkv"), "cross_attn.kv": ("attn2", "kv")}  # ours -> (diffusers module, parts)
 
 
-def key_mapping(cfg: ModelConfig) -> dict[str, str]:
+def key_mapping(cfg: ModelConfig, blocks: list[BlockPlace]) -> dict[str, str]:
     """Our key -> diffusers' key for every tensor that maps one to one."""
-    blocks = {k: v for i in range(cfg.depth) for k, v in block_keys(i).items()}
-    return SHARED_KEYS | blocks | (MICRO_KEYS if cfg.micro_conditions else {})
+    in_blocks = {k: v for place in blocks for k, v in block_keys(place).items()}
+    return SHARED_KEYS | in_blocks | (MICRO_KEYS if cfg.micro_conditions else {})
 
 
-def pixart_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    """diffusers' PixArt tensors as our state dict (float32), every key and shape checked against our network."""
-    mapping = key_mapping(cfg)
-    stacked = {
-        f"blocks.{i}.{ours}.{w}": (f"transformer_blocks.{i}.{module}.", parts, w)
-        # fmt: skip
-        for i in range(cfg.depth)
+def stacked_keys(blocks: list[BlockPlace]) -> dict[str, tuple[str, str, str]]:
+    """Our stacked projection key -> (diffusers' module prefix, its parts, weight or bias)."""
+    return {
+        f"blocks.{i}.{ours}.{w}": (f"{theirs}{module}.", parts, w)
+        for i, theirs, cross in blocks
         for ours, (module, parts) in STACKED.items()
+        if cross or module == "attn1"
         for w in ("weight", "bias")
     }
+
+
+def diffusers_to_ours(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, blocks: list[BlockPlace], source: str, class_name: str
+) -> dict[str, torch.Tensor]:
+    """diffusers' adaLN-single transformer tensors (PixArt, Latte) as our state dict (float32), every key and shape
+    checked against our network."""
+    mapping, stacked = key_mapping(cfg, blocks), stacked_keys(blocks)
     needed = [*mapping.values(), "pos_embed.proj.weight", "proj_out.weight"]
     needed += [f"{prefix}to_{p}.{w}" for prefix, parts, w in stacked.values() for p in parts]
     missing = [k for k in needed if k not in state]
     if missing:
-        raise UserError(f"{source} is not a {PIXART_CLASS} of this config: it lacks {missing[:3]}")
+        raise UserError(f"{source} is not a {class_name} of this config: it lacks {missing[:3]}")
     extra = sorted(set(state) - set(needed))
     if extra:
-        raise UserError(f"{source} has tensors this {PIXART_CLASS} config does not explain: {extra[:3]}")
+        raise UserError(f"{source} has tensors this {class_name} config does not explain: {extra[:3]}")
     out = {ours: state[theirs].float() for ours, theirs in mapping.items()}
     for ours, (prefix, parts, w) in stacked.items():
         out[ours] = torch.cat([state[f"{prefix}to_{p}.{w}"].float() for p in parts])
@@ -172,20 +188,26 @@ def pixart_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str
     return out
 
 
-def ours_to_pixart(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The inverse of pixart_to_ours (the empty caption and the MASK token dropped: diffusers has neither)."""
-    mapping = key_mapping(cfg)
-    out = {theirs: state[ours] for ours, theirs in mapping.items()}
-    for i in range(cfg.depth):
-        for ours, (module, parts) in STACKED.items():
-            for w in ("weight", "bias"):
-                chunks = state[f"blocks.{i}.{ours}.{w}"].chunk(len(parts))
-                out |= {f"transformer_blocks.{i}.{module}.to_{p}.{w}": c for p, c in zip(parts, chunks)}
+def ours_to_diffusers(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, blocks: list[BlockPlace]
+) -> dict[str, torch.Tensor]:
+    """The inverse of diffusers_to_ours (the empty caption and the MASK token dropped: diffusers has neither)."""
+    out = {theirs: state[ours] for ours, theirs in key_mapping(cfg, blocks).items()}
+    for ours, (prefix, parts, w) in stacked_keys(blocks).items():
+        out |= {f"{prefix}to_{p}.{w}": c for p, c in zip(parts, state[ours].chunk(len(parts)))}
     p, d = cfg.patch_size, cfg.hidden_size
     out["pos_embed.proj.weight"] = state["x_embedder.proj.weight"].reshape(d, cfg.in_channels, p, p)
     for name, ours in (("proj_out.weight", "final_layer.linear.weight"), ("proj_out.bias", "final_layer.linear.bias")):
         out[name] = ours_to_dit_rows(state[ours], p)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def pixart_to_ours(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    return diffusers_to_ours(state, cfg, pixart_blocks(cfg), source, PIXART_CLASS)
+
+
+def ours_to_pixart(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    return ours_to_diffusers(state, cfg, pixart_blocks(cfg))
 
 
 def pixart_diffusers_config(cfg: ModelConfig) -> dict:

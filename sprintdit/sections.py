@@ -59,6 +59,9 @@ class TextConfig:
     # padding (diffusers' pipelines: the empty negative prompt); learned: the network's fixed table (PixArt's original
     # release, y_embedding), masked to the length of the caption it stands in for, as that release trains and samples
     null_caption: str = "encoded"
+    # t5, clip: padding rows (zero) masked out of the cross-attention; false: every row attended, as diffusers' Latte
+    # (its pipeline passes no caption mask: padding rows, zeroed or not, are keys like any other)
+    mask_padding: bool = True
 
 
 @dataclass
@@ -73,6 +76,10 @@ class ModelConfig:
     num_classes: Optional[int] = None  # default: the data's; the label num_classes is the null (unconditional) class
     patch_size: Optional[int] = None
     patch_size_t: int = 1  # video: frames per token (Latte: 1)
+    # video: joint (every block attends over all space-time tokens) | factorised (Latte: blocks alternate, even ones
+    # attend within each frame and cross-attend to the caption, odd ones across the frames at each position; the
+    # frames' table is added before the first temporal block; sin-cos positions, one frame per token)
+    video_layout: str = "joint"
     hidden_size: Optional[int] = None
     depth: Optional[int] = None
     num_heads: Optional[int] = None

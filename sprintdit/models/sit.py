@@ -63,6 +63,8 @@ NULL_CAPTIONS = ("encoded", "learned")  # model.text.null_caption
 FUSIONS = ("concat_linear", "none")
 POS_EMBEDS = ("rope", "sincos")
 ADALNS = ("zero", "single")
+VIDEO_LAYOUTS = ("joint", "factorised")
+BLOCK_AXES = ("joint", "space", "time")  # what a block attends over (factorised video: space, time, space, ...)
 UNSET_ALLOWED = ("preset", "pos_base")  # the model fields that may stay None
 MODULATIONS = 6  # shift, scale, gate of the attention and of the MLP
 MLPS = ("gelu", "swiglu")
@@ -120,9 +122,10 @@ def check_values(cfg: ModelConfig) -> None:
     for name, value in sizes.items():
         if value < 1:
             raise UserError(f"model.{name} must be >= 1, got {value}")
-    if cfg.pos_base is not None and (cfg.pos_embed != "sincos" or cfg.video or cfg.pos_base < 1):
+    if cfg.pos_base is not None and (cfg.pos_embed != "sincos" or joint_video(cfg) or cfg.pos_base < 1):
         raise UserError(
-            "model.pos_base scales 2D sin-cos positions: it needs model.pos_embed sincos, an image model, >= 1"
+            "model.pos_base scales 2D sin-cos positions: it needs model.pos_embed sincos, an image (or factorised "
+            "video) model, >= 1"
         )
     if cfg.micro_conditions and (cfg.hidden_size % 3 or cfg.video or cfg.micro_scale < 1):
         raise UserError("model.micro_conditions needs an image model, hidden_size divisible by 3, micro_scale >= 1")
@@ -132,8 +135,18 @@ def check_values(cfg: ModelConfig) -> None:
         raise UserError(f"model.time_freq_shift must be 0 (DiT, SiT) or 1 (diffusers' DiT), got {cfg.time_freq_shift}")
     if not cfg.mlp_ratio > 0:
         raise UserError(f"model.mlp_ratio must be > 0, got {cfg.mlp_ratio}")
+    if cfg.video_layout == "factorised" and (
+        not cfg.video or cfg.patch_size_t != 1 or cfg.depth % 2 or cfg.pos_embed != "sincos" or cfg.arch != "sit"
+    ):
+        raise UserError(
+            "model.video_layout factorised (Latte's) needs a video model, patch_size_t 1, an even depth (space and "
+            "time blocks in pairs), pos_embed sincos and arch sit"
+        )
+    if cfg.video_layout == "factorised" and cfg.sprint.fusion != "none":
+        raise UserError("SPRINT's token-sparse middle on the factorised video layout is not built yet: fusion none")
     for name, value, choices in (
         ("arch", cfg.arch, ARCHS),
+        ("video_layout", cfg.video_layout, VIDEO_LAYOUTS),
         ("mlp", cfg.mlp, MLPS),
         ("pos_embed", cfg.pos_embed, POS_EMBEDS),
         ("adaln", cfg.adaln, ADALNS),
@@ -142,6 +155,16 @@ def check_values(cfg: ModelConfig) -> None:
     ):
         if value not in choices:
             raise UserError(f"model.{name} is {value!r}; choose one of {', '.join(choices)}")
+
+
+def joint_video(cfg: ModelConfig) -> bool:
+    return cfg.video and cfg.video_layout == "joint"
+
+
+def position_grid(cfg: ModelConfig) -> tuple[int, ...]:
+    """The grid the absolute positions span: the token grid, or one frame's for the factorised layout (whose frames
+    get their own table before the first time block)."""
+    return cfg.grid[1:] if cfg.video_layout == "factorised" else cfg.grid
 
 
 def check_shapes(cfg: ModelConfig) -> None:
@@ -159,7 +182,8 @@ def check_shapes(cfg: ModelConfig) -> None:
     if cfg.hidden_size % cfg.num_heads:
         raise UserError(f"model.hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
     position_width = cfg.hidden_size // cfg.num_heads if cfg.pos_embed == "rope" else cfg.hidden_size
-    if position_width % 4 or any(c < 2 for c, n in zip(axis_channels(position_width, cfg.grid), cfg.grid) if n > 1):
+    grid = position_grid(cfg)
+    if position_width % 4 or any(c < 2 for c, n in zip(axis_channels(position_width, grid), grid) if n > 1):
         raise UserError(
             f"{cfg.pos_embed} positions need a {'head dim' if cfg.pos_embed == 'rope' else 'hidden_size'} divisible by "
             f"4 (and >= 8 for video), got {position_width}"
@@ -309,9 +333,10 @@ def sincos_table(grid: tuple[int, ...], dim: int) -> torch.Tensor:
 def sincos_positions(cfg: ModelConfig) -> list[torch.Tensor]:
     """Each axis's token positions for the sin-cos table: 0, 1, 2, ... (DiT), or with model.pos_base PixArt's, scaled
     so that any grid spans the base grid: i / (n / pos_base) / pos_interpolation."""
+    grid = position_grid(cfg)
     if cfg.pos_base is None:
-        return [torch.arange(n) for n in cfg.grid]
-    return [torch.arange(n, dtype=torch.float64) / (n / cfg.pos_base) / cfg.pos_interpolation for n in cfg.grid]
+        return [torch.arange(n) for n in grid]
+    return [torch.arange(n, dtype=torch.float64) / (n / cfg.pos_base) / cfg.pos_interpolation for n in grid]
 
 
 def sincos_at(positions: list[torch.Tensor], channels: tuple[int, ...]) -> torch.Tensor:
@@ -507,13 +532,15 @@ class CaptionProjection(nn.Module):
         super().__init__()
         d, tx = cfg.hidden_size, cfg.text
         self.fc1, self.fc2 = nn.Linear(tx.dim, d), nn.Linear(d, d)
+        self.mask_padding = tx.mask_padding
         self.register_buffer("empty", torch.zeros(tx.max_tokens, tx.dim))  # (L, E)
 
     def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """emb (B, L, E) -> tokens (B, L, D), keep (B, L) bool."""
         null = ~emb.ne(0).any(dim=(1, 2))  # (B,) the unconditional rows
         emb = torch.where(null[:, None, None], self.empty.to(emb.dtype), emb)
-        return self.fc2(F.gelu(self.fc1(emb), approximate="tanh")), emb.ne(0).any(dim=-1)
+        keep = emb.ne(0).any(dim=-1) if self.mask_padding else torch.ones(emb.shape[:2], dtype=torch.bool)  # (B, L)
+        return self.fc2(F.gelu(self.fc1(emb), approximate="tanh")), keep.to(emb.device)
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
@@ -539,11 +566,19 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """adaLN-Zero transformer block: c modulates shift/scale/gate of attention and MLP."""
+    """adaLN-Zero transformer block: c modulates shift/scale/gate of attention and MLP. `axis` (factorised video):
+    space blocks attend within each frame, time blocks across the frames at each position (no caption); the first
+    time block adds the frames' sin-cos table to its input (Latte's temp_embed, when there is more than one frame)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, axis: str = "joint", time_table: bool = False):
         super().__init__()
         d = cfg.hidden_size
+        self.axis = axis
+        if time_table:
+            table = sincos_at([torch.arange(cfg.grid[0])], (d,))  # (F, D)
+            self.register_buffer("time_pos", table, persistent=False)
+        else:
+            self.time_pos = None
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
@@ -552,7 +587,7 @@ class Block(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, MODULATIONS * d))
         else:  # added to the shared projection of the timestep embedding (Backbone.t_block)
             self.scale_shift_table = nn.Parameter(torch.randn(MODULATIONS, d) / d**0.5)
-        self.cross_attn = CrossAttention(d, cfg.num_heads) if cfg.condition == "text" else None
+        self.cross_attn = CrossAttention(d, cfg.num_heads) if cfg.condition == "text" and axis != "time" else None
 
     def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Shift, scale, gate of the attention and of the MLP, each (B, D): adaLN-Zero from c (B, D); adaLN-single
@@ -563,18 +598,50 @@ class Block(nn.Module):
         return (self.scale_shift_table + c[:, d:].unflatten(1, (MODULATIONS, d))).unbind(1)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, rope, context: torch.Tensor | None = None, context_rope=None, text=None
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        rope,
+        context: torch.Tensor | None = None,
+        context_rope=None,
+        text=None,
+        frames: int = 1,
     ) -> torch.Tensor:
         """x (B, N, D), c (B, D). With `context` (B, M, D) the attention is cross-attention to it (SparseDiT's
         merge and recover blocks); the context goes through the same norm and modulation as x. text: (tokens
-        (B, L, D), keep (B, L)) of the caption, cross-attended between attention and MLP, unmodulated (PixArt-alpha)."""
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c)  # 6 x (B, D)
+        (B, L, D), keep (B, L)) of the caption, cross-attended between attention and MLP, unmodulated (PixArt-alpha).
+        frames: the clip's token frames (factorised video; x's tokens frame-major)."""
+        mods = self.modulation(c)  # 6 x (B, D)
+        if self.axis == "joint":
+            return self.mix(x, mods, rope, context, context_rope, text)
+        b, n, d = x.shape
+        per = n // frames  # tokens per frame
+        if self.axis == "space":  # (B F, N / F, D), each frame with its sample's modulation and caption
+            text = None if text is None else tuple(part.repeat_interleave(frames, 0) for part in text)
+            mods = tuple(m.repeat_interleave(frames, 0) for m in mods)
+            return self.mix(x.reshape(b * frames, per, d), mods, None, text=text).reshape(b, n, d)
+        h = x.reshape(b, frames, per, d).transpose(1, 2).reshape(b * per, frames, d)  # (B N/F, F, D)
+        if self.time_pos is not None and frames > 1:
+            h = h + self.time_pos[:frames].to(h.dtype)
+        h = self.mix(h, tuple(m.repeat_interleave(per, 0) for m in mods), None)
+        return h.reshape(b, per, frames, d).transpose(1, 2).reshape(b, n, d)
+
+    def mix(self, x: torch.Tensor, mods: tuple, rope, context=None, context_rope=None, text=None) -> torch.Tensor:
+        """The block on x (B', N', D) with its modulations, 6 x (B', D)."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         if context is not None:
             context = modulate(self.norm1(context), shift_a, scale_a)
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, context, context_rope)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, *text)
         return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+def block_axis(cfg: ModelConfig, i: int) -> tuple[str, bool]:
+    """Block i's axis, and whether it adds the frames' table (the factorised layout's first time block)."""
+    if cfg.video_layout != "factorised":
+        return "joint", False
+    return ("space", False) if i % 2 == 0 else ("time", i == 1)
 
 
 class FinalLayer(nn.Module):
@@ -632,7 +699,9 @@ class Backbone(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)  # (N, dh)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
-            table = sincos_at(sincos_positions(cfg), axis_channels(d, cfg.grid))  # (N, D)
+            grid = position_grid(cfg)
+            table = sincos_at(sincos_positions(cfg), axis_channels(d, grid))  # (N, D); factorised: one frame's
+            table = table.repeat(cfg.num_tokens // len(table), 1)  # (N, D): every frame the same
             self.register_buffer("pos_embed", table.unsqueeze(0), persistent=False)
         # REPA head (training only), built after the MASK token so that it is drawn alike with REPA on or off
         self.repa_projector = (
@@ -763,7 +832,7 @@ class RepaTap:
 class SiT(Backbone):
     def build_body(self, cfg: ModelConfig) -> None:
         d = cfg.hidden_size
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg, *block_axis(cfg, i)) for i in range(cfg.depth))
         self.fusion = nn.Linear(2 * d, d) if cfg.sprint.fusion == "concat_linear" else None
         self.register_buffer("mask_token", torch.randn(1, 1, d) * cfg.sprint.mask_token_std)  # fixed, never trained
 
@@ -789,6 +858,7 @@ class SiT(Backbone):
         rows: int,
         taps: list | None = None,
         text=None,
+        frames: int = 1,
     ) -> torch.Tensor:
         """Middle blocks on the kept tokens of the first `rows` samples (which cross-attend to every caption token);
         (rows, N, D) with MASK at dropped. rope: the tables of the N tokens, or None."""
@@ -799,7 +869,7 @@ class SiT(Backbone):
             h = gather_tokens(h, ids_keep)  # (rows, K, D)
             if rope is not None:  # the kept tokens keep the angles of their true positions
                 rope = tuple(gather_tokens(table.expand(rows, -1, -1), ids_keep).unsqueeze(1) for table in rope)
-        h = self.run_blocks(self.middle, h, c, rope, taps, text=text)
+        h = self.run_blocks(self.middle, h, c, rope, taps, text=text, frames=frames)
         if mask is not None:
             h = restore_tokens(
                 h, TokenMask(ids_keep, mask.ids_restore[:rows], mask.dropped[:rows]), self.mask_token[0, 0]
@@ -838,14 +908,15 @@ class SiT(Backbone):
         taps = [] if repa is not None else None
         h, c, text = self.embed(x, t, y)  # (B, N, D), (B, D), caption or None
         rope = self.rope_rows(h.shape[1])
-        h = self.run_blocks(self.encoder, h, c, rope, taps, text=text)  # (B, N, D) dense path
-        sparse = self.sparse_path(h, c, rope, mask, rows, taps, text) if rows > 0 else h[:0]  # (rows, N, D)
+        frames = self.config.token_grid(h.shape[1])[0] if self.config.video else 1  # a shorter clip: fewer
+        h = self.run_blocks(self.encoder, h, c, rope, taps, text=text, frames=frames)  # (B, N, D) dense path
+        sparse = self.sparse_path(h, c, rope, mask, rows, taps, text, frames) if rows > 0 else h[:0]  # (rows, N, D)
         if rows < b:
             sparse = torch.cat([sparse, self.mask_token.to(h.dtype).expand(b - rows, *h.shape[1:])])  # (B, N, D)
         if path_drop is not None:
             sparse = torch.where(path_drop[:, None, None], self.mask_token.to(sparse.dtype), sparse)
         h = sparse if self.fusion is None else self.fusion(torch.cat([sparse, h], dim=-1))  # (B, N, D)
-        h = self.run_blocks(self.decoder, h, c, rope, taps, text=text)
+        h = self.run_blocks(self.decoder, h, c, rope, taps, text=text, frames=frames)
         if repa is not None:
             sparse_tap = mask is not None and len(self.encoder) < self.config.repa.depth <= len(self.encoder) + len(
                 self.middle

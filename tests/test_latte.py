@@ -1,0 +1,103 @@
+"""Latte's text-to-video transformer: diffusers' LatteTransformer3DModel, built from small random configs, imported
+into sprintdit's backbone on the factorised video layout must compute the same outputs (several frame counts, padded
+captions), export back to the same tensors, and be counted right by the FLOPs model."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from test_flops import counted
+
+from sprintdit.convert import ConvertOptions, convert, export_diffusers
+from sprintdit.errors import UserError
+from sprintdit.flops import forward_flops
+from sprintdit.models import SiT
+
+diffusers = pytest.importorskip("diffusers")
+
+CONFIG = dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, cross_attention_dim=16,
+    caption_channels=12, sample_size=8, patch_size=2, norm_type="ada_norm_single", activation_fn="gelu-approximate",
+    attention_bias=True, norm_elementwise_affine=False, norm_eps=1e-6,
+)  # fmt: skip
+TOKENS = 5  # caption length of the test embeddings
+
+
+def latte(tmp_path, **changes):
+    """A random LatteTransformer3DModel in float64, saved as a diffusers folder."""
+    torch.manual_seed(0)
+    model = diffusers.LatteTransformer3DModel(**{**CONFIG, **changes}).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # away from the zero inits, so every tensor matters
+            p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path / "transformer"
+    model.save_pretrained(folder, safe_serialization=True)
+    return model, folder
+
+
+@pytest.mark.parametrize("frames", [1, 4, 8])
+def test_imported_latte_equals_diffusers(tmp_path, frames):
+    """Frame counts 1 (no temporal table: a lone frame's time block attends to itself), 4 and 8 (diffusers runs a
+    clip of exactly video_length frames). Captions as LattePipeline gives them: zero padding rows, no mask (every
+    row a key)."""
+    theirs, folder = latte(tmp_path, video_length=frames)
+    converted = convert(folder, ConvertOptions("diffusers"))
+    cfg = converted.model
+    assert (cfg.video_layout, cfg.depth, cfg.input_size, cfg.adaln) == ("factorised", 4, [frames, 8, 8], "single")
+    ours = SiT(cfg).double().eval()
+    ours.load_state_dict(converted.weights)
+    x = torch.randn(2, 4, frames, 8, 8, dtype=torch.float64)
+    steps = torch.tensor([3, 900])
+    emb = torch.randn(2, TOKENS, CONFIG["caption_channels"], dtype=torch.float64)
+    mask = torch.arange(TOKENS)[None] < torch.tensor([[5], [2]])  # (B, L)
+    emb = emb * mask[..., None]
+    padded = torch.nn.functional.pad(emb, (0, 0, 0, cfg.text.max_tokens - TOKENS))  # 120 rows, as the pipeline's
+    with torch.no_grad():
+        want = theirs(x, timestep=steps, encoder_hidden_states=padded).sample
+        got = ours(x, steps.double() / 1000, padded)
+    assert want.shape == got.shape == (2, 8, frames, 8, 8)
+    # float64 throughout but for diffusers' sinusoids (timestep frequencies, positions), made in float32
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-7)  # max seen 3.0e-7 (8 frames)
+
+
+def test_latte_export_round_trips_and_loads_in_diffusers(tmp_path):
+    theirs, folder = latte(tmp_path, video_length=4)
+    converted = convert(folder, ConvertOptions("diffusers"))
+    tensors, config = export_diffusers(converted.weights, converted.model)
+    again = diffusers.LatteTransformer3DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    again.load_state_dict(tensors)  # strict: the same names and shapes
+    for name, value in theirs.state_dict().items():
+        torch.testing.assert_close(tensors[name].double(), value, rtol=0, atol=1e-7)  # float32 copies
+    assert config["_class_name"] == "LatteTransformer3DModel" and config["num_layers"] == 2
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"activation_fn": "geglu"}, "activation_fn 'geglu'"),
+        ({"norm_type": "ada_norm_zero", "num_embeds_ada_norm": 1000}, "norm_type 'ada_norm_zero'"),
+        ({"attention_bias": False}, "attention_bias False"),
+    ],
+)
+def test_unsupported_latte_variants_are_refused_in_one_line(tmp_path, changes, message):
+    _, folder = latte(tmp_path, **changes)
+    with pytest.raises(UserError) as err:
+        convert(folder, ConvertOptions("diffusers"))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("frames", [4, 2])
+def test_factorised_layout_flops_match_torch_counter(tmp_path, frames):
+    """Space blocks attend over a frame's tokens (B F sequences), time blocks over the frames (B N/F sequences): the
+    analytic count equals torch's, for the model's clip length and a shorter clip."""
+    _, folder = latte(tmp_path, video_length=4)
+    cfg = convert(folder, ConvertOptions("diffusers")).model
+    model = SiT(cfg).eval()
+    x, t = torch.randn(2, 4, frames, 8, 8), torch.rand(2)
+    emb = torch.randn(2, cfg.text.max_tokens, CONFIG["caption_channels"])
+    expected = forward_flops(cfg, 2) if frames == cfg.input_size[0] else None
+    got = counted(model, x, t, emb)
+    if expected is not None:
+        assert got == expected
+    joint = SiT(replace(cfg, video_layout="joint", pos_base=None)).eval()  # one attention over all F N/F tokens
+    assert got < counted(joint, x, t, emb)
