@@ -721,8 +721,8 @@ def convert_options(p: argparse.ArgumentParser) -> None:
         dest="source",
         required=True,
         help="sprint: the SPRINT release; sit: willisma/SiT (linear path, velocity); dit: facebookresearch/DiT; "
-        "diffusers: a DiTTransformer2DModel or PixArtTransformer2DModel folder; pixart: PixArt-alpha/Sigma's "
-        "original .pth",
+        "diffusers: a DiTTransformer2DModel, PixArtTransformer2DModel or LatteTransformer3DModel folder; pixart: "
+        "PixArt-alpha/Sigma's original .pth; latte: Vchitect/Latte's class-conditional or unconditional .pt",
     )
     p.add_argument(
         "--checkpoint",

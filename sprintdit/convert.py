@@ -56,8 +56,10 @@ from .models.sit import (
     SprintConfig,
     dit_final_rows,
     ours_to_dit_rows,
+    position_grid,
     resolve_model_config,
     sincos_table,
+    time_table,
     timestep_frequencies,
 )
 from .objective import ObjectiveConfig
@@ -78,11 +80,12 @@ from .pixart import (
 from .sampling import SampleConfig
 from .text_encoders import empty_caption
 
-SOURCES = ("sprint", "sit", "dit", "diffusers", "pixart")
+SOURCES = ("sprint", "sit", "dit", "diffusers", "pixart", "latte")
 DIFFUSERS_CLASS = "DiTTransformer2DModel"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_NORM_EPS = 1e-5  # DiTTransformer2DModel's default norm_eps (its blocks' LayerNorms)
 DIFFUSERS_FINAL_NORM_EPS = 1e-6  # its final LayerNorm, fixed
+LABELS = "y_embedder.embedding_table.weight"  # DiT-layout class table (num_classes + 1 null row, D)
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DistributedDataParallel
 TRAINING_ENTRIES = ("model", "ema")  # a training checkpoint's weights; "opt", "args", "steps" are ignored
 SAFE_PICKLE_TYPES = [argparse.Namespace]
@@ -91,6 +94,7 @@ SPRINT_PATCH_SIZE = 2  # the release hard-codes patch size 2
 SPRINT_PATH_DROP = 0.1  # the release's path-drop probability (a training setting, not in the weights)
 DROPPED = {
     "dit": (),
+    "latte": (),
     "sit": (),
     "sprint": ("projectors.",),
 }  # key prefixes with no counterpart (pos_embed: checked, then dropped)
@@ -98,6 +102,7 @@ POS_EMBED_ATOL = 1e-5  # released tables are float32 copies of a float64 computa
 MASK_TOKEN_SEED = 0  # dense sources have no MASK token: ours is drawn as in training, reproducibly
 DENSE_GUIDANCE_SCALE = 1.5  # DiT's and SiT's FID setting (classifier-free guidance)
 SD_LATENT_CHANNELS = 4  # the SD VAE's latent channels, which every supported release models
+DDPM_SOURCES = ("dit", "latte")  # the DiT-layout releases trained with DDPM (integer steps, learned sigma)
 DDPM_STEPS = 1000  # DiT's training steps T (objective.num_timesteps)
 DIT_SAMPLING_STEPS = 250  # DiT's respaced DDPM sampling
 
@@ -340,6 +345,9 @@ def input_grid(state: dict, opts: ConvertOptions, patch: int) -> list[int]:
     if opts.source == "sprint":
         return list(opts.input_size)
     tokens = tensor(state, "pos_embed", 3, opts.source).shape[1]
+    frames = [tensor(state, "temp_embed", 3, opts.source).shape[1]] if opts.source == "latte" else []
+    if opts.input_size is not None and frames:
+        raise UserError("a Latte checkpoint's frames and grid are its temp_embed's and pos_embed's: drop --input-size")
     if opts.input_size is not None:
         given = math.prod(s // patch for s in opts.input_size)
         if given != tokens:
@@ -350,7 +358,7 @@ def input_grid(state: dict, opts: ConvertOptions, patch: int) -> list[int]:
     side = math.isqrt(tokens)
     if side * side != tokens:
         raise UserError(f"pos_embed has {tokens} positions, not a square grid: give --input-size H,W")
-    return [side * patch, side * patch]
+    return [*frames, side * patch, side * patch]
 
 
 def head_count(
@@ -411,14 +419,16 @@ def infer_model_config(state: dict, opts: ConvertOptions, notes: list[str]) -> M
         **sizes,
         input_size=input_grid(state, opts, patch),
         in_channels=channels,
-        num_classes=tensor(state, "y_embedder.embedding_table.weight", 2, opts.source).shape[0] - 1,  # + the null row
+        num_classes=tensor(state, LABELS, 2, opts.source).shape[0] - 1,  # + the null row
         num_heads=head_count(state, opts, preset, hidden, first, notes),
         mlp_ratio=tensor(state, f"{first}mlp.fc1.weight", 2, opts.source).shape[0] / hidden,
         mlp="gelu",
         pos_embed="rope" if opts.source == "sprint" else "sincos",
         qk_norm=f"{first}attn.q_norm.weight" in state,
         learn_sigma=out_rows == 2 * patch * patch * channels,
-        time_scale=float(DDPM_STEPS) if opts.source == "dit" else 1.0,
+        time_scale=float(DDPM_STEPS) if opts.source in DDPM_SOURCES else 1.0,
+        pos_base=None,
+        video_layout="factorised" if opts.source == "latte" else "joint",
         sprint=SprintConfig(
             encoder_depth=block_count(state, SPRINT_STAGES[0]) if opts.source == "sprint" else 0,
             decoder_depth=block_count(state, SPRINT_STAGES[2]) if opts.source == "sprint" else 0,
@@ -458,7 +468,9 @@ def source_shapes(cfg: ModelConfig, source: str, mapping: dict[str, str]) -> dic
     if source != "sprint":  # Conv2d patch embedding, fixed positions, no MASK token
         d, p = cfg.hidden_size, cfg.patch_size
         shapes["x_embedder.proj.weight"] = torch.Size([d, cfg.in_channels, p, p])
-        shapes["pos_embed"] = torch.Size([1, cfg.num_tokens, d])
+        shapes["pos_embed"] = torch.Size([1, cfg.frame_tokens if source == "latte" else cfg.num_tokens, d])
+        if source == "latte":
+            shapes["temp_embed"] = torch.Size([1, cfg.grid[0], d])
         del shapes["mask_token"]
     return shapes
 
@@ -477,11 +489,21 @@ def check_layout(state: dict, cfg: ModelConfig, source: str, mapping: dict[str, 
 
 
 def check_pos_embed(pos: torch.Tensor, cfg: ModelConfig) -> None:
-    diff = (pos[0].double() - sincos_table(cfg.grid, cfg.hidden_size).double()).abs().max().item()
+    grid = position_grid(cfg)  # Latte's table is one frame's
+    diff = (pos[0].double() - sincos_table(grid, cfg.hidden_size).double()).abs().max().item()
     if diff > POS_EMBED_ATOL:
         raise UserError(
             f"pos_embed is not the fixed 2D sin-cos table of a {cfg.grid[0]}x{cfg.grid[1]} grid (max difference "
             f"{diff:.3g}); was it trained?"
+        )
+
+
+def check_time_table(table: torch.Tensor, cfg: ModelConfig) -> None:
+    """Latte's temp_embed (1, F, D) must be the fixed 1D sin-cos table our first time block adds."""
+    diff = (table[0].double() - time_table(cfg.grid[0], cfg.hidden_size).double()).abs().max().item()
+    if diff > POS_EMBED_ATOL:
+        raise UserError(
+            f"temp_embed is not the fixed sin-cos table of {cfg.grid[0]} frames (max difference {diff:.3g})"
         )
 
 
@@ -521,6 +543,8 @@ def convert_weights(
     out = {rename(k, mapping): v.float() for k, v in state.items() if k not in dropped}
     if source != "sprint":
         check_pos_embed(out.pop("pos_embed"), cfg)
+        if source == "latte":
+            check_time_table(out.pop("temp_embed"), cfg)
         # (D, C, p, p) -> (D, C*p*p), same order
         out["x_embedder.proj.weight"] = out["x_embedder.proj.weight"].flatten(1)
         for name in ("final_layer.linear.weight", "final_layer.linear.bias"):
@@ -542,6 +566,14 @@ def convert(path: Path, opts: ConvertOptions) -> Converted:
         return convert_pixart(path, opts)
     model_state, ema_state = state_dicts(read_checkpoint(path), path)
     notes: list[str] = []
+    if opts.source == "latte" and LABELS not in ema_state:  # unconditional: one class, embedded as zero
+        same, table = (
+            model_state is ema_state,
+            {LABELS: torch.zeros(2, tensor(ema_state, "pos_embed", 3, "latte").shape[2])},
+        )
+        ema_state = {**ema_state, **table}
+        model_state = ema_state if same else {**model_state, **table}
+        notes.append("unconditional Latte: one class with a zero embedding (sample with --labels 0 --guidance none)")
     cfg = infer_model_config(ema_state, opts, notes)
     ema = convert_weights(ema_state, cfg, opts.source, notes)
     model = ema if model_state is ema_state else convert_weights(model_state, cfg, opts.source, [])
@@ -657,6 +689,7 @@ def run_config(model: ModelConfig, source: str) -> RunConfig:
     """A run config for converted weights: the source's objective and a guidance the network supports."""
     objective = {
         "dit": ObjectiveConfig(kind="ddpm"),
+        "latte": ObjectiveConfig(kind="ddpm"),
         "diffusers": ObjectiveConfig(kind="ddpm"),
         "pixart": ObjectiveConfig(kind="ddpm"),
         "sit": ObjectiveConfig(time_sampling="uniform"),  # SiT trains on uniform t
@@ -667,7 +700,7 @@ def run_config(model: ModelConfig, source: str) -> RunConfig:
         if model.sprint.fusion == "concat_linear"
         else SampleConfig(guidance="cfg", scale=DENSE_GUIDANCE_SCALE)
     )
-    if source in ("dit", "diffusers", "pixart"):
+    if source in ("dit", "diffusers", "pixart", "latte"):
         sample = replace(sample, sampler="ddpm", steps=DIT_SAMPLING_STEPS)
     if model.adaln == "single":  # PixArt's own sampling: DPM-Solver++ at 20 steps, CFG 4.5
         sample = replace(sample, sampler="dpm-solver++", steps=PIXART_SAMPLING_STEPS, scale=PIXART_GUIDANCE_SCALE)

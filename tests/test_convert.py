@@ -15,6 +15,7 @@ from sprintdit.cli import main
 from sprintdit.convert import ConvertOptions, convert
 from sprintdit.errors import UserError
 from sprintdit.masking import make_mask
+from sprintdit.models import SiT
 
 WIDTH, HEADS, PATCH, CHANNELS, SIDE, CLASSES = 64, 2, 2, 3, 8, 5  # a 4x4 token grid; width 64 is size Nano's (2 heads)
 GRID = SIDE // PATCH
@@ -478,3 +479,80 @@ def test_cli_sprint_needs_input_size_and_converts_with_it(tmp_path, capsys):
     assert "note: dropped the REPA projection head" in out and "blocks 1/2/1" in out
     model, cfg = load_model(tmp_path / "b")
     assert cfg.objective.kind == "flow" and cfg.model.input_size == [SIDE, SIDE]
+
+
+# ----------------------------------------------------------------------------------- Latte's original release
+
+FRAMES = 4
+
+
+def latte_layout(seed: int = 0, depth: int = 4, conditional: bool = True) -> dict:
+    """Vchitect/Latte's models/latte.py keys: DiT's, with blocks alternating spatial / temporal, pos_embed of one
+    frame's grid and temp_embed (1, F, D), the fixed 1D sin-cos table of the frames."""
+    state = dit_layout(seed, depth)
+    state["temp_embed"] = frames_table(FRAMES, WIDTH).unsqueeze(0)
+    if not conditional:
+        del state["y_embedder.embedding_table.weight"]
+    return state
+
+
+def frames_table(frames: int, dim: int) -> torch.Tensor:
+    """Latte's get_1d_sincos_temp_embed (F, dim), written per frame: [sin, cos] of f * 10000^(-i / (dim / 2))."""
+    omega = [1.0 / 10000 ** (i / (dim // 2)) for i in range(dim // 2)]
+    return torch.tensor([[f(n * w) for f in (math.sin, math.cos) for w in omega] for n in range(frames)])
+
+
+def latte_reference(sd, x, t, y):
+    """Latte's forward (models/latte.py): frames as a batch of images, blocks in (spatial, temporal) pairs with
+    rearranges between, temp_embed added after the first spatial block, c = t + y for every block and the final
+    layer; x (B, C, F, H, W) here -> (B, C_out, F, H, W)."""
+    sd = {k: v.double() for k, v in sd.items()}
+    b, f = x.shape[0], x.shape[2]
+    frames = x.transpose(1, 2).reshape(b * f, CHANNELS, SIDE, SIDE)
+    h = F.conv2d(frames, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=PATCH).flatten(2)
+    h = h.transpose(1, 2) + sd["pos_embed"]  # (B F, N, D)
+    c = conditioning(sd, t, y) if "y_embedder.embedding_table.weight" in sd else unconditioned(sd, t)  # (B, D)
+    n, d = h.shape[1], h.shape[2]
+    for i in range(0, len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), 2):
+        h = block(h, c.repeat_interleave(f, 0), sd, f"blocks.{i}.")
+        h = h.reshape(b, f, n, d).transpose(1, 2).reshape(b * n, f, d)
+        if i == 0:
+            h = h + sd["temp_embed"]
+        h = block(h, c.repeat_interleave(n, 0), sd, f"blocks.{i + 1}.")
+        h = h.reshape(b, n, f, d).transpose(1, 2).reshape(b * f, n, d)
+    out = final(h, c.repeat_interleave(f, 0), sd).reshape(b * f, GRID, GRID, PATCH, PATCH, -1)
+    out = torch.einsum("nhwpqc->nchpwq", out).reshape(b, f, -1, SIDE, SIDE)
+    return out.transpose(1, 2)
+
+
+def unconditioned(sd, t):
+    return linear(F.silu(linear(timestep_features(t), sd, "t_embedder.mlp.0")), sd, "t_embedder.mlp.2")
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_latte_release_converts_to_the_factorised_layout(tmp_path, conditional):
+    """A class-conditional (UCF101) or unconditional (FaceForensics, SkyTimelapse, Taichi) Latte checkpoint: our
+    factorised network computes Latte's forward; the tables are checked and dropped."""
+    sd = latte_layout(conditional=conditional)
+    path = tmp_path / "latte.pt"
+    torch.save({"ema": sd}, path)
+    converted = convert(path, ConvertOptions("latte"))
+    cfg = converted.model
+    assert (cfg.video_layout, cfg.input_size, cfg.depth, cfg.num_classes) == (
+        "factorised",
+        [FRAMES, SIDE, SIDE],
+        4,
+        CLASSES if conditional else 1,
+    )
+    model = SiT(cfg).double().eval()
+    model.load_state_dict(converted.weights)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, CHANNELS, FRAMES, SIDE, SIDE, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.004, 0.7], dtype=torch.float64)  # DDPM steps 4 and 700
+    y = torch.tensor([1, 3]) if conditional else torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), latte_reference(sd, x, t * 1000, y), rtol=0, atol=1e-9)
+    bad = {**sd, "temp_embed": sd["temp_embed"] * 1.1}
+    torch.save(bad, path)
+    with pytest.raises(UserError, match="temp_embed is not the fixed sin-cos table of 4 frames"):
+        convert(path, ConvertOptions("latte"))

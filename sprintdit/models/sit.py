@@ -330,6 +330,11 @@ def sincos_table(grid: tuple[int, ...], dim: int) -> torch.Tensor:
     return sincos_at([torch.arange(n) for n in grid], axis_channels(dim, grid))
 
 
+def time_table(frames: int, dim: int) -> torch.Tensor:
+    """(frames, dim) the factorised layout's 1D sin-cos table of the frames (Latte's temp_embed)."""
+    return sincos_at([torch.arange(frames)], (dim,))
+
+
 def sincos_positions(cfg: ModelConfig) -> list[torch.Tensor]:
     """Each axis's token positions for the sin-cos table: 0, 1, 2, ... (DiT), or with model.pos_base PixArt's, scaled
     so that any grid spans the base grid: i / (n / pos_base) / pos_interpolation."""
@@ -570,13 +575,12 @@ class Block(nn.Module):
     space blocks attend within each frame, time blocks across the frames at each position (no caption); the first
     time block adds the frames' sin-cos table to its input (Latte's temp_embed, when there is more than one frame)."""
 
-    def __init__(self, cfg: ModelConfig, axis: str = "joint", time_table: bool = False):
+    def __init__(self, cfg: ModelConfig, axis: str = "joint", adds_frames: bool = False):
         super().__init__()
         d = cfg.hidden_size
         self.axis = axis
-        if time_table:
-            table = sincos_at([torch.arange(cfg.grid[0])], (d,))  # (F, D)
-            self.register_buffer("time_pos", table, persistent=False)
+        if adds_frames:
+            self.register_buffer("time_pos", time_table(cfg.grid[0], d), persistent=False)  # (F, D)
         else:
             self.time_pos = None
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
