@@ -77,9 +77,10 @@ class Draws:
         drawn = torch.randn((self.total(len(index)), *shape), generator=self.generator, device=self.source)
         return self.drawn(drawn[index.to(drawn.device)])
 
-    def mask(self, rows: int, grid: tuple[int, int], ratio: float, mask_type: str) -> TokenMask | None:
-        """This rank's rows of a token mask drawn for the global micro-batch (None when nothing is dropped)."""
-        mask = make_mask(self.total(rows), grid, ratio, mask_type, self.generator)
+    def mask(self, rows: int, grid: tuple[int, int], ratio: float, mask_type: str, tiles: int = 1) -> TokenMask | None:
+        """This rank's rows of a token mask drawn for the global micro-batch (None when nothing is dropped); tiles:
+        masking.make_mask's."""
+        mask = make_mask(self.total(rows), grid, ratio, mask_type, self.generator, tiles)
         rank = self.shard[0]
         return (
             None if mask is None else mask.rows(rank * rows, (rank + 1) * rows).to(self.device or mask.ids_keep.device)

@@ -78,15 +78,31 @@ def block_flops(cfg: ModelConfig, batch: int, tokens: int, context: int | None =
     return modulation_flops(cfg, batch) + attention + caption_cross_flops(cfg, batch, tokens) + mlp_flops(cfg, rows)
 
 
-def factorised_flops(cfg: ModelConfig, batch: int) -> int:
-    """The factorised video layout's blocks (Latte's): space blocks attend within each of the B F frames and
-    cross-attend to the caption, time blocks attend across the F frames at each of the B N/F positions; each
-    block's modulation is made once per sample."""
-    frames, per, d = cfg.grid[0], cfg.frame_tokens, cfg.hidden_size
-    rows = batch * frames * per
-    space = attention_flops(d, batch * frames, per, per) + caption_cross_flops(cfg, batch * frames, per)
-    time = attention_flops(d, batch * per, frames, frames)
-    return cfg.depth // 2 * (space + time + 2 * (modulation_flops(cfg, batch) + mlp_flops(cfg, rows)))
+def factorised_block_flops(cfg: ModelConfig, index: int, batch: int, per_frame: int) -> int:
+    """Block `index` of the factorised video layout (Latte's) on `per_frame` tokens in each of the F frames: a space
+    block (even index) attends within each of the B F frames and cross-attends to the caption, a time block across
+    the F frames at each of the B per_frame positions; the modulation is made once per sample."""
+    frames, d = cfg.grid[0], cfg.hidden_size
+    rows = batch * frames * per_frame
+    if index % 2 == 0:
+        mixing = attention_flops(d, batch * frames, per_frame, per_frame)
+        mixing += caption_cross_flops(cfg, batch * frames, per_frame)
+    else:
+        mixing = attention_flops(d, batch * per_frame, frames, frames)
+    return mixing + modulation_flops(cfg, batch) + mlp_flops(cfg, rows)
+
+
+def factorised_body_flops(cfg: ModelConfig, batch: int, rows: int, mask_ratio: float) -> int:
+    """The factorised layout's blocks: encoder and decoder dense, the middle on the kept tokens of `rows` samples
+    (the same positions in every frame: ModelConfig.mask_grid)."""
+    sp, per = cfg.sprint, cfg.frame_tokens
+    middle = range(sp.encoder_depth, cfg.depth - sp.decoder_depth)
+    kept = num_kept_random(mask_ratio, per)
+    return sum(
+        factorised_block_flops(cfg, i, rows, kept) if i in middle else factorised_block_flops(cfg, i, batch, per)
+        for i in range(cfg.depth)
+        if i not in middle or rows
+    )
 
 
 def pooling_block_flops(cfg: ModelConfig, batch: int, tokens: int) -> int:
@@ -133,13 +149,14 @@ def forward_flops(
         if side is None:
             raise ValueError("SparseDiT FLOPs need the sparse grid side")
         total += sparsedit_body_flops(cfg, batch, side)
-    elif cfg.video_layout == "factorised":  # dense (no SPRINT split on this layout yet)
-        total += factorised_flops(cfg, batch)
     else:
-        total += (cfg.sprint.encoder_depth + cfg.sprint.decoder_depth) * block_flops(cfg, batch, n)
-        if rows:
-            # = N k / g^2 for structured masks
-            total += cfg.middle_depth * block_flops(cfg, rows, num_kept_random(mask_ratio, n))
+        if cfg.video_layout == "factorised":
+            total += factorised_body_flops(cfg, batch, rows, mask_ratio)
+        else:
+            total += (cfg.sprint.encoder_depth + cfg.sprint.decoder_depth) * block_flops(cfg, batch, n)
+            if rows:
+                # = N k / g^2 for structured masks
+                total += cfg.middle_depth * block_flops(cfg, rows, num_kept_random(mask_ratio, n))
         if cfg.sprint.fusion == "concat_linear":
             total += linear(batch * n, 2 * d, d)
     total += modulation_flops(cfg, batch, 2) + linear(

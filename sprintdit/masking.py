@@ -165,13 +165,20 @@ def structured_mask(
 
 
 def make_mask(
-    batch: int, grid: tuple[int, int], ratio: float, mask_type: str, generator: torch.Generator | None = None
+    batch: int,
+    grid: tuple[int, int],
+    ratio: float,
+    mask_type: str,
+    generator: torch.Generator | None = None,
+    tiles: int = 1,
 ) -> TokenMask | None:
-    """A fresh mask for a batch, or None for ratio 0 (the dense model)."""
+    """A fresh mask for a batch, or None for ratio 0 (the dense model). tiles: the mask of `grid` repeated over that
+    many frames (ModelConfig.mask_grid: the factorised video layout keeps the same positions in every frame)."""
     check_mask_ratio(ratio, mask_type, grid)
     if ratio == 0:
         return None
-    return (random_mask if mask_type == "random" else structured_mask)(batch, grid, ratio, generator)
+    mask = (random_mask if mask_type == "random" else structured_mask)(batch, grid, ratio, generator)
+    return mask if tiles == 1 else mask_from_dropped(mask.dropped.repeat(1, tiles))  # (B, tiles N), frame-major
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -148,6 +148,14 @@ class ModelConfig:
         """This video model's config for clips of `frames` frames (None: as it is); the weights are the same."""
         return self if frames is None else replace(self, input_size=[frames, *self.input_size[1:]])
 
+    def mask_grid(self) -> tuple[tuple[int, ...], int]:
+        """(the grid a token mask is drawn on, how many frames it is tiled over): the token grid once, or for the
+        factorised layout one frame's grid tiled over every frame, so that the middle keeps the same positions in
+        each frame and a time block's sequences stay whole."""
+        if self.video_layout == "factorised":
+            return self.grid[1:], self.grid[0]
+        return self.grid, 1
+
     def token_grid(self, tokens: int) -> tuple[int, ...]:
         """The grid of a forward's `tokens` tokens: the model's, or a shorter clip's first token frames."""
         return (tokens // self.frame_tokens, *self.grid[1:]) if self.video else self.grid

@@ -101,3 +101,29 @@ def test_factorised_layout_flops_match_torch_counter(tmp_path, frames):
         assert got == expected
     joint = SiT(replace(cfg, video_layout="joint", pos_base=None)).eval()  # one attention over all F N/F tokens
     assert got < counted(joint, x, t, emb)
+
+
+def test_sprint_on_the_factorised_layout_keeps_whole_time_sequences_and_counts_right():
+    """SPRINT's middle on Latte's layout: the mask keeps the same positions in every frame (a time block's sequences
+    stay whole, and a space block sees equal frames), every token is restored, the masked forward's FLOPs (and the
+    Path-Drop Guidance half's) equal torch's count."""
+    from sprintdit.masking import make_mask
+    from sprintdit.sections import ModelConfig, SprintConfig
+
+    cfg = ModelConfig(
+        input_size=[4, 8, 8], in_channels=4, patch_size=2, hidden_size=32, depth=6, num_heads=2, num_classes=3,
+        pos_embed="sincos", video_layout="factorised", sprint=SprintConfig(encoder_depth=2, decoder_depth=2),
+    )  # fmt: skip
+    model = SiT(cfg).eval()
+    grid, tiles = model.config.mask_grid()
+    assert (grid, tiles) == ((4, 4), 4)
+    mask = make_mask(2, grid, 0.75, "structured", torch.Generator().manual_seed(0), tiles)
+    kept = mask.ids_keep.view(2, 4, -1)  # (B, F, K/F): frame-major, the same count per frame
+    assert torch.equal(kept - kept[:, :1], torch.arange(4)[None, :, None].expand_as(kept) * 16)  # same positions
+    x, t, y = torch.randn(2, 4, 4, 8, 8), torch.rand(2), torch.tensor([0, 2])
+    with torch.no_grad():
+        out = model(x, t, y, mask=mask)
+        assert torch.isfinite(out).all() and out.shape == (2, 4, 4, 8, 8)
+    assert counted(model, x, t, y, mask=mask) == forward_flops(model.config, 2, mask_ratio=0.75)
+    assert counted(model, x, t, y, middle_rows=1) == forward_flops(model.config, 2, middle_rows=1)
+    assert counted(model, x, t, y) == forward_flops(model.config, 2)

@@ -142,8 +142,6 @@ def check_values(cfg: ModelConfig) -> None:
             "model.video_layout factorised (Latte's) needs a video model, patch_size_t 1, an even depth (space and "
             "time blocks in pairs), pos_embed sincos and arch sit"
         )
-    if cfg.video_layout == "factorised" and cfg.sprint.fusion != "none":
-        raise UserError("SPRINT's token-sparse middle on the factorised video layout is not built yet: fusion none")
     for name, value, choices in (
         ("arch", cfg.arch, ARCHS),
         ("video_layout", cfg.video_layout, VIDEO_LAYOUTS),

@@ -299,12 +299,12 @@ class Trainer:
         x = posterior_sample(batch, draws)  # latents: a fresh posterior sample
         if stage.frames is not None:  # a shorter-clip stage: each clip's first frames
             x = x[:, :, : stage.frames]  # (B, C, frames, H, W)
-        grid = m.at_frames(stage.frames).grid
+        grid, tiles = m.at_frames(stage.frames).mask_grid()
         features = batch.features.chunk(t.grad_accum) if m.repa.depth else [None] * t.grad_accum
         dtype = AUTOCAST_DTYPES[t.precision]
         for i, (xm, ym, fm) in enumerate(zip(x.chunk(t.grad_accum), batch.y.chunk(t.grad_accum), features)):
             b = xm.shape[0]  # this rank's rows of the micro-batch
-            mask = draws.mask(b, grid, stage.mask_ratio, stage.mask_type)
+            mask = draws.mask(b, grid, stage.mask_ratio, stage.mask_type, tiles)
             path_drop = draws.rand(b) < m.sprint.path_drop_prob if m.sprint.path_drop_prob > 0 else None
             # SparseDiT: one stratum of t, one grid
             gate = {} if self._gates is None else gate_at(self._gates, self.step * t.grad_accum + i).arguments()

@@ -83,7 +83,7 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
                 f"{m.input_size[0] if m.video else 'frames (this is an image model)'}"
             )
         try:
-            check_mask_ratio(stage.mask_ratio, stage.mask_type, m.at_frames(stage.frames).grid)
+            check_mask_ratio(stage.mask_ratio, stage.mask_type, m.at_frames(stage.frames).mask_grid()[0])
         except UserError as err:
             raise UserError(f"stages.{i} ({stage.name}): {err}") from None
     return replace(cfg, model=m, data=data)
