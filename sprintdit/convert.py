@@ -1,6 +1,7 @@
 """Import released checkpoints as sprintdit run folders: the SPRINT release, willisma/SiT, facebookresearch/DiT,
-PixArt-alpha / Sigma's original .pth (sprintdit/pixart.py), and diffusers' DiTTransformer2DModel and
-PixArtTransformer2DModel folders (e.g. facebook/DiT-XL-2-256's transformer/); export to the latter two. Runs of the
+PixArt-alpha / Sigma's original .pth (sprintdit/pixart.py), Latte's original class-conditional and unconditional
+checkpoints, and diffusers' DiTTransformer2DModel, PixArtTransformer2DModel and LatteTransformer3DModel folders (e.g.
+facebook/DiT-XL-2-256's transformer/, sprintdit/latte.py); export to the latter three. Runs of the
 releases' 4-channel SD-VAE latents sample with `--vae` (the weights name no VAE).
 
     sprintdit convert --from dit --checkpoint DiT-XL-2-256x256.pt --out runs/dit-xl-2
@@ -22,6 +23,9 @@ Weight changes per source (the converted model computes what the released networ
           fixed map [cos(t w), sin(t w)] -> [cos((1-t) w), sin((1-t) w)] (per frequency w). Flow objective.
   sprint  {encoder,middle,decoder}_blocks.i -> blocks.j in that order, renoise_linear -> fusion; all other
           tensors as they are (same patch order, RoPE, t = 1 is noise). projectors.* (REPA head) dropped.
+  latte   as dit on model.video_layout factorised (blocks alternate space and time, as models/latte.py's): pos_embed
+          is one frame's table, temp_embed (1, F, D) the frames' 1D table (both checked, then dropped); an
+          unconditional checkpoint becomes one class with a zero embedding.
   diffusers  renamed to DiT's layout (to_q/to_k/to_v -> qkv, ff.net -> mlp, norm1.linear -> adaLN_modulation,
           proj_out_1/2 -> final_layer), then as dit. Its blocks each carry a copy of the timestep and class
           embedders (they must agree: ours has one); its timestep frequencies are exp(-ln(10000) i / (half - 1))
