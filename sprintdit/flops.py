@@ -19,7 +19,7 @@ from .config import RunConfig
 from .density import parse_schedule, side_at
 from .masking import num_kept_random
 from .models.sit import TIMESTEP_FREQ_DIM, ModelConfig, mlp_hidden
-from .models.sparsedit import sparse_shape
+from .models.sparsedit import SparseDiT, sparse_shape
 from .sections import ADAPTIVE_SAMPLERS
 
 GIGA, TERA = 1e9, 1e12  # FLOP units in reports
@@ -116,8 +116,32 @@ def pooling_block_flops(cfg: ModelConfig, batch: int, tokens: int) -> int:
     )
 
 
+def factorised_sparsedit_flops(cfg: ModelConfig, batch: int, side: int) -> int:
+    """SparseDiT on the factorised layout: every block by its kind and axis, sparse ones on side x side tokens in
+    each frame; Poolingformers average per frame (space) or per position (time); merge and recover (space blocks)
+    cross-attend within each frame."""
+    frames, per, d = cfg.grid[0], cfg.frame_tokens, cfg.hidden_size
+    m = side * side
+    total = cfg.sparse.modules * 2 * linear(batch * frames * per, d, d)  # recover fusions W1, W2
+    for i, kind in enumerate(SparseDiT.block_kinds(cfg)):
+        if kind == "pool":
+            means = batch * (frames if i % 2 == 0 else per)
+            caption = caption_cross_flops(cfg, batch * frames, per) if i % 2 == 0 else 0
+            total += modulation_flops(cfg, batch) + 2 * linear(means, d, d) + caption
+            total += mlp_flops(cfg, batch * frames * per)
+        elif kind in ("merge", "recover"):
+            queries, keys = (m, per) if kind == "merge" else (per, m)
+            total += modulation_flops(cfg, batch) + attention_flops(d, batch * frames, queries, keys)
+            total += caption_cross_flops(cfg, batch * frames, queries) + mlp_flops(cfg, batch * frames * queries)
+        else:
+            total += factorised_block_flops(cfg, i, batch, m if kind == "sparse" else per)
+    return total
+
+
 def sparsedit_body_flops(cfg: ModelConfig, batch: int, side: int) -> int:
     """SparseDiT's blocks (and recover fusions) with a side x side sparse grid (per frame)."""
+    if cfg.video_layout == "factorised":
+        return factorised_sparsedit_flops(cfg, batch, side)
     sp, n, d = cfg.sparse, cfg.num_tokens, cfg.hidden_size
     m = math.prod(sparse_shape(cfg, side))
     module = (

@@ -127,3 +127,31 @@ def test_sprint_on_the_factorised_layout_keeps_whole_time_sequences_and_counts_r
     assert counted(model, x, t, y, mask=mask) == forward_flops(model.config, 2, mask_ratio=0.75)
     assert counted(model, x, t, y, middle_rows=1) == forward_flops(model.config, 2, middle_rows=1)
     assert counted(model, x, t, y) == forward_flops(model.config, 2)
+
+
+def test_sparsedit_of_a_converted_latte_pools_each_frame_and_counts_right(tmp_path):
+    """SparseDiT on Latte: Poolingformers, and modules whose merge / recover are space blocks (each frame pooled to
+    the schedule's side, cross-attended within the frame), time blocks on the sparse tokens; cross-attention to the
+    caption kept; outputs finite and FLOPs equal torch's at every side; a layout that would put merge on a time
+    block is refused in one line."""
+    from sprintdit.checkpoint import load_model
+    from sprintdit.convert import write_run
+    from sprintdit.density import SparseConfig
+    from sprintdit.sparsify import sparsify
+
+    _, folder = latte(tmp_path, num_layers=6, video_length=4)  # 12 blocks
+    write_run(tmp_path / "run", convert(folder, ConvertOptions("diffusers")), "diffusers")
+    layout = SparseConfig(grid="2:4", pool_depth=2, modules=1, sparse_depth=3, dense_depth=1)
+    sparsify(tmp_path / "run", tmp_path / "sparse", layout)
+    model, run = load_model(tmp_path / "sparse")
+    axes = [b.axis for b in model.blocks]
+    assert type(model).__name__ == "SparseDiT" and axes[2] == axes[6] == "space" and axes[3] == "time"
+    x, t = torch.randn(2, 4, 4, 8, 8), torch.full((2,), 0.5)
+    emb = torch.randn(2, run.model.text.max_tokens, CONFIG["caption_channels"])
+    for side in (2, 3, 4):
+        with torch.no_grad():
+            assert torch.isfinite(model(x, t, emb, side=side)).all()
+        assert counted(model, x, t, emb, side=side) == forward_flops(run.model, 2, side=side)
+    odd = SparseConfig(grid="2:4", pool_depth=1, modules=1, sparse_depth=3, dense_depth=1)
+    with pytest.raises(UserError, match="merge and recover blocks must be space blocks"):
+        sparsify(tmp_path / "run", tmp_path / "odd", odd)

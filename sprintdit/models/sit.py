@@ -136,11 +136,22 @@ def check_values(cfg: ModelConfig) -> None:
     if not cfg.mlp_ratio > 0:
         raise UserError(f"model.mlp_ratio must be > 0, got {cfg.mlp_ratio}")
     if cfg.video_layout == "factorised" and (
-        not cfg.video or cfg.patch_size_t != 1 or cfg.depth % 2 or cfg.pos_embed != "sincos" or cfg.arch != "sit"
+        not cfg.video or cfg.patch_size_t != 1 or cfg.depth % 2 or cfg.pos_embed != "sincos"
     ):
         raise UserError(
             "model.video_layout factorised (Latte's) needs a video model, patch_size_t 1, an even depth (space and "
-            "time blocks in pairs), pos_embed sincos and arch sit"
+            "time blocks in pairs) and pos_embed sincos"
+        )
+    sp = cfg.sparse
+    if (
+        cfg.video_layout == "factorised"
+        and cfg.arch == "sparsedit"
+        and (sp.pool_depth % 2 or sp.sparse_depth % 2 == 0 or sp.dense_depth % 2 == 0 or sp.frames or sp.readd_pos)
+    ):
+        raise UserError(
+            "SparseDiT on the factorised layout pools each frame in space blocks: its merge and recover blocks must be "
+            "space blocks (model.sparse.pool_depth even, sparse_depth and dense_depth odd, e.g. 2 / 3 / 1), and it "
+            "keeps every frame (no sparse.frames) and its input positions (no readd_pos)"
         )
     for name, value, choices in (
         ("arch", cfg.arch, ARCHS),
@@ -621,7 +632,9 @@ class Block(nn.Module):
         if self.axis == "space":  # (B F, N / F, D), each frame with its sample's modulation and caption
             text = None if text is None else tuple(part.repeat_interleave(frames, 0) for part in text)
             mods = tuple(m.repeat_interleave(frames, 0) for m in mods)
-            return self.mix(x.reshape(b * frames, per, d), mods, None, text=text).reshape(b, n, d)
+            if context is not None:  # SparseDiT's merge / recover: the other grid's tokens of the same frame
+                context = context.reshape(b * frames, -1, d)
+            return self.mix(x.reshape(b * frames, per, d), mods, None, context, text=text).reshape(b, n, d)
         h = x.reshape(b, frames, per, d).transpose(1, 2).reshape(b * per, frames, d)  # (B N/F, F, D)
         if self.time_pos is not None and frames > 1:
             h = h + self.time_pos[:frames].to(h.dtype)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..density import check_schedule, parse_schedule, pooled_centres, side_at, sides_for
 from ..errors import UserError
-from .sit import Backbone, Block, ModelConfig, axis_channels, rope_at, sincos_at
+from .sit import Backbone, Block, ModelConfig, axis_channels, block_axis, rope_at, sincos_at
 
 
 class PoolingAttention(nn.Module):
@@ -49,8 +49,11 @@ class PoolingAttention(nn.Module):
 
 
 class PoolingBlock(Block):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    """A Poolingformer: the block with attention replaced by the mean of V over what it attends over (all tokens; on
+    the factorised video layout a frame's tokens, or a position's frames)."""
+
+    def __init__(self, cfg: ModelConfig, axis: str = "joint", adds_frames: bool = False):
+        super().__init__(cfg, axis, adds_frames)
         self.attn = PoolingAttention(cfg.hidden_size)
 
 
@@ -106,7 +109,9 @@ class SparseDiT(Backbone):
         sp = cfg.sparse
         self.schedule = parse_schedule(sp.grid)
         kinds = self.block_kinds(cfg)
-        self.blocks = nn.ModuleList(PoolingBlock(cfg) if kind == "pool" else Block(cfg) for kind in kinds)
+        self.blocks = nn.ModuleList(
+            (PoolingBlock if kind == "pool" else Block)(cfg, *block_axis(cfg, i)) for i, kind in enumerate(kinds)
+        )
         self.recovers = nn.ModuleList(Recover(cfg.hidden_size, sp.recover) for _ in range(sp.modules))
 
     @staticmethod
@@ -151,18 +156,19 @@ class SparseDiT(Backbone):
         caption (tokens, keep) of a text model, cross-attended by every block, sparse and dense."""
         sp, grid, shape = self.config.sparse, self.config.grid, sparse_shape(self.config, side)
         dense_rope, sparse_rope = self.rope, self.sparse_rope(side, h.device)
+        per_block = {"text": text, "frames": grid[0] if self.config.video else 1}  # what every block takes
         for m, recover in enumerate(self.recovers):
             start = sp.pool_depth + m * sp.module_depth
             merge, *sparse, recover_block = self.blocks[start : start + sp.sparse_depth + 2]
             dense = self.blocks[start + sp.sparse_depth + 2 : start + sp.module_depth]
             pooled = pool_tokens(h, grid, shape) + self.sparse_pos(side, h)  # (B, M, D), M = prod(shape)
-            s = self.run_blocks([merge], pooled, c, sparse_rope, context=h, context_rope=dense_rope, text=text)
-            s = self.run_blocks(sparse, s, c, sparse_rope, text=text)
+            s = self.run_blocks([merge], pooled, c, sparse_rope, context=h, context_rope=dense_rope, **per_block)
+            s = self.run_blocks(sparse, s, c, sparse_rope, **per_block)
             m = recover(upsample_tokens(s - pooled if sp.recover == "residual" else s, shape, grid), h)  # (B, N, D)
             if sp.readd_pos:
                 m = m + self.pos_embed
-            h = self.run_blocks([recover_block], m, c, dense_rope, context=s, context_rope=sparse_rope, text=text)
-            h = self.run_blocks(dense, h, c, dense_rope, text=text)
+            h = self.run_blocks([recover_block], m, c, dense_rope, context=s, context_rope=sparse_rope, **per_block)
+            h = self.run_blocks(dense, h, c, dense_rope, **per_block)
         return h
 
     def use_grid(self, grid: str) -> None:
@@ -195,7 +201,8 @@ class SparseDiT(Backbone):
             )
         cfg = self.config
         h, c, text = self.embed(x, t, y)  # (B, N, D), (B, D), the caption (tokens, keep) or None
-        h = self.run_blocks(self.blocks[: cfg.sparse.pool_depth], h, c, None, text=text)
+        frames = cfg.token_grid(h.shape[1])[0] if cfg.video else 1
+        h = self.run_blocks(self.blocks[: cfg.sparse.pool_depth], h, c, None, text=text, frames=frames)
         sides = [side] * x.shape[0] if side is not None else self.sides(t)
         if len(set(sides)) == 1:
             h = self.modules_at(h, c, sides[0], text)
@@ -208,7 +215,7 @@ class SparseDiT(Backbone):
                 )
             h = out
         top = cfg.sparse.pool_depth + cfg.sparse.modules * cfg.sparse.module_depth
-        h = self.run_blocks(self.blocks[top:], h, c, self.rope, text=text)
+        h = self.run_blocks(self.blocks[top:], h, c, self.rope, text=text, frames=frames)
         return self.head(h, c)  # (B, C_out, H, W)
 
 
