@@ -44,6 +44,7 @@ class BenchConfig:
     channels: int = 4  # model input channels (SD-VAE latents: 4)
     frames: int = 0  # video: frames per clip (0: images); throughputs are then clips per second
     patch_size_t: int = 1  # video: frames per token
+    video_layout: str = "joint"  # video: joint | factorised (Latte's; sin-cos positions)
     num_classes: int = 1000
     batch: int = 64
     mask_ratios: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75, 0.875])
@@ -134,6 +135,8 @@ def build_model(cfg: BenchConfig, device: torch.device) -> SiT:
             preset=cfg.preset,
             input_size=[cfg.frames] * bool(cfg.frames) + [side, side],
             patch_size_t=cfg.patch_size_t,
+            video_layout=cfg.video_layout,
+            **({"pos_embed": "sincos"} if cfg.video_layout == "factorised" else {}),
             in_channels=cfg.channels,
             num_classes=cfg.num_classes,
             sprint=sprint,
@@ -158,7 +161,7 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
     cfg = checked(cfg, device)
     model = build_model(cfg, device)
     for ratio in cfg.mask_ratios:
-        check_mask_ratio(ratio, "structured", model.config.grid)
+        check_mask_ratio(ratio, "structured", model.config.mask_grid()[0])
     dtype = DTYPES[cfg.precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     peak = cfg.peak_tflops or measure_peak_tflops(device, dtype)
@@ -201,7 +204,8 @@ def bench_training(model: SiT, cfg: BenchConfig, device: torch.device, autocast,
     y = conditions(mc, cfg.batch, g).to(device)
     train = []
     for ratio in cfg.mask_ratios:
-        mask = make_mask(cfg.batch, mc.grid, ratio, "structured", g)
+        grid, tiles = mc.mask_grid()
+        mask = make_mask(cfg.batch, grid, ratio, "structured", g, tiles)
         mask = None if mask is None else mask.to(device)
 
         def step():
@@ -341,7 +345,8 @@ def device_name(device: torch.device) -> str:
 
 def format_report(report: dict) -> str:
     c = report["config"]
-    clips = f"{c['frames']}-frame clips (frames per token {c['patch_size_t']}) " if c.get("frames") else ""
+    layout = c.get("video_layout", "joint")
+    clips = f"{c['frames']}-frame clips ({layout}, frames per token {c['patch_size_t']}) " if c.get("frames") else ""
     mode = c.get("compile_mode", "default")
     compiled = (", compiled" + ("" if mode == "default" else f" ({mode})")) if c["compile"] else ""
     model = f"{c['preset']} on {clips}at {c['resolution']}px (model input {c['resolution'] // c['latent_factor']})"

@@ -531,6 +531,7 @@ def bench_options(p: argparse.ArgumentParser) -> None:
         "--frames", type=int, help="video: frames per clip, e.g. 16 (default 0: images; throughputs are then clips/s)"
     )
     p.add_argument("--patch-size-t", type=int, help="video: frames per token (default 1)")
+    p.add_argument("--video-layout", help="video: joint (default) | factorised (Latte's space / time blocks)")
     p.add_argument("--batch", type=int, help="samples per training step and per guided half (default 64)")
     p.add_argument(
         "--mask-ratios", help="comma-separated token-drop ratios of the middle blocks (default 0,0.5,0.75,0.875)"

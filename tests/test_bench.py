@@ -132,6 +132,28 @@ def test_bench_times_video_models_with_frame_aware_flops(tmp_path, capsys):
     ]
 
 
+def test_bench_times_the_factorised_video_layout(tmp_path, capsys):
+    """Latte's layout: one frame per token, the middle's mask tiled over the frames; FLOPs as the model counts."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", *SMALL, "--frames", "4", "--video-layout", "factorised", "--mask-ratios", "0,0.75", "--out", out]
+    assert main([str(a) for a in argv]) == 0
+    assert "4-frame clips (factorised" in capsys.readouterr().out
+    factorised = SiT(
+        ModelConfig(
+            preset="SiT-Nano/4",
+            input_size=[4, 32, 32],
+            in_channels=1,
+            num_classes=10,
+            pos_embed="sincos",
+            video_layout="factorised",
+        )  # fmt: skip
+    ).config
+    report = json.loads(out.read_text())
+    assert [r["flops_per_step"] for r in report["train"]] == [
+        3 * forward_flops(factorised, 4, ratio) for ratio in (0.0, 0.75)
+    ]
+
+
 def test_bench_times_an_imported_pixarts_architecture(tmp_path, capsys):
     """--model-from a converted PixArt: its captions (random T5-width rows) and adaLN-single are timed, dense against
     SparseDiT, with FLOPs from the same analytic model as its own run's."""
