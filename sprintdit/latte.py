@@ -10,7 +10,8 @@ time_pos); diffusers adds its whole table, so it only runs clips of video_length
 to input_size[0]. The caption: diffusers' Latte takes no mask in its pipeline (LattePipeline calls the transformer
 without one, and the transformer's own mask argument is not repeated over the frames), so every caption row is a key,
 padding included (model.text.mask_padding false); for one prompt the pipeline first cuts the rows to the prompt's
-length, for several it zeroes the padding rows, which are then still attended.
+length, for several it zeroes the padding rows, which are then still attended (sprintdit does the latter always).
+Its negative prompt is encoded unmasked: the unconditional caption keeps the encoder's output at the padding rows.
 Refused in one line: activation functions other than gelu-approximate (the class's default is geglu; Latte-1's is
 not), norm types other than ada_norm_single, attention without biases, any other transformer class.
 """

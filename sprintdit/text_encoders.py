@@ -66,8 +66,9 @@ class PretrainedTextEncoder:
         return [len(ids) for ids in self.tokenizer(list(captions))["input_ids"]]
 
     @torch.no_grad()
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (N, L, E) float32 on the CPU, zero at padding, and keep (N, L) bool; L = max_tokens."""
+    def __call__(self, captions: list[str], zero_padding: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (N, L, E) float32 on the CPU, zero at padding (or, zero_padding False, the encoder's output
+        there too), and keep (N, L) bool; L = max_tokens."""
         long = sum(n > self.max_tokens for n in self.token_counts(captions))
         if long:
             warn(f"{long} of {len(captions)} captions are longer than {self.max_tokens} tokens and were truncated")
@@ -84,7 +85,7 @@ class PretrainedTextEncoder:
             h = self.model(
                 input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
             ).last_hidden_state  # (B, L, E)
-            embeddings.append((h.float() * keep[..., None]).cpu())
+            embeddings.append((h.float() * keep[..., None] if zero_padding else h.float()).cpu())
             keeps.append(keep.cpu())
         return torch.cat(embeddings), torch.cat(keeps)
 
@@ -104,9 +105,11 @@ def load_encoder(cfg, encoder_path: str | None = None, device: str | torch.devic
     return encoder
 
 
-def empty_caption(cfg, encoder_path: str | None = None) -> torch.Tensor:
-    """(L, E) the empty text's embedding (padding rows zero): the unconditional caption of diffusers' pipelines."""
-    return load_encoder(cfg, encoder_path)([""])[0][0]
+def empty_caption(cfg, encoder_path: str | None = None, encoder: PretrainedTextEncoder | None = None) -> torch.Tensor:
+    """(L, E) the empty text's embedding, the unconditional caption of diffusers' pipelines: padding rows zero where
+    the model masks them, else the encoder's output there too (LattePipeline's unmasked negative prompt)."""
+    encoder = encoder or load_encoder(cfg, encoder_path)
+    return encoder([""], zero_padding=cfg.text.mask_padding)[0][0]
 
 
 def encode_prompts(
@@ -123,9 +126,8 @@ def encode_prompts(
         raise UserError("this model is class-conditional: give class labels, not prompts")
     if tx.encoder == "learned":
         return torch.tensor([tokenize(p, tx.vocabulary, tx.max_tokens) for p in prompts])
-    fill = network is not None and tx.null_caption == "encoded" and not network.y_embedder.empty.any()
-    embeddings = load_encoder(cfg, encoder_path, device)([""] * fill + list(prompts))[0]  # (fill + N, L, E)
-    if fill:
-        network.y_embedder.empty.copy_(embeddings[0])
+    encoder = load_encoder(cfg, encoder_path, device)
+    if network is not None and tx.null_caption == "encoded" and not network.y_embedder.empty.any():
+        network.y_embedder.empty.copy_(empty_caption(cfg, encoder=encoder))
         warn("the model's unconditional caption was unset: it is the empty prompt's embedding by this encoder")
-    return embeddings[int(fill) :]
+    return encoder(list(prompts))[0]  # (N, L, E)

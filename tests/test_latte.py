@@ -155,3 +155,50 @@ def test_sparsedit_of_a_converted_latte_pools_each_frame_and_counts_right(tmp_pa
     odd = SparseConfig(grid="2:4", pool_depth=1, modules=1, sparse_depth=3, dense_depth=1)
     with pytest.raises(UserError, match="merge and recover blocks must be space blocks"):
         sparsify(tmp_path / "run", tmp_path / "odd", odd)
+
+
+def test_sprintdit_samples_a_converted_latte_as_lattepipeline_does(tmp_path):
+    """LattePipeline from tiny random parts (Latte transformer, T5 with a word-level tokenizer, AutoencoderKL) and
+    sprintdit's sampler on the converted run: two prompts (LattePipeline keeps 120 caption rows for a batch, padding
+    zeroed; for one prompt it cuts them to the prompt's length instead), the empty negative prompt unmasked as the
+    unconditional caption, DPM-Solver++ 20 steps, CFG 4.5, the same starting latents: the same latents, and the same
+    frames through the VAE."""
+    from conftest import tiny_vae
+    from test_captions import T5_DIM, tiny_encoder_folder
+    from test_pixart import LATENT_SCALE, PIXART_SCHEDULER
+
+    from sprintdit.api import sample_conditions
+    from sprintdit.convert import write_run
+    from sprintdit.sampling import SampleNoise, generate
+    from sprintdit.sampling_run import SamplingRun
+
+    transformers = pytest.importorskip("transformers")
+    _, folder = latte(tmp_path, caption_channels=T5_DIM, video_length=3)
+    t5, vae = tiny_encoder_folder(tmp_path / "t5", "t5"), tiny_vae(tmp_path / "vae", 16, scaling_factor=LATENT_SCALE)
+    pipe = diffusers.LattePipeline(
+        tokenizer=transformers.AutoTokenizer.from_pretrained(t5),
+        text_encoder=transformers.T5EncoderModel.from_pretrained(t5),
+        vae=diffusers.AutoencoderKL.from_pretrained(vae),
+        transformer=diffusers.LatteTransformer3DModel.from_pretrained(folder),
+        scheduler=diffusers.DPMSolverMultistepScheduler(**PIXART_SCHEDULER),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    write_run(tmp_path / "run", convert(folder, ConvertOptions("diffusers")), "diffusers")
+    run = SamplingRun.open(tmp_path / "run", device="cpu", vae=str(vae))
+    prompts, seeds = ["a red bag on the left", "blue shoe"], [5, 9]
+    conditions = sample_conditions(run.config.model, prompts=prompts, text_encoder_path=str(t5), network=run.model)
+    ours = generate(run.model, run.objective, conditions, seeds, run.sample_config(), "cpu")  # (2, 4, 3, 8, 8)
+    start = SampleNoise(seeds, "cpu").randn((4, 3, 8, 8))
+    call = dict(
+        prompt=prompts, negative_prompt="", latents=start, num_inference_steps=20, guidance_scale=4.5, video_length=3,
+        height=16, width=16, clean_caption=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        theirs = pipe(**call, output_type="latent").frames
+        video = pipe(**call, output_type="pt").frames  # (2, F, 3, 16, 16) in [0, 1]
+    assert (ours - start).abs().max() > 0.5  # it sampled
+    assert (ours - theirs).abs().max() < 1e-6 * theirs.abs().max()  # float32 both; our schedule in float64
+    frames = ((run.to_pixels(ours) + 1) / 2).clamp(0, 1).transpose(1, 2)  # (2, F, 3, 16, 16)
+    assert 0.05 < video.mean() < 0.95 and video.std() > 0.01  # not saturated
+    torch.testing.assert_close(frames, video, rtol=0, atol=1e-5)
+    assert run.model.y_embedder.empty[1:].ne(0).any()  # the negative prompt's padding rows, unmasked as diffusers'
