@@ -313,10 +313,14 @@ PROMPTS = ["a red bag on the left", "blue shoe"]
 LATENT_SCALE = 300.0
 
 
+PIPELINES = {"alpha": ("PixArtAlphaPipeline", 120), "sigma": ("PixArtSigmaPipeline", 300)}  # class, caption tokens
+
+
 @pytest.fixture
-def pixart_chain(tmp_path):
-    """diffusers' PixArtAlphaPipeline from tiny random parts (transformer, AutoencoderKL, T5 encoder and a word-level
-    tokenizer), and the same transformer converted to a sprintdit run with no unconditional caption set."""
+def pixart_chain(tmp_path, request):
+    """diffusers' PixArtAlphaPipeline (or, parametrized "sigma", PixArtSigmaPipeline: 300 caption tokens) from tiny
+    random parts (transformer, AutoencoderKL, T5 encoder and a word-level tokenizer), and the same transformer
+    converted to a sprintdit run with no unconditional caption set."""
     from conftest import tiny_vae
     from test_captions import T5_DIM, tiny_encoder_folder
 
@@ -325,7 +329,8 @@ def pixart_chain(tmp_path):
     _, folder = pixart(tmp_path, caption_channels=T5_DIM)
     t5, vae = tiny_encoder_folder(tmp_path / "t5", "t5"), tiny_vae(tmp_path / "vae", 16, scaling_factor=LATENT_SCALE)
     transformers = pytest.importorskip("transformers")
-    pipe = diffusers.PixArtAlphaPipeline(
+    pipeline, tokens = PIPELINES[getattr(request, "param", "alpha")]
+    pipe = getattr(diffusers, pipeline)(
         tokenizer=transformers.AutoTokenizer.from_pretrained(t5),
         text_encoder=transformers.T5EncoderModel.from_pretrained(t5),
         vae=diffusers.AutoencoderKL.from_pretrained(vae),
@@ -334,30 +339,33 @@ def pixart_chain(tmp_path):
     )
     pipe.set_progress_bar_config(disable=True)
     run = tmp_path / "run"
-    write_run(run, convert(folder, ConvertOptions("diffusers")), "diffusers")
+    write_run(run, convert(folder, ConvertOptions("diffusers", caption_tokens=tokens)), "diffusers")
     return pipe, run, t5, vae
 
 
+@pytest.mark.parametrize("pixart_chain", ["alpha", "sigma"], indirect=True)
 def test_sprintdit_samples_a_converted_pixart_as_diffusers_pipeline_does(pixart_chain):
     """Prompts through the same T5, the empty negative prompt as the unconditional caption, DPM-Solver++ 20 steps,
-    CFG 4.5, the same starting latents (our seeds' noise): the same latents, and the same images through the VAE."""
+    CFG 4.5, the same starting latents (our seeds' noise): the same latents, and the same images through the VAE;
+    PixArt-alpha's pipeline (120 caption tokens) and PixArt-Sigma's (300)."""
     from sprintdit.api import sample_conditions
     from sprintdit.sampling import SampleNoise, generate
     from sprintdit.sampling_run import SamplingRun
 
     pipe, run_dir, t5, vae = pixart_chain
     run = SamplingRun.open(run_dir, device="cpu", vae=str(vae))
+    tokens = run.config.model.text.max_tokens  # 120 (alpha) or 300 (sigma)
     cfg = run.sample_config()
     assert (cfg.sampler, cfg.steps, cfg.guidance, cfg.scale) == ("dpm-solver++", 20, "cfg", 4.5)  # PixArt's defaults
     seeds = [3, 11]
     with pytest.raises(UserError, match="unconditional caption is unset"):  # guidance needs it; nothing is guessed
-        generate(run.model, run.objective, [torch.zeros(120, 16)] * 2, seeds, cfg, "cpu")
+        generate(run.model, run.objective, [torch.zeros(tokens, 16)] * 2, seeds, cfg, "cpu")
     conditions = sample_conditions(run.config.model, prompts=PROMPTS, text_encoder_path=str(t5), network=run.model)
     ours = generate(run.model, run.objective, conditions, seeds, cfg, "cpu")  # (2, 4, 8, 8)
     start = SampleNoise(seeds, "cpu").randn((4, 8, 8))
     call = dict(
         prompt=PROMPTS, negative_prompt="", latents=start, num_inference_steps=20, guidance_scale=4.5,
-        height=16, width=16, use_resolution_binning=False, clean_caption=False, max_sequence_length=120,
+        height=16, width=16, use_resolution_binning=False, clean_caption=False, max_sequence_length=tokens,
     )  # fmt: skip
     with torch.no_grad():
         theirs = pipe(**call, output_type="latent").images
