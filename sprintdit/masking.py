@@ -165,8 +165,9 @@ def structured_mask(
 
 
 def keep_levels(grid: tuple[int, ...], sparsest: float) -> list[Fraction]:
-    """The keep ratios k / |group| (k = 1 .. |group|) of the structured group that keeps `sparsest` of the tokens (one
-    of four: 2 x 2 groups): what a sampling keep schedule rounds to, denser steps keeping more tokens of a group."""
+    """The keep ratios k / |group| (k = 1 .. |group|) of the structured group that keeps `sparsest` of the tokens (keep
+    1/4: the 2 x 2 group, so 1/4, 1/2, 3/4, 1): what a sampling keep schedule rounds to, denser steps keeping more
+    tokens of a group."""
     g, _ = structured_group(1.0 - sparsest, grid)
     size = math.prod(group_shape(g, grid))
     return [Fraction(k, size) for k in range(1, size + 1)]
