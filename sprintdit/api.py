@@ -127,9 +127,13 @@ class Pipeline:
         batch_size: int | None = None,
         progress: bool = False,
         prompts: Sequence[str] | None = None,
+        middle_keep: str | float | None = None,
+        middle_mask: str | None = None,
+        middle_interval: Sequence[float] | None = None,
     ) -> list[Image.Image]:
         """One image per label or prompt (seed: its position when `seeds` is not given); unset settings: the run's
-        `sample`."""
+        `sample`. middle_keep (SPRINT): the share of the tokens the middle blocks see per step, e.g. 0.25 or "0.25:1"
+        (sprintdit.density)."""
         if labels is None and prompts is None:
             raise UserError("give labels (a class model) or prompts (a text model)")
         labels = sample_conditions(self.run.model, labels, prompts, 1, self.text_encoder_path, self.device, self.model)
@@ -140,6 +144,9 @@ class Pipeline:
             sampler=sampler,
             batch_size=batch_size,
             interval=None if interval is None else [float(v) for v in interval],
+            middle_keep=None if middle_keep is None else str(middle_keep),
+            middle_mask=middle_mask,
+            middle_interval=None if middle_interval is None else [float(v) for v in middle_interval],
         )
         seeds = list(range(len(labels))) if seeds is None else list(seeds)
         pixels = to_uint8(self.handle.generate(list(labels), seeds, cfg, progress=progress)[0])  # (N, H, W, C) uint8

@@ -20,12 +20,14 @@ from .density import SparseConfig, parse_schedule, side_at
 from .draws import Draws
 from .errors import UserError
 from .flops import GIGA, TERA, forward_flops
+from .flops import sampling_flops as sampling_flops_of
 from .masking import check_mask_ratio, make_mask
 from .models import SiT, SparseDiT, resolve_model_config
 from .models.sit import ModelConfig, SprintConfig
 from .models.sparsedit import sparsify_state_dict
 from .objective import FlowMatching, ObjectiveConfig
 from .sampling import SampleConfig, euler, guided_output, time_grid
+from .sections import check_sampling
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK_MATMUL_SIZE = 4096  # square matmul used to measure the device's peak (CPU: PEAK_MATMUL_SIZE_CPU)
@@ -69,6 +71,8 @@ class BenchConfig:
             SparseConfig.dense_depth,
         ]
     )  # Poolingformers, modules, sparse and dense blocks per module
+    # SPRINT keep schedules of the middle blocks to time in sampling (sample.middle_keep), e.g. ["0.25", "0.25:1"]
+    middle_keeps: list[str] = field(default_factory=list)
     device: str = "auto"
 
 
@@ -175,6 +179,8 @@ def run_bench(cfg: BenchConfig, device: torch.device) -> dict:
     }
     if cfg.sparse_grids:
         report["sparsedit"] = bench_sparsedit(model, cfg, device, autocast)
+    if cfg.middle_keeps:
+        report["middle_keep"] = bench_middle_keep(model, cfg, device, autocast)
     return report
 
 
@@ -186,6 +192,8 @@ def checked(cfg: BenchConfig, device: torch.device) -> BenchConfig:
         raise UserError(f"--precision {cfg.precision!r}: choose auto or one of {', '.join(DTYPES)}")
     if cfg.batch < 1 or cfg.repeats < 1 or cfg.warmup < 0 or cfg.sample_steps < 1:
         raise UserError("--batch, --repeats and --sample-steps must be >= 1, --warmup >= 0")
+    for keep in cfg.middle_keeps:
+        SampleConfig(middle_keep=keep)  # its checks; the grid's when the model is built
     if cfg.compile_mode not in COMPILE_MODES or (cfg.compile_mode != "default" and not cfg.compile):
         raise UserError(
             f"--compile-mode {cfg.compile_mode!r}: give it with --compile, one of {', '.join(COMPILE_MODES)}"
@@ -274,6 +282,41 @@ def bench_sampling(model: SiT, cfg: BenchConfig, device: torch.device, autocast)
     out["pdg_images_per_s"] = cfg.batch / seconds
     out["pdg_sample_steps"] = cfg.sample_steps
     return out
+
+
+@torch.no_grad()
+def bench_middle_keep(model: SiT, cfg: BenchConfig, device: torch.device, autocast) -> list[dict]:
+    """Images/s and FLOPs of whole Euler runs with CFG and with PDG, the middle blocks dense and then thinned by each
+    keep schedule (one structured mask per step, as `sprintdit sample --middle-keep` draws them)."""
+    mc = model.config
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(cfg.batch, mc.in_channels, *mc.input_size, generator=g).to(device)
+    y = conditions(mc, cfg.batch, g).to(device)
+    objective = FlowMatching(ObjectiveConfig(), null_class=model.null_class)
+    rows = []
+    for guidance in ("cfg", "pdg"):
+        for keep in ["1", *cfg.middle_keeps]:
+            scfg = SampleConfig(guidance=guidance, steps=cfg.sample_steps, middle_keep=keep)
+            check_sampling(mc, "flow", scfg)
+            guided = guided_output(model, y, scfg, mc.in_channels)
+
+            def full_run():
+                with autocast:
+                    euler(lambda z, t: guided(z, t)[:, : mc.in_channels], x, cfg.sample_steps)
+
+            seconds = median_seconds(full_run, device, warmup=1, repeats=max(1, cfg.repeats // 5))
+            rows.append(
+                {
+                    "guidance": guidance,
+                    "middle_keep": keep,
+                    "images_per_s": cfg.batch / seconds,
+                    "gflops_per_image": sampling_flops_of(model, objective, scfg) / GIGA,
+                }
+            )
+    for r in rows:
+        r["speedup_vs_dense_cfg"] = r["images_per_s"] / rows[0]["images_per_s"]
+        r["flops_vs_dense_cfg"] = r["gflops_per_image"] / rows[0]["gflops_per_image"]
+    return rows
 
 
 def sparsedit_configs(mc: ModelConfig, cfg: BenchConfig) -> tuple[ModelConfig, list[ModelConfig]]:
@@ -380,5 +423,13 @@ def format_report(report: dict) -> str:
             lines.append(
                 f"{r['grid']:>8}{r['images_per_s']:>10.2f}{r['speedup_vs_dense']:>9.2f}x{r['gflops_per_image']:>11.3g}"
                 f"{r['flops_vs_dense']:>8.1%}"
+            )
+    if "middle_keep" in report:
+        lines.append(f"SPRINT's middle thinned while sampling, Euler {c['sample_steps']} steps (vs dense CFG):")
+        lines.append(f"{'guidance':>9}{'keep':>10}{'img/s':>10}{'vs CFG':>9}{'GFLOP/img':>11}{'FLOPs':>8}")
+        for r in report["middle_keep"]:
+            lines.append(
+                f"{r['guidance']:>9}{r['middle_keep']:>10}{r['images_per_s']:>10.2f}{r['speedup_vs_dense_cfg']:>8.2f}x"
+                f"{r['gflops_per_image']:>11.3g}{r['flops_vs_dense_cfg']:>8.1%}"
             )
     return "\n".join(lines)

@@ -191,13 +191,28 @@ def train_on_ranks(args) -> int:
 
 def sample_settings(args) -> dict:
     """The sampling options given on the command line (None: keep the checkpoint's)."""
-    given = {k: getattr(args, k) for k in ("sampler", "steps", "guidance", "scale", "batch_size", "timestep_spacing")}
-    if args.interval is not None:
-        try:
-            given["interval"] = [float(v) for v in args.interval.split(",")]
-        except ValueError:
-            raise UserError(f"--interval must be LOW,HIGH, got {args.interval!r}") from None
+    names = ("sampler", "steps", "guidance", "scale", "batch_size", "timestep_spacing", "middle_keep", "middle_mask")
+    given = {k: getattr(args, k) for k in names}
+    for name in ("interval", "middle_interval"):
+        text = getattr(args, name)
+        if text is not None:
+            try:
+                given[name] = [float(v) for v in text.split(",")]
+            except ValueError:
+                raise UserError(f"--{name.replace('_', '-')} must be LOW,HIGH, got {text!r}") from None
     return given
+
+
+def setting_tag(scfg, args) -> str:
+    """File-name part for the sampling settings: guidance, sampler, steps, scale, then a --sparse-grid override and a
+    thinned SPRINT middle (keep schedule, mask choice, interval), so outputs of other settings sit side by side."""
+    from .density import parse_keep
+
+    tag = f"{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}{grid_tag(args)}"
+    if parse_keep(scfg.middle_keep).dense:
+        return tag
+    interval = "" if scfg.middle_interval == [0.0, 1.0] else "_t" + "-".join(f"{v:g}" for v in scfg.middle_interval)
+    return f"{tag}_keep{re.sub(r'[^0-9.]+', '-', scfg.middle_keep)}_{scfg.middle_mask}{interval}"
 
 
 def grid_tag(args) -> str:
@@ -282,7 +297,7 @@ def sample_on_ranks(args) -> int:
     images, seconds = run.generate(conditions, seeds, scfg, progress=not args.no_progress)
     if images is None:  # not rank 0
         return 0
-    stem = f"{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}{grid_tag(args)}"
+    stem = setting_tag(scfg, args)
     written = save_samples(images, out / stem, None if prompts else conditions, prompts, args.per_label, args.grid_max)
     d = run.dist
     where = f"{d.world_size} ranks ({d.device.type})" if d.active else str(d.device)
@@ -458,9 +473,7 @@ def evaluate_checkpoint(args) -> int:
     if scored is None:  # rank 0 scores the gathered samples
         return 0
     weights = "_raw" if args.no_ema else ""  # the EMA's and the raw weights' scores live side by side
-    stem = (
-        f"eval_{scfg.guidance}_{scfg.sampler}{scfg.steps}_s{scfg.scale:g}{grid_tag(args)}_n{cfg.num_samples}{weights}"
-    )
+    stem = f"eval_{setting_tag(scfg, args)}_n{cfg.num_samples}{weights}"
     if args.save_samples:
         save_npz(scored.images, scored.labels, folder / f"{stem}.npz")
     results = scored.results
@@ -558,6 +571,11 @@ def bench_options(p: argparse.ArgumentParser) -> None:
         help="SparseDiT layout: Poolingformers,modules,sparse blocks,dense blocks per module (default: model.sparse's, "
         "2,4,3,1)",
     )
+    p.add_argument(
+        "--middle-keeps",
+        help="also time sampling with SPRINT's middle thinned by these keep schedules, separated by spaces, e.g. "
+        "'0.5 0.25 0.25:1'",
+    )
     p.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
     p.add_argument("--out", help="write the report as JSON here")
 
@@ -574,6 +592,7 @@ def cmd_bench(args) -> int:
         "mask_ratios": (float, ",", "numbers like 0,0.5,0.75"),
         "sparse_layout": (int, ",", "4 integers like 2,4,3,1"),
         "sparse_grids": (str, None, "schedules separated by spaces"),
+        "middle_keeps": (str, None, "keep schedules separated by spaces"),
     }
     for key, (cast, sep, what) in lists.items():
         if key in given:
@@ -664,7 +683,8 @@ def study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "name",
         help="study file, or the name of one shipped in sprintdit/configs/studies/ (sprint-vs-dense, drop-ratio, "
-        "drop-ratio-256, drop-ratio-steps, guidance, sparsedit, sparsedit-grid, sparsedit-64, tokens)",
+        "drop-ratio-256, drop-ratio-steps, guidance, sparsedit, sparsedit-grid, sparsedit-64, tokens, "
+        "sparse-inference)",
     )
     p.add_argument(
         "--size", default="cpu", help="which size of the study: cpu (2 CPU cores) or gpu (one GPU); default cpu"
@@ -824,6 +844,13 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", help="none | cfg (classifier-free) | pdg (Path-Drop Guidance)")
     g.add_argument("--scale", type=float, help="guidance scale")
     g.add_argument("--interval", help="guide only for t in LOW,HIGH (t=1 is noise), e.g. 0,0.7")
+    g.add_argument(
+        "--middle-keep",
+        help="SPRINT: share of the tokens the middle blocks see per step: 1 (all), 0.25, 0.25:1 (0.25 at pure noise, "
+        "rising linearly to 1 at t=1/4) or knots t=keep,... (e.g. 1=0.25,0.5=0.5,0=1)",
+    )
+    g.add_argument("--middle-mask", help="thinned middle: varying (a fresh draw every step) | fixed (the same tokens)")
+    g.add_argument("--middle-interval", help="thin the middle only for t in LOW,HIGH (t=1 is noise), e.g. 0.75,1")
     g.add_argument("--batch-size", type=int, help="samples per sampling batch")
     g.add_argument(
         "--sparse-grid",

@@ -1,5 +1,5 @@
-"""SparseDiT's token density: how large the sparse token grid is at each noise level (pure functions).
-(Video: the grid and its pruning rate are per frame.)
+"""Token density over the noise level (pure functions): how large SparseDiT's sparse token grid is at each t (video:
+per frame), and what share of the tokens SPRINT's middle blocks see at each sampling step (`KeepSchedule`).
 
 A schedule is written as text, the form `model.sparse.grid` and `sprintdit sparsify --sparse-grid` take:
 
@@ -12,12 +12,18 @@ t is the noise level in [0, 1] (1 = pure noise; DDPM step k of T is t = k / T). 
 keeps M = s^2 tokens, pruning r = 1 - M / N. The paper's rule for t in [1/4, 1] is
 r(t) = (4 - 4t)/3 r_min + (4t - 1)/3 r_max, so "a:b" is the knots {1: a, 1/4: b}. Rates between knots are
 rounded to the achievable grid whose r is closest.
+
+A SPRINT keep schedule (`sample.middle_keep`) has the same three forms with keep ratios in (0, 1] for grid sides:
+"0.25" (constant), "0.25:1" (0.25 at pure noise rising linearly to 1, dense, at t = 1/4 and below) or knots
+"1=0.25,0.5=0.5"; 1 everywhere is the dense middle. Ratios between knots round to the nearest one the structured
+groups of the schedule's sparsest ratio realise (`masking.keep_levels`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -59,27 +65,50 @@ class DensitySchedule:
         return min(grids), max(grids)
 
 
+def parse_knots(text: str, value: Callable[[str], float]) -> tuple[tuple[float, float], ...]:
+    """(t, value) knots sorted by t of a schedule text: "v" (constant), "a:b" (a at t = 1, b for t <= 1/4) or knots
+    "t=v,..."; `value` reads one value. Raises ValueError for text of none of these forms."""
+    if "=" in text:
+        return tuple(sorted((float(t), value(v)) for t, v in (item.split("=") for item in text.split(","))))
+    if ":" in text:
+        start, end = (value(v) for v in text.split(":"))
+        return ((DENSEST_FRACTION, end), (1.0, start))
+    return ((1.0, value(text)),)
+
+
+def check_knots(knots: tuple[tuple[float, float], ...], text: str, what: str) -> None:
+    """Knot times in [0, 1], one value per time."""
+    if any(not 0.0 <= t <= 1.0 for t, _ in knots):
+        raise UserError(f"{what} {text!r}: knot times must be in [0, 1]")
+    if len({t for t, _ in knots}) != len(knots):
+        raise UserError(f"{what} {text!r} gives two values for the same t")
+
+
+def interpolate(knots: tuple[tuple[float, float], ...], t: float) -> float:
+    """The value at t of knots (t, value) sorted by t: linear between knots, flat outside them."""
+    (t0, v0), rest = knots[0], knots[1:]
+    if t <= t0 or not rest:
+        return v0 if t <= t0 else knots[-1][1]
+    for (ta, va), (tb, vb) in zip(knots, rest):
+        if t <= tb:
+            w = (t - ta) / (tb - ta)
+            return (1 - w) * va + w * vb
+    return knots[-1][1]
+
+
 def parse_schedule(text: str) -> DensitySchedule:
     """The schedule a `model.sparse.grid` string describes (see the module docstring)."""
     text = str(text).strip()
     try:
-        if "=" in text:
-            pairs = [item.split("=") for item in text.split(",")]
-            knots = tuple(sorted((float(t), int(g)) for t, g in pairs))
-        elif ":" in text:
-            coarse, fine = (int(v) for v in text.split(":"))
-            knots = ((DENSEST_FRACTION, fine), (1.0, coarse))
-        else:
-            knots = ((1.0, int(text)),)
+        knots = parse_knots(text, int)
     except ValueError:
         raise UserError(
             f"sparse grid schedule {text!r} is not '8', 'min:max' (e.g. 6:10) or knots 't=grid,...' (e.g. "
             f"1=6,0.5=8,0.2=10)"
         ) from None
-    if any(g < 1 for _, g in knots) or any(not 0.0 <= t <= 1.0 for t, _ in knots):
-        raise UserError(f"sparse grid schedule {text!r}: grid sides must be >= 1 and knot times in [0, 1]")
-    if len({t for t, _ in knots}) != len(knots):
-        raise UserError(f"sparse grid schedule {text!r} gives two grids for the same t")
+    if any(g < 1 for _, g in knots):
+        raise UserError(f"sparse grid schedule {text!r}: grid sides must be >= 1")
+    check_knots(knots, text, "sparse grid schedule")
     return DensitySchedule(knots)
 
 
@@ -97,14 +126,7 @@ def pruning_rate(side: int, dense_tokens: int) -> float:
 
 def rate_at(schedule: DensitySchedule, t: float, dense_tokens: int) -> float:
     """Pruning rate r at noise level t: linear in t between knots, flat outside them."""
-    (t0, g0), rest = schedule.knots[0], schedule.knots[1:]
-    if t <= t0 or not rest:
-        return pruning_rate(g0 if t <= t0 else schedule.knots[-1][1], dense_tokens)
-    for (ta, ga), (tb, gb) in zip(schedule.knots, rest):
-        if t <= tb:
-            w = (t - ta) / (tb - ta)
-            return (1 - w) * pruning_rate(ga, dense_tokens) + w * pruning_rate(gb, dense_tokens)
-    return pruning_rate(schedule.knots[-1][1], dense_tokens)
+    return interpolate(tuple((tk, pruning_rate(g, dense_tokens)) for tk, g in schedule.knots), t)
 
 
 def side_at(schedule: DensitySchedule, t: float, dense_tokens: int) -> int:
@@ -180,3 +202,42 @@ def pooled_centres(side: int, size: int) -> torch.Tensor:
     starts = [math.floor(i * size / side) for i in range(side)]
     ends = [math.ceil((i + 1) * size / side) for i in range(side)]
     return torch.tensor([(a + b - 1) / 2 for a, b in zip(starts, ends)], dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------- SPRINT's keep ratio in sampling
+
+
+@dataclass(frozen=True)
+class KeepSchedule:
+    knots: tuple[tuple[float, float], ...]  # (t, share of the tokens the middle blocks see) sorted by t
+
+    @property
+    def sparsest(self) -> float:
+        return min(keep for _, keep in self.knots)
+
+    @property
+    def dense(self) -> bool:
+        return self.sparsest == 1.0
+
+
+def parse_keep(text: str) -> KeepSchedule:
+    """The keep schedule a `sample.middle_keep` string describes (see the module docstring)."""
+    text = str(text).strip()
+    try:
+        knots = parse_knots(text, float)
+    except ValueError:
+        raise UserError(
+            f"middle keep schedule {text!r} is not a ratio '0.25', 'min:final' (e.g. 0.25:1) or knots 't=keep,...' "
+            f"(e.g. 1=0.25,0.5=0.5,0=1)"
+        ) from None
+    if any(not 0.0 < keep <= 1.0 for _, keep in knots):
+        raise UserError(f"middle keep schedule {text!r}: keep ratios must be in (0, 1] (1: every token)")
+    check_knots(knots, text, "middle keep schedule")
+    return KeepSchedule(knots)
+
+
+def keep_at(schedule: KeepSchedule, t: float, levels: list[Fraction]) -> Fraction:
+    """The keep ratio at noise level t: the schedule's value there, rounded to the nearest of `levels` (ties: the
+    denser)."""
+    wanted = interpolate(schedule.knots, t)
+    return min(levels, key=lambda level: (abs(level - wanted), -level))

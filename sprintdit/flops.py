@@ -17,7 +17,7 @@ import torch
 from .checkpoint import read_config, resolve_weights
 from .config import RunConfig
 from .density import parse_schedule, side_at
-from .masking import num_kept_random
+from .masking import TokenMask, num_kept_random
 from .models.sit import TIMESTEP_FREQ_DIM, ModelConfig, mlp_hidden
 from .models.sparsedit import SparseDiT, sparse_shape
 from .sections import ADAPTIVE_SAMPLERS
@@ -238,18 +238,26 @@ class _ForwardRecorder:
             model.fusion,
             model.step_options,
         )
-        self.calls: list[tuple[int, int | None, int | None]] = []  # (batch, middle_rows, SparseDiT grid side)
+        # (batch, middle_rows, SparseDiT grid side, middle drop ratio)
+        self.calls: list[tuple[int, int | None, int | None, float]] = []
 
     def __call__(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, middle_rows: int | None = None, side: int | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        middle_rows: int | None = None,
+        side: int | None = None,
+        mask: TokenMask | None = None,
     ) -> torch.Tensor:
-        self.calls.append((x.shape[0], middle_rows, side))
+        n = self.config.num_tokens
+        self.calls.append((x.shape[0], middle_rows, side, 0.0 if mask is None else 1 - mask.num_kept / n))
         return torch.zeros(x.shape[0], self.config.out_channels, *x.shape[2:])
 
 
-def sampler_forwards(model, objective, scfg) -> list[tuple[int, int | None, int | None]]:
-    """(batch, middle_rows, SparseDiT grid side) of every forward the sampler makes for one image with the settings
-    `scfg`, found by running the sampler itself on a stand-in network."""
+def sampler_forwards(model, objective, scfg) -> list[tuple[int, int | None, int | None, float]]:
+    """(batch, middle_rows, SparseDiT grid side, the middle's drop ratio) of every forward the sampler makes for one
+    image with the settings `scfg`, found by running the sampler itself on a stand-in network."""
     from .sampling import generate
 
     recorder = _ForwardRecorder(model)
@@ -260,10 +268,11 @@ def sampler_forwards(model, objective, scfg) -> list[tuple[int, int | None, int 
 def sampling_flops(model, objective, scfg) -> int:
     """Model FLOPs to sample one image with the settings `scfg`: every forward the sampler makes (both halves of a
     guided step, PDG's cheap half without the middle blocks, guidance only inside its interval). SparseDiT's forwards
-    use the grid the sampler names at each step."""
+    use the grid the sampler names at each step, SPRINT's middle the tokens of that step's mask."""
     calls = sampler_forwards(model, objective, scfg)
     return sum(
-        forward_flops(model.config, batch, middle_rows=middle_rows, side=side) for batch, middle_rows, side in calls
+        forward_flops(model.config, batch, ratio, middle_rows=middle_rows, side=side)
+        for batch, middle_rows, side, ratio in calls
     )
 
 
@@ -272,4 +281,4 @@ def sampling_nfe(model, objective, scfg) -> int | None:
     adaptive sampler, whose count depends on the network (the stand-in's zeros would understate it)."""
     if scfg.sampler in ADAPTIVE_SAMPLERS:
         return None
-    return sum(batch for batch, _, _ in sampler_forwards(model, objective, scfg))
+    return sum(call[0] for call in sampler_forwards(model, objective, scfg))

@@ -164,6 +164,24 @@ def structured_mask(
     return mask_from_dropped(lattice_layout(ranks >= k, group, offset))
 
 
+def keep_levels(grid: tuple[int, ...], sparsest: float) -> list[Fraction]:
+    """The keep ratios k / |group| (k = 1 .. |group|) of the structured group that keeps `sparsest` of the tokens (keep
+    1/4: the 2 x 2 group, so 1/4, 1/2, 3/4, 1): what a sampling keep schedule rounds to, denser steps keeping more
+    tokens of a group."""
+    g, _ = structured_group(1.0 - sparsest, grid)
+    size = math.prod(group_shape(g, grid))
+    return [Fraction(k, size) for k in range(1, size + 1)]
+
+
+def shared_mask(batch: int, grid: tuple[int, ...], keep: float, seed: int) -> TokenMask | None:
+    """One structured mask keeping `keep` of the tokens, drawn from `seed`, for every sample of a batch (so no sample's
+    tokens depend on its batch-mates); None for keep 1."""
+    if keep == 1:
+        return None
+    one = structured_mask(1, grid, 1.0 - keep, torch.Generator().manual_seed(seed))  # (1, K), (1, N), (1, N)
+    return TokenMask(one.ids_keep.expand(batch, -1), one.ids_restore.expand(batch, -1), one.dropped.expand(batch, -1))
+
+
 def make_mask(
     batch: int,
     grid: tuple[int, int],

@@ -10,17 +10,22 @@ seed and label.
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from typing import Callable
 
 import torch
 
+from .density import keep_at, parse_keep
 from .distributed import Dist, batches_of_rank, gather_to_main
 from .errors import UserError
+from .masking import keep_levels, shared_mask
 from .objective import DDPM, DiffusionProcess, FlowMatching, correlate_frames, null_like, solver_steps, spaced_steps
 from .sections import SampleConfig, check_sampling
 from .text import check_token_ids
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
+FIXED_MASK_SEED = 0  # sample.middle_mask fixed: the seed of the one draw every step uses
 
 
 class SampleNoise:
@@ -139,21 +144,50 @@ def dpm_solver_pp(out: VelocityFn, x: torch.Tensor, objective: DDPM, steps: int,
     return x
 
 
+def time_seed(t: float) -> int:
+    """A seed that is a function of the noise level alone: the CRC-32 of t as a float64 (the CPU generator keeps 32 bits
+    of a seed, and those of a float64's bits are zero for t = k / 2^n)."""
+    return zlib.crc32(struct.pack("<d", t))
+
+
+def middle_options(model, cfg: SampleConfig) -> Callable[[float, int, torch.device], dict]:
+    """f(t, batch, device) -> the forward's keyword arguments that thin SPRINT's middle blocks at noise level t:
+    {"mask": one structured mask for the whole batch (`cfg.middle_keep` of the tokens)}, or {} (every token)."""
+    schedule = parse_keep(cfg.middle_keep)
+    if schedule.dense:
+        return lambda t, batch, device: {}
+    grid = model.config.grid
+    levels = keep_levels(grid, schedule.sparsest)
+    low, high = cfg.middle_interval
+
+    def options(t: float, batch: int, device: torch.device) -> dict:
+        keep = keep_at(schedule, t, levels)
+        if keep == 1 or not low <= t <= high:
+            return {}
+        seed = FIXED_MASK_SEED if cfg.middle_mask == "fixed" else time_seed(t)
+        return {"mask": shared_mask(batch, grid, keep, seed).to(device)}
+
+    return options
+
+
 def guided_output(model, y: torch.Tensor, cfg: SampleConfig, channels: int) -> VelocityFn:
     """out(x, t) of `model` for labels y with the configured guidance; one forward of 2B when guiding.
 
     The first `channels` output channels (velocity or eps) are guided; any others (a learned variance)
     come from the conditional half. PDG: the unconditional half takes the path-dropped branch (null label,
-    middle blocks skipped).
+    middle blocks skipped). A thinned middle (`cfg.middle_keep`) sees the same tokens in both halves.
     """
     null = null_like(y, model.null_class)  # (B,) null labels or (B, L) empty texts
     low, high = cfg.interval
+    middle = middle_options(model, cfg)
 
     def v(x: torch.Tensor, t: float) -> torch.Tensor:
         b = x.shape[0]
         step = model.step_options(t)  # SparseDiT: the grid side at t
         if cfg.guidance == "none" or not low <= t <= high:
+            step = {**step, **middle(t, b, x.device)}
             return model(x, torch.full((b,), t, device=x.device, dtype=torch.float64), y, **step)
+        step = {**step, **middle(t, 2 * b, x.device)}
         x2 = torch.cat([x, x])  # (2B, C, H, W)
         t2 = torch.full((2 * b,), t, device=x.device, dtype=torch.float64)
         kwargs = {"middle_rows": b, **step} if cfg.guidance == "pdg" else step

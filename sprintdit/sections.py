@@ -10,8 +10,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import List, Optional
 
-from .density import SparseConfig
+from .density import SparseConfig, parse_keep
 from .errors import UserError
+from .masking import achievable_structured_ratios, keep_levels
 
 
 @dataclass
@@ -213,6 +214,7 @@ DDPM_SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")  # dpm-solver++'s choice of steps, as diffusers names them
 SAMPLERS = FLOW_SAMPLERS + DDPM_SAMPLERS
 GUIDANCES = ("none", "cfg", "pdg")
+MIDDLE_MASKS = ("varying", "fixed")  # sample.middle_mask: which tokens of each group the thinned middle keeps
 
 
 @dataclass
@@ -230,6 +232,13 @@ class SampleConfig:
     batch_size: int = 64
     # dpm-solver++: the T training steps it visits: linspace (PixArt's, diffusers' default) | leading | trailing
     timestep_spacing: str = "linspace"
+    # SPRINT: the share of the tokens the middle blocks see at each step (sprintdit.density): "1" (all), a constant
+    # "0.25", "0.25:1" (SparseDiT's form: 0.25 at pure noise, rising linearly to 1 at t = 1/4) or knots "t=keep,..."
+    middle_keep: str = "1"
+    # varying: a fresh structured draw at every step (seeded by t) | fixed: the same tokens at every step; one draw
+    # for every sample, so an image depends only on its seed and label
+    middle_mask: str = "varying"
+    middle_interval: List[float] = field(default_factory=lambda: [0.0, 1.0])  # thin the middle only for t in it
 
     def __post_init__(self) -> None:
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
@@ -248,11 +257,33 @@ class SampleConfig:
             raise UserError(f"guidance interval must be [low, high] within [0, 1], got {list(self.interval)}")
         if self.sampler == "sde" and not 0.0 < self.sde_last_t < 1.0:
             raise UserError(f"sde_last_t must be in (0, 1), got {self.sde_last_t}")
+        self.middle_keep = str(self.middle_keep)
+        parse_keep(self.middle_keep)
+        if self.middle_mask not in MIDDLE_MASKS:
+            raise UserError(f"middle_mask {self.middle_mask!r} is unknown; choose one of {', '.join(MIDDLE_MASKS)}")
+        if len(self.middle_interval) != 2 or not 0.0 <= self.middle_interval[0] <= self.middle_interval[1] <= 1.0:
+            raise UserError(f"middle interval must be [low, high] within [0, 1], got {list(self.middle_interval)}")
 
 
 def check_sampling(model: ModelConfig, objective_kind: str, sample: SampleConfig) -> None:
     """The rules between a model, its objective and sampling settings, for a run config and for a network about to
-    sample alike: PDG needs SPRINT's fusion (the dense path it falls back on), the sampler must fit the objective."""
+    sample alike: PDG and a thinned middle need SPRINT's fusion (the dense path they fall back on), a thinned middle's
+    sparsest keep ratio a structured mask of the token grid, the sampler must fit the objective."""
+    keep = parse_keep(sample.middle_keep)
+    if not keep.dense and (model.arch != "sit" or model.sprint.fusion == "none"):
+        raise UserError(
+            f"middle_keep {sample.middle_keep!r} thins SPRINT's middle blocks: it needs model.arch 'sit' with "
+            f"model.sprint.fusion 'concat_linear'; use middle_keep 1"
+        )
+    if not keep.dense and model.input_size is not None and model.patch_size is not None:  # else: when it samples
+        try:
+            keep_levels(model.grid, keep.sparsest)
+        except UserError:
+            keeps = ", ".join(f"{float(1 - r):g}" for r in achievable_structured_ratios(model.grid, max_group=4)[1:])
+            raise UserError(
+                f"middle_keep {sample.middle_keep!r}: keep ratio {keep.sparsest:g} is not a structured mask of the "
+                f"{'x'.join(map(str, model.grid))} token grid; with groups up to 4x4: {keeps}"
+            ) from None
     if sample.guidance == "pdg" and (model.arch != "sit" or model.sprint.fusion == "none"):
         raise UserError(
             "guidance 'pdg' (Path-Drop Guidance) needs model.sprint.fusion 'concat_linear'; use guidance cfg or none"

@@ -79,6 +79,9 @@ class SweepSpec:
     interval: Optional[List[float]] = None
     sampler: Optional[str] = None
     steps: Optional[int] = None
+    middle_keep: Optional[str] = None  # SPRINT: the middle blocks' keep schedule (sample.middle_keep)
+    middle_mask: Optional[str] = None
+    middle_interval: Optional[List[float]] = None
 
 
 @dataclass

@@ -183,3 +183,20 @@ def test_bench_times_an_imported_pixarts_architecture(tmp_path, capsys):
     # 2 CFG steps of 2 x 2, the converted (dense) network's count
     assert rows[0]["gflops_per_image"] * 2 * 1e9 == pytest.approx(2 * forward_flops(converted.model, 2 * 2))
     assert len(report["train"]) == 2
+
+
+def test_bench_times_sprints_thinned_middle(tmp_path, capsys):
+    """SiT-Mini/8 at 32 px: a 4 x 4 token grid and a middle of 8 blocks (Nano's 4 blocks leave none)."""
+    out = tmp_path / "bench.json"
+    args = [a if a != "SiT-Nano/4" else "SiT-Mini/8" for a in SMALL]
+    assert main(["bench", *args, "--mask-ratios", "0", "--middle-keeps", "0.25 0.25:1", "--out", str(out)]) == 0
+    assert "middle thinned" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["middle_keep"]
+    assert [(r["guidance"], r["middle_keep"]) for r in rows] == [
+        (g, k) for g in ("cfg", "pdg") for k in ("1", "0.25", "0.25:1")
+    ]
+    model_cfg = SiT(ModelConfig(preset="SiT-Mini/8", input_size=[32, 32], in_channels=1, num_classes=10)).config
+    # 2 Euler steps of 2 x 1 samples per image; keep 0.25 drops 0.75 of the middle's tokens at both
+    assert rows[1]["gflops_per_image"] * 1e9 == pytest.approx(2 * forward_flops(model_cfg, 2, 0.75))
+    by = {(r["guidance"], r["middle_keep"]): r["flops_vs_dense_cfg"] for r in rows}
+    assert by[("pdg", "0.25")] < by[("pdg", "1")] < 1.0 and by[("cfg", "0.25")] < by[("cfg", "0.25:1")] < 1.0

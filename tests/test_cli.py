@@ -62,6 +62,9 @@ def test_train_then_sample_end_to_end(fmnist_dir, tmp_path, capsys):
     assert npz["arr_0"].shape == (6, 32, 32, 1) and npz["arr_0"].dtype == np.uint8
     assert npz["arr_1"].tolist() == [0, 0, 1, 1, 2, 2]
     assert (tmp_path / "s" / "cfg_euler2_s1.5.png").is_file()
+    thinned = ["--middle-keep", "0.25:1", "--guidance", "pdg", "--steps", "2", "--labels", "0", "--no-progress"]
+    code, out, _ = run_cli(capsys, "sample", "--checkpoint", str(run), "--out", str(tmp_path / "s"), *thinned)
+    assert code == 0 and (tmp_path / "s" / "pdg_euler2_s4_keep0.25-1_varying.npz").is_file(), out
     # resuming a finished run is a no-op that still answers with the checkpoint
     code, out, _ = run_cli(capsys, "train", "--out", str(run), "--no-progress")
     assert code == 0 and "steps 2..2" in out
@@ -86,6 +89,9 @@ def test_train_then_sample_end_to_end(fmnist_dir, tmp_path, capsys):
         (["sample", "--checkpoint", "RUN", "--guidance", "cfg", "--interval", "0.5,0.2"], "interval"),
         (["sample", "--checkpoint", "RUN", "--sampler", "dpm-solver++"], "does not fit objective.kind 'flow'"),
         (["sample", "--checkpoint", "RUN", "--timestep-spacing", "karras"], "timestep_spacing 'karras'"),
+        (["sample", "--checkpoint", "RUN", "--middle-keep", "0.3"], "not a structured mask of the 8x8 token grid"),
+        (["sample", "--checkpoint", "RUN", "--middle-keep", "0"], "keep ratios must be in (0, 1]"),
+        (["sample", "--checkpoint", "RUN", "--middle-interval", "1"], "middle interval must be [low, high]"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(fmnist_dir, tmp_path, capsys, argv, message):
