@@ -2,7 +2,9 @@
 # Behaviour-unchanged check for restructurings: a shortened demo (fashion_mnist_sprint, 60 + 20 steps, a loss record
 # every step, a sample grid and an evaluation of 100 samples at steps 40 and 80) and the sha256 of its (step, loss)
 # records, its evaluation records and its last grid. Run it before and after a change on the same machine: the three
-# hashes must agree (CPU; 2026-12-07: 524dea64fb08 / 9770dfaebf1b / 50a175c7b0f0).
+# hashes must agree (CPU; 2026-12-07: 524dea64fb08 / 9770dfaebf1b / 50a175c7b0f0; another machine, the same code:
+# 5805ab350048 / cf13a2600dbe / 73d2d44b86d6; float results depend on the machine, so compare on one. The evaluation
+# records gained `is_std` with the IS split convention: e04e362f3923 there, every value unchanged).
 # Usage: scripts/demo_identity.sh [OUT]   (default /tmp/sprintdit-identity; uses .venv's python)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
