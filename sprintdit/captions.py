@@ -25,6 +25,7 @@ import torch
 
 from .errors import UserError, warn
 from .files import atomic_write, atomic_write_text, memmap_safetensors, read_format_json, read_utf8, sha256_file
+from .images import IMAGE_SUFFIXES
 
 CAPTIONS_FORMAT = "sprintdit-captions/1"
 TABLE_FILE, TABLE_INFO = "captions.safetensors", "captions.json"
@@ -57,19 +58,24 @@ def read_captions_jsonl(path: str | Path) -> dict[str, str]:
     return captions
 
 
-def captioned_files(root: Path, captions: dict[str, str], suffixes: set[str]) -> list[str]:
-    """The images under `root` (relative paths, sorted) that have a caption; the others are counted once."""
+def images_under(root: Path) -> list[str]:
+    """Every image at any depth under `root` (paths relative to it, sorted)."""
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist")
-    images = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in suffixes)
-    kept = [f for f in images if f in captions]
-    if len(kept) < len(images):
-        warn(f"{len(images) - len(kept)} of {len(images)} images under {root} have no caption and are skipped")
-    missing = len(set(captions) - set(images))
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def captioned_files(root: Path, captions: dict[str, str], found: list[str], what: str = "image") -> list[str]:
+    """Those of `found` (images or clips under `root`, relative paths, sorted) that have a caption; the others are
+    counted once."""
+    kept = [f for f in found if f in captions]
+    if len(kept) < len(found):
+        warn(f"{len(found) - len(kept)} of {len(found)} {what}s under {root} have no caption and are skipped")
+    missing = len(set(captions) - set(found))
     if missing:
-        warn(f"{missing} captioned files are not images under {root} and are ignored")
+        warn(f"{missing} captioned files are not {what}s under {root} and are ignored")
     if not kept:
-        raise UserError(f"no image under {root} has a caption (keys of the captions file are paths relative to it)")
+        raise UserError(f"no {what} under {root} has a caption (keys of the captions file are paths relative to it)")
     return kept
 
 

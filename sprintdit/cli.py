@@ -75,8 +75,8 @@ def prepare_options(p: argparse.ArgumentParser) -> None:
         "--clips",
         action="store_true",
         default=None,
-        help="--images is a clip folder (class sub-folders of .npy clips or frame folders): every frame is encoded "
-        "with the VAE",
+        help="--images is a clip folder (class sub-folders of .npy clips or frame folders; with --captions any "
+        "clips under it, keyed by their paths): every frame is encoded with the VAE",
     )
     p.add_argument("--frames", type=int, help="with --clips: frames per clip (default: the first clip's)")
     p.add_argument("--shard-size", type=int, help="images per shard (default 10000)")
@@ -684,7 +684,7 @@ def study_options(p: argparse.ArgumentParser) -> None:
         "name",
         help="study file, or the name of one shipped in sprintdit/configs/studies/ (sprint-vs-dense, drop-ratio, "
         "drop-ratio-256, drop-ratio-steps, guidance, sparsedit, sparsedit-grid, sparsedit-64, tokens, "
-        "sparse-inference)",
+        "sparse-inference, sparse-inference-256)",
     )
     p.add_argument(
         "--size", default="cpu", help="which size of the study: cpu (2 CPU cores) or gpu (one GPU); default cpu"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .captions import CaptionTable, LearnedCaptions, captioned_files, read_captions_jsonl
+from .captions import CaptionTable, LearnedCaptions, captioned_files, images_under, read_captions_jsonl
 from .draws import Draws
 from .errors import UserError
 from .fashion_mnist import FashionMNIST
@@ -45,14 +45,16 @@ class ClipFolder:
     """`data.name: clip_folder`: one sub-folder per class holding clips, each an `.npy` array (F, H, W, C) uint8 or a
     folder of numbered frames (images sorted by name). Every clip must have `frames` frames (default: the first
     clip's) of resolution x resolution pixels and the same channels (1 or 3); all are checked when the data set
-    opens."""
+    opens. `clips` given (captioned clips, `prepare --clips --captions`): those (path, label) pairs, no classes."""
 
-    def __init__(self, root: str | Path, resolution: int, frames: int | None = None):
+    def __init__(
+        self, root: str | Path, resolution: int, frames: int | None = None, clips: list[tuple[Path, int]] | None = None
+    ):
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"clip folder {self.root} does not exist")
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.clips = [
+        self.classes = [] if clips is not None else sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.clips = clips or [
             (p, label)
             for label, name in enumerate(self.classes)
             for p in sorted((self.root / name).iterdir())
@@ -78,6 +80,12 @@ class ClipFolder:
     @staticmethod
     def frame_files(path: Path) -> list[Path]:
         return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+    @classmethod
+    def clips_under(cls, root: Path) -> list[str]:
+        """Every clip at any depth under `root` (paths relative to it, sorted): `.npy` arrays and folders of frames."""
+        found = [p for p in root.rglob("*") if p.suffix == ".npy" or (p.is_dir() and cls.frame_files(p))]
+        return sorted(p.relative_to(root).as_posix() for p in found)
 
     def shape_of(self, path: Path) -> tuple[int, ...]:
         try:
@@ -139,10 +147,12 @@ class ImageFolder:
         if Path(captions).is_dir():  # embeddings prepared for a t5 / clip encoder: label = table row
             self.caption_table = CaptionTable.open(captions)
             row_of = self.caption_table.rows_by_file()
-            self.files = [(self.root / f, row_of[f]) for f in captioned_files(self.root, row_of, IMAGE_SUFFIXES)]
+            self.files = [
+                (self.root / f, row_of[f]) for f in captioned_files(self.root, row_of, images_under(self.root))
+            ]
         else:
             text = read_captions_jsonl(captions)
-            names = captioned_files(self.root, text, IMAGE_SUFFIXES)
+            names = captioned_files(self.root, text, images_under(self.root))
             self.learned_captions = LearnedCaptions([text[f] for f in names])
             self.files = [(self.root / f, i) for i, f in enumerate(names)]
 

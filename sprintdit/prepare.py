@@ -9,9 +9,10 @@ Layout of the output folder:
   fingerprint of the shard's file list. A shard with a valid sidecar is complete; resuming keeps it.
 - `manifest.json` (written last, atomically, by rank 0): resolution, latent shape, VAE path, config hash and
   scaling factor, DINOv2 settings, class name -> index, count, sha256 per shard, skipped images with reasons.
-- With `--captions captions.jsonl` (any images under --images that have a caption; see sprintdit.captions): first
-  the caption-embedding table `captions.safetensors` / `captions.json` from the T5 or CLIP encoder at
-  `--text-encoder-path`, then shards whose `caption` (N,) int64 holds each image's table row instead of `labels`.
+- With `--captions captions.jsonl` (any images under --images that have a caption, or with --clips any clips:
+  `.npy` arrays or frame folders keyed by their path; see sprintdit.captions): first the caption-embedding table
+  `captions.safetensors` / `captions.json` from the T5 or CLIP encoder at `--text-encoder-path`, then shards whose
+  `caption` (N,) int64 holds each image's (clip's) table row instead of `labels` (Latte's text-to-video data).
   Without --vae only the table is written: pixel training reads it with data.captions=OUT.
 
 Images are cropped as ADM does (`images.adm_center_crop`, as the image-folder reader). Shard i of the (sorted) file list
@@ -28,12 +29,19 @@ from pathlib import Path
 
 import torch
 
-from .captions import TABLE_INFO, caption_table_matches, captioned_files, read_captions_jsonl, write_caption_table
+from .captions import (
+    TABLE_INFO,
+    caption_table_matches,
+    captioned_files,
+    images_under,
+    read_captions_jsonl,
+    write_caption_table,
+)
 from .data import ClipFolder
 from .distributed import barrier, joined, rank_device
 from .errors import UserError
 from .files import atomic_write, atomic_write_text, sha256_file
-from .images import IMAGE_ERRORS, IMAGE_SUFFIXES, read_image, scan_class_folders
+from .images import IMAGE_ERRORS, read_image, scan_class_folders
 from .latents_format import FORMAT, MANIFEST, SHARD_NAME
 
 PIXEL_MAX = 255.0
@@ -225,14 +233,15 @@ def list_inputs(cfg: PrepareConfig, features: FeatureEncoder | None, root: Path,
     """(the clip folder or None, class names, the files to encode): clips, captioned images (their caption
     embeddings are written first) or a class-per-folder image tree."""
     if cfg.clips:
-        if cfg.captions or features is not None or cfg.vae is None:
-            raise UserError(
-                "prepare --clips encodes class-labelled clips with --vae; captions and DINOv2 features are for images"
-            )
-        clips = ClipFolder(root, cfg.resolution, cfg.frames)
+        if features is not None or cfg.vae is None:
+            raise UserError("prepare --clips encodes clips with --vae; DINOv2 features are for images")
+        if not root.is_dir():
+            raise UserError(f"clip folder {root} does not exist")
+        captioned = prepare_captions(cfg, root, out, d, ClipFolder.clips_under(root), "clip") if cfg.captions else None
+        clips = ClipFolder(root, cfg.resolution, cfg.frames, captioned)
         return clips, clips.classes, clips.clips
     if cfg.captions:
-        return None, [], prepare_captions(cfg, root, out, d.device, d)
+        return None, [], prepare_captions(cfg, root, out, d, images_under(root), "image")
     return None, *scan_class_folders(root)
 
 
@@ -268,17 +277,19 @@ def write_shard(
     )
 
 
-def prepare_captions(cfg: PrepareConfig, root: Path, out: Path, device: torch.device, d) -> list[tuple[Path, int]]:
+def prepare_captions(
+    cfg: PrepareConfig, root: Path, out: Path, d, found: list[str], what: str
+) -> list[tuple[Path, int]]:
     """Rank 0 writes the caption table (kept when it is already there and the same); every rank gets the
-    captioned images as (path, table row) pairs."""
+    captioned files of `found` (images or clips) as (path, table row) pairs."""
     from .text_encoders import PretrainedTextEncoder
 
     text = read_captions_jsonl(cfg.captions)
-    names = captioned_files(root, text, IMAGE_SUFFIXES)
+    names = captioned_files(root, text, found, what)
     if d.shard[0] == 0:
         if cfg.text_encoder_path is None:
             raise UserError("--captions needs --text-encoder-path: the local T5 or CLIP folder that embeds them")
-        encoder = PretrainedTextEncoder(cfg.text_encoder, cfg.text_encoder_path, cfg.max_tokens, device)
+        encoder = PretrainedTextEncoder(cfg.text_encoder, cfg.text_encoder_path, cfg.max_tokens, d.device)
         if not caption_table_matches(out, names, [text[f] for f in names], encoder):
             write_caption_table(out, names, [text[f] for f in names], encoder)
     barrier(d, "waiting for the caption table")

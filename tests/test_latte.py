@@ -2,8 +2,10 @@
 into sprintdit's backbone on the factorised video layout must compute the same outputs (several frame counts, padded
 captions), export back to the same tensors, and be counted right by the FLOPs model."""
 
+import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from test_flops import counted
@@ -202,3 +204,74 @@ def test_sprintdit_samples_a_converted_latte_as_lattepipeline_does(tmp_path):
     assert 0.05 < video.mean() < 0.95 and video.std() > 0.01  # not saturated
     torch.testing.assert_close(frames, video, rtol=0, atol=1e-5)
     assert run.model.y_embedder.empty[1:].ne(0).any()  # the negative prompt's padding rows, unmasked as diffusers'
+
+
+def write_clips(root, names, frames: int, side: int = 16):
+    """Random RGB clips (F, side, side, 3) uint8 as .npy files at `names` (paths relative to root)."""
+    rng = np.random.default_rng(0)
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        np.save(root / name, rng.integers(0, 256, (frames, side, side, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "config", ["latte_t2v_sparsedit_finetune", "latte_t2v_sprint_finetune", "latte_class_sparsedit_finetune"]
+)
+def test_shipped_latte_finetunes_run_end_to_end_on_video_latents(tmp_path, capsys, config):
+    """The README's commands on tiny parts: clips (captioned, or in class folders) prepared into per-frame VAE latents
+    (C, F, h, w) with T5 caption rows, a converted Latte (diffusers' text-to-video, or the release's class-conditional
+    layout) sparsified (or SPRINT-adapted), fine-tuned with the shipped config (SparseDiT: distilled from the dense
+    model), then sampled through the VAE: whole clips of the model's frames."""
+    from conftest import tiny_vae
+    from test_captions import T5_DIM, tiny_encoder_folder
+    from test_convert import CHANNELS, CLASSES, FRAMES, latte_layout
+
+    from sprintdit.checkpoint import load_model
+    from sprintdit.cli import main
+
+    def cli(*argv) -> None:
+        code = main([str(a) for a in argv])
+        assert code == 0, capsys.readouterr().err
+
+    text = "_t2v_" in config
+    root, latents, run, init, out = (tmp_path / name for name in ("clips", "latents", "run", "init", "out"))
+    if text:
+        frames, channels = 3, 4
+        t5 = tiny_encoder_folder(tmp_path / "t5", "t5")
+        _, folder = latte(tmp_path, caption_channels=T5_DIM, video_length=frames)
+        cli("convert", "--from", "diffusers", "--checkpoint", folder, "--out", run, "--text-encoder-path", t5)
+        write_clips(root, ["a/0.npy", "a/1.npy", "b/2.npy"], frames)
+        lines = [{"file": "a/0.npy", "caption": "a red bag"}, {"file": "b/2.npy", "caption": "blue shoe"}]
+        (tmp_path / "captions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        extra = ["--captions", tmp_path / "captions.jsonl", "--text-encoder", "t5", "--text-encoder-path", t5]
+        cli("prepare", "--images", root, "--clips", *extra, "--max-tokens", 120, "--vae",
+            tiny_vae(tmp_path / "vae", 16), "--resolution", 16, "--out", latents)  # fmt: skip
+        manifest = json.loads((latents / "manifest.json").read_text())
+        assert manifest["count"] == 2 and manifest["latent_shape"] == [channels, frames, 8, 8]  # captioned clips only
+        condition = ["--prompt", "a red bag", "--text-encoder-path", t5]
+    else:
+        frames, channels = FRAMES, CHANNELS
+        torch.save(latte_layout(depth=4), tmp_path / "latte.pt")
+        cli("convert", "--from", "latte", "--checkpoint", tmp_path / "latte.pt", "--out", run)
+        write_clips(root, [f"c{k}/{k}.npy" for k in range(CLASSES)], frames)  # the checkpoint's classes
+        cli("prepare", "--images", root, "--clips", "--vae", tiny_vae(tmp_path / "vae", 16, latent_channels=channels),
+            "--resolution", 16, "--out", latents)  # fmt: skip
+        condition = ["--labels", 1]
+    if "sprint" in config:
+        cli("adapt", "--checkpoint", run, "--out", init, "--encoder-depth", 1, "--decoder-depth", 1)
+        extra = ["stages.1.steps=1"]
+    else:
+        cli("sparsify", "--checkpoint", run, "--out", init, "--sparse-grid", "2:3", "--pool-depth", 0, "--modules", 1,
+            "--sparse-depth", 1, "--dense-depth", 1)  # fmt: skip
+        extra = [f"train.distill_from={run}"]
+    cli("train", "--config", config, "--out", out, f"data.root={latents}", "data.resolution=16", "data.num_workers=0",
+        f"train.init_from={init}", "train.batch_size=2", "train.precision=fp32", "train.ckpt_every=2",
+        "train.sample_every=0", "train.log_every=1", "stages.0.steps=2", "stages.0.warmup_steps=0", *extra)  # fmt: skip
+    model, cfg = load_model(out)
+    assert (cfg.objective.kind, cfg.model.video_layout, cfg.model.input_size[0]) == ("ddpm", "factorised", frames)
+    assert (cfg.model.arch == "sparsedit") == ("sparsedit" in config)
+    samples = tmp_path / "samples"
+    cli("sample", "--checkpoint", out, *condition, "--vae", tmp_path / "vae", "--steps", 3, "--out", samples,
+        "--no-progress")  # fmt: skip
+    (npz,) = samples.glob("*.npz")
+    assert np.load(npz)["arr_0"].shape == (1, frames, 16, 16, 3)

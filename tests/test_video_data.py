@@ -108,6 +108,24 @@ def test_clip_folder_reads_npy_and_frame_folders(tmp_path):
     torch.testing.assert_close(x[3, :, 2], torch.from_numpy(frame).permute(2, 0, 1).float() / 127.5 - 1)
 
 
+def test_captioned_clips_are_found_at_any_depth_and_the_uncaptioned_skipped(tmp_path, capsys):
+    """`prepare --clips --captions`: .npy clips and frame folders under the root, keyed by their relative paths; the
+    frames inside a frame folder are not clips; none captioned is one line."""
+    from sprintdit.captions import captioned_files
+
+    root = write_clip_folder(tmp_path / "clips")
+    found = ClipFolder.clips_under(root)
+    assert found == ["a/c0.npy", "a/c1", "b/c0.npy", "b/c1"]
+    kept = captioned_files(root, {"a/c1": "a bag", "b/c0.npy": "", "x.npy": "gone"}, found, "clip")
+    assert kept == ["a/c1", "b/c0.npy"]
+    err = capsys.readouterr().err
+    assert "2 of 4 clips under" in err and "1 captioned files are not clips" in err
+    data = ClipFolder(root, 8, clips=[(root / f, row) for row, f in enumerate(kept, 1)])
+    assert data.classes == [] and data.load(torch.arange(2))[1].tolist() == [1, 2]  # caption-table rows
+    with pytest.raises(UserError, match="no clip under .* has a caption"):
+        captioned_files(root, {"elsewhere.npy": "a"}, found, "clip")
+
+
 @pytest.mark.parametrize(
     "fault,message",
     [
