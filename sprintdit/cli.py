@@ -756,7 +756,8 @@ def convert_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--input-size",
-        help="model input N or H,W (latents: image side / 8); default from DiT/SiT pos_embed; required for sprint",
+        help="model input N or H,W (latents: image side / 8); default from DiT/SiT pos_embed; required for sprint; "
+        "Latte's text-to-video .pt: F,H,W (default 16,64,64, Latte-1's)",
     )
     p.add_argument(
         "--patch-size", type=int, help="sprint only (its patch embedding is a Linear): default 2, the release's"
@@ -784,8 +785,8 @@ def cmd_convert(args) -> int:
     from .files import check_new_folder
 
     size = parse_ints(args.input_size, "--input-size") if args.input_size else None
-    if size is not None and len(size) not in (1, 2):
-        raise UserError(f"--input-size must be N or H,W, got {args.input_size!r}")
+    if size is not None and len(size) not in (1, 2, 3):
+        raise UserError(f"--input-size must be N, H,W or F,H,W (Latte's text-to-video .pt), got {args.input_size!r}")
     square = size is not None and len(size) == 1
     opts = ConvertOptions(
         args.source,

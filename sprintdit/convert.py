@@ -25,7 +25,9 @@ Weight changes per source (the converted model computes what the released networ
           tensors as they are (same patch order, RoPE, t = 1 is noise). projectors.* (REPA head) dropped.
   latte   as dit on model.video_layout factorised (blocks alternate space and time, as models/latte.py's): pos_embed
           is one frame's table, temp_embed (1, F, D) the frames' 1D table (both checked, then dropped); an
-          unconditional checkpoint becomes one class with a zero embedding.
+          unconditional checkpoint becomes one class with a zero embedding. Its text-to-video .pt (latte_t2v.py)
+          carries diffusers' names: read as a LatteTransformer3DModel (frames, latent side and heads from
+          --input-size F,H,W and --num-heads; default Latte-1's 16,64,64 and width / 72).
   diffusers  renamed to DiT's layout (to_q/to_k/to_v -> qkv, ff.net -> mlp, norm1.linear -> adaLN_modulation,
           proj_out_1/2 -> final_layer), then as dit. Its blocks each carry a copy of the timestep and class
           embedders (they must agree: ours has one); its timestep frequencies are exp(-ln(10000) i / (half - 1))
@@ -50,7 +52,15 @@ from safetensors.torch import load_file
 from .checkpoint import save_weights_folder
 from .config import DataConfig, RunConfig, to_yaml
 from .errors import UserError
-from .latte import LATTE_CLASS, latte_diffusers_config, latte_model_config, latte_to_ours, ours_to_latte
+from .latte import (
+    LATTE_CLASS,
+    T2V_KEY,
+    latte_diffusers_config,
+    latte_model_config,
+    latte_to_ours,
+    ours_to_latte,
+    t2v_checkpoint_config,
+)
 from .models.sit import (
     PRESETS,
     SIZES,
@@ -569,6 +579,10 @@ def convert(path: Path, opts: ConvertOptions) -> Converted:
     if opts.source == "pixart":
         return convert_pixart(path, opts)
     model_state, ema_state = state_dicts(read_checkpoint(path), path)
+    if opts.source == "latte" and T2V_KEY in ema_state:
+        return convert_latte_t2v(model_state, ema_state, opts, path)
+    if opts.input_size is not None and len(opts.input_size) != 2:
+        raise UserError(f"--input-size {opts.input_size}: give N or H,W (F,H,W is for Latte's text-to-video .pt)")
     notes: list[str] = []
     if opts.source == "latte" and LABELS not in ema_state:  # unconditional: one class, embedded as zero
         same, table = (
@@ -581,6 +595,27 @@ def convert(path: Path, opts: ConvertOptions) -> Converted:
     cfg = infer_model_config(ema_state, opts, notes)
     ema = convert_weights(ema_state, cfg, opts.source, notes)
     model = ema if model_state is ema_state else convert_weights(model_state, cfg, opts.source, [])
+    return Converted(cfg, model, ema, notes)
+
+
+def convert_latte_t2v(model_state: dict, ema_state: dict, opts: ConvertOptions, path: Path) -> Converted:
+    """Vchitect/Latte's own text-to-video checkpoint (models/latte_t2v.py; diffusers' key names) as a diffusers
+    LatteTransformer3DModel of the config its tensors give (sprintdit/latte.py `t2v_checkpoint_config`)."""
+    config = t2v_checkpoint_config(ema_state, opts.input_size, opts.num_heads)
+    cfg = latte_model_config(config, None, opts.caption_tokens or PIXART_CAPTION_TOKENS)
+    ema = latte_to_ours(ema_state, cfg, str(path))
+    model = ema if model_state is ema_state else latte_to_ours(model_state, cfg, str(path))
+    frames, side = cfg.input_size[0], cfg.input_size[1]
+    notes = [
+        f"Latte text-to-video: {frames} frames of {side}x{side} latents"
+        + ("" if opts.input_size else " (not stored: Latte-1's; --input-size F,H,W if not)"),
+        f"{cfg.num_heads} attention heads"
+        + ("" if opts.num_heads else " (not stored: width / 72; --num-heads if not)"),
+    ]
+    if opts.text_encoder_path is None:
+        notes.append("the unconditional caption is unset: sampling with guidance fills it from --text-encoder-path")
+    else:
+        ema["y_embedder.empty"] = model["y_embedder.empty"] = empty_caption(cfg, opts.text_encoder_path)
     return Converted(cfg, model, ema, notes)
 
 

@@ -33,6 +33,12 @@ from .sections import ModelConfig, SprintConfig, TextConfig
 
 LATTE_CLASS = "LatteTransformer3DModel"
 LATTE_DEFAULTS = {"activation_fn": "geglu", "norm_type": "layer_norm", "attention_bias": False, "video_length": 16}
+T2V_KEY = "transformer_blocks.0.attn1.to_q.weight"  # marks Latte's own text-to-video checkpoint (diffusers' names)
+T2V_INPUT_SIZE = [16, 64, 64]  # Latte-1: 16 frames of 512 px (64x64 SD-VAE latents); not stored in its .pt
+T2V_HEAD_DIM = 72  # Latte-XL's head width (1152 = 16 x 72); the .pt does not store the head count
+T2V_NORM_EPS = 1e-6  # Latte-1's transformer config
+MLP_RATIO = 4
+BLOCK_LISTS = ("transformer_blocks.", "temporal_transformer_blocks.")
 
 
 def latte_model_config(config: dict, input_size: list[int] | None, caption_tokens: int) -> ModelConfig:
@@ -65,6 +71,35 @@ def latte_model_config(config: dict, input_size: list[int] | None, caption_token
         sprint=SprintConfig(encoder_depth=0, decoder_depth=0, fusion="none", path_drop_prob=0.0),
     )  # fmt: skip
     return resolve_model_config(cfg)
+
+
+def t2v_checkpoint_config(state: dict[str, torch.Tensor], input_size: list[int] | None, heads: int | None) -> dict:
+    """The diffusers config of Vchitect/Latte's own text-to-video checkpoint (models/latte_t2v.py: diffusers' key
+    names, so a LatteTransformer3DModel state dict), read off its tensors. Not stored: the clip length and latent side
+    (`input_size` F,H,W; default Latte-1's 16 frames of 64x64 latents, 512 px) and the head count (default width / 72,
+    Latte-XL's 16 x 72)."""
+    frames, side, width = input_size if input_size is not None else T2V_INPUT_SIZE
+    if side != width:
+        raise UserError(f"--input-size {frames},{side},{width}: Latte's frames are square")
+    hidden, channels, patch, _ = state["pos_embed.proj.weight"].shape  # (D, C, p, p)
+    layers, temporal = (len({k.split(".")[1] for k in state if k.startswith(p)}) for p in BLOCK_LISTS)
+    if temporal != layers:
+        raise UserError(f"{layers} spatial but {temporal} temporal blocks: not a Latte text-to-video checkpoint")
+    mlp = state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0]  # 4 D (gelu), 8 D (geglu: value and gate)
+    heads = heads or hidden // T2V_HEAD_DIM
+    if heads < 1 or hidden % heads:
+        raise UserError(f"width {hidden} does not split into {heads} attention heads: give --num-heads")
+    return {
+        "_class_name": LATTE_CLASS, "num_attention_heads": heads, "attention_head_dim": hidden // heads,
+        "in_channels": channels,
+        "out_channels": state["proj_out.weight"].shape[0] // patch**2, "num_layers": layers, "sample_size": side,
+        "patch_size": patch, "cross_attention_dim": hidden,
+        "caption_channels": state["caption_projection.linear_1.weight"].shape[1], "video_length": frames,
+        "activation_fn": "gelu-approximate" if mlp == MLP_RATIO * hidden else "geglu",
+        "norm_type": "ada_norm_single" if "adaln_single.linear.weight" in state else "layer_norm",
+        "attention_bias": "transformer_blocks.0.attn1.to_q.bias" in state, "norm_elementwise_affine": False,
+        "norm_eps": T2V_NORM_EPS,
+    }  # fmt: skip
 
 
 def latte_blocks(cfg: ModelConfig) -> list[BlockPlace]:

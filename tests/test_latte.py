@@ -275,3 +275,32 @@ def test_shipped_latte_finetunes_run_end_to_end_on_video_latents(tmp_path, capsy
         "--no-progress")  # fmt: skip
     (npz,) = samples.glob("*.npz")
     assert np.load(npz)["arr_0"].shape == (1, frames, 16, 16, 3)
+
+
+def test_lattes_own_text_to_video_checkpoint_converts_as_its_diffusers_folder(tmp_path, capsys):
+    """Vchitect/Latte's models/latte_t2v.py checkpoint (a .pt of diffusers' key names, without the frames, latent side
+    or head count): with --input-size F,H,W and --num-heads it gives exactly the tensors of the diffusers folder;
+    what cannot be Latte's is refused in one line."""
+    from sprintdit.cli import main
+
+    model, folder = latte(tmp_path, video_length=3)
+    state = model.state_dict()
+    torch.save({"ema": state}, tmp_path / "t2v.pt")
+    ours = convert(tmp_path / "t2v.pt", ConvertOptions("latte", input_size=[3, 8, 8], num_heads=2))
+    reference = convert(folder, ConvertOptions("diffusers"))
+    assert ours.model == reference.model and ours.weights.keys() == reference.weights.keys()
+    for key, value in reference.weights.items():
+        assert torch.equal(ours.weights[key], value), key
+    assert main(["convert", "--from", "latte", "--checkpoint", str(tmp_path / "t2v.pt"), "--out", str(tmp_path / "r"),
+                 "--input-size", "3,8,8", "--num-heads", "2"]) == 0  # fmt: skip
+    assert "Latte text-to-video: 3 frames of 8x8 latents" in capsys.readouterr().out
+    with pytest.raises(UserError, match="width 16 does not split into 0 attention heads: give --num-heads"):
+        convert(tmp_path / "t2v.pt", ConvertOptions("latte", input_size=[3, 8, 8]))
+    broken = {k: v for k, v in state.items() if not k.startswith("temporal_transformer_blocks.1.")}
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(UserError, match="2 spatial but 1 temporal blocks"):
+        convert(tmp_path / "broken.pt", ConvertOptions("latte", input_size=[3, 8, 8], num_heads=2))
+    geglu, _ = latte(tmp_path / "geglu", activation_fn="geglu")
+    torch.save(geglu.state_dict(), tmp_path / "geglu.pt")
+    with pytest.raises(UserError, match="activation_fn 'geglu'"):
+        convert(tmp_path / "geglu.pt", ConvertOptions("latte", input_size=[3, 8, 8], num_heads=2))
