@@ -768,15 +768,15 @@ def describe(converted: Converted, source: str) -> str:
         else ""
     )
     sigma = ", learned sigma" if m.learn_sigma else ""
+    sizes = "x".join(map(str, [m.in_channels, *m.input_size]))  # C x H x W, video C x F x H x W
+    layout = ", space / time blocks" if m.video_layout == "factorised" else ""
     if m.condition == "text":
-        name = f"PixArt-layout {name}" if m.adaln == "single" else name
+        name = f"{'Latte' if m.video else 'PixArt'}-layout {name}" if m.adaln == "single" else name
         return (
             f"{source} {name} (width {m.hidden_size}, depth {m.depth}, {m.num_heads} heads, patch {m.patch_size}, "
-            f"input {m.in_channels}x{m.input_size[0]}x{m.input_size[1]}, {m.text.encoder} captions of width "
-            f"{m.text.dim}{sigma}), {params / 1e6:.2f}M params"
+            f"input {sizes}{layout}, {m.text.encoder} captions of width {m.text.dim}{sigma}), {params / 1e6:.2f}M params"
         )
     return (
         f"{source} {name} (width {m.hidden_size}, depth {m.depth}, {m.num_heads} heads, patch {m.patch_size}, "
-        f"input {m.in_channels}x{m.input_size[0]}x{m.input_size[1]}, {m.num_classes} classes{sigma}{split}), "
-        f"{params / 1e6:.2f}M params"
+        f"input {sizes}{layout}, {m.num_classes} classes{sigma}{split}), {params / 1e6:.2f}M params"
     )

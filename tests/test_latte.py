@@ -257,6 +257,13 @@ def test_shipped_latte_finetunes_run_end_to_end_on_video_latents(tmp_path, capsy
         cli("prepare", "--images", root, "--clips", "--vae", tiny_vae(tmp_path / "vae", 16, latent_channels=channels),
             "--resolution", 16, "--out", latents)  # fmt: skip
         condition = ["--labels", 1]
+        write_clips(tmp_path / "short", [f"c{k}/{k}.npy" for k in range(CLASSES)], frames - 2)
+        cli("prepare", "--images", tmp_path / "short", "--clips", "--vae", tmp_path / "vae", "--resolution", 16,
+            "--out", tmp_path / "short_latents")  # fmt: skip
+        code = main(["train", "--config", config, "--out", str(out), f"data.root={tmp_path / 'short_latents'}",
+                     f"train.init_from={run}", "data.resolution=16"])  # fmt: skip
+        assert code == 2 and "model.input_size is [4, 8, 8] but the data has [2, 8, 8]" in capsys.readouterr().err
+        assert not out.exists()  # nothing written
     if "sprint" in config:
         cli("adapt", "--checkpoint", run, "--out", init, "--encoder-depth", 1, "--decoder-depth", 1)
         extra = ["stages.1.steps=1"]
