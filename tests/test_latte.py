@@ -262,7 +262,11 @@ def test_shipped_latte_finetunes_run_end_to_end_on_video_latents(tmp_path, capsy
             "--out", tmp_path / "short_latents")  # fmt: skip
         code = main(["train", "--config", config, "--out", str(out), f"data.root={tmp_path / 'short_latents'}",
                      f"train.init_from={run}", "data.resolution=16"])  # fmt: skip
-        assert code == 2 and "model.input_size is [4, 8, 8] but the data has [2, 8, 8]" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert (
+            code == 2
+            and "model.input_size is [4, 8, 8] but the data has [2, 8, 8]; the model of train.init_from" in err
+        )
         assert not out.exists()  # nothing written
     if "sprint" in config:
         cli("adapt", "--checkpoint", run, "--out", init, "--encoder-depth", 1, "--decoder-depth", 1)

@@ -54,10 +54,15 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
             )
         m = replace(m, repa=replace(m.repa, dim=features[1]))
     m = text_from_data(m, dataset)
+    hint = (
+        f"the model of train.init_from {cfg.train.init_from} takes data of its own shape"
+        if cfg.train.init_from
+        else "leave it unset to follow the data"
+    )
     for key, value in from_data.items():
         given = getattr(m, key)
         if given is not None and (list(given) if key == "input_size" else given) != value:
-            raise UserError(f"model.{key} is {given} but the data has {value}; leave it unset to follow the data")
+            raise UserError(f"model.{key} is {given} but the data has {value}; {hint}")
     m = resolve_model_config(replace(m, **{k: v for k, v in from_data.items() if getattr(m, k) is None}))
     if m.repa.depth and features[0] != m.num_tokens:
         raise UserError(
