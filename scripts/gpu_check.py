@@ -10,7 +10,10 @@ Parts, in order, each reporting pass/fail and never stopping the rest:
   4. pixart-xl2-512 PixArt-alpha-XL/2 at 512 px (random weights in the release's shapes), bf16, compiled: dense vs
                     SparseDiT (grid 12:20, the paper's 6:10 at twice the side) sampling img/s and peak memory (the
                     paper: 0.414 -> 0.701 img/s), and its SPRINT-adapted masked training step
-  5. compile-switch a compiled two-stage run: its graphs built before step 1 (Trainer.build_graphs), none while
+  5. latte-xl2-16f  Latte-XL/2's shape (factorised space / time blocks, 16 frames of 256 px), bf16, eager: training
+                    step dense and at mask 0.75, CFG vs PDG, dense vs SparseDiT (grid 6:10, 2 + 1 x (1, 21, 1, 1):
+                    the layout whose FLOPs match the paper's -56% for Latte) sampling img/s and peak memory
+  6. compile-switch a compiled two-stage run: its graphs built before step 1 (Trainer.build_graphs), none while
                     training across the stage switch
 Everything goes to OUT/gpu_check.json; a table is printed last. `--cpu-smoke` runs the same parts at tiny sizes
 on the CPU in seconds (the test suite does, so the check cannot rot); compiled parts are skipped there.
@@ -254,12 +257,35 @@ def pixart_dense_vs_sparsedit(smoke: bool, work: Path) -> dict:
     grids = ["--sparse-grids", "2:3" if smoke else "12:20", "--sparse-layout", "1,1,1,1" if smoke else "2,4,3,1"]
     result = bench(smoke, work, "bench-pixart", ["--model-from", str(run), "--mask-ratios", "0,0.75", *grids,
                                                  *(size if smoke else full)])  # fmt: skip
+    return with_sparsedit_summary(result)
+
+
+def latte_dense_vs_sparsedit(smoke: bool, work: Path) -> dict:
+    """Latte-XL/2's shape (width 1152, 28 blocks alternating space / time, 16 frames of 256 px: 16 x 16 tokens a
+    frame), bf16, eager: the training step dense and at SPRINT's mask 0.75 (the same positions in every frame), CFG
+    vs PDG, and SparseDiT with the layout whose FLOPs match the paper's -56% (2 Poolingformers, one module of merge +
+    21 sparse + recover + 1 dense, grid 6:10) against dense, in sampling img/s and peak memory."""
+    shape = ["--video-layout", "factorised", "--mask-ratios", "0,0.75", "--sparse-grids"]
+    if smoke:
+        args = ["--preset", "SiT-Nano/4", "--resolution", "32", "--latent-factor", "1", "--channels", "1",
+                "--num-classes", "10", "--frames", "4", *shape, "2:3", "--sparse-layout", "0,1,1,1", "--batch", "2",
+                "--warmup", "1", "--repeats", "1", "--sample-steps", "2", "--device", "cpu"]  # fmt: skip
+    else:
+        args = ["--preset", "SiT-XL/2", "--resolution", "256", "--frames", "16", *shape, "6:10", "--sparse-layout",
+                "2,1,21,1", "--batch", "2", "--precision", "bf16", "--warmup", "2", "--repeats", "5",
+                "--sample-steps", "20"]  # fmt: skip
+    return with_sparsedit_summary(bench(smoke, work, "bench-latte", args))
+
+
+def with_sparsedit_summary(result: dict) -> dict:
+    """A bench part's summary led by its SparseDiT rows: dense and sparse img/s, peak memory, speed-up."""
     if result["ok"]:
         rows = result["report"]["sparsedit"]
         mem = ["-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} GiB" for r in rows]
         result["summary"] = (
             f"dense {rows[0]['images_per_s']:.3f} img/s ({mem[0]}), SparseDiT {rows[1]['grid']} "
-            f"{rows[1]['images_per_s']:.3f} img/s ({mem[1]}, x{rows[1]['speedup_vs_dense']:.2f}); {result['summary']}"
+            f"{rows[1]['images_per_s']:.3f} img/s ({mem[1]}, x{rows[1]['speedup_vs_dense']:.2f}, "
+            f"{rows[1]['flops_vs_dense']:.0%} of the FLOPs); {result['summary']}"
         )
     return result
 
@@ -312,7 +338,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     parts = [("cuda-tests", cuda_tests), ("train-resume", train_resume)]
     parts += [(name, lambda s, w, n=name, a=a: bench(s, w, n, a)) for name, a in bench_parts(smoke)]
-    parts += [("pixart-xl2-512", pixart_dense_vs_sparsedit), ("compile-switch", compile_switch)]
+    parts += [("pixart-xl2-512", pixart_dense_vs_sparsedit), ("latte-xl2-16f", latte_dense_vs_sparsedit)]
+    parts += [("compile-switch", compile_switch)]
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not smoke else f"CPU {platform.machine()}"
     record = {
         "device": device,

@@ -17,7 +17,14 @@ def test_gpu_check_cpu_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     record = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert list(record["parts"]) == ["cuda-tests", "train-resume", "bench-smoke", "pixart-xl2-512", "compile-switch"]
+    assert list(record["parts"]) == [
+        "cuda-tests",
+        "train-resume",
+        "bench-smoke",
+        "pixart-xl2-512",
+        "latte-xl2-16f",
+        "compile-switch",
+    ]
     assert all(part["ok"] for part in record["parts"].values())
     assert record["parts"]["train-resume"]["bitwise"]  # stopped and resumed in new processes: the same weights
     assert record["parts"]["bench-smoke"]["report"]["train"][1]["mask_ratio"] == 0.75
