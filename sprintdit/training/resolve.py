@@ -54,15 +54,7 @@ def resolve_run_config(cfg: RunConfig, dataset) -> RunConfig:
             )
         m = replace(m, repa=replace(m.repa, dim=features[1]))
     m = text_from_data(m, dataset)
-    hint = (
-        f"the model of train.init_from {cfg.train.init_from} takes data of its own shape"
-        if cfg.train.init_from
-        else "leave it unset to follow the data"
-    )
-    for key, value in from_data.items():
-        given = getattr(m, key)
-        if given is not None and (list(given) if key == "input_size" else given) != value:
-            raise UserError(f"model.{key} is {given} but the data has {value}; {hint}")
+    check_data_shape(m, from_data, cfg.train.init_from)
     m = resolve_model_config(replace(m, **{k: v for k, v in from_data.items() if getattr(m, k) is None}))
     if m.repa.depth and features[0] != m.num_tokens:
         raise UserError(
@@ -130,6 +122,19 @@ def text_from_data(m: ModelConfig, dataset) -> ModelConfig:
             f"model.text.vocabulary differs from the data's {len(vocabulary)} words; leave it unset to follow the data"
         )
     return replace(m, text=replace(tx, vocabulary=list(vocabulary), max_tokens=dataset.max_tokens))
+
+
+def check_data_shape(m: ModelConfig, from_data: dict, init_from: str | None) -> None:
+    """The model's set input fields against the data's (unset ones follow the data)."""
+    hint = (
+        f"the model of train.init_from {init_from} takes data of its own shape"
+        if init_from
+        else "leave it unset to follow the data"
+    )
+    for key, value in from_data.items():
+        given = getattr(m, key)
+        if given is not None and (list(given) if key == "input_size" else given) != value:
+            raise UserError(f"model.{key} is {given} but the data has {value}; {hint}")
 
 
 def apply_init_from(cfg: RunConfig) -> RunConfig:
